@@ -1,0 +1,4 @@
+//! imds-proxy: per-container IAM credentials on EC2 hosts.
+//!
+//! One module per concern; the binary in `main.rs` wires them together.
+pub mod ebpf;

@@ -1,0 +1,129 @@
+//! Container images for the tests, built locally: no registry is reachable here, so each image is
+//! a root filesystem assembled from this machine's own binaries and loaded with `docker import`.
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+/// busybox (shell and tools) plus Debian's curl with the shared libraries it links: the seed's
+/// manual `curl` flow runs in it unchanged. No AWS credentials anywhere inside.
+pub const CURL_IMAGE: &str = "imds-test/curl:1";
+
+/// The busybox applets linked into the image.
+const APPLETS: &[&str] = &[
+    "sh", "cat", "echo", "printf", "sleep", "timeout", "grep", "sed", "env", "ls", "true", "false",
+];
+
+/// Build [`CURL_IMAGE`] unless Docker has it already; returns its name.
+pub fn curl_image() -> anyhow::Result<&'static str> {
+    if image_exists(CURL_IMAGE)? {
+        return Ok(CURL_IMAGE);
+    }
+    let rootfs = scratch_dir("curl")?;
+    let bin = rootfs.join("bin");
+    fs::create_dir_all(&bin)?;
+    fs::create_dir_all(rootfs.join("tmp"))?;
+    fs::create_dir_all(rootfs.join("etc"))?;
+    fs::copy("/bin/busybox", bin.join("busybox"))
+        .context("copying /bin/busybox (Debian busybox-static; `cargo xtask setup` installs it)")?;
+    for applet in APPLETS {
+        symlink("busybox", bin.join(applet))?;
+    }
+    copy_with_libraries(Path::new("/usr/bin/curl"), &rootfs)?;
+    // Name resolution is not needed (everything is addressed by IP), but libc wants these.
+    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
+    fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
+    fs::write(rootfs.join("etc/nsswitch.conf"), "hosts: files\n")?;
+    import(&rootfs, CURL_IMAGE)?;
+    fs::remove_dir_all(&rootfs)?;
+    Ok(CURL_IMAGE)
+}
+
+/// Copy `binary` into `rootfs` at the same path, with every shared library `ldd` names and the
+/// dynamic loader, each at its own path.
+fn copy_with_libraries(binary: &Path, rootfs: &Path) -> anyhow::Result<()> {
+    ensure!(binary.exists(), "{} is not installed", binary.display());
+    let ldd = Command::new("ldd").arg(binary).output()?;
+    ensure!(ldd.status.success(), "ldd {} failed", binary.display());
+    let mut files = vec![binary.to_owned()];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            files.push(PathBuf::from(path));
+        }
+    }
+    for file in files {
+        let target = rootfs.join(file.strip_prefix("/")?);
+        fs::create_dir_all(target.parent().expect("an absolute path has a parent"))?;
+        // fs::copy follows symlinks: the image gets the library's content under the linked name.
+        fs::copy(&file, &target).with_context(|| format!("copying {}", file.display()))?;
+    }
+    Ok(())
+}
+
+fn scratch_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("imds-image-{name}-{}", std::process::id()));
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// `tar -C rootfs -c . | docker import - tag`.
+fn import(rootfs: &Path, tag: &str) -> anyhow::Result<()> {
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(rootfs)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running tar")?;
+    let out = Command::new("docker")
+        .args(["import", "--change", "CMD [\"/bin/sh\"]", "-", tag])
+        .stdin(tar.stdout.take().expect("piped"))
+        .output()
+        .context("running docker import")?;
+    ensure!(tar.wait()?.success(), "tar of {} failed", rootfs.display());
+    ensure!(
+        out.status.success(),
+        "docker import {tag}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn image_exists(tag: &str) -> anyhow::Result<bool> {
+    Ok(docker(&["image", "inspect", "--format", "{{.Id}}", tag])?
+        .status
+        .success())
+}
+
+/// Run the docker CLI; its output whatever the exit status.
+pub fn docker(args: &[&str]) -> anyhow::Result<Output> {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .context("running docker: `cargo xtask setup` installs and starts the engine")
+}
+
+/// Run the docker CLI and return its stdout; an error with stderr when it fails.
+pub fn docker_ok(args: &[&str]) -> anyhow::Result<String> {
+    let out = docker(args)?;
+    if !out.status.success() {
+        bail!(
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

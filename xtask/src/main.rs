@@ -1,0 +1,143 @@
+//! Developer commands of imds-proxy: `cargo xtask setup | build | test`.
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "imds-proxy developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install and start what building and testing need (idempotent; root, Debian/Ubuntu).
+    Setup,
+    /// Build every crate, the eBPF programs included.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, then format check, clippy (eBPF included), unit, integration and end-to-end tests.
+    Test {
+        /// Passed to the test binaries (a test name filter, `--nocapture`, ...).
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Task::Setup => setup::run(&root).map(|_| ()),
+        Task::Build { release } => build(&root, release),
+        Task::Test { test_args } => test(&root, &test_args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn build(root: &Path, release: bool) -> anyhow::Result<()> {
+    let mut args = vec!["build", "--workspace", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cargo(root, &args)
+}
+
+fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let env = setup::run(root)?;
+    step("format", || cargo(root, &["fmt", "--all", "--check"]))?;
+    step("clippy (host crates)", || {
+        cargo(
+            root,
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        )
+    })?;
+    step("clippy (eBPF crate, bpfel target)", || {
+        run(Command::new("cargo")
+            .current_dir(root)
+            .args([
+                "+nightly",
+                "clippy",
+                "--package",
+                "imds-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("CARGO_TARGET_DIR", root.join("target/ebpf-clippy")))
+    })?;
+    // Unit tests of every crate, then the privileged integration and end-to-end tests, one at a
+    // time: they share the machine's routes, cgroups and Docker engine.
+    step("unit tests", || {
+        cargo(
+            root,
+            &[
+                "test",
+                "--workspace",
+                "--exclude",
+                "imds-tests",
+                "--lib",
+                "--bins",
+            ],
+        )
+    })?;
+    step("integration and end-to-end tests", || {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root)
+            .args(["test", "--package", "imds-tests", "--", "--test-threads=1"])
+            .args(test_args)
+            .env("IMDS_VENV", &env.venv);
+        run(&mut cmd)
+    })?;
+    println!("xtask test: everything passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    println!("==> {name}");
+    let started = Instant::now();
+    f().with_context(|| format!("{name} failed"))?;
+    println!("==> {name}: ok ({:.1?})", started.elapsed());
+    Ok(())
+}
+
+fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("cargo").current_dir(root).args(args))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} exited with {status}");
+    }
+    Ok(())
+}

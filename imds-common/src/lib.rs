@@ -1,35 +1,166 @@
 //! Types shared by the kernel programs (`imds-ebpf`) and userspace (`imds-proxy`).
 //!
-//! Everything here is `no_std`, `#[repr(C)]` and free of padding surprises, because the same bytes
-//! are written by one side of a BPF map and read by the other.
+//! Everything here is `no_std` and `#[repr(C)]` with explicit padding, because the same bytes are
+//! written by one side of a BPF map and read by the other. Addresses are kept as the kernel keeps
+//! them in `bpf_sock_addr` / `bpf_sock_ops`: 32-bit words whose memory bytes are the address in
+//! network order. Ports are noted per field, because the kernel is not consistent about them.
 #![no_std]
 
-/// The IPv4 address of the EC2 instance metadata service, 169.254.169.254, in host byte order.
-pub const IMDS_V4: u32 = u32::from_be_bytes([169, 254, 169, 254]);
+/// The IPv4 address of the EC2 instance metadata service, 169.254.169.254.
+pub const IMDS_V4_OCTETS: [u8; 4] = [169, 254, 169, 254];
 
 /// The IPv6 address of the EC2 instance metadata service, fd00:ec2::254.
-pub const IMDS_V6: [u8; 16] = [
+pub const IMDS_V6_OCTETS: [u8; 16] = [
     0xfd, 0x00, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
 ];
 
 /// The TCP port of the instance metadata service.
 pub const IMDS_PORT: u16 = 80;
 
+/// `AF_INET` and `AF_INET6`, as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Names of the maps, which are also their pin names under `--pin DIR`.
+pub const MAP_CONFIG: &str = "IMDS_CONFIG";
+pub const MAP_PENDING: &str = "IMDS_PENDING";
+pub const MAP_CONNS: &str = "IMDS_CONNS";
+pub const MAP_CONTAINER_CGROUPS: &str = "IMDS_CGROUPS";
+
+/// Capacity of the connection record maps (LRU: the oldest record goes when full).
+pub const MAX_CONNS: u32 = 16_384;
+/// Capacity of the container cgroup set used in filter mode.
+pub const MAX_CONTAINER_CGROUPS: u32 = 8_192;
+
+/// An address as the kernel's socket hooks carry it: 4 words, each holding 4 bytes of the address
+/// in network order. IPv4 uses the first word only.
+pub type RawAddr = [u32; 4];
+
+/// The IPv4 address in the kernel's `user_ip4` / `local_ip4` form.
+pub const fn raw_v4(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// The IPv6 address in the kernel's `user_ip6` / `local_ip6` form.
+pub const fn raw_v6(o: [u8; 16]) -> RawAddr {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// The octets of a raw IPv6 address.
+pub const fn v6_octets(raw: RawAddr) -> [u8; 16] {
+    let [a, b, c, d] = [
+        raw[0].to_ne_bytes(),
+        raw[1].to_ne_bytes(),
+        raw[2].to_ne_bytes(),
+        raw[3].to_ne_bytes(),
+    ];
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// A port in the kernel's `user_port` form: network byte order in the low 16 bits of a u32.
+pub const fn raw_port(port: u16) -> u32 {
+    port.to_be() as u32
+}
+
+/// What the redirect programs need to know, set by userspace in the single slot of `IMDS_CONFIG`.
+/// A zero `proxy_port` means "not configured": the programs then refuse IMDS connects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// The proxy's IPv4 listen address (`user_ip4` form).
+    pub proxy_v4: u32,
+    /// The proxy's IPv6 listen address (`user_ip6` form); all zero when there is none.
+    pub proxy_v6: RawAddr,
+    /// The proxy's IPv4 listen port (`user_port` form: network order).
+    pub proxy_port_v4: u32,
+    /// The proxy's IPv6 listen port (`user_port` form: network order).
+    pub proxy_port_v6: u32,
+    /// Non-zero: redirect only sockets whose cgroup is in `IMDS_CGROUPS` (programs attached at a
+    /// parent that also holds host services). Zero: redirect every socket under the attach point.
+    pub filter: u32,
+    /// The proxy's own cgroup: its connects (to the real IMDS) are never rewritten.
+    pub proxy_cgroup: u64,
+}
+
+/// Who opened a redirected connection, and where it was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnRecord {
+    /// cgroup v2 id of the task that called connect (the inode number of its cgroup directory).
+    pub cgroup_id: u64,
+    /// Process (thread group) id of that task, in the initial pid namespace.
+    pub tgid: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// The original destination port, host order.
+    pub orig_port: u16,
+    /// The original destination address (raw form).
+    pub orig_addr: RawAddr,
+}
+
+/// A redirected connection as the proxy sees it: the client's address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Client address (raw form; IPv4 in the first word, the rest zero).
+    pub addr: RawAddr,
+    /// Client port, host order (as `bpf_sock_ops.local_port` carries it).
+    pub port: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `repr(C)` data with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::RedirectConfig {}
+    unsafe impl aya::Pod for super::ConnRecord {}
+    unsafe impl aya::Pod for super::ConnKey {}
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
     use super::*;
+    use core::mem::{align_of, size_of};
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
     fn imds_addresses_match_their_text_form() {
         assert_eq!(
-            Ipv4Addr::from(IMDS_V4),
+            Ipv4Addr::from(IMDS_V4_OCTETS),
             "169.254.169.254".parse::<Ipv4Addr>().unwrap()
         );
         assert_eq!(
-            Ipv6Addr::from(IMDS_V6),
+            Ipv6Addr::from(IMDS_V6_OCTETS),
             "fd00:ec2::254".parse::<Ipv6Addr>().unwrap()
         );
+    }
+
+    #[test]
+    fn raw_forms_keep_network_order_in_memory() {
+        // The kernel's user_ip4 holds the address bytes in network order in memory.
+        assert_eq!(raw_v4(IMDS_V4_OCTETS).to_ne_bytes(), IMDS_V4_OCTETS);
+        assert_eq!(v6_octets(raw_v6(IMDS_V6_OCTETS)), IMDS_V6_OCTETS);
+        // user_port: network order in the low 16 bits.
+        assert_eq!((raw_port(80) as u16).to_ne_bytes(), 80u16.to_be_bytes());
+        assert_eq!(raw_port(0x1f90) as u16, 0x1f90u16.to_be());
+    }
+
+    #[test]
+    fn map_types_have_no_implicit_padding() {
+        // Padding bytes would be uninitialised on one side and compared as keys on the other.
+        assert_eq!(size_of::<ConnKey>(), 16 + 4 + 4);
+        assert_eq!(size_of::<ConnRecord>(), 8 + 4 + 2 + 2 + 16);
+        assert_eq!(size_of::<RedirectConfig>(), 4 + 16 + 4 + 4 + 4 + 8);
+        assert_eq!(align_of::<RedirectConfig>(), 8);
     }
 }

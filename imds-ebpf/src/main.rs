@@ -1,21 +1,293 @@
-//! Kernel programs of imds-proxy.
+//! Kernel programs of imds-proxy, cgroup mode.
 //!
-//! Placeholder for the foundation: a `cgroup/connect4` program that lets every connect through
-//! unchanged. The redirect programs replace it in cgroup mode.
+//! A container's TCP connect to the instance metadata service (169.254.169.254:80 or
+//! [fd00:ec2::254]:80) is rewritten, at connect time, to the proxy's dedicated listen address, and
+//! the kernel records which cgroup (so which container) made it:
+//!
+//! 1. `imds_connect4` / `imds_connect6` (cgroup/connect4, cgroup/connect6): rewrite the
+//!    destination and store a [`ConnRecord`] under the socket's cookie in `IMDS_PENDING`.
+//! 2. `imds_sock_ops` (sockops): when that socket is established, move the record to `IMDS_CONNS`
+//!    under the client's (address, port) — what the proxy sees as its accepted peer. When the
+//!    socket closes, drop whatever is left of its records.
+//! 3. `imds_getpeername4` / `imds_getpeername6`: the client sees 169.254.169.254:80 as its peer.
+//!
+//! The proxy takes (reads and deletes) the record of each connection it accepts. Both record maps
+//! are LRU-bounded, so nothing grows without bound even if the proxy is gone.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+    use aya_ebpf::{
+        bindings::{
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+            BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        },
+        helpers::{
+            bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, generated::bpf_get_socket_cookie,
+        },
+        macros::{cgroup_sock_addr, map, sock_ops},
+        maps::{Array, HashMap, LruHashMap},
+        programs::{SockAddrContext, SockOpsContext},
+    };
+    use aya_log_ebpf::warn;
+    use core::ptr::read_volatile;
+    use imds_common::{
+        AF_INET, AF_INET6, ConnKey, ConnRecord, IMDS_PORT, IMDS_V4_OCTETS, IMDS_V6_OCTETS,
+        MAX_CONNS, MAX_CONTAINER_CGROUPS, RawAddr, RedirectConfig, raw_port, raw_v4, raw_v6,
+    };
 
-    /// Verdict of a `cgroup/connect*` program that lets the connect proceed.
+    /// Verdicts of cgroup/sock_addr programs.
     const ALLOW: i32 = 1;
+    const REFUSE: i32 = 0; // the syscall fails with EPERM
+    /// `SOCK_STREAM`: only TCP is redirected.
+    const SOCK_STREAM: u32 = 1;
+
+    const IMDS_V4: u32 = raw_v4(IMDS_V4_OCTETS);
+    const IMDS_V6: RawAddr = raw_v6(IMDS_V6_OCTETS);
+
+    #[map(name = "IMDS_CONFIG")]
+    static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+
+    /// Records of redirected sockets not yet established, by socket cookie.
+    #[map(name = "IMDS_PENDING")]
+    static PENDING: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+    /// Records of established redirected connections, by the client's address and port.
+    #[map(name = "IMDS_CONNS")]
+    static CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+    /// In filter mode, the cgroups whose sockets are redirected (container cgroups).
+    #[map(name = "IMDS_CGROUPS")]
+    static CONTAINER_CGROUPS: HashMap<u64, u8> =
+        HashMap::with_max_entries(MAX_CONTAINER_CGROUPS, 0);
+
+    /// The configuration, if userspace has written one.
+    fn config() -> Option<&'static RedirectConfig> {
+        match CONFIG.get(0) {
+            // A zero port means the slot was never written: not configured.
+            Some(config) if config.proxy_port_v4 != 0 => Some(config),
+            _ => None,
+        }
+    }
+
+    /// Whether a connect to the IMDS address from the current task is redirected. Both families.
+    fn should_redirect(config: &RedirectConfig) -> bool {
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        if cgroup == config.proxy_cgroup {
+            // The proxy itself, fetching the instance's credentials from the real IMDS.
+            return false;
+        }
+        if config.filter != 0 && unsafe { CONTAINER_CGROUPS.get(cgroup) }.is_none() {
+            // Filter mode and not a container's cgroup: a host service under the same parent.
+            return false;
+        }
+        true
+    }
+
+    fn record(family: u16, orig_addr: RawAddr) -> ConnRecord {
+        ConnRecord {
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            // The upper half of pid_tgid is the tgid.
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            family,
+            orig_port: IMDS_PORT,
+            orig_addr,
+        }
+    }
+
+    fn cookie(sa: *mut bpf_sock_addr) -> u64 {
+        unsafe { bpf_get_socket_cookie(sa as *mut _) }
+    }
 
     #[cgroup_sock_addr(connect4)]
-    pub fn imds_connect4(_ctx: SockAddrContext) -> i32 {
-        // Placeholder: never rewrite, never refuse.
+    pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
+        let sa = ctx.sock_addr;
+        // SAFETY: the kernel hands a valid bpf_sock_addr to this program type.
+        let (type_, ip, port) = unsafe { ((*sa).type_, (*sa).user_ip4, (*sa).user_port) };
+        if type_ != SOCK_STREAM || ip != IMDS_V4 || port != raw_port(IMDS_PORT) {
+            // Not a TCP connect to 169.254.169.254:80: none of our business.
+            return ALLOW;
+        }
+        let Some(config) = config() else {
+            // Attached but not configured: fail closed rather than let the container reach IMDS.
+            warn!(&ctx, "IMDS connect refused: redirect not configured");
+            return REFUSE;
+        };
+        if !should_redirect(config) {
+            return ALLOW;
+        }
+        if PENDING
+            .insert(cookie(sa), record(AF_INET, [IMDS_V4, 0, 0, 0]), 0)
+            .is_err()
+        {
+            // No record, no identity: the proxy would refuse the connection anyway. Say so here.
+            warn!(
+                &ctx,
+                "IMDS connect refused: cannot record it (IMDS_PENDING)"
+            );
+            return REFUSE;
+        }
+        // SAFETY: as above; user_ip4 and user_port are writable in connect4.
+        unsafe {
+            (*sa).user_ip4 = config.proxy_v4;
+            (*sa).user_port = config.proxy_port_v4;
+        }
         ALLOW
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
+        let sa = ctx.sock_addr;
+        // SAFETY: the kernel hands a valid bpf_sock_addr to this program type.
+        let (type_, ip, port) = unsafe { ((*sa).type_, (*sa).user_ip6, (*sa).user_port) };
+        if type_ != SOCK_STREAM || ip != IMDS_V6 || port != raw_port(IMDS_PORT) {
+            // Not a TCP connect to [fd00:ec2::254]:80.
+            return ALLOW;
+        }
+        let Some(config) = config() else {
+            warn!(&ctx, "IMDS connect refused: redirect not configured");
+            return REFUSE;
+        };
+        if config.proxy_port_v6 == 0 {
+            // The proxy has no IPv6 listener: refuse, never let the connect through.
+            warn!(&ctx, "IMDS IPv6 connect refused: no IPv6 listen address");
+            return REFUSE;
+        }
+        if !should_redirect(config) {
+            return ALLOW;
+        }
+        if PENDING
+            .insert(cookie(sa), record(AF_INET6, IMDS_V6), 0)
+            .is_err()
+        {
+            warn!(
+                &ctx,
+                "IMDS connect refused: cannot record it (IMDS_PENDING)"
+            );
+            return REFUSE;
+        }
+        // SAFETY: user_ip6 (word by word) and user_port are writable in connect6.
+        unsafe {
+            (*sa).user_ip6[0] = config.proxy_v6[0];
+            (*sa).user_ip6[1] = config.proxy_v6[1];
+            (*sa).user_ip6[2] = config.proxy_v6[2];
+            (*sa).user_ip6[3] = config.proxy_v6[3];
+            (*sa).user_port = config.proxy_port_v6;
+        }
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn imds_getpeername4(ctx: SockAddrContext) -> i32 {
+        let sa = ctx.sock_addr;
+        let Some(config) = config() else {
+            return ALLOW;
+        };
+        // SAFETY: user_ip4/user_port hold the peer and are writable in getpeername4.
+        unsafe {
+            if (*sa).user_ip4 == config.proxy_v4 && (*sa).user_port == config.proxy_port_v4 {
+                // A redirected socket (the listen address serves nothing else): show IMDS.
+                (*sa).user_ip4 = IMDS_V4;
+                (*sa).user_port = raw_port(IMDS_PORT);
+            }
+        }
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn imds_getpeername6(ctx: SockAddrContext) -> i32 {
+        let sa = ctx.sock_addr;
+        let Some(config) = config() else {
+            return ALLOW;
+        };
+        // SAFETY: as in getpeername4, for the IPv6 fields.
+        unsafe {
+            if config.proxy_port_v6 != 0
+                && (*sa).user_ip6 == config.proxy_v6
+                && (*sa).user_port == config.proxy_port_v6
+            {
+                (*sa).user_ip6[0] = IMDS_V6[0];
+                (*sa).user_ip6[1] = IMDS_V6[1];
+                (*sa).user_ip6[2] = IMDS_V6[2];
+                (*sa).user_ip6[3] = IMDS_V6[3];
+                (*sa).user_port = raw_port(IMDS_PORT);
+            }
+        }
+        ALLOW
+    }
+
+    /// The client's side of the connection, as the proxy will see its peer.
+    fn local_key(ctx: &SockOpsContext) -> ConnKey {
+        // Volatile loads, all of them, before choosing: otherwise LLVM sinks a load into the
+        // branch that uses it through a ctx pointer moved by the field offset, which the
+        // verifier rejects ("dereference of modified ctx ptr").
+        let ops = ctx.ops;
+        // SAFETY: the kernel hands a valid bpf_sock_ops to this program type; these fields are
+        // readable in every callback.
+        let (family, ip4, ip6, port) = unsafe {
+            (
+                read_volatile(&raw const (*ops).family),
+                read_volatile(&raw const (*ops).local_ip4),
+                [
+                    read_volatile(&raw const (*ops).local_ip6[0]),
+                    read_volatile(&raw const (*ops).local_ip6[1]),
+                    read_volatile(&raw const (*ops).local_ip6[2]),
+                    read_volatile(&raw const (*ops).local_ip6[3]),
+                ],
+                // bpf_sock_ops.local_port is in host order.
+                read_volatile(&raw const (*ops).local_port),
+            )
+        };
+        ConnKey {
+            addr: if family == AF_INET6 as u32 {
+                ip6
+            } else {
+                [ip4, 0, 0, 0]
+            },
+            port,
+            family,
+        }
+    }
+
+    #[sock_ops]
+    pub fn imds_sock_ops(ctx: SockOpsContext) -> u32 {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
+        match ctx.op() {
+            BPF_SOCK_OPS_TCP_CONNECT_CB => {
+                // A redirected socket is about to send its SYN: ask for state changes, so its
+                // records are dropped however the connection ends (refused, reset, closed).
+                if unsafe { PENDING.get(cookie) }.is_some() {
+                    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+                }
+            }
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+                // The client side is established; the proxy cannot have accepted yet (the ACK
+                // that completes its side leaves after this callback). Re-key the record.
+                if let Some(record) = unsafe { PENDING.get(cookie) } {
+                    let record = *record;
+                    if CONNS.insert(local_key(&ctx), record, 0).is_err() {
+                        warn!(
+                            &ctx,
+                            "cannot record an established IMDS connection (IMDS_CONNS)"
+                        );
+                    }
+                    let _ = PENDING.remove(cookie);
+                }
+            }
+            BPF_SOCK_OPS_STATE_CB => {
+                // arg 1 is the new state. Only sockets that asked for it (ours) get here.
+                if ctx.arg(1) == BPF_TCP_CLOSE {
+                    let _ = PENDING.remove(cookie);
+                    let _ = CONNS.remove(local_key(&ctx));
+                }
+            }
+            _ => {
+                // Every other callback: nothing to do.
+            }
+        }
+        // sock_ops programs return 1 for "handled"; the value matters only to a few ops.
+        1
     }
 
     #[panic_handler]

@@ -1,9 +1,432 @@
-//! Loading the kernel programs built from `imds-ebpf`.
+//! Loading, attaching and pinning the kernel programs built from `imds-ebpf`, and reading the
+//! connection records they leave for the proxy.
+//!
+//! With a pin directory (bpffs), the maps and the sock_addr links are pinned there: if the proxy
+//! dies, containers' IMDS connects keep being redirected to its (dead) listen address and fail, and
+//! a restarted proxy adopts the pinned links and maps without ever detaching them. aya 0.14 cannot
+//! pin a sock_ops link; it is attached by each run. While it is missing, redirected connections
+//! have no record and the proxy refuses them: still closed.
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use imds_common::{
+    AF_INET, AF_INET6, ConnKey, ConnRecord, MAP_CONFIG, MAP_CONNS, MAP_CONTAINER_CGROUPS,
+    MAP_PENDING, RedirectConfig, raw_port, raw_v4, raw_v6, v6_octets,
+};
 
 /// The eBPF object built from `imds-ebpf` by build.rs, embedded at compile time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
 
-/// Parse the embedded object and load its programs into the kernel (without attaching them).
-pub fn load() -> Result<aya::Ebpf, aya::EbpfError> {
-    aya::Ebpf::load(OBJECT)
+/// The cgroup/sock_addr programs, in the order they are attached: the connect rewrite last, so
+/// that nothing is redirected before the programs that complete the picture are in place.
+pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    "imds_getpeername4",
+    "imds_getpeername6",
+    "imds_connect4",
+    "imds_connect6",
+];
+pub const SOCK_OPS_PROGRAM: &str = "imds_sock_ops";
+/// Every program of the object.
+pub const PROGRAMS: [&str; 5] = [
+    SOCK_OPS_PROGRAM,
+    "imds_getpeername4",
+    "imds_getpeername6",
+    "imds_connect4",
+    "imds_connect6",
+];
+pub const MAPS: [&str; 4] = [MAP_CONFIG, MAP_PENDING, MAP_CONNS, MAP_CONTAINER_CGROUPS];
+
+/// `statfs` magic numbers.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
+    #[error("pin directory {path}: {reason}")]
+    PinDir { path: PathBuf, reason: String },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("adopting pinned link {path}: {source}")]
+    Adopt {
+        path: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where and how to redirect.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// The proxy's IPv4 listen address.
+    pub listen_v4: SocketAddrV4,
+    /// The proxy's IPv6 listen address; without one, IPv6 IMDS connects are refused.
+    pub listen_v6: Option<SocketAddrV6>,
+    /// cgroup v2 directories to attach to (every socket below them is considered).
+    pub cgroups: Vec<PathBuf>,
+    /// Redirect only sockets whose cgroup id was added with [`Redirect::add_container_cgroup`].
+    pub filter: bool,
+    /// cgroup id whose connects are never redirected: the proxy's own.
+    pub own_cgroup: u64,
+    /// bpffs directory to pin maps and links in.
+    pub pin: Option<PathBuf>,
+}
+
+/// A caller as the kernel recorded it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    /// Where the client was connecting: the IMDS address.
+    pub original_destination: SocketAddr,
+}
+
+/// The attached programs. Dropping it detaches whatever is not pinned.
+pub struct Redirect {
+    // Keeps programs, their unpinned links and the maps alive.
+    _ebpf: Ebpf,
+    _pinned: Vec<PinnedLink>,
+    conns: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
+    containers: Mutex<HashMap<MapData, u64, u8>>,
+    adopted: usize,
+    logger: Mutex<Option<KernelLogger>>,
+}
+
+type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+impl Redirect {
+    /// Load the programs, configure them, and attach them to every cgroup of `spec` (adopting
+    /// links already pinned there).
+    pub fn attach(spec: &Spec) -> Result<Self, Error> {
+        let cgroups = spec
+            .cgroups
+            .iter()
+            .map(|path| open_cgroup(path).map(|(file, id)| (path, file, id)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut loader = EbpfLoader::new();
+        let map_pins: Vec<(&str, PathBuf)> = match &spec.pin {
+            Some(dir) => {
+                prepare_pin_dir(dir)?;
+                MAPS.iter().map(|name| (*name, dir.join(name))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_pins {
+            // Opens the pinned map if it exists, else creates and pins it.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        // The kernel programs' rare events (refused rewrites, full maps). The logger owns the log
+        // map: it must live as long as the programs.
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .map_err(|err| tracing::warn!(%err, "no eBPF log channel"))
+            .ok();
+
+        // Configure before anything is attached: an unconfigured connect program refuses.
+        let mut config: Array<_, RedirectConfig> = Array::try_from(
+            ebpf.take_map(MAP_CONFIG)
+                .expect("the object defines IMDS_CONFIG"),
+        )
+        .map_err(|source| Error::Map {
+            name: MAP_CONFIG,
+            source,
+        })?;
+        config
+            .set(0, redirect_config(spec), 0)
+            .map_err(|source| Error::Map {
+                name: MAP_CONFIG,
+                source,
+            })?;
+
+        let sock_ops: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
+        sock_ops.load().map_err(|source| Error::Program {
+            name: SOCK_OPS_PROGRAM,
+            source,
+        })?;
+        for (_, file, _) in &cgroups {
+            sock_ops
+                .attach(file, CgroupAttachMode::Single)
+                .map_err(|source| Error::Program {
+                    name: SOCK_OPS_PROGRAM,
+                    source,
+                })?;
+        }
+
+        let mut pinned = Vec::new();
+        let mut adopted = 0;
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
+            for (path, file, id) in &cgroups {
+                let pin_path = spec
+                    .pin
+                    .as_ref()
+                    .map(|dir| dir.join(link_pin_name(name, *id)));
+                if let Some(pin_path) = pin_path.as_ref().filter(|p| p.exists()) {
+                    // A previous run's link, still attached: keep it, never detach in between.
+                    let link = PinnedLink::from_pin(pin_path).map_err(|source| Error::Adopt {
+                        path: pin_path.clone(),
+                        source,
+                    })?;
+                    pinned.push(link);
+                    adopted += 1;
+                    continue;
+                }
+                let link_id = prog
+                    .attach(file, CgroupAttachMode::Single)
+                    .map_err(|source| Error::Program { name, source })?;
+                tracing::debug!(program = name, cgroup = %path.display(), "attached");
+                if let Some(pin_path) = pin_path {
+                    let link = prog
+                        .take_link(link_id)
+                        .map_err(|source| Error::Program { name, source })?;
+                    let link = FdLink::try_from(link).map_err(|source| Error::Adopt {
+                        path: pin_path.clone(),
+                        source,
+                    })?;
+                    pinned.push(link.pin(&pin_path).map_err(|source| Error::Pin {
+                        path: pin_path.clone(),
+                        source,
+                    })?);
+                }
+            }
+        }
+
+        let conns =
+            HashMap::try_from(ebpf.take_map(MAP_CONNS).expect("defined")).map_err(|source| {
+                Error::Map {
+                    name: MAP_CONNS,
+                    source,
+                }
+            })?;
+        let containers = HashMap::try_from(ebpf.take_map(MAP_CONTAINER_CGROUPS).expect("defined"))
+            .map_err(|source| Error::Map {
+                name: MAP_CONTAINER_CGROUPS,
+                source,
+            })?;
+        Ok(Self {
+            _ebpf: ebpf,
+            _pinned: pinned,
+            conns: Mutex::new(conns),
+            containers: Mutex::new(containers),
+            adopted,
+            logger: Mutex::new(logger),
+        })
+    }
+
+    /// Forward the kernel programs' log records to this process's log until the task is
+    /// dropped. Once per `Redirect`; later calls return at once.
+    pub async fn forward_kernel_logs(&self) {
+        let Some(logger) = self.logger.lock().expect("logger lock poisoned").take() else {
+            return;
+        };
+        // SAFETY: the AsyncFd owns the logger, which owns the fd: it stays open while registered.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match fd {
+            Ok(fd) => fd,
+            Err(err) => {
+                tracing::warn!(%err, "cannot watch the eBPF log channel");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }
+
+    /// How many pinned links of a previous run were adopted instead of attached.
+    pub fn adopted_links(&self) -> usize {
+        self.adopted
+    }
+
+    /// Take (read and delete) the kernel's record of the connection whose client is `peer`.
+    pub fn take_record(&self, peer: SocketAddr) -> Option<Record> {
+        let key = conn_key(peer);
+        let mut conns = self.conns.lock().expect("conns lock poisoned");
+        let record = conns.get(&key, 0).ok()?;
+        // Consumed: the same (address, port) must never vouch for a second connection.
+        let _ = conns.remove(&key);
+        let original_destination = match record.family {
+            AF_INET6 => {
+                SocketAddr::new(IpAddr::from(v6_octets(record.orig_addr)), record.orig_port)
+            }
+            _ => SocketAddr::new(
+                IpAddr::from(record.orig_addr[0].to_ne_bytes()),
+                record.orig_port,
+            ),
+        };
+        Some(Record {
+            cgroup_id: record.cgroup_id,
+            tgid: record.tgid,
+            original_destination,
+        })
+    }
+
+    /// Filter mode: redirect sockets of this cgroup from now on.
+    pub fn add_container_cgroup(&self, cgroup_id: u64) -> Result<(), Error> {
+        self.containers
+            .lock()
+            .expect("containers lock poisoned")
+            .insert(cgroup_id, 1, 0)
+            .map_err(|source| Error::Map {
+                name: MAP_CONTAINER_CGROUPS,
+                source,
+            })
+    }
+
+    /// Filter mode: stop redirecting sockets of this cgroup.
+    pub fn remove_container_cgroup(&self, cgroup_id: u64) {
+        let _ = self
+            .containers
+            .lock()
+            .expect("containers lock poisoned")
+            .remove(&cgroup_id);
+    }
+}
+
+/// Remove everything `--pin DIR` left: pinned links (which detaches them), programs and maps.
+/// Returns the names of what was removed.
+pub fn unpin(dir: &Path) -> Result<Vec<String>, Error> {
+    let mut removed = Vec::new();
+    if !dir.exists() {
+        return Ok(removed);
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        std::fs::remove_file(entry.path())?;
+        removed.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    std::fs::remove_dir(dir)?;
+    removed.sort();
+    Ok(removed)
+}
+
+/// The pin name of the link of program `name` on the cgroup with this id.
+fn link_pin_name(program: &str, cgroup_id: u64) -> String {
+    format!("link_{program}_cg{cgroup_id}")
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .expect("the object defines every program this module names")
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn redirect_config(spec: &Spec) -> RedirectConfig {
+    RedirectConfig {
+        proxy_v4: raw_v4(spec.listen_v4.ip().octets()),
+        proxy_v6: spec
+            .listen_v6
+            .map(|a| raw_v6(a.ip().octets()))
+            .unwrap_or_default(),
+        proxy_port_v4: raw_port(spec.listen_v4.port()),
+        proxy_port_v6: spec.listen_v6.map(|a| raw_port(a.port())).unwrap_or(0),
+        filter: spec.filter.into(),
+        proxy_cgroup: spec.own_cgroup,
+    }
+}
+
+/// The map key for a connection whose client is `peer`.
+pub fn conn_key(peer: SocketAddr) -> ConnKey {
+    match peer {
+        SocketAddr::V4(a) => ConnKey {
+            addr: [raw_v4(a.ip().octets()), 0, 0, 0],
+            port: a.port().into(),
+            family: AF_INET.into(),
+        },
+        SocketAddr::V6(a) => ConnKey {
+            addr: raw_v6(a.ip().octets()),
+            port: a.port().into(),
+            family: AF_INET6.into(),
+        },
+    }
+}
+
+fn statfs_type(path: &Path) -> std::io::Result<i64> {
+    let stat = nix::sys::statfs::statfs(path)?;
+    Ok(stat.filesystem_type().0 as i64)
+}
+
+/// Open a cgroup v2 directory; its file and its cgroup id (the directory's inode number).
+fn open_cgroup(path: &Path) -> Result<(File, u64), Error> {
+    let err = |reason: String| Error::Cgroup {
+        path: path.to_owned(),
+        reason,
+    };
+    let fs = statfs_type(path).map_err(|e| err(e.to_string()))?;
+    if fs != CGROUP2_SUPER_MAGIC {
+        return Err(err(
+            "not on a cgroup v2 hierarchy (programs attach to cgroup v2 only; on a hybrid host \
+             it is usually mounted at /sys/fs/cgroup/unified)"
+                .into(),
+        ));
+    }
+    let file = File::open(path).map_err(|e| err(e.to_string()))?;
+    let id = file.metadata().map_err(|e| err(e.to_string()))?.ino();
+    Ok((file, id))
+}
+
+fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
+    let err = |reason: String| Error::PinDir {
+        path: dir.to_owned(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    if statfs_type(dir).map_err(|e| err(e.to_string()))? != BPF_FS_MAGIC {
+        return Err(err(
+            "not on a bpffs (mount one: mount -t bpf bpf /sys/fs/bpf)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The cgroup id of a cgroup v2 directory.
+pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
+    open_cgroup(path).map(|(_, id)| id)
+}
+
+/// Parse the embedded object and load its programs into the kernel, without attaching them.
+pub fn load() -> Result<Ebpf, aya::EbpfError> {
+    Ebpf::load(OBJECT)
 }

@@ -2,3 +2,6 @@
 //!
 //! One module per concern; the binary in `main.rs` wires them together.
 pub mod ebpf;
+pub mod identity;
+pub mod imds;
+pub mod netdev;

@@ -1,0 +1,272 @@
+//! Who is calling: the kernel's record of an accepted connection, resolved to a cgroup path and,
+//! for Docker containers, a container id.
+//!
+//! A cgroup id is the inode number of the cgroup's directory on the v2 hierarchy; ids are not
+//! reused while the machine is up, so a resolved id → path pair stays true. The path is found
+//! from the recorded process (`/proc/<tgid>/cgroup`, checked against the id, since the process may
+//! be gone and its pid reused) or, failing that, by a walk of the hierarchy.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use axum::serve::{IncomingStream, Listener};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::ebpf::{Record, Redirect};
+
+/// A caller the kernel vouched for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    /// The cgroup's path relative to the v2 root (`/docker/<id>`), when it could be resolved.
+    pub cgroup: Option<String>,
+    /// The Docker container id, when the cgroup is a container's.
+    pub container_id: Option<String>,
+    pub original_destination: SocketAddr,
+}
+
+/// Resolves cgroup ids to paths, with a cache.
+pub struct Cgroups {
+    root: PathBuf,
+    cache: Mutex<HashMap<u64, String>>,
+}
+
+/// Entries kept before the cache starts over (ids of removed cgroups are never asked again).
+const CACHE_LIMIT: usize = 65_536;
+/// How deep a walk of the hierarchy goes looking for an id.
+const WALK_DEPTH: usize = 8;
+
+impl Cgroups {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The v2 root this resolver works under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The path (relative to the v2 root, starting with `/`) of the cgroup with this id.
+    pub fn resolve(&self, cgroup_id: u64, tgid: u32) -> Option<String> {
+        if let Some(path) = self.cache.lock().expect("cache poisoned").get(&cgroup_id) {
+            return Some(path.clone());
+        }
+        let path = self
+            .from_proc(cgroup_id, tgid)
+            .or_else(|| self.walk(&self.root, cgroup_id, WALK_DEPTH))?;
+        let mut cache = self.cache.lock().expect("cache poisoned");
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(cgroup_id, path.clone());
+        Some(path)
+    }
+
+    fn id_of(&self, relative: &str) -> Option<u64> {
+        let full = self.root.join(relative.trim_start_matches('/'));
+        std::fs::metadata(full).ok().map(|m| m.ino())
+    }
+
+    fn from_proc(&self, cgroup_id: u64, tgid: u32) -> Option<String> {
+        let text = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
+        let path = v2_path(&text)?;
+        // The pid may have been reused by then: believe the path only if it is that cgroup.
+        (self.id_of(path) == Some(cgroup_id)).then(|| path.to_owned())
+    }
+
+    fn walk(&self, dir: &Path, cgroup_id: u64, depth: usize) -> Option<String> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        let mut subdirs = Vec::new();
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_dir() {
+                continue;
+            }
+            if meta.ino() == cgroup_id {
+                let rel = entry.path();
+                let rel = rel.strip_prefix(&self.root).ok()?;
+                return Some(format!("/{}", rel.display()));
+            }
+            subdirs.push(entry.path());
+        }
+        if depth == 0 {
+            return None;
+        }
+        subdirs
+            .iter()
+            .find_map(|sub| self.walk(sub, cgroup_id, depth - 1))
+    }
+
+    /// The caller for a kernel record.
+    pub fn caller(&self, record: Record) -> Caller {
+        let cgroup = self.resolve(record.cgroup_id, record.tgid);
+        let container_id = cgroup.as_deref().and_then(container_id);
+        Caller {
+            cgroup_id: record.cgroup_id,
+            tgid: record.tgid,
+            cgroup,
+            container_id,
+            original_destination: record.original_destination,
+        }
+    }
+}
+
+/// The cgroup v2 path in the text of a `/proc/<pid>/cgroup` file (the `0::` line).
+pub fn v2_path(proc_cgroup: &str) -> Option<&str> {
+    proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+/// The Docker container id a cgroup path names, for both cgroup drivers: cgroupfs
+/// (`/docker/<64 hex>`) and systemd (`/system.slice/docker-<64 hex>.scope`). Nested cgroups
+/// inside a container's cgroup belong to that container.
+pub fn container_id(cgroup_path: &str) -> Option<String> {
+    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let segments: Vec<&str> = cgroup_path.split('/').filter(|s| !s.is_empty()).collect();
+    segments
+        .windows(2)
+        .find_map(|pair| match pair {
+            ["docker", id] if is_id(id) => Some((*id).to_owned()),
+            _ => None,
+        })
+        .or_else(|| {
+            segments.iter().find_map(|s| {
+                s.strip_prefix("docker-")
+                    .and_then(|rest| rest.strip_suffix(".scope"))
+                    .filter(|id| is_id(id))
+                    .map(str::to_owned)
+            })
+        })
+}
+
+/// The cgroup v2 path of this process, relative to the v2 root.
+pub fn own_cgroup_path() -> std::io::Result<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    v2_path(&text)
+        .map(str::to_owned)
+        .ok_or_else(|| std::io::Error::other("no cgroup v2 line in /proc/self/cgroup"))
+}
+
+/// Where the cgroup v2 hierarchy is mounted (the first `cgroup2` mount).
+pub fn cgroup2_root() -> std::io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(' ');
+            let _source = f.next()?;
+            let at = f.next()?;
+            (f.next()? == "cgroup2").then(|| PathBuf::from(at))
+        })
+        .ok_or_else(|| {
+            std::io::Error::other(
+                "no cgroup v2 hierarchy is mounted (mount one: mount -t cgroup2 none /sys/fs/cgroup/unified)",
+            )
+        })
+}
+
+/// An accepted peer and, when the kernel redirected it, who it is.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub caller: Option<Caller>,
+}
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, AttestedListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, AttestedListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// A TCP listener that looks up, for every accepted connection, the kernel's record of who
+/// opened it. The record is taken at accept time, before any byte of the request is read.
+pub struct AttestedListener {
+    inner: TcpListener,
+    redirect: Arc<Redirect>,
+    cgroups: Arc<Cgroups>,
+}
+
+impl AttestedListener {
+    pub fn new(inner: TcpListener, redirect: Arc<Redirect>, cgroups: Arc<Cgroups>) -> Self {
+        Self {
+            inner,
+            redirect,
+            cgroups,
+        }
+    }
+
+    /// Accept one connection and attest it.
+    pub async fn accept_attested(&mut self) -> std::io::Result<(TcpStream, Peer)> {
+        let (stream, addr) = self.inner.accept().await?;
+        let caller = self
+            .redirect
+            .take_record(addr)
+            .map(|record| self.cgroups.caller(record));
+        Ok((stream, Peer { addr, caller }))
+    }
+}
+
+impl Listener for AttestedListener {
+    type Io = TcpStream;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.accept_attested().await {
+                Ok(accepted) => return accepted,
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::error!(%err, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(Peer {
+            addr: self.inner.local_addr()?,
+            caller: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "5a2ba51e7b118ff00bfbb27ae5cea5ccd19c073019eba99867022d6424f472ab";
+
+    #[test]
+    fn container_ids_from_both_cgroup_drivers() {
+        assert_eq!(container_id(&format!("/docker/{ID}")).as_deref(), Some(ID));
+        assert_eq!(
+            container_id(&format!("/system.slice/docker-{ID}.scope")).as_deref(),
+            Some(ID)
+        );
+        // A cgroup nested inside the container's belongs to the container.
+        assert_eq!(
+            container_id(&format!("/docker/{ID}/init.scope")).as_deref(),
+            Some(ID)
+        );
+        assert_eq!(container_id("/docker"), None);
+        assert_eq!(container_id("/system.slice/docker.service"), None);
+        assert_eq!(container_id("/docker/not-an-id"), None);
+        assert_eq!(container_id(&format!("/docker/{}", &ID[..63])), None);
+        assert_eq!(container_id("/user.slice/user-0.slice"), None);
+    }
+
+    #[test]
+    fn v2_line_of_proc_cgroup() {
+        let hybrid = format!("9:name=systemd:/docker/{ID}\n1:cpu:/docker/{ID}\n0::/docker/{ID}\n");
+        assert_eq!(v2_path(&hybrid), Some(format!("/docker/{ID}").as_str()));
+        assert_eq!(v2_path("1:cpu:/\n"), None);
+    }
+}

@@ -275,15 +275,13 @@ mod programs {
                     let _ = PENDING.remove(cookie);
                 }
             }
-            BPF_SOCK_OPS_STATE_CB => {
-                // arg 1 is the new state. Only sockets that asked for it (ours) get here.
-                if ctx.arg(1) == BPF_TCP_CLOSE {
-                    let _ = PENDING.remove(cookie);
-                    let _ = CONNS.remove(local_key(&ctx));
-                }
+            // arg 1 is the new state. Only sockets that asked for state changes (ours) get here.
+            BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+                let _ = PENDING.remove(cookie);
+                let _ = CONNS.remove(local_key(&ctx));
             }
             _ => {
-                // Every other callback: nothing to do.
+                // Every other callback (and state changes short of closed): nothing to do.
             }
         }
         // sock_ops programs return 1 for "handled"; the value matters only to a few ops.

@@ -60,7 +60,7 @@ impl Cgroups {
             return Some(path.clone());
         }
         let path = self
-            .from_proc(cgroup_id, tgid)
+            .via_proc(cgroup_id, tgid)
             .or_else(|| self.walk(&self.root, cgroup_id, WALK_DEPTH))?;
         let mut cache = self.cache.lock().expect("cache poisoned");
         if cache.len() >= CACHE_LIMIT {
@@ -75,7 +75,7 @@ impl Cgroups {
         std::fs::metadata(full).ok().map(|m| m.ino())
     }
 
-    fn from_proc(&self, cgroup_id: u64, tgid: u32) -> Option<String> {
+    fn via_proc(&self, cgroup_id: u64, tgid: u32) -> Option<String> {
         let text = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
         let path = v2_path(&text)?;
         // The pid may have been reused by then: believe the path only if it is that cgroup.

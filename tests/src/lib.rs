@@ -2,5 +2,6 @@
 //! container images ([`images`]) and a byte-exact HTTP client ([`http`]).
 pub mod http;
 pub mod images;
+pub mod kernel;
 pub mod scene;
 pub mod sim;

@@ -111,6 +111,8 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
         )
     })?;
     step("integration and end-to-end tests", || {
+        // The tests run the daemon binary itself (kill it, restart it, detach with it).
+        cargo(root, &["build", "--package", "imds-proxy", "--bins"])?;
         let mut cmd = Command::new("cargo");
         cmd.current_dir(root)
             .args(["test", "--package", "imds-tests", "--", "--test-threads=1"])

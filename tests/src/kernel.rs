@@ -1,0 +1,252 @@
+//! Hand-made "containers" for tests: a cgroup v2 directory and a network namespace joined to the
+//! host by a veth pair, and a way to start a process inside both. Everything is removed on drop.
+use std::{
+    fs::{self, File},
+    net::{Ipv4Addr, Ipv6Addr},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+
+use crate::scene::ip;
+
+/// The cgroup v2 mount point.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(' ');
+            let _ = f.next()?;
+            let at = f.next()?;
+            (f.next()? == "cgroup2").then(|| PathBuf::from(at))
+        })
+        .context("no cgroup v2 hierarchy mounted: run `cargo xtask setup`")
+}
+
+/// A cgroup v2 directory that is removed (after killing what is left in it) on drop.
+pub struct TestCgroup {
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    /// `<v2 root>/<name>`.
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        Self::at(cgroup2_root()?.join(name))
+    }
+
+    /// A child of this cgroup.
+    pub fn child(&self, name: &str) -> anyhow::Result<Self> {
+        Self::at(self.path.join(name))
+    }
+
+    fn at(path: PathBuf) -> anyhow::Result<Self> {
+        if path.exists() {
+            remove_cgroup_tree(&path)?;
+        }
+        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path relative to the v2 root, as `/proc/<pid>/cgroup` writes it.
+    pub fn relative(&self) -> String {
+        let root = cgroup2_root().expect("a cgroup v2 root");
+        format!(
+            "/{}",
+            self.path
+                .strip_prefix(root)
+                .expect("under the root")
+                .display()
+        )
+    }
+
+    /// The cgroup id (the directory's inode number).
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::metadata(&self.path).expect("cgroup exists").ino()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Err(err) = remove_cgroup_tree(&self.path) {
+            eprintln!("removing cgroup {}: {err:#}", self.path.display());
+        }
+    }
+}
+
+/// Kill every process in a cgroup tree and remove its directories, deepest first.
+fn remove_cgroup_tree(path: &Path) -> anyhow::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(path)?.flatten() {
+        if entry.file_type()?.is_dir() {
+            remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "processes left in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs::remove_dir(path).with_context(|| format!("removing cgroup {}", path.display()))
+}
+
+/// A network namespace with a veth to the host: the namespace has `client_v4`/`client_v6` and
+/// default routes via the host end (`host_v4`/`host_v6`).
+pub struct TestNetns {
+    pub name: String,
+    host_if: String,
+    pub host_v4: Ipv4Addr,
+    pub client_v4: Ipv4Addr,
+    pub host_v6: Ipv6Addr,
+    pub client_v6: Ipv6Addr,
+}
+
+impl TestNetns {
+    /// Namespace `imds-tns<n>`, addresses 10.213.<n>.0/24 and fd00:ec2:213:<n>::/64.
+    pub fn new(n: u8) -> anyhow::Result<Self> {
+        let this = Self {
+            name: format!("imds-tns{n}"),
+            host_if: format!("imds-tns{n}"),
+            host_v4: Ipv4Addr::new(10, 213, n, 1),
+            client_v4: Ipv4Addr::new(10, 213, n, 2),
+            host_v6: Ipv6Addr::new(0xfd00, 0xec2, 0x213, n.into(), 0, 0, 0, 1),
+            client_v6: Ipv6Addr::new(0xfd00, 0xec2, 0x213, n.into(), 0, 0, 0, 2),
+        };
+        this.remove();
+        let ns = |args: &[&str]| {
+            let mut full = vec!["-n", this.name.as_str()];
+            full.extend_from_slice(args);
+            ip(&full)
+        };
+        ip(&["netns", "add", &this.name])?;
+        ip(&[
+            "link",
+            "add",
+            &this.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &this.name,
+        ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", this.host_v4),
+            "dev",
+            &this.host_if,
+        ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", this.host_v6),
+            "dev",
+            &this.host_if,
+            "nodad",
+        ])?;
+        ip(&["link", "set", &this.host_if, "up"])?;
+        ns(&["link", "set", "lo", "up"])?;
+        ns(&[
+            "addr",
+            "add",
+            &format!("{}/24", this.client_v4),
+            "dev",
+            "eth0",
+        ])?;
+        ns(&[
+            "addr",
+            "add",
+            &format!("{}/64", this.client_v6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ns(&["link", "set", "eth0", "up"])?;
+        ns(&["route", "add", "default", "via", &this.host_v4.to_string()])?;
+        ns(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &this.host_v6.to_string(),
+        ])?;
+        Ok(this)
+    }
+
+    fn remove(&self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Make `cmd` start inside `cgroup` and, when given, the network namespace `netns`, before it
+/// executes: no moment of its life is spent elsewhere.
+pub fn place(cmd: &mut Command, cgroup: &Path, netns: Option<&str>) -> anyhow::Result<()> {
+    let procs = File::options()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
+    let netns = netns
+        .map(|name| {
+            File::open(Path::new("/run/netns").join(name))
+                .with_context(|| format!("opening network namespace {name}"))
+        })
+        .transpose()?;
+    let procs_fd = procs.as_raw_fd();
+    let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+    // The files must stay open until spawn; the closure keeps them alive.
+    let keep = (procs, netns);
+    // SAFETY: only async-signal-safe calls (write, setns, prctl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _ = &keep;
+            // Writing "0" moves the writing process itself.
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = netns_fd
+                && libc::setns(fd, libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,551 @@
+//! cgroup mode against the real kernel: connect/sock_ops/getpeername programs attached to cgroup
+//! v2 directories, hand-made containers (cgroup + netns) and real Docker containers, all on the
+//! simulated EC2 host (so anything not redirected reaches the simulator, never the real IMDS).
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use imds_proxy::{
+    ebpf::{Redirect, Spec},
+    identity::{AttestedListener, Caller, Cgroups},
+    netdev,
+};
+use imds_tests::{
+    http::Request,
+    images::{curl_image, docker, docker_ok},
+    kernel::{TestCgroup, TestNetns, cgroup2_root, place},
+    scene::{Scene, SceneConfig, ensure_imds_is_simulated},
+};
+
+const TEST_IF: &str = "imds-test0";
+const LISTEN_V4: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(169, 254, 43, 1), 80);
+const LISTEN_V6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0xec2, 0x43, 0, 0, 0, 0, 1), 80, 0, 0);
+
+fn scene() -> Scene {
+    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
+        .start()
+        .expect("the simulated EC2 host starts")
+}
+
+/// What the test proxy answers: the container id, else the cgroup path, of the kernel's record.
+fn identity_of(caller: &Caller) -> String {
+    caller
+        .container_id
+        .clone()
+        .or_else(|| caller.cgroup.clone())
+        .unwrap_or_else(|| format!("cgroup-id:{}", caller.cgroup_id))
+}
+
+/// The library's redirect and attested listener, in this process, answering every connection
+/// with the identity the kernel's record resolved to (403 "unattested" without one).
+struct TestProxy {
+    runtime: Option<tokio::runtime::Runtime>,
+    redirect: Option<Arc<Redirect>>,
+    callers: Arc<Mutex<Vec<Option<Caller>>>>,
+}
+
+impl TestProxy {
+    fn start(cgroups: Vec<PathBuf>, own_cgroup: u64) -> Self {
+        netdev::ensure(
+            TEST_IF,
+            &[(*LISTEN_V4.ip()).into(), (*LISTEN_V6.ip()).into()],
+        )
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let spec = Spec {
+            listen_v4: LISTEN_V4,
+            listen_v6: Some(LISTEN_V6),
+            cgroups,
+            filter: false,
+            own_cgroup,
+            pin: None,
+        };
+        let callers = Arc::new(Mutex::new(Vec::new()));
+        let redirect = runtime.block_on(async {
+            let listeners = [
+                tokio::net::TcpListener::bind(LISTEN_V4).await.unwrap(),
+                tokio::net::TcpListener::bind(LISTEN_V6).await.unwrap(),
+            ];
+            let redirect = Arc::new(Redirect::attach(&spec).expect("the redirect attaches"));
+            let cgroups = Arc::new(Cgroups::new(cgroup2_root().unwrap()));
+            for listener in listeners {
+                let mut listener =
+                    AttestedListener::new(listener, redirect.clone(), cgroups.clone());
+                let callers = callers.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let (stream, peer) = listener.accept_attested().await.unwrap();
+                        callers.lock().unwrap().push(peer.caller.clone());
+                        tokio::task::spawn_blocking(move || answer(stream, peer.caller));
+                    }
+                });
+            }
+            redirect
+        });
+        Self {
+            runtime: Some(runtime),
+            redirect: Some(redirect),
+            callers,
+        }
+    }
+
+    fn callers(&self) -> Vec<Option<Caller>> {
+        self.callers.lock().unwrap().clone()
+    }
+}
+
+fn answer(stream: tokio::net::TcpStream, caller: Option<Caller>) {
+    let mut stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Read the request head before answering, so closing does not reset the connection.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+        head.push(byte[0]);
+    }
+    let (status, body) = match &caller {
+        Some(caller) => ("200 OK", identity_of(caller)),
+        None => ("403 Forbidden", "unattested".to_owned()),
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.0 {status}\r\nServer: imds-test-proxy\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        }
+        drop(self.redirect.take()); // detaches
+        let _ = netdev::remove(TEST_IF);
+    }
+}
+
+/// Run `imds-probe` in `cgroup` (and `netns`) against `addr`; one JSON value per connection.
+fn probe(
+    cgroup: &Path,
+    netns: Option<&str>,
+    addr: SocketAddr,
+    count: usize,
+) -> Vec<serde_json::Value> {
+    let out = probe_child(cgroup, netns, addr, count)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_lines(&out.stdout)
+}
+
+fn probe_child(cgroup: &Path, netns: Option<&str>, addr: SocketAddr, count: usize) -> Child {
+    ensure_imds_is_simulated().expect("IMDS is the simulator before a client talks to it");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imds-probe"));
+    cmd.args(["--addr", &addr.to_string(), "--count", &count.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    place(&mut cmd, cgroup, netns).unwrap();
+    cmd.spawn().unwrap()
+}
+
+fn parse_lines(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn imds_v4() -> SocketAddr {
+    imds_tests::scene::imds_v4()
+}
+
+#[test]
+fn a_container_cgroup_is_redirected_identified_and_sees_imds_as_its_peer() {
+    let scene = scene();
+    let parent = TestCgroup::new("imds-test-redirect").unwrap();
+    let container = parent.child("c1").unwrap();
+    let netns = TestNetns::new(1).unwrap();
+    let proxy = TestProxy::start(vec![parent.path().to_owned()], 0);
+
+    let results = probe(container.path(), Some(&netns.name), imds_v4(), 3);
+    for r in &results {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["server"], "imds-test-proxy", "reached the proxy: {r}");
+        assert_eq!(
+            r["peer"], "169.254.169.254:80",
+            "getpeername hides the rewrite: {r}"
+        );
+        assert_eq!(
+            r["body"],
+            container.relative(),
+            "identified by its cgroup: {r}"
+        );
+    }
+    let callers = proxy.callers();
+    assert_eq!(callers.len(), 3);
+    for caller in callers {
+        let caller = caller.expect("every connection had a kernel record");
+        assert_eq!(caller.cgroup_id, container.id());
+        assert_eq!(caller.original_destination, imds_v4());
+        assert_eq!(caller.container_id, None);
+    }
+    assert_eq!(
+        scene.sim_requests(),
+        Vec::<String>::new(),
+        "nothing reached IMDS"
+    );
+}
+
+#[test]
+fn the_host_and_the_proxys_own_cgroup_are_not_redirected() {
+    let scene = scene();
+    let parent = TestCgroup::new("imds-test-exempt").unwrap();
+    let own = parent.child("proxy").unwrap();
+    let container = parent.child("c1").unwrap();
+    let proxy = TestProxy::start(vec![parent.path().to_owned()], own.id());
+
+    // The proxy's own cgroup (under the attach point, DaemonSet-style) reaches the simulator.
+    let upstream = probe(own.path(), None, imds_v4(), 1);
+    assert_eq!(upstream[0]["status"], 200, "{}", upstream[0]);
+    assert_eq!(
+        upstream[0]["server"],
+        serde_json::Value::Null,
+        "the simulator answered"
+    );
+    assert!(
+        upstream[0]["body"]
+            .as_str()
+            .unwrap()
+            .contains("instance-id")
+    );
+    // So does this test process, outside the attached cgroup.
+    let host = Request::get("/latest/meta-data/instance-id")
+        .send(scene.imds_v4().unwrap())
+        .unwrap();
+    assert_eq!(
+        (host.status, host.text().as_str()),
+        (200, "i-0123456789abcdef0")
+    );
+    // A sibling container is redirected.
+    let redirected = probe(container.path(), None, imds_v4(), 1);
+    assert_eq!(redirected[0]["body"], container.relative());
+    assert_eq!(scene.sim_requests().len(), 2, "{:#?}", scene.sim_requests());
+    assert_eq!(proxy.callers().len(), 1);
+}
+
+#[test]
+fn two_containers_are_told_apart_over_1000_interleaved_connections() {
+    let _scene = scene();
+    let parent = TestCgroup::new("imds-test-apart").unwrap();
+    let a = parent.child("a").unwrap();
+    let b = parent.child("b").unwrap();
+    let (na, nb) = (TestNetns::new(2).unwrap(), TestNetns::new(3).unwrap());
+    let proxy = TestProxy::start(vec![parent.path().to_owned()], 0);
+
+    let child_a = probe_child(a.path(), Some(&na.name), imds_v4(), 500);
+    let child_b = probe_child(b.path(), Some(&nb.name), imds_v4(), 500);
+    for (child, cgroup) in [(child_a, &a), (child_b, &b)] {
+        let out = child.wait_with_output().unwrap();
+        let results = parse_lines(&out.stdout);
+        assert_eq!(results.len(), 500);
+        let wrong: Vec<_> = results
+            .iter()
+            .filter(|r| r["body"] != cgroup.relative().as_str())
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{} of 500 misattributed: {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(3)]
+        );
+    }
+    assert_eq!(proxy.callers().len(), 1000);
+}
+
+#[test]
+fn ipv6_clients_are_redirected_and_identified() {
+    let scene = scene();
+    let parent = TestCgroup::new("imds-test-v6").unwrap();
+    let container = parent.child("c1").unwrap();
+    let netns = TestNetns::new(4).unwrap();
+    let _proxy = TestProxy::start(vec![parent.path().to_owned()], 0);
+    let results = probe(
+        container.path(),
+        Some(&netns.name),
+        imds_tests::scene::imds_v6(),
+        2,
+    );
+    for r in &results {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["peer"], "[fd00:ec2::254]:80", "{r}");
+        assert_eq!(r["body"], container.relative(), "{r}");
+        assert!(
+            r["local"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("[{}]", netns.client_v6)),
+            "{r}"
+        );
+    }
+    assert_eq!(scene.sim_requests(), Vec::<String>::new());
+}
+
+/// A container that curls IMDS once; returns (container id, curl's output).
+fn container_curl(network: &str) -> (String, String) {
+    ensure_imds_is_simulated().unwrap();
+    let id = docker_ok(&[
+        "run",
+        "-d",
+        "--network",
+        network,
+        curl_image().unwrap(),
+        "curl",
+        "--silent",
+        "--show-error",
+        "--max-time",
+        "5",
+        "http://169.254.169.254/latest/meta-data/",
+    ])
+    .unwrap()
+    .trim()
+    .to_owned();
+    docker_ok(&["wait", &id]).unwrap();
+    let logs = docker(&["logs", &id]).unwrap();
+    docker_ok(&["rm", "-f", &id]).unwrap();
+    (
+        id,
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&logs.stdout),
+            String::from_utf8_lossy(&logs.stderr)
+        ),
+    )
+}
+
+#[test]
+fn docker_containers_on_docker0_a_user_network_and_the_host_network_are_identified() {
+    let scene = scene();
+    // Docker's parent cgroup on the v2 hierarchy (cgroupfs driver), as the proxy's default.
+    let docker_parent = cgroup2_root().unwrap().join("docker");
+    std::fs::create_dir_all(&docker_parent).unwrap();
+    let _ = docker(&["network", "rm", "imds-test-net"]);
+    docker_ok(&["network", "create", "imds-test-net"]).unwrap();
+    let proxy = TestProxy::start(vec![docker_parent], 0);
+    let results: Vec<(String, String, String)> = ["bridge", "imds-test-net", "host"]
+        .into_iter()
+        .map(|network| {
+            let (id, out) = container_curl(network);
+            (network.to_owned(), id, out)
+        })
+        .collect();
+    docker_ok(&["network", "rm", "imds-test-net"]).unwrap();
+    for (network, id, out) in &results {
+        assert_eq!(out, id, "container on {network} identified by its id");
+    }
+    let identified: Vec<Option<String>> = proxy
+        .callers()
+        .into_iter()
+        .map(|c| c.and_then(|c| c.container_id))
+        .collect();
+    let expected: Vec<Option<String>> = results.iter().map(|(_, id, _)| Some(id.clone())).collect();
+    assert_eq!(identified, expected);
+    assert_eq!(
+        scene.sim_requests(),
+        Vec::<String>::new(),
+        "nothing reached IMDS"
+    );
+}
+
+/// The `imds-proxy` binary next to this test's directory (xtask test builds it first).
+fn proxy_bin() -> PathBuf {
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("imds-proxy");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo xtask test` (or `cargo build -p imds-proxy`)",
+        bin.display()
+    );
+    bin
+}
+
+/// `imds-proxy run` on the test listen addresses; returns once it says it is serving.
+fn spawn_proxy(cgroup: &Path, pin: &Path) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let mut child = Command::new(proxy_bin())
+        .args(["run", "--cgroup"])
+        .arg(cgroup)
+        .arg("--pin")
+        .arg(pin)
+        .args([
+            "--listen",
+            &LISTEN_V4.to_string(),
+            "--listen",
+            &LISTEN_V6.to_string(),
+        ])
+        .args(["--interface", TEST_IF])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let stdout = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if line.contains("serving") {
+                let _ = tx.send(());
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        let _ = child.kill();
+        panic!("imds-proxy did not start: {:#?}", lines.lock().unwrap());
+    }
+    (child, lines)
+}
+
+/// Programs and maps of imds-proxy the kernel still holds (names are cut at 15 characters).
+fn kernel_objects() -> Vec<String> {
+    let mut found: Vec<String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .filter(|n| n.starts_with("imds_"))
+        .collect();
+    found.extend(
+        aya::maps::loaded_maps()
+            .filter_map(Result::ok)
+            .filter_map(|m| m.name_as_str().map(str::to_owned))
+            .filter(|n| n.starts_with("IMDS_")),
+    );
+    found
+}
+
+#[test]
+fn a_killed_pinned_proxy_fails_closed_restarts_and_detaches_cleanly() {
+    let scene = scene();
+    let parent = TestCgroup::new("imds-test-pin").unwrap();
+    let container = parent.child("c1").unwrap();
+    let pin = PathBuf::from("/sys/fs/bpf/imds-test-pin");
+    let _ = std::fs::remove_dir_all(&pin);
+
+    let (mut proxy, _) = spawn_proxy(parent.path(), &pin);
+    let served = probe(container.path(), None, imds_v4(), 1);
+    assert_eq!(served[0]["server"], "imds-proxy", "{}", served[0]);
+
+    proxy.kill().unwrap(); // SIGKILL: no cleanup of any kind
+    proxy.wait().unwrap();
+    let dead = probe(container.path(), None, imds_v4(), 3);
+    for r in &dead {
+        assert_eq!(r["kind"], "ConnectionRefused", "fails closed: {r}");
+    }
+    assert_eq!(
+        scene.sim_requests(),
+        Vec::<String>::new(),
+        "the container never reached IMDS"
+    );
+
+    let (mut proxy, log) = spawn_proxy(parent.path(), &pin);
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("adopted_links=4")),
+        "the restarted proxy adopted the pinned links: {:#?}",
+        log.lock().unwrap()
+    );
+    let restored = probe(container.path(), None, imds_v4(), 1);
+    assert_eq!(restored[0]["server"], "imds-proxy", "{}", restored[0]);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(proxy.wait().unwrap().success());
+    let still_closed = probe(container.path(), None, imds_v4(), 1);
+    assert_eq!(
+        still_closed[0]["kind"], "ConnectionRefused",
+        "pinned: stays closed after a graceful stop"
+    );
+
+    let detach = Command::new(proxy_bin())
+        .args(["detach", "--pin"])
+        .arg(&pin)
+        .args(["--interface", TEST_IF])
+        .output()
+        .unwrap();
+    assert!(
+        detach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
+    assert!(!pin.exists(), "pins removed");
+    assert!(!netdev::exists(TEST_IF), "interface removed");
+    // The kernel frees detached programs and their maps asynchronously: wait for it, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !kernel_objects().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(kernel_objects(), Vec::<String>::new());
+    // Detached: the container now reaches the (simulated) IMDS directly.
+    let direct = probe(container.path(), None, imds_v4(), 1);
+    assert_eq!(
+        direct[0]["server"],
+        serde_json::Value::Null,
+        "{}",
+        direct[0]
+    );
+    assert_eq!(scene.sim_requests().len(), 1);
+}
+
+#[test]
+fn a_direct_connection_to_the_listen_address_gets_403() {
+    let _scene = scene();
+    let parent = TestCgroup::new("imds-test-direct").unwrap();
+    let pin = PathBuf::from("/sys/fs/bpf/imds-test-direct");
+    let _ = std::fs::remove_dir_all(&pin);
+    let (mut proxy, _) = spawn_proxy(parent.path(), &pin);
+    for addr in [SocketAddr::V4(LISTEN_V4), SocketAddr::V6(LISTEN_V6)] {
+        assert!(
+            matches!(addr.ip(), IpAddr::V4(ip) if ip.is_link_local()) || addr.is_ipv6(),
+            "only local test addresses"
+        );
+        let r = Request::get("/latest/meta-data/iam/security-credentials/")
+            .send(addr)
+            .unwrap();
+        assert_eq!((r.status, r.text().as_str()), (403, "Forbidden"), "{addr}");
+    }
+    proxy.kill().unwrap();
+    proxy.wait().unwrap();
+    let detach = Command::new(proxy_bin())
+        .args(["detach", "--pin"])
+        .arg(&pin)
+        .args(["--interface", TEST_IF])
+        .status()
+        .unwrap();
+    assert!(detach.success());
+}

@@ -1,22 +1,187 @@
-//! The HTTP service behind the redirect.
+//! The IMDS API as a container sees it.
 //!
 //! Every connection is attested at accept time ([`crate::identity::AttestedListener`]). One that
 //! arrives without a kernel record (someone connecting to the listen address directly, from the
 //! host or the network) is refused with 403 and never gets anything else.
-use axum::{
-    Router,
-    extract::ConnectInfo,
-    http::{Method, StatusCode, Uri, header},
-    response::{IntoResponse, Response},
+//!
+//! - `PUT /latest/api/token`: a token of the proxy's own, bound to the caller's container.
+//! - The container's role under `iam/`; never the instance's.
+//! - Denied (404): `identity-credentials/`, any other role, `user-data` (unless allowed).
+//! - Everything else: passed through to the upstream with the proxy's own token, GET/HEAD only.
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
-use crate::identity::Peer;
+use axum::{
+    Router,
+    body::Body,
+    extract::{ConnectInfo, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use tracing::Instrument as _;
 
-pub fn router() -> Router {
-    Router::new().fallback(handle)
+use crate::{
+    credentials::{self, Key},
+    docker,
+    identity::{Caller, Peer},
+    metrics::Metrics,
+    roles::{self, Resolved},
+    tokens::{self, Tokens},
+    upstream::Upstream,
+};
+
+pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+/// Header bytes a request may carry; SDK requests carry a few hundred.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+pub struct App {
+    pub tokens: Tokens,
+    pub roles: roles::Policy,
+    pub docker: Arc<docker::Index>,
+    pub credentials: Arc<credentials::Cache>,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    pub require_imdsv2: bool,
+    pub allow_user_data: bool,
 }
 
-async fn handle(ConnectInfo(peer): ConnectInfo<Peer>, method: Method, uri: Uri) -> Response {
+pub fn router(app: Arc<App>) -> Router {
+    Router::new().fallback(handle).with_state(app)
+}
+
+/// What a path is, after checking it.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    /// `iam/security-credentials/` listing.
+    RoleList,
+    /// `iam/security-credentials/<name>`.
+    RoleCredentials(&'a str),
+    IamInfo,
+    IamListing,
+    /// Never served to a container.
+    Denied,
+    /// Served from the upstream.
+    PassThrough,
+}
+
+/// Refuse what must never reach the upstream as it is: dot segments, empty segments, escapes,
+/// anything outside visible ASCII. The path is used upstream only after this.
+fn checked(path: &str) -> Option<&str> {
+    if !path.starts_with('/')
+        || path.len() > 512
+        || !path.bytes().all(|b| b.is_ascii_graphic())
+        || path.contains('%')
+        || path.contains('\\')
+    {
+        return None;
+    }
+    let inner = path.strip_suffix('/').unwrap_or(path);
+    if inner.len() > 1
+        && inner[1..]
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return None;
+    }
+    Some(path)
+}
+
+fn route(path: &str, allow_user_data: bool) -> Route<'_> {
+    // Every version of the API (`latest`, `2021-03-23`, ...) leads to the same data: the rules
+    // apply to what follows the version.
+    let rest = path[1..]
+        .split_once('/')
+        .map(|(_, rest)| rest)
+        .unwrap_or("");
+    let latest = path.starts_with("/latest/");
+    let rest_trimmed = rest.strip_suffix('/').unwrap_or(rest);
+    if rest_trimmed == "user-data" || rest.starts_with("user-data/") {
+        return if allow_user_data {
+            Route::PassThrough
+        } else {
+            Route::Denied
+        };
+    }
+    if rest_trimmed == "meta-data/identity-credentials"
+        || rest.starts_with("meta-data/identity-credentials/")
+    {
+        return Route::Denied;
+    }
+    if rest_trimmed == "meta-data/iam" || rest.starts_with("meta-data/iam/") {
+        if !latest {
+            return Route::Denied;
+        }
+        return match rest_trimmed {
+            "meta-data/iam" => Route::IamListing,
+            "meta-data/iam/info" if !rest.ends_with('/') => Route::IamInfo,
+            "meta-data/iam/security-credentials" => Route::RoleList,
+            other => match other.strip_prefix("meta-data/iam/security-credentials/") {
+                Some(name) if !name.contains('/') => Route::RoleCredentials(name),
+                _ => Route::Denied,
+            },
+        };
+    }
+    Route::PassThrough
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/plain"),
+            (header::SERVER, "imds-proxy"),
+        ],
+        body.into(),
+    )
+        .into_response()
+}
+
+/// An error in the IMDS style: JSON with `Code` and `Message`.
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({
+        "Code": code,
+        "Message": message,
+        "LastUpdated": rfc3339(SystemTime::now()),
+    });
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::SERVER, "imds-proxy"),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// UTC, seconds precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The credentials document, laid out as IMDS lays it out.
+pub fn credentials_document(session: &credentials::Session) -> String {
+    let q = |s: &str| serde_json::to_string(s).expect("strings serialise");
+    format!(
+        "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : {},\n  \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : {},\n  \"SecretAccessKey\" : {},\n  \"Token\" : {},\n  \"Expiration\" : {}\n}}",
+        q(&rfc3339(session.last_updated)),
+        q(&session.access_key_id),
+        q(&session.secret_access_key),
+        q(&session.session_token),
+        q(&rfc3339(session.expiration)),
+    )
+}
+
+async fn handle(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let Some(caller) = peer.caller else {
         tracing::warn!(
             peer = %peer.addr,
@@ -24,28 +189,335 @@ async fn handle(ConnectInfo(peer): ConnectInfo<Peer>, method: Method, uri: Uri) 
             path = uri.path(),
             "refused: connection without a kernel record (not redirected from a container)"
         );
+        app.metrics.request("unattested", 403);
         return text(StatusCode::FORBIDDEN, "Forbidden");
     };
-    tracing::info!(
-        peer = %peer.addr,
-        cgroup_id = caller.cgroup_id,
-        cgroup = caller.cgroup.as_deref().unwrap_or("?"),
+    let span = tracing::info_span!(
+        "request",
         container_id = caller.container_id.as_deref().unwrap_or("-"),
-        %method,
-        path = uri.path(),
-        "request"
+        cgroup = caller.cgroup.as_deref().unwrap_or("?"),
+        role = tracing::field::Empty,
     );
-    text(StatusCode::NOT_FOUND, "Not Found")
+    let (route, response) = app
+        .serve(&caller, &method, uri.path(), &headers)
+        .instrument(span.clone())
+        .await;
+    let status = response.status().as_u16();
+    span.in_scope(|| {
+        tracing::debug!(%method, path = uri.path(), status, route, "answered");
+    });
+    app.metrics.request(route, status);
+    if method == Method::HEAD {
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, Body::empty());
+    }
+    response
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response {
-    (
-        status,
-        [
-            (header::CONTENT_TYPE, "text/plain"),
-            (header::SERVER, "imds-proxy"),
-        ],
-        body,
-    )
-        .into_response()
+impl App {
+    async fn serve(
+        &self,
+        caller: &Caller,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> (&'static str, Response) {
+        let header_bytes: usize = headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if header_bytes > MAX_HEADER_BYTES {
+            tracing::warn!(header_bytes, "refused: oversized headers");
+            return (
+                "bad-request",
+                text(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "Request Header Fields Too Large",
+                ),
+            );
+        }
+        let Some(path) = checked(path) else {
+            tracing::warn!(path, "refused: malformed path");
+            return ("bad-path", text(StatusCode::BAD_REQUEST, "Bad Request"));
+        };
+        match *method {
+            Method::PUT => ("token", self.token(caller, path, headers)),
+            Method::GET | Method::HEAD => {
+                if let Some(refusal) = self.refuse_token(caller, headers) {
+                    return ("unauthorized", refusal);
+                }
+                self.get(caller, method, path).await
+            }
+            _ => (
+                "method",
+                text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
+            ),
+        }
+    }
+
+    fn token(&self, caller: &Caller, path: &str, headers: &HeaderMap) -> Response {
+        if path != "/latest/api/token" {
+            return if path.ends_with("/api/token") {
+                text(StatusCode::FORBIDDEN, "Forbidden")
+            } else {
+                text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+            };
+        }
+        if headers.contains_key("x-forwarded-for") {
+            return text(StatusCode::FORBIDDEN, "Forbidden");
+        }
+        let Some(ttl) = headers
+            .get(TTL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|ttl| tokens::TTL_RANGE.contains(ttl))
+        else {
+            return text(StatusCode::BAD_REQUEST, "Bad Request");
+        };
+        let token = self.tokens.mint(
+            caller.cgroup_id,
+            Duration::from_secs(ttl),
+            SystemTime::now(),
+        );
+        let mut response = text(StatusCode::OK, token);
+        response
+            .headers_mut()
+            .insert(TTL_HEADER, HeaderValue::from(ttl));
+        response
+    }
+
+    /// The 401 for a request whose token is bad, or missing when v2 is required.
+    fn refuse_token(&self, caller: &Caller, headers: &HeaderMap) -> Option<Response> {
+        match headers.get(TOKEN_HEADER) {
+            Some(token) => {
+                let token = token.to_str().unwrap_or_default();
+                let err = self
+                    .tokens
+                    .verify(token, caller.cgroup_id, SystemTime::now())
+                    .err()?;
+                tracing::info!(%err, "token refused");
+                Some(text(StatusCode::UNAUTHORIZED, "Unauthorized"))
+            }
+            None if self.require_imdsv2 => Some(text(StatusCode::UNAUTHORIZED, "Unauthorized")),
+            None => None,
+        }
+    }
+
+    /// The caller's container and role, if any. A role the rules refuse is logged and is none.
+    async fn role(&self, caller: &Caller) -> Option<(Arc<docker::Container>, Resolved)> {
+        let id = caller.container_id.as_deref()?;
+        let Some(container) = self.docker.get(id).await else {
+            tracing::warn!(container_id = id, "container unknown to Docker: no role");
+            return None;
+        };
+        match self.roles.resolve(&container.labels, &container.env) {
+            Ok(Some(role)) => {
+                tracing::Span::current().record("role", role.arn.as_str());
+                Some((container, role))
+            }
+            Ok(None) => {
+                tracing::info!(
+                    container = %container.name,
+                    "no role: no label iam.amazonaws.com/role, no env IAM_ROLE, no --default-role"
+                );
+                None
+            }
+            Err(err) => {
+                tracing::warn!(container = %container.name, %err, "role refused; no STS call made");
+                None
+            }
+        }
+    }
+
+    async fn get(&self, caller: &Caller, method: &Method, path: &str) -> (&'static str, Response) {
+        let not_found = || text(StatusCode::NOT_FOUND, "Not Found");
+        match route(path, self.allow_user_data) {
+            Route::Denied => ("denied", not_found()),
+            Route::IamListing => match self.role(caller).await {
+                Some(_) => ("iam", text(StatusCode::OK, "info\nsecurity-credentials/")),
+                None => ("iam", not_found()),
+            },
+            Route::RoleList => match self.role(caller).await {
+                Some((_, role)) => ("role-name", text(StatusCode::OK, role.name)),
+                None => ("role-name", not_found()),
+            },
+            Route::IamInfo => match self.role(caller).await {
+                Some((container, role)) => {
+                    let body = serde_json::json!({
+                        "Code": "Success",
+                        "LastUpdated": rfc3339(SystemTime::now()),
+                        "InstanceProfileArn": role.arn,
+                        "InstanceProfileId": roles::session_name(Some(&container.name), &container.id),
+                    });
+                    (
+                        "iam-info",
+                        text(
+                            StatusCode::OK,
+                            serde_json::to_string_pretty(&body).expect("json"),
+                        ),
+                    )
+                }
+                None => ("iam-info", not_found()),
+            },
+            Route::RoleCredentials(name) => match self.role(caller).await {
+                Some((container, role)) if role.name == name => {
+                    ("credentials", self.credentials(&container, &role).await)
+                }
+                Some((_, role)) => {
+                    tracing::warn!(asked = name, role = %role.arn, "credentials of another role asked for");
+                    ("credentials", not_found())
+                }
+                None => ("credentials", not_found()),
+            },
+            Route::PassThrough => match self.upstream.fetch(method, path).await {
+                Ok(answer) => {
+                    let mut response = Response::new(Body::from(answer.body));
+                    *response.status_mut() = answer.status;
+                    let headers = response.headers_mut();
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        answer
+                            .content_type
+                            .unwrap_or(HeaderValue::from_static("text/plain")),
+                    );
+                    headers.insert(header::SERVER, HeaderValue::from_static("imds-proxy"));
+                    ("passthrough", response)
+                }
+                Err(err) => {
+                    tracing::warn!(%err, path, "upstream unavailable");
+                    ("passthrough", text(StatusCode::BAD_GATEWAY, "Bad Gateway"))
+                }
+            },
+        }
+    }
+
+    async fn credentials(&self, container: &docker::Container, role: &Resolved) -> Response {
+        let key = Key {
+            role_arn: role.arn.clone(),
+            session_name: roles::session_name(Some(&container.name), &container.id),
+            external_id: role.external_id.clone(),
+        };
+        match self.credentials.get(&key).await {
+            Ok(session) => {
+                self.metrics.vend();
+                tracing::info!(
+                    target: "audit",
+                    container_id = %container.id,
+                    container = %container.name,
+                    role_arn = %role.arn,
+                    session = %key.session_name,
+                    access_key_id = %session.access_key_id,
+                    expiration = %rfc3339(session.expiration),
+                    "credentials vended"
+                );
+                text(StatusCode::OK, credentials_document(&session))
+            }
+            Err(err) => {
+                tracing::error!(%err, "no credentials to serve");
+                json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    "temporary failure obtaining role credentials; retry",
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_checked_before_anything_else() {
+        for bad in [
+            "/latest/meta-data/../meta-data/iam/",
+            "/latest/meta-data/./iam",
+            "/latest//meta-data",
+            "/latest/meta-data/%2e%2e/",
+            "/latest/meta-data/iam\\x",
+            "latest/meta-data",
+        ] {
+            assert_eq!(checked(bad), None, "{bad}");
+        }
+        for good in [
+            "/",
+            "/latest",
+            "/latest/",
+            "/latest/meta-data/",
+            "/latest/meta-data/ami-id",
+        ] {
+            assert_eq!(checked(good), Some(good));
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let r = |p| route(p, false);
+        assert_eq!(
+            r("/latest/meta-data/iam/security-credentials/"),
+            Route::RoleList
+        );
+        assert_eq!(
+            r("/latest/meta-data/iam/security-credentials"),
+            Route::RoleList
+        );
+        assert_eq!(
+            r("/latest/meta-data/iam/security-credentials/Web"),
+            Route::RoleCredentials("Web")
+        );
+        assert_eq!(
+            r("/latest/meta-data/iam/security-credentials/Web/"),
+            Route::RoleCredentials("Web")
+        );
+        assert_eq!(
+            r("/latest/meta-data/iam/security-credentials/a/b"),
+            Route::Denied
+        );
+        assert_eq!(r("/latest/meta-data/iam/info"), Route::IamInfo);
+        assert_eq!(r("/latest/meta-data/iam/"), Route::IamListing);
+        assert_eq!(r("/latest/meta-data/iam/other"), Route::Denied);
+        // Other API versions never reach the instance role.
+        assert_eq!(
+            r("/2021-03-23/meta-data/iam/security-credentials/InstanceRole"),
+            Route::Denied
+        );
+        assert_eq!(r("/1.0/meta-data/iam/info"), Route::Denied);
+        assert_eq!(
+            r("/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"),
+            Route::Denied
+        );
+        assert_eq!(
+            r("/2021-03-23/meta-data/identity-credentials/"),
+            Route::Denied
+        );
+        assert_eq!(r("/latest/user-data"), Route::Denied);
+        assert_eq!(r("/2021-03-23/user-data/"), Route::Denied);
+        assert_eq!(route("/latest/user-data", true), Route::PassThrough);
+        assert_eq!(r("/latest/meta-data/instance-id"), Route::PassThrough);
+        assert_eq!(
+            r("/latest/dynamic/instance-identity/document"),
+            Route::PassThrough
+        );
+        assert_eq!(r("/"), Route::PassThrough);
+    }
+
+    #[test]
+    fn credentials_document_format() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let doc = credentials_document(&credentials::Session {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: "se\"cret".into(),
+            session_token: "tok".into(),
+            expiration: at + Duration::from_millis(3_600_500),
+            last_updated: at,
+        });
+        let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(v["Code"], "Success");
+        assert_eq!(v["Type"], "AWS-HMAC");
+        assert_eq!(v["SecretAccessKey"], "se\"cret");
+        assert_eq!(v["LastUpdated"], "2026-11-18T11:06:40Z");
+        assert_eq!(v["Expiration"], "2026-11-18T12:06:40Z", "seconds precision");
+        assert_eq!(v.as_object().unwrap().len(), 7);
+    }
 }

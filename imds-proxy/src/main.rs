@@ -1,15 +1,25 @@
 use std::{
-    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, SocketAddr, SocketAddrV6},
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use imds_proxy::{
+    config::{Config, LogFormat, RunArgs},
+    credentials, docker,
     ebpf::{self, Redirect, Spec},
     identity::{self, AttestedListener, Cgroups, Peer},
-    imds, netdev,
+    imds,
+    metrics::Metrics,
+    netdev, roles,
+    tokens::Tokens,
+    upstream::Upstream,
 };
 
 /// Per-container IAM credentials on EC2: eBPF redirect of IMDS traffic to a host proxy.
@@ -22,8 +32,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the redirect and serve the IMDS API to containers.
-    Run(RunArgs),
+    /// Attach the redirect and serve the IMDS API to containers (`imds-proxy run --help`).
+    #[command(disable_help_flag = true)]
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Remove everything a pinned run left: links (detaching the programs), maps, pins, and the
     /// dummy interface.
     Detach {
@@ -37,43 +51,58 @@ enum Command {
     Check,
 }
 
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Listen address for redirected connections (repeatable: one IPv4, optionally one IPv6).
-    /// Dedicated to redirected traffic; it lives on the dummy interface.
-    #[arg(long = "listen", default_values = ["169.254.42.1:80", "[fd00:ec2:42::1]:80"])]
-    listen: Vec<SocketAddr>,
-    /// cgroup v2 directory whose sockets are redirected (repeatable). Default: Docker's parent
-    /// cgroup.
-    #[arg(long = "cgroup")]
-    cgroups: Vec<PathBuf>,
-    /// bpffs directory to pin programs' links and maps in: if the proxy dies, containers stay
-    /// redirected (to nothing) instead of reaching the instance's credentials.
-    #[arg(long)]
-    pin: Option<PathBuf>,
-    /// The dummy interface that carries the listen addresses.
-    #[arg(long, default_value = netdev::DEFAULT_INTERFACE)]
-    interface: String,
-}
-
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match Cli::parse().command {
-        Command::Run(args) => run(args),
-        Command::Detach { pin, interface } => detach(pin, &interface),
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { args } => {
+            // Configuration errors come first, in one line, before anything is attached.
+            let config = match RunArgs::parse_layered(args).and_then(RunArgs::validate) {
+                Ok(config) => config,
+                Err(err) => {
+                    eprintln!("imds-proxy: {err}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            init_logging(config.args.log_format);
+            run(config)
+        }
+        Command::Detach { pin, interface } => {
+            init_logging(LogFormat::Text);
+            detach(pin, &interface)
+        }
         Command::Check => {
-            let mut bpf = ebpf::load()?;
-            for (name, program) in bpf.programs_mut() {
-                tracing::info!(program = name, kind = ?program.prog_type(), "found program");
-            }
-            Ok(())
+            init_logging(LogFormat::Text);
+            check()
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("imds-proxy: {err:#}");
+            std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check() -> anyhow::Result<()> {
+    let mut bpf = ebpf::load()?;
+    for (name, program) in bpf.programs_mut() {
+        tracing::info!(program = name, kind = ?program.prog_type(), "found program");
+    }
+    Ok(())
 }
 
 fn detach(pin: Option<PathBuf>, interface: &str) -> anyhow::Result<()> {
@@ -85,33 +114,6 @@ fn detach(pin: Option<PathBuf>, interface: &str) -> anyhow::Result<()> {
         tracing::info!(interface, "removed the dummy interface");
     }
     Ok(())
-}
-
-fn listen_addresses(listen: &[SocketAddr]) -> anyhow::Result<(SocketAddrV4, Option<SocketAddrV6>)> {
-    let mut v4 = None;
-    let mut v6 = None;
-    for addr in listen {
-        match addr {
-            SocketAddr::V4(a) if v4.is_none() => v4 = Some(*a),
-            SocketAddr::V6(a) if v6.is_none() => v6 = Some(*a),
-            _ => bail!("--listen: at most one IPv4 and one IPv6 address ({addr} is one too many)"),
-        }
-    }
-    let v4 = v4.context("--listen: an IPv4 address is required")?;
-    for ip in [
-        Some(std::net::IpAddr::V4(*v4.ip())),
-        v6.map(|a| (*a.ip()).into()),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if ip.is_unspecified() || ip.is_loopback() {
-            bail!(
-                "--listen: {ip} cannot be a dedicated listen address (use a link-local or ULA address of its own)"
-            );
-        }
-    }
-    Ok((v4, v6))
 }
 
 /// Docker's parent cgroup on the v2 hierarchy (cgroupfs driver): `<root>/docker`.
@@ -137,8 +139,20 @@ fn docker_parent_cgroup(root: &std::path::Path) -> anyhow::Result<PathBuf> {
 }
 
 #[tokio::main]
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (listen_v4, listen_v6) = listen_addresses(&args.listen)?;
+async fn run(config: Config) -> anyhow::Result<()> {
+    let args = &config.args;
+    let listen_v4 = args
+        .listen
+        .iter()
+        .find_map(|a| match a {
+            SocketAddr::V4(a) => Some(*a),
+            SocketAddr::V6(_) => None,
+        })
+        .expect("validated: one IPv4 listen address");
+    let listen_v6: Option<SocketAddrV6> = args.listen.iter().find_map(|a| match a {
+        SocketAddr::V6(a) => Some(*a),
+        SocketAddr::V4(_) => None,
+    });
     let root = identity::cgroup2_root()?;
     let cgroups = if args.cgroups.is_empty() {
         vec![docker_parent_cgroup(&root)?]
@@ -149,8 +163,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let own_cgroup = ebpf::cgroup_id(&root.join(own_path.trim_start_matches('/')))
         .with_context(|| format!("the proxy's own cgroup {own_path}"))?;
 
-    let mut addresses = vec![(*listen_v4.ip()).into()];
-    addresses.extend(listen_v6.map(|a| std::net::IpAddr::V6(*a.ip())));
+    // Everything that can fail for reasons outside the kernel, before anything is attached.
+    let metrics = Arc::new(Metrics::default());
+    let docker = docker::Index::connect(&args.docker_host).await?;
+    let sts = credentials::sts_client(
+        &args.upstream,
+        args.region.as_deref(),
+        args.sts_endpoint.as_deref(),
+    )
+    .await?;
+    let cache = credentials::Cache::new(
+        sts,
+        Duration::from_secs(args.session_duration.into()),
+        args.refresh_before,
+        metrics.clone(),
+    );
+    let ops = tokio::net::TcpListener::bind(args.ops_listen)
+        .await
+        .with_context(|| format!("binding the ops listener {}", args.ops_listen))?;
+
+    let mut addresses = vec![IpAddr::V4(*listen_v4.ip())];
+    addresses.extend(listen_v6.map(|a| IpAddr::V6(*a.ip())));
     netdev::ensure(&args.interface, &addresses)?;
     // Listen before attaching: a redirected connect must find a listener.
     let listener_v4 = tokio::net::TcpListener::bind(listen_v4)
@@ -174,6 +207,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         pin: args.pin.clone(),
     };
     let redirect = Arc::new(Redirect::attach(&spec)?);
+    let attached = Arc::new(AtomicBool::new(true));
     tracing::info!(
         cgroups = ?cgroups,
         listen = ?args.listen,
@@ -186,13 +220,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let logs = redirect.clone();
     tokio::spawn(async move { logs.forward_kernel_logs().await });
 
-    let app = imds::router().into_make_service_with_connect_info::<Peer>();
+    let app = Arc::new(imds::App {
+        tokens: Tokens::new(),
+        roles: config.roles.clone(),
+        docker: docker.clone(),
+        credentials: cache.clone(),
+        upstream: Upstream::new(&args.upstream),
+        metrics: metrics.clone(),
+        require_imdsv2: args.require_imdsv2,
+        allow_user_data: args.allow_user_data,
+    });
+    tokio::spawn(follow_containers(app.clone()));
+    tokio::spawn(docker.clone().run());
+
+    let service = imds::router(app.clone()).into_make_service_with_connect_info::<Peer>();
     let mut servers = tokio::task::JoinSet::new();
     for listener in [Some(listener_v4), listener_v6].into_iter().flatten() {
         let listener = AttestedListener::new(listener, redirect.clone(), resolver.clone());
-        let app = app.clone();
-        servers.spawn(async move { axum::serve(listener, app).await });
+        let service = service.clone();
+        servers.spawn(async move { axum::serve(listener, service).await });
     }
+    let ops_app = ops_router(app.clone(), attached.clone());
+    servers.spawn(async move { axum::serve(ops, ops_app).await });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -204,6 +253,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     servers.abort_all();
+    attached.store(false, Ordering::Relaxed);
     drop(redirect);
     if args.pin.is_some() {
         tracing::info!(
@@ -215,4 +265,89 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("stopped; programs detached and dummy interface removed");
     }
     Ok(())
+}
+
+/// Prefetch the credentials of containers that start with a role; forget those destroyed.
+async fn follow_containers(app: Arc<imds::App>) {
+    let mut events = app.docker.subscribe();
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "container events missed");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        app.metrics.set_containers(app.docker.len());
+        match event {
+            docker::Event::Started(container) => {
+                match app.roles.resolve(&container.labels, &container.env) {
+                    Ok(Some(role)) => app.credentials.prefetch(credentials::Key {
+                        session_name: roles::session_name(Some(&container.name), &container.id),
+                        role_arn: role.arn,
+                        external_id: role.external_id,
+                    }),
+                    Ok(None) => {}
+                    Err(err) => tracing::warn!(
+                        container_id = %container.id,
+                        container = %container.name,
+                        %err,
+                        "role refused; no STS call made"
+                    ),
+                }
+            }
+            docker::Event::Destroyed(container) => app
+                .credentials
+                .forget_session(&roles::session_name(Some(&container.name), &container.id)),
+        }
+    }
+}
+
+fn ops_router(app: Arc<imds::App>, attached: Arc<AtomicBool>) -> axum::Router {
+    use axum::{http::StatusCode, routing::get};
+    let metrics = app.metrics.clone();
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let app = app.clone();
+                let attached = attached.clone();
+                async move {
+                    let programs = attached.load(Ordering::Relaxed);
+                    let (upstream, docker) = tokio::join!(app.upstream.ready(), app.docker.ping());
+                    let body = format!(
+                        "programs attached: {programs}\nupstream IMDS: {}\ndocker: {}\n",
+                        if upstream {
+                            "answering"
+                        } else {
+                            "not answering"
+                        },
+                        if docker { "answering" } else { "not answering" },
+                    );
+                    let status = if programs && upstream && docker {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (status, body)
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
 }

@@ -127,3 +127,40 @@ pub fn docker_ok(args: &[&str]) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Restart the Docker engine (as `cargo xtask setup` starts it) and wait until it answers.
+pub fn restart_docker() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let pid: i32 = String::from_utf8(Command::new("pidof").arg("dockerd").output()?.stdout)?
+        .split_whitespace()
+        .next()
+        .context("no dockerd running")?
+        .parse()?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        ensure!(Instant::now() < deadline, "dockerd {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = fs::File::options()
+        .create(true)
+        .append(true)
+        .open("/var/log/imds-proxy-dockerd.log")?;
+    use std::os::unix::process::CommandExt as _;
+    Command::new("dockerd")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting dockerd")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !docker(&["version"])?.status.success() {
+        ensure!(Instant::now() < deadline, "dockerd did not come back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}

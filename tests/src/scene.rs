@@ -182,15 +182,34 @@ impl Scene {
         self.start_sim()
     }
 
-    fn start_moto(&mut self) -> anyhow::Result<()> {
+    /// Stop the scene's STS (an outage); [`Scene::start_sts`] brings it back on the same port.
+    pub fn stop_sts(&mut self) -> anyhow::Result<()> {
+        if let Some(moto) = self.moto.take() {
+            stop(moto)?;
+        }
+        let _ = fs::remove_file(Path::new(STATE_DIR).join("moto.pid"));
+        Ok(())
+    }
+
+    /// Start the scene's STS again after [`Scene::stop_sts`], on the same address.
+    pub fn start_sts(&mut self) -> anyhow::Result<()> {
+        let endpoint = self.sts_endpoint.context("the scene has no STS")?;
+        ensure!(self.moto.is_none(), "the STS is running");
+        self.spawn_moto(endpoint.port())?;
+        wait_for_moto(endpoint)
+    }
+
+    fn spawn_moto(&mut self, port: u16) -> anyhow::Result<()> {
         let moto_server = self.config.venv.join("bin/moto_server");
         ensure!(
             moto_server.exists(),
             "{} not found: run `cargo xtask setup` (it makes the venv with moto)",
             moto_server.display()
         );
-        let port = free_port(self.config.sts_bind)?;
-        let log = File::create(Path::new(STATE_DIR).join("moto.log"))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(Path::new(STATE_DIR).join("moto.log"))?;
         let child = Command::new(&moto_server)
             .args([
                 "-H",
@@ -209,6 +228,12 @@ impl Scene {
             child.id().to_string(),
         )?;
         self.moto = Some(child);
+        Ok(())
+    }
+
+    fn start_moto(&mut self) -> anyhow::Result<()> {
+        let port = free_port(self.config.sts_bind)?;
+        self.spawn_moto(port)?;
         let endpoint = SocketAddr::new(self.config.sts_bind, port);
         wait_for_moto(endpoint)?;
         self.sts_endpoint = Some(endpoint);

@@ -1,0 +1,444 @@
+//! Configuration of `imds-proxy run`: command-line flags, each also settable by an environment
+//! variable `IMDS_PROXY_<FLAG>` and by a TOML file (`--config FILE`, keys spelled like the flags).
+//! Flags override the environment, which overrides the file. Invalid configuration is one error
+//! naming the key and the reason, raised before anything is attached.
+use std::{
+    ffi::OsString,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, parser::ValueSource};
+
+use crate::roles::{self, Glob, RoleName};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid configuration: {key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The flags of `imds-proxy run`.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "imds-proxy run",
+    about = "Attach the redirect and serve the IMDS API to containers",
+    args_override_self = true
+)]
+pub struct RunArgs {
+    /// TOML file with any of these settings (keys spelled like the flags, e.g. `default-role`).
+    #[arg(long, env = "IMDS_PROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Listen address for redirected connections: one IPv4, optionally one IPv6. Dedicated to
+    /// redirected traffic; it lives on the dummy interface.
+    #[arg(long = "listen", env = "IMDS_PROXY_LISTEN", value_delimiter = ',',
+          default_values = ["169.254.42.1:80", "[fd00:ec2:42::1]:80"])]
+    pub listen: Vec<SocketAddr>,
+    /// Operations listener: /healthz, /readyz, /metrics.
+    #[arg(long, env = "IMDS_PROXY_OPS_LISTEN", default_value = "127.0.0.1:9181")]
+    pub ops_listen: SocketAddr,
+    /// The instance metadata service the proxy itself uses.
+    #[arg(
+        long,
+        env = "IMDS_PROXY_UPSTREAM",
+        default_value = "http://169.254.169.254"
+    )]
+    pub upstream: String,
+    /// STS endpoint URL (default: the regional endpoint).
+    #[arg(long, env = "IMDS_PROXY_STS_ENDPOINT")]
+    pub sts_endpoint: Option<String>,
+    /// AWS region for STS (default: the instance's, from IMDS).
+    #[arg(long, env = "IMDS_PROXY_REGION")]
+    pub region: Option<String>,
+    /// Role for containers that name none (a role name under --role-arn-prefix, or an ARN).
+    #[arg(long, env = "IMDS_PROXY_DEFAULT_ROLE")]
+    pub default_role: Option<String>,
+    /// Prefix role names are appended to, e.g. arn:aws:iam::123456789012:role/containers/. Full
+    /// ARNs must lie under it.
+    #[arg(long, env = "IMDS_PROXY_ROLE_ARN_PREFIX")]
+    pub role_arn_prefix: Option<String>,
+    /// Globs on role ARNs a container may assume (comma-separated or repeated); all when empty.
+    #[arg(long, env = "IMDS_PROXY_ALLOWED_ROLES", value_delimiter = ',')]
+    pub allowed_roles: Vec<String>,
+    /// Lifetime of assumed-role sessions, seconds (900–43200).
+    #[arg(long, env = "IMDS_PROXY_SESSION_DURATION", default_value_t = 3600)]
+    pub session_duration: u32,
+    /// Refresh credentials in the background when less than this remains (e.g. 5m, 300s).
+    #[arg(long, env = "IMDS_PROXY_REFRESH_BEFORE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub refresh_before: Duration,
+    /// Answer 401 to requests without an IMDSv2 token.
+    #[arg(long, env = "IMDS_PROXY_REQUIRE_IMDSV2")]
+    pub require_imdsv2: bool,
+    /// Pass /latest/user-data through (denied by default: it often holds secrets).
+    #[arg(long, env = "IMDS_PROXY_ALLOW_USER_DATA")]
+    pub allow_user_data: bool,
+    /// Docker API socket.
+    #[arg(
+        long,
+        env = "IMDS_PROXY_DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub docker_host: String,
+    #[arg(long, env = "IMDS_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// cgroup v2 directory whose sockets are redirected (repeatable). Default: Docker's parent.
+    #[arg(long = "cgroup", env = "IMDS_PROXY_CGROUP", value_delimiter = ',')]
+    pub cgroups: Vec<PathBuf>,
+    /// bpffs directory to pin links and maps in: if the proxy dies, containers fail closed.
+    #[arg(long, env = "IMDS_PROXY_PIN")]
+    pub pin: Option<PathBuf>,
+    /// The dummy interface that carries the listen addresses.
+    #[arg(long, env = "IMDS_PROXY_INTERFACE", default_value = crate::netdev::DEFAULT_INTERFACE)]
+    pub interface: String,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub args: RunArgs,
+    pub roles: roles::Policy,
+}
+
+impl RunArgs {
+    /// Parse `argv` (without the program and subcommand names), the environment and the file
+    /// named by `--config` / `IMDS_PROXY_CONFIG`, with flags > environment > file.
+    pub fn parse_layered<I, T>(argv: I) -> Result<RunArgs, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let argv: Vec<OsString> = std::iter::once(OsString::from("run"))
+            .chain(argv.into_iter().map(Into::into))
+            .collect();
+        let matches = RunArgs::command()
+            .try_get_matches_from(&argv)
+            .map_err(|e| clap_error(&e))?;
+        let first = RunArgs::from_arg_matches(&matches).map_err(|e| clap_error(&e))?;
+        let Some(file) = &first.config else {
+            return Ok(first);
+        };
+        // The file's settings, as flags, for every key neither a flag nor the environment set;
+        // then the command line again, so flags still win.
+        let mut layered = vec![OsString::from("run")];
+        layered.extend(file_args(file, &matches)?);
+        layered.extend(argv.into_iter().skip(1));
+        let matches = RunArgs::command()
+            .try_get_matches_from(&layered)
+            .map_err(|e| clap_error(&e))?;
+        RunArgs::from_arg_matches(&matches).map_err(|e| clap_error(&e))
+    }
+
+    /// Check every setting; the first problem, naming its key.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let v4 = self.listen.iter().filter(|a| a.is_ipv4()).count();
+        let v6 = self.listen.len() - v4;
+        if v4 != 1 || v6 > 1 {
+            return Err(invalid(
+                "listen",
+                "give exactly one IPv4 and at most one IPv6 address",
+            ));
+        }
+        for addr in &self.listen {
+            if addr.ip().is_unspecified() || addr.ip().is_loopback() {
+                return Err(invalid(
+                    "listen",
+                    format!(
+                        "{addr} cannot be a dedicated listen address (use a link-local or ULA address of its own)"
+                    ),
+                ));
+            }
+        }
+        check_http_url("upstream", &self.upstream)?;
+        if let Some(endpoint) = &self.sts_endpoint {
+            check_url("sts-endpoint", endpoint)?;
+        }
+        if let Some(region) = &self.region
+            && (region.is_empty()
+                || !region
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+        {
+            return Err(invalid(
+                "region",
+                format!("{region:?} is not a region name"),
+            ));
+        }
+        if !(900..=43_200).contains(&self.session_duration) {
+            return Err(invalid(
+                "session-duration",
+                format!(
+                    "{} is outside 900–43200 seconds (STS limits)",
+                    self.session_duration
+                ),
+            ));
+        }
+        if self.refresh_before >= Duration::from_secs(self.session_duration.into()) {
+            return Err(invalid(
+                "refresh-before",
+                format!(
+                    "{} is not shorter than the session duration ({} s)",
+                    humantime::format_duration(self.refresh_before),
+                    self.session_duration
+                ),
+            ));
+        }
+        let prefix = self
+            .role_arn_prefix
+            .as_deref()
+            .map(roles::ArnPrefix::parse)
+            .transpose()
+            .map_err(|reason| invalid("role-arn-prefix", reason))?;
+        let allowed = self
+            .allowed_roles
+            .iter()
+            .map(|g| Glob::parse(g))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|reason| invalid("allowed-roles", reason))?;
+        let default_role = self
+            .default_role
+            .as_deref()
+            .map(RoleName::parse)
+            .transpose()
+            .map_err(|reason| invalid("default-role", reason))?;
+        let policy = roles::Policy {
+            prefix,
+            allowed,
+            default_role,
+        };
+        if let Some(default) = &policy.default_role {
+            policy
+                .arn_for(default)
+                .map_err(|e| invalid("default-role", e.to_string()))?;
+        }
+        if !self.docker_host.starts_with("unix://") {
+            return Err(invalid(
+                "docker-host",
+                format!("{:?}: only unix:// sockets are supported", self.docker_host),
+            ));
+        }
+        if self.interface.is_empty() || self.interface.len() > 15 {
+            return Err(invalid("interface", "interface names are 1–15 characters"));
+        }
+        Ok(Config {
+            roles: policy,
+            args: self,
+        })
+    }
+}
+
+/// One line from a clap error, with the key it is about. `--help` prints and exits here.
+fn clap_error(err: &clap::Error) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        err.exit();
+    }
+    let key = match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg
+            .split_whitespace()
+            .next()
+            .unwrap_or(arg)
+            .trim_start_matches('-')
+            .to_owned(),
+        _ => "command line".to_owned(),
+    };
+    let text = err.to_string();
+    let reason = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_owned();
+    ConfigError { key, reason }
+}
+
+/// The file's settings as command-line arguments, for the keys not set by flag or environment.
+fn file_args(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>, ConfigError> {
+    let key = format!("config ({})", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(&key, e.to_string()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| invalid(&key, e.message().to_owned()))?;
+    let command = RunArgs::command();
+    let mut args = Vec::new();
+    for (name, value) in table {
+        let Some(arg) = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(name.as_str()))
+        else {
+            return Err(invalid(&name, format!("unknown key in {}", path.display())));
+        };
+        if name == "config" {
+            return Err(invalid(&name, "a config file cannot name another"));
+        }
+        let id = arg.get_id().as_str();
+        if matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue; // a flag or the environment set it: they win
+        }
+        let flag = format!("--{name}");
+        let scalar = |v: &toml::Value| -> Result<String, ConfigError> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                other => Err(invalid(
+                    &name,
+                    format!("expected a string or a number, found {}", other.type_str()),
+                )),
+            }
+        };
+        match &value {
+            toml::Value::Boolean(true) => args.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    args.push(flag.clone().into());
+                    args.push(scalar(item)?.into());
+                }
+            }
+            other => {
+                args.push(flag.into());
+                args.push(scalar(other)?.into());
+            }
+        }
+    }
+    Ok(args)
+}
+
+fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| invalid(key, format!("{url:?} is not an http:// or https:// URL")))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(invalid(key, format!("{url:?} has no host")));
+    }
+    Ok(())
+}
+
+fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    check_url(key, url)?;
+    if !url.starts_with("http://") {
+        return Err(invalid(key, format!("{url:?}: IMDS is plain http://")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tests read the process environment, and one of them sets it: one at a time.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        RunArgs::parse_layered(args.iter().copied()).and_then(RunArgs::validate)
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let c = parse(&[]).unwrap().args;
+        assert_eq!(c.ops_listen.to_string(), "127.0.0.1:9181");
+        assert_eq!(c.upstream, "http://169.254.169.254");
+        assert_eq!(c.session_duration, 3600);
+        assert_eq!(c.refresh_before, Duration::from_secs(300));
+        assert!(!c.require_imdsv2 && !c.allow_user_data);
+        assert_eq!(c.listen.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let err = |args: &[&str]| parse(args).unwrap_err();
+        assert_eq!(err(&["--session-duration", "60"]).key, "session-duration");
+        assert_eq!(err(&["--session-duration", "abc"]).key, "session-duration");
+        assert_eq!(err(&["--refresh-before", "2h"]).key, "refresh-before");
+        assert_eq!(err(&["--upstream", "ftp://x"]).key, "upstream");
+        assert_eq!(
+            err(&["--role-arn-prefix", "arn:aws:s3:::bucket"]).key,
+            "role-arn-prefix"
+        );
+        assert_eq!(err(&["--allowed-roles", ""]).key, "allowed-roles");
+        assert_eq!(err(&["--listen", "127.0.0.1:80"]).key, "listen");
+        assert_eq!(err(&["--region", "US East"]).key, "region");
+        assert_eq!(err(&["--docker-host", "tcp://x:2375"]).key, "docker-host");
+        assert_eq!(err(&["--no-such-flag"]).key, "no-such-flag");
+        let outside = err(&[
+            "--role-arn-prefix",
+            "arn:aws:iam::123456789012:role/containers/",
+            "--default-role",
+            "arn:aws:iam::123456789012:role/admin",
+        ]);
+        assert_eq!(outside.key, "default-role");
+        assert!(outside.reason.contains("not under"), "{outside}");
+    }
+
+    #[test]
+    fn flags_override_environment_override_file() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = std::env::temp_dir().join(format!("imds-proxy-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.toml");
+        std::fs::write(
+            &file,
+            "default-role = \"FromFile\"\nregion = \"eu-west-1\"\nsession-duration = 1800\n\
+             role-arn-prefix = \"arn:aws:iam::123456789012:role/c/\"\n\
+             require-imdsv2 = true\nallowed-roles = [\"arn:aws:iam::*:role/c/*\", \"arn:aws:iam::*:role/b\"]\n",
+        )
+        .unwrap();
+        let file_arg = file.to_str().unwrap();
+        // SAFETY: the ENV lock keeps every other test that reads the environment waiting.
+        unsafe {
+            std::env::set_var("IMDS_PROXY_REGION", "us-west-2");
+            std::env::set_var("IMDS_PROXY_SESSION_DURATION", "2400");
+        }
+        let c = parse(&["--config", file_arg, "--session-duration", "1200"]);
+        unsafe {
+            std::env::remove_var("IMDS_PROXY_REGION");
+            std::env::remove_var("IMDS_PROXY_SESSION_DURATION");
+        }
+        let c = c.unwrap().args;
+        assert_eq!(c.default_role.as_deref(), Some("FromFile"), "file only");
+        assert_eq!(c.region.as_deref(), Some("us-west-2"), "env over file");
+        assert_eq!(c.session_duration, 1200, "flag over env and file");
+        assert!(c.require_imdsv2);
+        assert_eq!(c.allowed_roles.len(), 2);
+
+        std::fs::write(&file, "defualt-role = \"typo\"\n").unwrap();
+        let typo = parse(&["--config", file_arg]).unwrap_err();
+        assert_eq!(typo.key, "defualt-role");
+        std::fs::write(&file, "session-duration = [1]\n").unwrap();
+        assert_eq!(
+            parse(&["--config", file_arg]).unwrap_err().key,
+            "session-duration"
+        );
+        std::fs::write(&file, "not toml = = =\n").unwrap();
+        assert!(
+            parse(&["--config", file_arg])
+                .unwrap_err()
+                .key
+                .starts_with("config")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

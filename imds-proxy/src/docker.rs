@@ -1,0 +1,254 @@
+//! The Docker side: an index of running containers, kept from a full list at start and the events
+//! stream after (start, die, destroy, rename, update), with a direct inspect on a miss — a request
+//! can arrive in the first milliseconds of a container's life, before its start event. When the
+//! daemon goes away (restart), the index reconnects and lists again.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bollard::{
+    Docker,
+    query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions},
+};
+use futures_util::StreamExt as _;
+use tokio::sync::broadcast;
+
+/// What the proxy needs to know about a container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Container {
+    pub id: String,
+    /// Without the leading `/`.
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    pub env: Vec<String>,
+}
+
+/// Changes the rest of the proxy reacts to.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A container started (or was renamed or updated): prefetch its credentials.
+    Started(Arc<Container>),
+    /// A container was destroyed: forget it and its credentials.
+    Destroyed(Arc<Container>),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("docker at {host}: {source}")]
+pub struct Error {
+    host: String,
+    source: bollard::errors::Error,
+}
+
+pub struct Index {
+    docker: Docker,
+    host: String,
+    containers: RwLock<HashMap<String, Arc<Container>>>,
+    connected: AtomicBool,
+    events: broadcast::Sender<Event>,
+}
+
+/// How long a miss may spend asking Docker: well inside the SDKs' 1 s metadata timeout.
+const MISS_BUDGET: Duration = Duration::from_millis(600);
+
+impl Index {
+    /// Connect to the daemon at `host` (`unix:///var/run/docker.sock`).
+    pub async fn connect(host: &str) -> Result<Arc<Self>, Error> {
+        let err = |source| Error {
+            host: host.to_owned(),
+            source,
+        };
+        let path = host.trim_start_matches("unix://");
+        let docker = Docker::connect_with_unix(path, 10, bollard::API_DEFAULT_VERSION)
+            .map_err(err)?
+            .negotiate_version()
+            .await
+            .map_err(err)?;
+        let (events, _) = broadcast::channel(1024);
+        Ok(Arc::new(Self {
+            docker,
+            host: host.to_owned(),
+            containers: RwLock::new(HashMap::new()),
+            connected: AtomicBool::new(false),
+            events,
+        }))
+    }
+
+    /// Container events, for prefetching and dropping credentials.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Whether the events stream is up (for /readyz).
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.containers.read().expect("index poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Answer whether the daemon answers now.
+    pub async fn ping(&self) -> bool {
+        self.docker.ping().await.is_ok()
+    }
+
+    /// The container with this id: from the index, else straight from Docker (bounded retries).
+    pub async fn get(&self, id: &str) -> Option<Arc<Container>> {
+        if let Some(c) = self.containers.read().expect("index poisoned").get(id) {
+            return Some(c.clone());
+        }
+        let deadline = Instant::now() + MISS_BUDGET;
+        loop {
+            match tokio::time::timeout_at(deadline.into(), self.inspect(id)).await {
+                Ok(Ok(Some(container))) => {
+                    let container = Arc::new(container);
+                    self.containers
+                        .write()
+                        .expect("index poisoned")
+                        .insert(id.to_owned(), container.clone());
+                    return Some(container);
+                }
+                Ok(Ok(None)) => return None, // Docker does not know it
+                Ok(Err(err)) if Instant::now() + Duration::from_millis(50) < deadline => {
+                    tracing::debug!(container_id = id, %err, "inspect failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(container_id = id, %err, "inspect failed");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::warn!(container_id = id, "inspect timed out");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// `Ok(None)` when Docker has no such container.
+    async fn inspect(&self, id: &str) -> Result<Option<Container>, bollard::errors::Error> {
+        match self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => {
+                let config = info.config.unwrap_or_default();
+                Ok(Some(Container {
+                    id: info.id.unwrap_or_else(|| id.to_owned()),
+                    name: info
+                        .name
+                        .unwrap_or_default()
+                        .trim_start_matches('/')
+                        .to_owned(),
+                    labels: config.labels.unwrap_or_default(),
+                    env: config.env.unwrap_or_default(),
+                }))
+            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// List the running containers and replace the index with them.
+    async fn resync(&self) -> Result<(), bollard::errors::Error> {
+        let list = self
+            .docker
+            .list_containers(None::<ListContainersOptions>)
+            .await?;
+        let mut fresh = HashMap::new();
+        for summary in list {
+            let Some(id) = summary.id else { continue };
+            if let Some(container) = self.inspect(&id).await? {
+                fresh.insert(id, Arc::new(container));
+            }
+        }
+        let started: Vec<Arc<Container>> = fresh.values().cloned().collect();
+        *self.containers.write().expect("index poisoned") = fresh;
+        for container in started {
+            let _ = self.events.send(Event::Started(container));
+        }
+        Ok(())
+    }
+
+    /// Keep the index current until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.follow().await {
+                Ok(()) => tracing::warn!(host = %self.host, "docker events stream ended"),
+                Err(err) => tracing::warn!(host = %self.host, %err, "docker events stream failed"),
+            }
+            self.connected.store(false, Ordering::Relaxed);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            if self.docker.ping().await.is_ok() {
+                backoff = Duration::from_millis(200);
+            }
+        }
+    }
+
+    /// Subscribe to events, then list (so nothing between the two is missed), then follow.
+    async fn follow(&self) -> Result<(), bollard::errors::Error> {
+        let filters = HashMap::from([
+            ("type".to_owned(), vec!["container".to_owned()]),
+            (
+                "event".to_owned(),
+                ["start", "die", "destroy", "rename", "update"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            ),
+        ]);
+        let mut stream = self.docker.events(Some(EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }));
+        self.resync().await?;
+        self.connected.store(true, Ordering::Relaxed);
+        tracing::info!(containers = self.len(), "docker index synchronised");
+        while let Some(event) = stream.next().await {
+            let event = event?;
+            let (Some(action), Some(id)) = (
+                event.action.as_deref(),
+                event.actor.as_ref().and_then(|a| a.id.clone()),
+            ) else {
+                continue;
+            };
+            match action {
+                "start" | "rename" | "update" => {
+                    if let Some(container) = self.inspect(&id).await? {
+                        let container = Arc::new(container);
+                        self.containers
+                            .write()
+                            .expect("index poisoned")
+                            .insert(id.clone(), container.clone());
+                        tracing::debug!(container_id = %id, name = %container.name, action, "indexed");
+                        let _ = self.events.send(Event::Started(container));
+                    }
+                }
+                "destroy" => {
+                    let removed = self.containers.write().expect("index poisoned").remove(&id);
+                    if let Some(container) = removed {
+                        tracing::debug!(container_id = %id, "forgotten");
+                        let _ = self.events.send(Event::Destroyed(container));
+                    }
+                }
+                // "die": a stopped container makes no requests; it stays indexed until destroyed
+                // (it may be started again).
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}

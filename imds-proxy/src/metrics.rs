@@ -1,0 +1,152 @@
+//! Counters for `/metrics`, in the Prometheus text format.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    vends: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    sts_calls: AtomicU64,
+    sts_errors: AtomicU64,
+    sts_seconds_micros: AtomicU64,
+    containers: AtomicU64,
+}
+
+impl Metrics {
+    pub fn request(&self, route: &'static str, status: u16) {
+        *self
+            .requests
+            .lock()
+            .expect("metrics poisoned")
+            .entry((route, status))
+            .or_default() += 1;
+    }
+
+    pub fn vend(&self) {
+        self.vends.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn cache(&self, hit: bool) {
+        let counter = if hit {
+            &self.cache_hits
+        } else {
+            &self.cache_misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn sts_call(&self, took: Duration, ok: bool) {
+        self.sts_calls.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.sts_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sts_seconds_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn sts_calls(&self) -> u64 {
+        self.sts_calls.load(Ordering::Relaxed)
+    }
+
+    pub fn set_containers(&self, n: usize) {
+        self.containers.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        let _ = writeln!(
+            out,
+            "# HELP imds_proxy_requests_total IMDS requests by route and status.\n# TYPE imds_proxy_requests_total counter"
+        );
+        for ((route, status), n) in self.requests.lock().expect("metrics poisoned").iter() {
+            let _ = writeln!(
+                out,
+                "imds_proxy_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        counter(
+            &mut out,
+            "imds_proxy_credentials_vended_total",
+            "Credential documents served.",
+            load(&self.vends),
+        );
+        counter(
+            &mut out,
+            "imds_proxy_cache_hits_total",
+            "Credential cache hits.",
+            load(&self.cache_hits),
+        );
+        counter(
+            &mut out,
+            "imds_proxy_cache_misses_total",
+            "Credential cache misses.",
+            load(&self.cache_misses),
+        );
+        counter(
+            &mut out,
+            "imds_proxy_sts_calls_total",
+            "STS AssumeRole calls.",
+            load(&self.sts_calls),
+        );
+        counter(
+            &mut out,
+            "imds_proxy_sts_errors_total",
+            "Failed STS AssumeRole calls.",
+            load(&self.sts_errors),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP imds_proxy_sts_seconds_total Time spent in STS AssumeRole calls.\n# TYPE imds_proxy_sts_seconds_total counter\nimds_proxy_sts_seconds_total {:.6}",
+            load(&self.sts_seconds_micros) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "# HELP imds_proxy_containers Containers in the Docker index.\n# TYPE imds_proxy_containers gauge\nimds_proxy_containers {}",
+            load(&self.containers)
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.request("token", 200);
+        m.request("token", 200);
+        m.request("credentials", 404);
+        m.sts_call(Duration::from_millis(1500), false);
+        m.set_containers(3);
+        let text = m.render();
+        assert!(
+            text.contains("imds_proxy_requests_total{route=\"token\",status=\"200\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("imds_proxy_requests_total{route=\"credentials\",status=\"404\"} 1\n")
+        );
+        assert!(text.contains("imds_proxy_sts_calls_total 1\n"));
+        assert!(text.contains("imds_proxy_sts_errors_total 1\n"));
+        assert!(text.contains("imds_proxy_sts_seconds_total 1.500000\n"));
+        assert!(text.contains("imds_proxy_containers 3\n"));
+    }
+}

@@ -1,0 +1,413 @@
+//! Which role a container gets.
+//!
+//! The label `iam.amazonaws.com/role`, else the env `IAM_ROLE` (ec2metaproxy / metadataproxy
+//! compatibility), else `--default-role`, else none. A value is a role name, appended to
+//! `--role-arn-prefix`, or a full ARN, which must lie under the prefix. Either must match
+//! `--allowed-roles` when given. The instance's own role is never a container's: the proxy only
+//! ever hands out sessions it assumed itself for the resolved ARN.
+use std::fmt;
+
+/// Container label naming the role.
+pub const ROLE_LABEL: &str = "iam.amazonaws.com/role";
+/// Optional container label with the external id for AssumeRole.
+pub const EXTERNAL_ID_LABEL: &str = "iam.amazonaws.com/external-id";
+/// Container environment variable naming the role.
+pub const ROLE_ENV: &str = "IAM_ROLE";
+
+/// `arn:<partition>:iam::<12 digits>:role/<path>`, ending in `/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArnPrefix(String);
+
+impl ArnPrefix {
+    pub fn parse(prefix: &str) -> Result<Self, String> {
+        let rest = prefix
+            .strip_prefix("arn:")
+            .ok_or_else(|| format!("{prefix:?} does not start with arn:"))?;
+        let mut parts = rest.splitn(5, ':');
+        let (partition, service, region, account, resource) = (
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+        );
+        if partition.is_empty() || service != "iam" || !region.is_empty() {
+            return Err(format!(
+                "{prefix:?} is not an IAM role ARN prefix (arn:aws:iam::<account>:role/...)"
+            ));
+        }
+        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("{prefix:?}: the account must be 12 digits"));
+        }
+        if !resource.starts_with("role/") {
+            return Err(format!("{prefix:?}: the resource must start with role/"));
+        }
+        let mut prefix = prefix.to_owned();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(Self(prefix))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A role as a container names it: a bare name or a full ARN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RoleName {
+    Name(String),
+    Arn(String),
+}
+
+impl RoleName {
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let value = value.trim();
+        if value.starts_with("arn:") {
+            if !value.contains(":role/") || value.ends_with('/') {
+                return Err(format!("{value:?} is not a role ARN"));
+            }
+            Ok(Self::Arn(value.to_owned()))
+        } else if !value.is_empty()
+            && value.len() <= 64
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b))
+            && !value.starts_with('/')
+            && !value.ends_with('/')
+            && !value.contains("//")
+        {
+            Ok(Self::Name(value.to_owned()))
+        } else {
+            Err(format!("{value:?} is not a role name"))
+        }
+    }
+}
+
+/// A `*`/`?` glob on ARNs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    pub fn parse(glob: &str) -> Result<Self, String> {
+        if glob.trim().is_empty() {
+            return Err("an empty pattern matches nothing".into());
+        }
+        Ok(Self(glob.trim().to_owned()))
+    }
+
+    pub fn matches(&self, text: &str) -> bool {
+        fn go(p: &[u8], t: &[u8]) -> bool {
+            match (p.first(), t.first()) {
+                (None, None) => true,
+                (Some(b'*'), _) => go(&p[1..], t) || (!t.is_empty() && go(p, &t[1..])),
+                (Some(b'?'), Some(_)) => go(&p[1..], &t[1..]),
+                (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
+                _ => false,
+            }
+        }
+        go(self.0.as_bytes(), text.as_bytes())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RoleError {
+    #[error("role {0:?} is a name but no --role-arn-prefix is configured")]
+    NoPrefix(String),
+    #[error("role {arn} is not under the role ARN prefix {prefix}")]
+    OutsidePrefix { arn: String, prefix: String },
+    #[error("role {0} is not in --allowed-roles")]
+    NotAllowed(String),
+    #[error("{source_name} value is invalid: {reason}")]
+    Invalid {
+        source_name: &'static str,
+        reason: String,
+    },
+}
+
+/// Where a container's role came from, for logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Label,
+    Env,
+    Default,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Source::Label => "label iam.amazonaws.com/role",
+            Source::Env => "env IAM_ROLE",
+            Source::Default => "--default-role",
+        })
+    }
+}
+
+/// A container's resolved role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub arn: String,
+    /// The last path segment of the ARN: what IMDS lists under security-credentials/.
+    pub name: String,
+    pub source: Source,
+    pub external_id: Option<String>,
+}
+
+/// The operator's rules.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    pub prefix: Option<ArnPrefix>,
+    pub allowed: Vec<Glob>,
+    pub default_role: Option<RoleName>,
+}
+
+impl Policy {
+    /// The ARN a role name stands for under these rules.
+    pub fn arn_for(&self, role: &RoleName) -> Result<String, RoleError> {
+        let arn = match role {
+            RoleName::Name(name) => {
+                let prefix = self
+                    .prefix
+                    .as_ref()
+                    .ok_or_else(|| RoleError::NoPrefix(name.clone()))?;
+                format!("{}{name}", prefix.as_str())
+            }
+            RoleName::Arn(arn) => {
+                if let Some(prefix) = &self.prefix
+                    && !arn.starts_with(prefix.as_str())
+                {
+                    return Err(RoleError::OutsidePrefix {
+                        arn: arn.clone(),
+                        prefix: prefix.as_str().to_owned(),
+                    });
+                }
+                arn.clone()
+            }
+        };
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|g| g.matches(&arn)) {
+            return Err(RoleError::NotAllowed(arn));
+        }
+        Ok(arn)
+    }
+
+    /// The role of a container with these labels and environment; `Ok(None)` when it has none.
+    pub fn resolve(
+        &self,
+        labels: &std::collections::HashMap<String, String>,
+        env: &[String],
+    ) -> Result<Option<Resolved>, RoleError> {
+        let from_env = env
+            .iter()
+            .find_map(|e| e.strip_prefix(&format!("{ROLE_ENV}=")))
+            .filter(|v| !v.trim().is_empty());
+        let (role, source) = match (
+            labels.get(ROLE_LABEL).filter(|v| !v.trim().is_empty()),
+            from_env,
+        ) {
+            (Some(label), _) => (
+                RoleName::parse(label).map_err(|reason| RoleError::Invalid {
+                    source_name: "label iam.amazonaws.com/role",
+                    reason,
+                })?,
+                Source::Label,
+            ),
+            (None, Some(env)) => (
+                RoleName::parse(env).map_err(|reason| RoleError::Invalid {
+                    source_name: "env IAM_ROLE",
+                    reason,
+                })?,
+                Source::Env,
+            ),
+            (None, None) => match &self.default_role {
+                Some(role) => (role.clone(), Source::Default),
+                None => return Ok(None),
+            },
+        };
+        let arn = self.arn_for(&role)?;
+        let name = arn.rsplit('/').next().unwrap_or(&arn).to_owned();
+        Ok(Some(Resolved {
+            name,
+            arn,
+            source,
+            external_id: labels
+                .get(EXTERNAL_ID_LABEL)
+                .filter(|v| !v.is_empty())
+                .cloned(),
+        }))
+    }
+}
+
+/// A RoleSessionName from a container name (fallback: its id), within STS's rules: 2–64
+/// characters of `[\w+=,.@-]`.
+pub fn session_name(container_name: Option<&str>, container_id: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.trim_start_matches('/')
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(64)
+            .collect()
+    };
+    let name = container_name.map(clean).unwrap_or_default();
+    if name.len() >= 2 {
+        name
+    } else {
+        let id: String = clean(container_id).chars().take(64).collect();
+        if id.len() >= 2 {
+            id
+        } else {
+            format!("container-{id}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
+
+    fn policy(default: Option<&str>, allowed: &[&str]) -> Policy {
+        Policy {
+            prefix: Some(ArnPrefix::parse(PREFIX).unwrap()),
+            allowed: allowed.iter().map(|g| Glob::parse(g).unwrap()).collect(),
+            default_role: default.map(|d| RoleName::parse(d).unwrap()),
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn resolution_table() {
+        let p = policy(Some("DefaultRole"), &[]);
+        let arn = |r: Result<Option<Resolved>, RoleError>| r.map(|r| r.map(|r| (r.arn, r.source)));
+        // Label wins over env, env over default.
+        assert_eq!(
+            arn(p.resolve(&labels(&[(ROLE_LABEL, "Web")]), &["IAM_ROLE=Env".into()])),
+            Ok(Some((format!("{PREFIX}Web"), Source::Label)))
+        );
+        assert_eq!(
+            arn(p.resolve(&labels(&[]), &["PATH=/bin".into(), "IAM_ROLE=Env".into()])),
+            Ok(Some((format!("{PREFIX}Env"), Source::Env)))
+        );
+        assert_eq!(
+            arn(p.resolve(&labels(&[]), &[])),
+            Ok(Some((format!("{PREFIX}DefaultRole"), Source::Default)))
+        );
+        // No default: none.
+        assert_eq!(arn(policy(None, &[]).resolve(&labels(&[]), &[])), Ok(None));
+        // A full ARN under the prefix is fine; outside it is refused.
+        assert_eq!(
+            arn(p.resolve(&labels(&[(ROLE_LABEL, &format!("{PREFIX}team/Api"))]), &[])),
+            Ok(Some((format!("{PREFIX}team/Api"), Source::Label)))
+        );
+        assert_eq!(
+            p.resolve(
+                &labels(&[(ROLE_LABEL, "arn:aws:iam::123456789012:role/Admin")]),
+                &[]
+            ),
+            Err(RoleError::OutsidePrefix {
+                arn: "arn:aws:iam::123456789012:role/Admin".into(),
+                prefix: PREFIX.into()
+            })
+        );
+        // Another account's role with the same path is outside the prefix too.
+        assert!(matches!(
+            p.resolve(
+                &labels(&[(ROLE_LABEL, "arn:aws:iam::999999999999:role/containers/Web")]),
+                &[]
+            ),
+            Err(RoleError::OutsidePrefix { .. })
+        ));
+        // Allow-list.
+        let strict = policy(None, &["arn:aws:iam::123456789012:role/containers/web-*"]);
+        assert!(
+            strict
+                .resolve(&labels(&[(ROLE_LABEL, "web-frontend")]), &[])
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            strict.resolve(&labels(&[(ROLE_LABEL, "db")]), &[]),
+            Err(RoleError::NotAllowed(format!("{PREFIX}db")))
+        );
+        // Invalid values are errors, not silently another role.
+        assert!(matches!(
+            p.resolve(&labels(&[(ROLE_LABEL, "bad role!")]), &[]),
+            Err(RoleError::Invalid { .. })
+        ));
+        // A name without a prefix cannot be resolved.
+        let no_prefix = Policy::default();
+        assert_eq!(
+            no_prefix.resolve(&labels(&[(ROLE_LABEL, "Web")]), &[]),
+            Err(RoleError::NoPrefix("Web".into()))
+        );
+        // External id label.
+        let r = p
+            .resolve(
+                &labels(&[(ROLE_LABEL, "Web"), (EXTERNAL_ID_LABEL, "xyz")]),
+                &[],
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.external_id.as_deref()),
+            ("Web", Some("xyz"))
+        );
+    }
+
+    #[test]
+    fn prefixes_and_globs() {
+        assert!(ArnPrefix::parse("arn:aws:iam::123456789012:role/").is_ok());
+        assert_eq!(
+            ArnPrefix::parse("arn:aws:iam::123456789012:role/x")
+                .unwrap()
+                .as_str(),
+            "arn:aws:iam::123456789012:role/x/"
+        );
+        assert!(ArnPrefix::parse("arn:aws:iam::12345:role/").is_err());
+        assert!(ArnPrefix::parse("arn:aws:s3:::bucket").is_err());
+        assert!(ArnPrefix::parse("arn:aws:iam::123456789012:user/").is_err());
+        let g = Glob::parse("arn:aws:iam::*:role/a?c*").unwrap();
+        assert!(g.matches("arn:aws:iam::1:role/abc"));
+        assert!(g.matches("arn:aws:iam::1:role/axcdef"));
+        assert!(!g.matches("arn:aws:iam::1:role/ab"));
+        assert!(Glob::parse(" ").is_err());
+    }
+
+    #[test]
+    fn session_names_follow_sts_rules() {
+        assert_eq!(session_name(Some("/web-1"), "abc"), "web-1");
+        assert_eq!(session_name(Some("/my app:v2"), "abc"), "my-app-v2");
+        let long = "x".repeat(100);
+        assert_eq!(session_name(Some(&long), "abc").len(), 64);
+        assert_eq!(
+            session_name(Some("/a"), "0123456789abcdef"),
+            "0123456789abcdef"
+        );
+        assert_eq!(session_name(None, "f"), "container-f");
+        for name in [
+            session_name(Some("/ünïcødé"), "abcd"),
+            session_name(Some("/"), "ab"),
+        ] {
+            assert!((2..=64).contains(&name.len()), "{name}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)),
+                "{name}"
+            );
+        }
+    }
+}

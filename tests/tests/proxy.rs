@@ -1,0 +1,631 @@
+//! The proxy's IMDS API, end to end: the `imds-proxy` binary in cgroup mode on the simulated EC2
+//! host, moto as STS, real Docker containers asking with curl. Every check asserts the exact status
+//! and body a container gets.
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use imds_proxy::netdev;
+use imds_tests::{
+    http::Request,
+    images::{curl_image, docker, docker_ok},
+    scene::{ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
+    sim::HttpTokens,
+};
+
+const TEST_IF: &str = "imds-test0";
+const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
+
+fn scene() -> Scene {
+    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
+        .http_tokens(HttpTokens::Required)
+        .with_sts()
+        .start()
+        .expect("the simulated EC2 host starts")
+}
+
+fn proxy_bin() -> PathBuf {
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("imds-proxy");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo xtask test`",
+        bin.display()
+    );
+    bin
+}
+
+/// `imds-proxy run` with the scene's STS and the role prefix, plus `extra` flags.
+struct Proxy {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    ops: SocketAddr,
+}
+
+impl Proxy {
+    fn start(scene: &Scene, extra: &[&str]) -> Self {
+        let ops = SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+        ));
+        let mut child = Command::new(proxy_bin())
+            .arg("run")
+            .args([
+                "--listen",
+                "169.254.43.1:80",
+                "--listen",
+                "[fd00:ec2:43::1]:80",
+            ])
+            .args(["--interface", TEST_IF])
+            .args(["--ops-listen", &ops.to_string()])
+            .args([
+                "--sts-endpoint",
+                &format!("http://{}", scene.sts_endpoint().unwrap()),
+            ])
+            .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
+            .args(extra)
+            .env("RUST_LOG", "info,imds_proxy=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if line.contains("docker index synchronised") {
+                    let _ = tx.send(());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!("imds-proxy did not start: {:#?}", log.lock().unwrap());
+        }
+        Self { child, log, ops }
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let text = Request::get("/metrics").send(self.ops).unwrap().text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = netdev::remove(TEST_IF);
+        if std::thread::panicking() {
+            for line in self.log() {
+                eprintln!("proxy: {line}");
+            }
+        }
+    }
+}
+
+/// Run `script` with busybox sh in a fresh container; (container id, name, its output).
+fn in_container(docker_args: &[&str], script: &str) -> (String, String, String) {
+    ensure_imds_is_simulated().expect("IMDS is the simulator before a container talks to it");
+    let name = format!("imds-test-{}", rand_suffix());
+    let mut args = vec!["run", "-d", "--name", &name];
+    args.extend_from_slice(docker_args);
+    let image = curl_image().unwrap();
+    args.extend_from_slice(&[image, "sh", "-c", script]);
+    let id = docker_ok(&args).unwrap().trim().to_owned();
+    docker_ok(&["wait", &id]).unwrap();
+    let logs = docker(&["logs", &id]).unwrap();
+    docker_ok(&["rm", "-f", &id]).unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&logs.stdout),
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    (id, name, out)
+}
+
+fn rand_suffix() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    format!(
+        "{:x}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            & 0xffff_ffff
+    )
+}
+
+/// The seed's flow: PUT a token, GET the role name, GET the credentials. Prints each status and
+/// body as `== <status>` lines.
+const SDK_FLOW: &str = r#"
+T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+R=$(curl -s -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/)
+curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/
+curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-data/iam/security-credentials/$R"
+"#;
+
+/// (status, body) pairs from `== <status>` separated output.
+fn answers(out: &str) -> Vec<(u16, String)> {
+    let mut result = Vec::new();
+    let mut body = String::new();
+    for line in out.lines() {
+        if let Some(status) = line.strip_prefix("== ") {
+            result.push((status.trim().parse().unwrap(), body.trim_end().to_owned()));
+            body.clear();
+        } else {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    result
+}
+
+/// Who STS says these credentials are (the AWS CLI on the host, against the scene's STS).
+fn caller_arn(scene: &Scene, creds: &serde_json::Value) -> String {
+    let out = Command::new(scene.config().venv.join("bin/aws"))
+        .args([
+            "sts",
+            "get-caller-identity",
+            "--output",
+            "text",
+            "--query",
+            "Arn",
+        ])
+        .args([
+            "--endpoint-url",
+            &format!("http://{}", scene.sts_endpoint().unwrap()),
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ACCESS_KEY_ID", creds["AccessKeyId"].as_str().unwrap())
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            creds["SecretAccessKey"].as_str().unwrap(),
+        )
+        .env("AWS_SESSION_TOKEN", creds["Token"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Run the SDK flow in a container; assert it got `role`; return the credentials.
+fn assert_gets_role(scene: &Scene, docker_args: &[&str], role: &str) -> serde_json::Value {
+    let (_, name, out) = in_container(docker_args, SDK_FLOW);
+    let got = answers(&out);
+    assert_eq!(got.len(), 2, "{out}");
+    assert_eq!(got[0], (200, role.to_owned()), "{out}");
+    assert_eq!(got[1].0, 200, "{out}");
+    let creds: serde_json::Value = serde_json::from_str(&got[1].1).unwrap();
+    assert_eq!(creds["Code"], "Success");
+    assert_eq!(creds["Type"], "AWS-HMAC");
+    assert_eq!(
+        caller_arn(scene, &creds),
+        format!("arn:aws:sts::{ACCOUNT_ID}:assumed-role/{role}/{name}"),
+        "the session is the container's role, named after the container"
+    );
+    creds
+}
+
+#[test]
+fn label_env_and_default_roles() {
+    let scene = scene();
+    let proxy = Proxy::start(&scene, &["--default-role", "DefaultRole"]);
+    assert_gets_role(&scene, &["--label", "iam.amazonaws.com/role=Web"], "Web");
+    assert_gets_role(&scene, &["--env", "IAM_ROLE=Worker"], "Worker");
+    assert_gets_role(
+        &scene,
+        &[
+            "--label",
+            "iam.amazonaws.com/role=Web",
+            "--env",
+            "IAM_ROLE=Worker",
+        ],
+        "Web",
+    );
+    assert_gets_role(&scene, &[], "DefaultRole");
+    // A full ARN under the prefix.
+    assert_gets_role(
+        &scene,
+        &["--label", &format!("iam.amazonaws.com/role={PREFIX}Api")],
+        "Api",
+    );
+    let vends = proxy
+        .log()
+        .iter()
+        .filter(|l| l.contains("credentials vended") && l.contains("access_key_id=ASIA"))
+        .count();
+    assert_eq!(vends, 5, "one audit line per vend: {:#?}", proxy.log());
+}
+
+#[test]
+fn no_role_means_404_and_never_the_instance_role() {
+    let scene = scene();
+    let proxy = Proxy::start(&scene, &[]);
+    let script = r#"
+T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+for p in iam/security-credentials/ iam/security-credentials/InstanceRole iam/security-credentials/InstanceRole/ iam/info iam/ identity-credentials/ec2/security-credentials/ec2-instance; do
+  curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-data/$p"
+done
+curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/2021-03-23/meta-data/iam/security-credentials/InstanceRole
+curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/user-data
+curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/instance-id
+"#;
+    let (_, _, out) = in_container(&[], script);
+    let got = answers(&out);
+    let not_found = (404, "Not Found".to_owned());
+    assert_eq!(got.len(), 9, "{out}");
+    for answer in &got[..8] {
+        assert_eq!(answer, &not_found, "{out}");
+    }
+    assert_eq!(
+        got[8],
+        (200, "i-0123456789abcdef0".to_owned()),
+        "passed through"
+    );
+    assert!(!out.contains(INSTANCE_ROLE), "{out}");
+    assert!(
+        proxy.log().iter().any(|l| l.contains("no role: no label")),
+        "the log says why: {:#?}",
+        proxy.log()
+    );
+    assert_eq!(proxy.metric("imds_proxy_sts_calls_total"), 0);
+}
+
+#[test]
+fn roles_outside_the_prefix_or_the_allow_list_are_refused_without_sts() {
+    let scene = scene();
+    let proxy = Proxy::start(
+        &scene,
+        &[
+            "--allowed-roles",
+            "arn:aws:iam::123456789012:role/containers/web-*",
+        ],
+    );
+    for label in [
+        "iam.amazonaws.com/role=arn:aws:iam::123456789012:role/Admin",
+        "iam.amazonaws.com/role=db",
+    ] {
+        let name = label.rsplit(['/', '=']).next().unwrap();
+        let script = format!(
+            "curl -s -w '\\n== %{{http_code}}\\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/; \
+             curl -s -w '\\n== %{{http_code}}\\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/{name}"
+        );
+        let (_, _, out) = in_container(&["--label", label], &script);
+        let got = answers(&out);
+        assert_eq!(got[0], (404, "Not Found".to_owned()), "{label}: {out}");
+        assert_eq!(got[1], (404, "Not Found".to_owned()), "{label}: {out}");
+    }
+    let refused = proxy
+        .log()
+        .iter()
+        .filter(|l| l.contains("role refused; no STS call made"))
+        .count();
+    assert!(refused >= 2, "{:#?}", proxy.log());
+    assert!(
+        proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("is not under the role ARN prefix"))
+    );
+    assert!(
+        proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("is not in --allowed-roles"))
+    );
+    assert_eq!(proxy.metric("imds_proxy_sts_calls_total"), 0);
+    assert_gets_role(
+        &scene,
+        &["--label", "iam.amazonaws.com/role=web-api"],
+        "web-api",
+    );
+}
+
+#[test]
+fn the_first_milliseconds_of_a_container_and_ip_reuse() {
+    let scene = scene();
+    let _proxy = Proxy::start(&scene, &[]);
+    // The very first thing the container does is ask: no start event has been processed yet.
+    let first = r#"curl -s -w '\n== %{http_code}\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/; hostname -i 2>/dev/null || true"#;
+    let (id_a, _, out_a) = in_container(&["--label", "iam.amazonaws.com/role=RoleA"], first);
+    assert_eq!(answers(&out_a)[0], (200, "RoleA".to_owned()), "{out_a}");
+    // B starts right after A is gone and gets A's address on docker0 (Docker reuses it at once).
+    let (id_b, _, out_b) = in_container(&["--label", "iam.amazonaws.com/role=RoleB"], first);
+    assert_ne!(id_a, id_b);
+    assert_eq!(
+        answers(&out_b)[0],
+        (200, "RoleB".to_owned()),
+        "never A's role: {out_b}"
+    );
+}
+
+#[test]
+fn tokens_are_bound_to_their_container_and_v2_can_be_required() {
+    let scene = scene();
+    let _proxy = Proxy::start(&scene, &["--require-imdsv2"]);
+    let mint = "curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token";
+    let (_, _, token_a) = in_container(&["--label", "iam.amazonaws.com/role=RoleA"], mint);
+    assert!(token_a.len() > 40, "{token_a}");
+    let use_a = format!(
+        "curl -s -w '\\n== %{{http_code}}\\n' -H 'X-aws-ec2-metadata-token: {}' http://169.254.169.254/latest/meta-data/iam/security-credentials/; \
+         curl -s -w '\\n== %{{http_code}}\\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/; \
+         curl -s -w '\\n== %{{http_code}}\\n' -H 'X-aws-ec2-metadata-token: garbage' http://169.254.169.254/latest/meta-data/instance-id",
+        token_a.trim()
+    );
+    let (_, _, out) = in_container(&["--label", "iam.amazonaws.com/role=RoleB"], &use_a);
+    let unauthorized = (401, "Unauthorized".to_owned());
+    assert_eq!(
+        answers(&out),
+        vec![unauthorized.clone(), unauthorized.clone(), unauthorized],
+        "{out}"
+    );
+    // Token requests: TTL bounds and the anti-SSRF rule, as IMDS answers them.
+    let puts = r#"
+for ttl in 0 1 21600 21601 x; do curl -s -o /dev/null -w '== %{http_code}\n' -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: $ttl" http://169.254.169.254/latest/api/token; done
+curl -s -o /dev/null -w '== %{http_code}\n' -X PUT http://169.254.169.254/latest/api/token
+curl -s -o /dev/null -w '== %{http_code}\n' -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' -H 'X-Forwarded-For: 1.2.3.4' http://169.254.169.254/latest/api/token
+curl -s -D - -o /dev/null -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 77' http://169.254.169.254/latest/api/token | grep -i ttl
+"#;
+    let (_, _, out) = in_container(&[], puts);
+    let statuses: Vec<u16> = answers(&out).iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [400, 200, 200, 400, 400, 400, 403], "{out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("x-aws-ec2-metadata-token-ttl-seconds: 77"),
+        "{out}"
+    );
+}
+
+#[test]
+fn fifty_concurrent_first_requests_make_one_sts_call() {
+    let scene = scene();
+    let proxy = Proxy::start(&scene, &[]);
+    let script = r#"
+for i in $(seq 50); do
+  curl -s -o /dev/null -w '== %{http_code}\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/Burst &
+done
+wait
+"#;
+    let (_, _, out) = in_container(&["--label", "iam.amazonaws.com/role=Burst"], script);
+    let statuses: Vec<u16> = answers(&out).iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, vec![200; 50], "{out}");
+    assert_eq!(proxy.metric("imds_proxy_sts_calls_total"), 1);
+    assert_eq!(proxy.metric("imds_proxy_credentials_vended_total"), 50);
+}
+
+#[test]
+fn bad_input_gets_clean_4xx_and_never_reaches_upstream_raw() {
+    let scene = scene();
+    let proxy = Proxy::start(&scene, &[]);
+    let script = r#"
+U=http://169.254.169.254
+curl -s -o /dev/null -w '== %{http_code}\n' --path-as-is "$U/latest/meta-data/../meta-data/iam/security-credentials/"
+curl -s -o /dev/null -w '== %{http_code}\n' --path-as-is "$U/latest/meta-data/%2e%2e/user-data"
+curl -s -o /dev/null -w '== %{http_code}\n' --path-as-is "$U/latest//user-data"
+curl -s -o /dev/null -w '== %{http_code}\n' --path-as-is "$U/latest/meta-data/$(printf '\377\376')"
+curl -s -o /dev/null -w '== %{http_code}\n' -X POST "$U/latest/meta-data/"
+curl -s -o /dev/null -w '== %{http_code}\n' -X DELETE "$U/latest/api/token"
+curl -s -o /dev/null -w '== %{http_code}\n' -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$U/2021-03-23/api/token"
+curl -s -o /dev/null -w '== %{http_code}\n' -H "X-Big: $(head -c 70000 /dev/zero | tr '\0' a)" "$U/latest/meta-data/"
+curl -s -o /dev/null -w '== %{http_code}\n' "$U/latest/meta-data/ami-id"
+"#;
+    let (_, _, out) = in_container(&[], script);
+    let statuses: Vec<u16> = answers(&out).iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses.len(), 9, "{out}");
+    for (i, status) in statuses[..8].iter().enumerate() {
+        assert!((400..500).contains(status), "request {i}: {status}: {out}");
+    }
+    assert_eq!(statuses[0], 400);
+    assert_eq!(statuses[4], 405);
+    assert_eq!(statuses[5], 405);
+    assert_eq!(statuses[6], 403);
+    assert_eq!(statuses[8], 200, "still serving after all that");
+    // The only path that reached the simulator (besides the proxy's own token and region) is
+    // the valid one.
+    let upstream: Vec<String> = scene
+        .sim_requests()
+        .into_iter()
+        .filter(|l| !l.contains("/latest/api/token") && !l.contains("placement/region"))
+        .collect();
+    assert_eq!(upstream.len(), 1, "{upstream:#?}");
+    assert!(
+        upstream[0].contains("path=\"/latest/meta-data/ami-id\""),
+        "{upstream:#?}"
+    );
+    assert!(
+        proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("refused: malformed path")),
+        "{:#?}",
+        proxy.log()
+    );
+}
+
+#[test]
+fn invalid_configuration_exits_before_attaching() {
+    let out = Command::new(proxy_bin())
+        .args([
+            "run",
+            "--role-arn-prefix",
+            "arn:aws:iam::123:role/",
+            "--interface",
+            TEST_IF,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim(),
+        "imds-proxy: invalid configuration: role-arn-prefix: \"arn:aws:iam::123:role/\": the account must be 12 digits"
+    );
+    assert!(!netdev::exists(TEST_IF), "nothing was set up");
+}
+
+/// A long-running container to `docker exec` into (its processes are in its cgroup).
+struct Running(String);
+
+impl Running {
+    fn start(docker_args: &[&str]) -> Self {
+        ensure_imds_is_simulated().unwrap();
+        let mut args = vec!["run", "-d"];
+        args.extend_from_slice(docker_args);
+        args.extend_from_slice(&[curl_image().unwrap(), "sleep", "600"]);
+        Self(docker_ok(&args).unwrap().trim().to_owned())
+    }
+
+    fn exec(&self, script: &str) -> String {
+        ensure_imds_is_simulated().unwrap();
+        let out = docker(&["exec", &self.0, "sh", "-c", script]).unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.0]);
+    }
+}
+
+fn get_credentials(container: &Running, role: &str) -> (u16, String) {
+    let out = container.exec(&format!(
+        "curl -s -w '\\n== %{{http_code}}\\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/{role}"
+    ));
+    answers(&out).pop().unwrap_or_else(|| panic!("{out}"))
+}
+
+#[test]
+fn a_reused_ip_never_carries_the_previous_owners_role() {
+    let scene = scene();
+    let _proxy = Proxy::start(&scene, &[]);
+    let _ = docker(&["network", "rm", "imds-test-reuse"]);
+    docker_ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "172.30.99.0/24",
+        "imds-test-reuse",
+    ])
+    .unwrap();
+    let net = ["--network", "imds-test-reuse", "--ip", "172.30.99.10"];
+    let a = Running::start(&[&net[..], &["--label", "iam.amazonaws.com/role=RoleA"]].concat());
+    assert_eq!(get_credentials(&a, "RoleA").0, 200);
+    drop(a);
+    let b = Running::start(&[&net[..], &["--label", "iam.amazonaws.com/role=RoleB"]].concat());
+    let ip = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &b.0,
+    ])
+    .unwrap();
+    assert_eq!(ip.trim(), "172.30.99.10", "B has A's address");
+    let out = b.exec("curl -s -w '\\n== %{http_code}\\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/");
+    assert_eq!(answers(&out), vec![(200, "RoleB".to_owned())], "{out}");
+    assert_eq!(get_credentials(&b, "RoleA"), (404, "Not Found".to_owned()));
+    let (status, creds) = get_credentials(&b, "RoleB");
+    assert_eq!(status, 200);
+    let creds: serde_json::Value = serde_json::from_str(&creds).unwrap();
+    assert!(caller_arn(&scene, &creds).contains(":assumed-role/RoleB/"));
+    drop(b);
+    docker_ok(&["network", "rm", "imds-test-reuse"]).unwrap();
+}
+
+#[test]
+fn an_sts_outage_serves_cached_credentials_and_recovers() {
+    let mut scene = scene();
+    let _proxy = Proxy::start(&scene, &[]);
+    let cached = Running::start(&["--label", "iam.amazonaws.com/role=Steady"]);
+    let (status, first) = get_credentials(&cached, "Steady");
+    assert_eq!(status, 200, "{first}");
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+
+    scene.stop_sts().unwrap();
+    let (status, during) = get_credentials(&cached, "Steady");
+    assert_eq!(
+        status, 200,
+        "the cached session is served through the outage: {during}"
+    );
+    let during: serde_json::Value = serde_json::from_str(&during).unwrap();
+    assert_eq!(during["AccessKeyId"], first["AccessKeyId"]);
+    // A role never fetched: nothing to serve, an error the SDKs retry (5xx, IMDS-style JSON).
+    let fresh = Running::start(&["--label", "iam.amazonaws.com/role=Fresh"]);
+    let (status, body) = get_credentials(&fresh, "Fresh");
+    assert_eq!(status, 503, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["Code"], "ServiceUnavailable");
+    assert!(error["Message"].as_str().unwrap().contains("retry"));
+
+    scene.start_sts().unwrap();
+    let (status, body) = get_credentials(&fresh, "Fresh");
+    assert_eq!(status, 200, "recovered: {body}");
+}
+
+#[test]
+fn the_docker_index_recovers_from_a_daemon_restart() {
+    let scene = scene();
+    let proxy = Proxy::start(&scene, &[]);
+    imds_tests::images::restart_docker().unwrap();
+    // The proxy notices and lists again (bounded wait for its own log line).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while proxy
+        .log()
+        .iter()
+        .filter(|l| l.contains("docker index synchronised"))
+        .count()
+        < 2
+    {
+        assert!(std::time::Instant::now() < deadline, "{:#?}", proxy.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_gets_role(
+        &scene,
+        &["--label", "iam.amazonaws.com/role=AfterRestart"],
+        "AfterRestart",
+    );
+    let ready = Request::get("/readyz").send(proxy.ops).unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.text());
+}

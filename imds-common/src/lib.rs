@@ -29,8 +29,14 @@ pub const MAP_CONTAINER_CGROUPS: &str = "IMDS_CGROUPS";
 
 /// Capacity of the connection record maps (LRU: the oldest record goes when full).
 pub const MAX_CONNS: u32 = 16_384;
-/// Capacity of the container cgroup set used in filter mode.
-pub const MAX_CONTAINER_CGROUPS: u32 = 8_192;
+/// Capacity of the cgroup classification used in filter mode.
+pub const MAX_FILTER_CGROUPS: u32 = 65_536;
+
+/// Filter mode: the value of a cgroup in `IMDS_CGROUPS`. A cgroup that is absent is not yet
+/// classified, and its IMDS connects are refused: fail closed until userspace knows it.
+pub const CGROUP_CONTAINER: u8 = 1;
+/// Filter mode: a host service's cgroup; its IMDS connects go to IMDS untouched.
+pub const CGROUP_HOST: u8 = 2;
 
 /// An address as the kernel's socket hooks carry it: 4 words, each holding 4 bytes of the address
 /// in network order. IPv4 uses the first word only.
@@ -83,8 +89,9 @@ pub struct RedirectConfig {
     pub proxy_port_v4: u32,
     /// The proxy's IPv6 listen port (`user_port` form: network order).
     pub proxy_port_v6: u32,
-    /// Non-zero: redirect only sockets whose cgroup is in `IMDS_CGROUPS` (programs attached at a
-    /// parent that also holds host services). Zero: redirect every socket under the attach point.
+    /// Non-zero (filter mode, for a parent that also holds host services): redirect sockets of
+    /// cgroups marked [`CGROUP_CONTAINER`] in `IMDS_CGROUPS`, pass those marked [`CGROUP_HOST`],
+    /// refuse the rest. Zero: redirect every socket under the attach point.
     pub filter: u32,
     /// The proxy's own cgroup: its connects (to the real IMDS) are never rewritten.
     pub proxy_cgroup: u64,

@@ -33,8 +33,9 @@ mod programs {
     use aya_log_ebpf::warn;
     use core::ptr::read_volatile;
     use imds_common::{
-        AF_INET, AF_INET6, ConnKey, ConnRecord, IMDS_PORT, IMDS_V4_OCTETS, IMDS_V6_OCTETS,
-        MAX_CONNS, MAX_CONTAINER_CGROUPS, RawAddr, RedirectConfig, raw_port, raw_v4, raw_v6,
+        AF_INET, AF_INET6, CGROUP_CONTAINER, CGROUP_HOST, ConnKey, ConnRecord, IMDS_PORT,
+        IMDS_V4_OCTETS, IMDS_V6_OCTETS, MAX_CONNS, MAX_FILTER_CGROUPS, RawAddr, RedirectConfig,
+        raw_port, raw_v4, raw_v6,
     };
 
     /// Verdicts of cgroup/sock_addr programs.
@@ -57,10 +58,9 @@ mod programs {
     #[map(name = "IMDS_CONNS")]
     static CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
-    /// In filter mode, the cgroups whose sockets are redirected (container cgroups).
+    /// In filter mode, what each cgroup under the attach point is: container or host.
     #[map(name = "IMDS_CGROUPS")]
-    static CONTAINER_CGROUPS: HashMap<u64, u8> =
-        HashMap::with_max_entries(MAX_CONTAINER_CGROUPS, 0);
+    static FILTER_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_CGROUPS, 0);
 
     /// The configuration, if userspace has written one.
     fn config() -> Option<&'static RedirectConfig> {
@@ -71,18 +71,33 @@ mod programs {
         }
     }
 
-    /// Whether a connect to the IMDS address from the current task is redirected. Both families.
-    fn should_redirect(config: &RedirectConfig) -> bool {
+    /// What to do with a connect to the IMDS address from the current task. Both families.
+    enum Decision {
+        Redirect,
+        Pass,
+        Refuse,
+    }
+
+    fn decide(config: &RedirectConfig) -> Decision {
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
         if cgroup == config.proxy_cgroup {
             // The proxy itself, fetching the instance's credentials from the real IMDS.
-            return false;
+            return Decision::Pass;
         }
-        if config.filter != 0 && unsafe { CONTAINER_CGROUPS.get(cgroup) }.is_none() {
-            // Filter mode and not a container's cgroup: a host service under the same parent.
-            return false;
+        if config.filter == 0 {
+            // Everything under the attach point is a container.
+            return Decision::Redirect;
         }
-        true
+        match unsafe { FILTER_CGROUPS.get(cgroup) } {
+            // Filter mode, a container's cgroup.
+            Some(&CGROUP_CONTAINER) => Decision::Redirect,
+            // Filter mode, a host service under the same parent.
+            Some(&CGROUP_HOST) => Decision::Pass,
+            // Filter mode, a cgroup userspace has not classified yet (created a moment ago):
+            // it might be a container, so it must not reach IMDS. Refuse; it is classified
+            // within milliseconds.
+            _ => Decision::Refuse,
+        }
     }
 
     fn record(family: u16, orig_addr: RawAddr) -> ConnRecord {
@@ -114,8 +129,13 @@ mod programs {
             warn!(&ctx, "IMDS connect refused: redirect not configured");
             return REFUSE;
         };
-        if !should_redirect(config) {
-            return ALLOW;
+        match decide(config) {
+            Decision::Redirect => {}
+            Decision::Pass => return ALLOW,
+            Decision::Refuse => {
+                warn!(&ctx, "IMDS connect refused: cgroup not classified yet");
+                return REFUSE;
+            }
         }
         if PENDING
             .insert(cookie(sa), record(AF_INET, [IMDS_V4, 0, 0, 0]), 0)
@@ -149,13 +169,18 @@ mod programs {
             warn!(&ctx, "IMDS connect refused: redirect not configured");
             return REFUSE;
         };
+        match decide(config) {
+            Decision::Redirect => {}
+            Decision::Pass => return ALLOW,
+            Decision::Refuse => {
+                warn!(&ctx, "IMDS connect refused: cgroup not classified yet");
+                return REFUSE;
+            }
+        }
         if config.proxy_port_v6 == 0 {
-            // The proxy has no IPv6 listener: refuse, never let the connect through.
+            // To be redirected, but the proxy has no IPv6 listener: refuse, never let it through.
             warn!(&ctx, "IMDS IPv6 connect refused: no IPv6 listen address");
             return REFUSE;
-        }
-        if !should_redirect(config) {
-            return ALLOW;
         }
         if PENDING
             .insert(cookie(sa), record(AF_INET6, IMDS_V6), 0)

@@ -99,6 +99,11 @@ pub struct RunArgs {
     /// cgroup v2 directory whose sockets are redirected (repeatable). Default: Docker's parent.
     #[arg(long = "cgroup", env = "IMDS_PROXY_CGROUP", value_delimiter = ',')]
     pub cgroups: Vec<PathBuf>,
+    /// With --cgroup: the attach points also hold host services; redirect only container cgroups
+    /// (docker-<id>.scope, docker/<id>), pass the others, refuse those not classified yet.
+    /// Automatic with Docker's systemd cgroup driver.
+    #[arg(long, env = "IMDS_PROXY_CGROUP_FILTER")]
+    pub cgroup_filter: bool,
     /// bpffs directory to pin links and maps in: if the proxy dies, containers fail closed.
     #[arg(long, env = "IMDS_PROXY_PIN")]
     pub pin: Option<PathBuf>,

@@ -96,6 +96,18 @@ impl Index {
         self.len() == 0
     }
 
+    /// Docker's cgroup driver: `cgroupfs` or `systemd`.
+    pub async fn cgroup_driver(&self) -> Result<String, Error> {
+        let info = self.docker.info().await.map_err(|source| Error {
+            host: self.host.clone(),
+            source,
+        })?;
+        Ok(info
+            .cgroup_driver
+            .map(|d| d.to_string())
+            .unwrap_or_default())
+    }
+
     /// Answer whether the daemon answers now.
     pub async fn ping(&self) -> bool {
         self.docker.ping().await.is_ok()

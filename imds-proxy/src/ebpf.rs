@@ -1,14 +1,15 @@
 //! Loading, attaching and pinning the kernel programs built from `imds-ebpf`, and reading the
 //! connection records they leave for the proxy.
 //!
-//! With a pin directory (bpffs), the maps and the sock_addr links are pinned there: if the proxy
-//! dies, containers' IMDS connects keep being redirected to its (dead) listen address and fail, and
-//! a restarted proxy adopts the pinned links and maps without ever detaching them. aya 0.14 cannot
-//! pin a sock_ops link; it is attached by each run. While it is missing, redirected connections
-//! have no record and the proxy refuses them: still closed.
+//! With a pin directory (bpffs), the maps and every link are pinned there: if the proxy dies,
+//! containers' IMDS connects keep being redirected to its (dead) listen address and fail, the
+//! records of those refused connects are still removed when their sockets close, and a restarted
+//! proxy adopts the pinned links and maps without ever detaching them. (aya 0.14 cannot pin a
+//! sock_ops link; [`raw`] creates and pins that one with bpf(2) directly.)
 use std::{
     fs::File,
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsFd as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -94,7 +95,8 @@ pub struct Spec {
     pub listen_v6: Option<SocketAddrV6>,
     /// cgroup v2 directories to attach to (every socket below them is considered).
     pub cgroups: Vec<PathBuf>,
-    /// Redirect only sockets whose cgroup id was added with [`Redirect::add_container_cgroup`].
+    /// Filter mode: redirect sockets of cgroups classified as containers with
+    /// [`Redirect::classify_cgroup`], pass those classified as host, refuse the unclassified.
     pub filter: bool,
     /// cgroup id whose connects are never redirected: the proxy's own.
     pub own_cgroup: u64,
@@ -168,22 +170,45 @@ impl Redirect {
                 source,
             })?;
 
+        let mut pinned = Vec::new();
+        let mut adopted = 0;
         let sock_ops: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
         sock_ops.load().map_err(|source| Error::Program {
             name: SOCK_OPS_PROGRAM,
             source,
         })?;
-        for (_, file, _) in &cgroups {
-            sock_ops
-                .attach(file, CgroupAttachMode::Single)
-                .map_err(|source| Error::Program {
+        for (_, file, id) in &cgroups {
+            let Some(dir) = &spec.pin else {
+                sock_ops
+                    .attach(file, CgroupAttachMode::Single)
+                    .map_err(|source| Error::Program {
+                        name: SOCK_OPS_PROGRAM,
+                        source,
+                    })?;
+                continue;
+            };
+            // aya 0.14 cannot pin a sock_ops link: create and pin it with bpf(2) directly, so
+            // that records of refused connects are still cleaned up while the proxy is down.
+            let pin_path = dir.join(link_pin_name(SOCK_OPS_PROGRAM, *id));
+            if !pin_path.exists() {
+                let prog_fd = sock_ops.fd().map_err(|source| Error::Program {
                     name: SOCK_OPS_PROGRAM,
                     source,
                 })?;
+                let link =
+                    raw::link_create(prog_fd.as_fd(), file.as_fd(), raw::BPF_CGROUP_SOCK_OPS)?;
+                raw::obj_pin(link.as_fd(), &pin_path)?;
+            } else {
+                adopted += 1;
+            }
+            pinned.push(
+                PinnedLink::from_pin(&pin_path).map_err(|source| Error::Adopt {
+                    path: pin_path.clone(),
+                    source,
+                })?,
+            );
         }
 
-        let mut pinned = Vec::new();
-        let mut adopted = 0;
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
@@ -271,6 +296,24 @@ impl Redirect {
         }
     }
 
+    /// How many records the kernel holds: (pending, established). Both drain to zero when every
+    /// redirected connection has been accepted or closed.
+    pub fn record_counts(&self) -> (usize, usize) {
+        let pending = self
+            ._ebpf
+            .map(MAP_PENDING)
+            .and_then(|map| HashMap::<_, u64, ConnRecord>::try_from(map).ok())
+            .map(|map| map.keys().count())
+            .unwrap_or(0);
+        let conns = self
+            .conns
+            .lock()
+            .expect("conns lock poisoned")
+            .keys()
+            .count();
+        (pending, conns)
+    }
+
     /// How many pinned links of a previous run were adopted instead of attached.
     pub fn adopted_links(&self) -> usize {
         self.adopted
@@ -299,25 +342,117 @@ impl Redirect {
         })
     }
 
-    /// Filter mode: redirect sockets of this cgroup from now on.
-    pub fn add_container_cgroup(&self, cgroup_id: u64) -> Result<(), Error> {
+    /// Filter mode: classify a cgroup as a container's (redirected) or a host service's (passed).
+    pub fn classify_cgroup(&self, cgroup_id: u64, container: bool) -> Result<(), Error> {
+        let kind = if container {
+            imds_common::CGROUP_CONTAINER
+        } else {
+            imds_common::CGROUP_HOST
+        };
         self.containers
             .lock()
             .expect("containers lock poisoned")
-            .insert(cgroup_id, 1, 0)
+            .insert(cgroup_id, kind, 0)
             .map_err(|source| Error::Map {
                 name: MAP_CONTAINER_CGROUPS,
                 source,
             })
     }
 
-    /// Filter mode: stop redirecting sockets of this cgroup.
-    pub fn remove_container_cgroup(&self, cgroup_id: u64) {
+    /// Filter mode: forget a removed cgroup (ids are never reused).
+    pub fn forget_cgroup(&self, cgroup_id: u64) {
         let _ = self
             .containers
             .lock()
             .expect("containers lock poisoned")
             .remove(&cgroup_id);
+    }
+}
+
+/// The two bpf(2) commands aya 0.14 does not offer for sock_ops links.
+mod raw {
+    use std::{
+        ffi::CString,
+        os::{
+            fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+            unix::ffi::OsStrExt as _,
+        },
+        path::Path,
+    };
+
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    /// `enum bpf_attach_type`: BPF_CGROUP_SOCK_OPS.
+    pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+
+    /// The `link_create` member of `union bpf_attr` (the fields used here, then zeroes).
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        rest: [u64; 4],
+    }
+
+    /// The `obj_pin` member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        pad: u32,
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+        // SAFETY: attr is a live, correctly laid out prefix of union bpf_attr; the kernel reads
+        // size_of::<T>() bytes of it and zero-extends the rest.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut T,
+                std::mem::size_of::<T>() as libc::c_uint,
+            )
+        };
+        if ret < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }
+
+    /// BPF_LINK_CREATE of program `prog` on cgroup `target` (single attachment).
+    pub fn link_create(
+        prog: BorrowedFd<'_>,
+        target: BorrowedFd<'_>,
+        attach_type: u32,
+    ) -> std::io::Result<OwnedFd> {
+        let mut attr = LinkCreate {
+            prog_fd: prog.as_raw_fd() as u32,
+            target_fd: target.as_raw_fd() as u32,
+            attach_type,
+            flags: 0,
+            rest: [0; 4],
+        };
+        let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+        // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// BPF_OBJ_PIN of `fd` at `path` on a bpffs.
+    pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::other("pin path contains a NUL byte"))?;
+        let mut attr = ObjPin {
+            pathname: c_path.as_ptr() as u64,
+            bpf_fd: fd.as_raw_fd() as u32,
+            file_flags: 0,
+            path_fd: 0,
+            pad: 0,
+        };
+        bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
     }
 }
 

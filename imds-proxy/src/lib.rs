@@ -5,6 +5,7 @@ pub mod config;
 pub mod credentials;
 pub mod docker;
 pub mod ebpf;
+pub mod filter;
 pub mod identity;
 pub mod imds;
 pub mod metrics;

@@ -116,26 +116,25 @@ fn detach(pin: Option<PathBuf>, interface: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Docker's parent cgroup on the v2 hierarchy (cgroupfs driver): `<root>/docker`.
-fn docker_parent_cgroup(root: &std::path::Path) -> anyhow::Result<PathBuf> {
-    let systemd_scopes = std::fs::read_dir(root.join("system.slice"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("docker-"))
-        })
-        .unwrap_or(false);
-    if systemd_scopes {
-        bail!(
-            "Docker uses the systemd cgroup driver here (docker-<id>.scope under system.slice, \
-             beside host services): pass the container cgroups to redirect with --cgroup"
-        );
+/// Where containers' cgroups live on the v2 hierarchy, by Docker's cgroup driver, and whether
+/// that parent also holds host services (filter mode).
+fn docker_parent_cgroup(root: &std::path::Path, driver: &str) -> anyhow::Result<(PathBuf, bool)> {
+    if driver == "systemd" {
+        // docker-<id>.scope under system.slice, beside the host's services.
+        let slice = root.join("system.slice");
+        if !slice.is_dir() {
+            bail!(
+                "Docker uses the systemd cgroup driver but {} does not exist; pass --cgroup",
+                slice.display()
+            );
+        }
+        return Ok((slice, true));
     }
     let parent = root.join("docker");
     // runc creates it with the first container; creating it first is what runc would do.
     std::fs::create_dir_all(&parent)
         .with_context(|| format!("creating Docker's parent cgroup {}", parent.display()))?;
-    Ok(parent)
+    Ok((parent, false))
 }
 
 #[tokio::main]
@@ -154,11 +153,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         SocketAddr::V4(_) => None,
     });
     let root = identity::cgroup2_root()?;
-    let cgroups = if args.cgroups.is_empty() {
-        vec![docker_parent_cgroup(&root)?]
-    } else {
-        args.cgroups.clone()
-    };
     let own_path = identity::own_cgroup_path()?;
     let own_cgroup = ebpf::cgroup_id(&root.join(own_path.trim_start_matches('/')))
         .with_context(|| format!("the proxy's own cgroup {own_path}"))?;
@@ -166,6 +160,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Everything that can fail for reasons outside the kernel, before anything is attached.
     let metrics = Arc::new(Metrics::default());
     let docker = docker::Index::connect(&args.docker_host).await?;
+    let (cgroups, filter) = if args.cgroups.is_empty() {
+        let driver = docker.cgroup_driver().await?;
+        let (parent, filter) = docker_parent_cgroup(&root, &driver)?;
+        tracing::info!(driver, parent = %parent.display(), filter, "Docker's cgroups");
+        (vec![parent], filter)
+    } else {
+        (args.cgroups.clone(), args.cgroup_filter)
+    };
     let sts = credentials::sts_client(
         &args.upstream,
         args.region.as_deref(),
@@ -202,7 +204,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         listen_v4,
         listen_v6,
         cgroups: cgroups.clone(),
-        filter: false,
+        filter,
         own_cgroup,
         pin: args.pin.clone(),
     };
@@ -216,6 +218,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         own_cgroup = %own_path,
         "redirect attached; serving"
     );
+    if filter {
+        for parent in &cgroups {
+            let feed = imds_proxy::filter::Feed::start(redirect.clone(), parent)
+                .with_context(|| format!("classifying the cgroups under {}", parent.display()))?;
+            std::thread::spawn(move || {
+                if let Err(err) = feed.run() {
+                    // Unclassified cgroups stay refused: closed, and loud.
+                    tracing::error!(%err, "cgroup watch failed; new cgroups' IMDS connects will be refused");
+                }
+            });
+        }
+    }
     let resolver = Arc::new(Cgroups::new(root));
     let logs = redirect.clone();
     tokio::spawn(async move { logs.forward_kernel_logs().await });

@@ -52,6 +52,22 @@ struct TestProxy {
 
 impl TestProxy {
     fn start(cgroups: Vec<PathBuf>, own_cgroup: u64) -> Self {
+        Self::start_with(cgroups, own_cgroup, false)
+    }
+
+    /// Filter mode; with `feed`, the cgroups below are classified (and watched) as the proxy does.
+    fn start_filtered(parent: &Path, feed: bool) -> Self {
+        let proxy = Self::start_with(vec![parent.to_owned()], 0, true);
+        if feed {
+            let feed = imds_proxy::filter::Feed::start(proxy.redirect.clone().unwrap(), parent)
+                .expect("the cgroups are classified");
+            // Ends when the parent cgroup is removed at the end of the test.
+            std::thread::spawn(move || feed.run());
+        }
+        proxy
+    }
+
+    fn start_with(cgroups: Vec<PathBuf>, own_cgroup: u64, filter: bool) -> Self {
         netdev::ensure(
             TEST_IF,
             &[(*LISTEN_V4.ip()).into(), (*LISTEN_V6.ip()).into()],
@@ -66,7 +82,7 @@ impl TestProxy {
             listen_v4: LISTEN_V4,
             listen_v6: Some(LISTEN_V6),
             cgroups,
-            filter: false,
+            filter,
             own_cgroup,
             pin: None,
         };
@@ -277,6 +293,11 @@ fn two_containers_are_told_apart_over_1000_interleaved_connections() {
         );
     }
     assert_eq!(proxy.callers().len(), 1000);
+    assert_eq!(
+        proxy.redirect.as_ref().unwrap().record_counts(),
+        (0, 0),
+        "every record was consumed"
+    );
 }
 
 #[test]
@@ -428,6 +449,16 @@ fn spawn_proxy(cgroup: &Path, pin: &Path) -> (Child, Arc<Mutex<Vec<String>>>) {
     (child, lines)
 }
 
+/// Entries in the pinned record maps: (pending, established).
+fn pinned_record_counts(pin: &Path) -> (usize, usize) {
+    use aya::maps::{HashMap, Map, MapData};
+    use imds_common::{ConnKey, ConnRecord};
+    let open = |name: &str| Map::LruHashMap(MapData::from_pin(pin.join(name)).unwrap());
+    let pending = HashMap::<_, u64, ConnRecord>::try_from(open("IMDS_PENDING")).unwrap();
+    let conns = HashMap::<_, ConnKey, ConnRecord>::try_from(open("IMDS_CONNS")).unwrap();
+    (pending.keys().count(), conns.keys().count())
+}
+
 /// Programs and maps of imds-proxy the kernel still holds (names are cut at 15 characters).
 fn kernel_objects() -> Vec<String> {
     let mut found: Vec<String> = aya::programs::loaded_programs()
@@ -469,13 +500,19 @@ fn a_killed_pinned_proxy_fails_closed_restarts_and_detaches_cleanly() {
         before,
         "the container never reached IMDS"
     );
+    // The refused sockets closed: their records went with them.
+    assert_eq!(
+        pinned_record_counts(&pin),
+        (0, 0),
+        "records left after refused connects"
+    );
 
     let (mut proxy, log) = spawn_proxy(parent.path(), &pin);
     assert!(
         log.lock()
             .unwrap()
             .iter()
-            .any(|l| l.contains("adopted_links=4")),
+            .any(|l| l.contains("adopted_links=5")),
         "the restarted proxy adopted the pinned links: {:#?}",
         log.lock().unwrap()
     );
@@ -551,4 +588,87 @@ fn a_direct_connection_to_the_listen_address_gets_403() {
         .status()
         .unwrap();
     assert!(detach.success());
+}
+
+const SCOPE_ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const LATE_ID: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+/// Docker's systemd cgroup driver: containers are docker-<id>.scope beside host services.
+#[test]
+fn filter_mode_redirects_container_scopes_and_passes_host_services() {
+    let scene = scene();
+    let slice = TestCgroup::new("imds-test-system.slice").unwrap();
+    let scope = slice.child(&format!("docker-{SCOPE_ID}.scope")).unwrap();
+    let service = slice.child("sshd.service").unwrap();
+    let proxy = TestProxy::start_filtered(slice.path(), true);
+
+    let redirected = probe(scope.path(), None, imds_v4(), 1);
+    assert_eq!(redirected[0]["body"], SCOPE_ID, "{}", redirected[0]);
+    let host = probe(service.path(), None, imds_v4(), 1);
+    assert_eq!(
+        host[0]["server"],
+        serde_json::Value::Null,
+        "passed to IMDS: {}",
+        host[0]
+    );
+    assert_eq!(scene.sim_requests().len(), 1);
+
+    // Created after the start: the watcher classifies them. Until it has, the kernel refuses
+    // (never passes) their IMDS connects; wait, bounded, for the classification.
+    let late_scope = slice.child(&format!("docker-{LATE_ID}.scope")).unwrap();
+    let late_service = slice.child("cron.service").unwrap();
+    let settle = |cgroup: &TestCgroup| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = probe(cgroup.path(), None, imds_v4(), 1).remove(0);
+            if r["kind"] != "PermissionDenied" || Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let r = settle(&late_scope);
+    assert_eq!(r["body"], LATE_ID, "{r}");
+    let sim_before = scene.sim_requests().len();
+    let r = settle(&late_service);
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["server"], serde_json::Value::Null, "{r}");
+    assert_eq!(
+        scene.sim_requests().len(),
+        sim_before + 1,
+        "only the service reached IMDS"
+    );
+    let identified: Vec<Option<String>> = proxy
+        .callers()
+        .into_iter()
+        .map(|c| c.and_then(|c| c.container_id))
+        .collect();
+    assert_eq!(
+        identified,
+        [Some(SCOPE_ID.to_owned()), Some(LATE_ID.to_owned())]
+    );
+}
+
+#[test]
+fn filter_mode_refuses_cgroups_not_classified_yet() {
+    let scene = scene();
+    let slice = TestCgroup::new("imds-test-unclassified.slice").unwrap();
+    let scope = slice.child(&format!("docker-{SCOPE_ID}.scope")).unwrap();
+    let service = slice.child("sshd.service").unwrap();
+    // No feed: nothing below the attach point is classified.
+    let proxy = TestProxy::start_filtered(slice.path(), false);
+    for cgroup in [&scope, &service] {
+        let r = probe(cgroup.path(), None, imds_v4(), 1);
+        assert_eq!(
+            r[0]["kind"], "PermissionDenied",
+            "refused by the kernel: {}",
+            r[0]
+        );
+    }
+    assert_eq!(
+        scene.sim_requests(),
+        Vec::<String>::new(),
+        "nothing reached IMDS"
+    );
+    assert!(proxy.callers().is_empty());
 }

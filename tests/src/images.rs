@@ -18,6 +18,31 @@ const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "printf", "sleep", "timeout", "grep", "sed", "env", "ls", "true", "false",
 ];
 
+/// The Rust SDK client (`imds-whoami`: aws-config's default chain + STS GetCallerIdentity) and the
+/// libraries it links. Rebuilt from the given binary every time: it changes with the code.
+pub const WHOAMI_IMAGE: &str = "imds-proxy/whoami:latest";
+
+/// Build [`WHOAMI_IMAGE`] from the `imds-whoami` binary at `binary`; returns its name.
+pub fn whoami_image(binary: &Path) -> anyhow::Result<&'static str> {
+    let rootfs = scratch_dir("whoami")?;
+    fs::create_dir_all(rootfs.join("tmp"))?;
+    fs::create_dir_all(rootfs.join("etc"))?;
+    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/whoami\n")?;
+    // The SDK's TLS client loads the system's root certificates at start, whatever the endpoint.
+    fs::create_dir_all(rootfs.join("etc/ssl/certs"))?;
+    fs::copy(
+        "/etc/ssl/certs/ca-certificates.crt",
+        rootfs.join("etc/ssl/certs/ca-certificates.crt"),
+    )
+    .context("copying the CA bundle (Debian ca-certificates)")?;
+    copy_with_libraries(binary, &rootfs)?;
+    let installed = rootfs.join(binary.strip_prefix("/")?);
+    fs::rename(&installed, rootfs.join("whoami"))?;
+    import_with(&rootfs, WHOAMI_IMAGE, "CMD [\"/whoami\"]")?;
+    fs::remove_dir_all(&rootfs)?;
+    Ok(WHOAMI_IMAGE)
+}
+
 /// Build [`CURL_IMAGE`] unless Docker has it already; returns its name.
 pub fn curl_image() -> anyhow::Result<&'static str> {
     if image_exists(CURL_IMAGE)? {
@@ -78,8 +103,12 @@ fn scratch_dir(name: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// `tar -C rootfs -c . | docker import - tag`.
+/// `tar -C rootfs -c . | docker import - tag`, with a shell as the command.
 fn import(rootfs: &Path, tag: &str) -> anyhow::Result<()> {
+    import_with(rootfs, tag, "CMD [\"/bin/sh\"]")
+}
+
+fn import_with(rootfs: &Path, tag: &str, change: &str) -> anyhow::Result<()> {
     let mut tar = Command::new("tar")
         .arg("-C")
         .arg(rootfs)
@@ -88,7 +117,7 @@ fn import(rootfs: &Path, tag: &str) -> anyhow::Result<()> {
         .spawn()
         .context("running tar")?;
     let out = Command::new("docker")
-        .args(["import", "--change", "CMD [\"/bin/sh\"]", "-", tag])
+        .args(["import", "--change", change, "-", tag])
         .stdin(tar.stdout.take().expect("piped"))
         .output()
         .context("running docker import")?;

@@ -3,5 +3,6 @@
 pub mod http;
 pub mod images;
 pub mod kernel;
+pub mod proxy;
 pub mod scene;
 pub mod sim;

@@ -120,6 +120,13 @@ impl SceneConfig {
         self
     }
 
+    /// Where moto listens: an address containers can reach (the docker0 gateway) when they must
+    /// talk to STS themselves. Never all interfaces.
+    pub fn sts_bind(mut self, addr: IpAddr) -> Self {
+        self.sts_bind = addr;
+        self
+    }
+
     pub fn start(self) -> anyhow::Result<Scene> {
         Scene::start(self)
     }

@@ -19,6 +19,7 @@ use imds_tests::{
     http::Request,
     images::{curl_image, docker, docker_ok},
     kernel::{TestCgroup, TestNetns, cgroup2_root, place},
+    proxy::proxy_bin,
     scene::{Scene, SceneConfig, ensure_imds_is_simulated},
 };
 
@@ -392,22 +393,6 @@ fn docker_containers_on_docker0_a_user_network_and_the_host_network_are_identifi
         Vec::<String>::new(),
         "nothing reached IMDS"
     );
-}
-
-/// The `imds-proxy` binary next to this test's directory (xtask test builds it first).
-fn proxy_bin() -> PathBuf {
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("imds-proxy");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo xtask test` (or `cargo build -p imds-proxy`)",
-        bin.display()
-    );
-    bin
 }
 
 /// `imds-proxy run` on the test listen addresses; returns once it says it is serving.

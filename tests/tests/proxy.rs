@@ -1,25 +1,16 @@
 //! The proxy's IMDS API, end to end: the `imds-proxy` binary in cgroup mode on the simulated EC2
 //! host, moto as STS, real Docker containers asking with curl. Every check asserts the exact status
 //! and body a container gets.
-use std::{
-    io::{BufRead as _, BufReader},
-    net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use imds_proxy::netdev;
 use imds_tests::{
     http::Request,
     images::{curl_image, docker, docker_ok},
+    proxy::{PREFIX, Proxy, TEST_IF, proxy_bin},
     scene::{ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
     sim::HttpTokens,
 };
-
-const TEST_IF: &str = "imds-test0";
-const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
 
 fn scene() -> Scene {
     SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
@@ -27,109 +18,6 @@ fn scene() -> Scene {
         .with_sts()
         .start()
         .expect("the simulated EC2 host starts")
-}
-
-fn proxy_bin() -> PathBuf {
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("imds-proxy");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo xtask test`",
-        bin.display()
-    );
-    bin
-}
-
-/// `imds-proxy run` with the scene's STS and the role prefix, plus `extra` flags.
-struct Proxy {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    ops: SocketAddr,
-}
-
-impl Proxy {
-    fn start(scene: &Scene, extra: &[&str]) -> Self {
-        let ops = SocketAddr::from((
-            Ipv4Addr::LOCALHOST,
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port(),
-        ));
-        let mut child = Command::new(proxy_bin())
-            .arg("run")
-            .args([
-                "--listen",
-                "169.254.43.1:80",
-                "--listen",
-                "[fd00:ec2:43::1]:80",
-            ])
-            .args(["--interface", TEST_IF])
-            .args(["--ops-listen", &ops.to_string()])
-            .args([
-                "--sts-endpoint",
-                &format!("http://{}", scene.sts_endpoint().unwrap()),
-            ])
-            .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
-            .args(extra)
-            .env("RUST_LOG", "info,imds_proxy=debug")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if line.contains("docker index synchronised") {
-                    let _ = tx.send(());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            panic!("imds-proxy did not start: {:#?}", log.lock().unwrap());
-        }
-        Self { child, log, ops }
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn metric(&self, name: &str) -> u64 {
-        let text = Request::get("/metrics").send(self.ops).unwrap().text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-        let _ = netdev::remove(TEST_IF);
-        if std::thread::panicking() {
-            for line in self.log() {
-                eprintln!("proxy: {line}");
-            }
-        }
-    }
 }
 
 /// Run `script` with busybox sh in a fresh container; (container id, name, its output).

@@ -1,4 +1,5 @@
 //! Developer commands of imds-proxy: `cargo xtask setup | build | test`.
+mod run;
 mod setup;
 
 use std::{
@@ -21,6 +22,14 @@ struct Cli {
 enum Task {
     /// Install and start what building and testing need (idempotent; root, Debian/Ubuntu).
     Setup,
+    /// Run imds-proxy: on EC2 for real, elsewhere on a simulated EC2 host (`-- <proxy args>`).
+    Run {
+        /// Simulate an EC2 host even on one (automatic when DMI says this is not EC2).
+        #[arg(long)]
+        simulate_ec2: bool,
+        #[arg(last = true)]
+        proxy_args: Vec<String>,
+    },
     /// Build every crate, the eBPF programs included.
     Build {
         #[arg(long)]
@@ -39,6 +48,10 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.command {
         Task::Setup => setup::run(&root).map(|_| ()),
+        Task::Run {
+            simulate_ec2,
+            proxy_args,
+        } => run::run(&root, simulate_ec2, &proxy_args),
         Task::Build { release } => build(&root, release),
         Task::Test { test_args } => test(&root, &test_args),
     }

@@ -32,6 +32,7 @@ pub fn run(root: &Path) -> anyhow::Result<Env> {
         &format!("llvm-{llvm}-dev"),
         "docker.io",
         "busybox-static",
+        "ca-certificates",
         "curl",
         "iproute2",
     ])?;

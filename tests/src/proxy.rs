@@ -1,0 +1,123 @@
+//! The `imds-proxy` binary under test: started with the scene's STS and the role prefix, its log
+//! collected, stopped (SIGTERM, so it detaches) on drop.
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::{http::Request, scene::Scene};
+
+/// The dummy interface and listen addresses of proxies under test (not the defaults, so a
+/// proxy run by hand is left alone).
+pub const TEST_IF: &str = "imds-test0";
+pub const TEST_LISTEN: [&str; 2] = ["169.254.43.1:80", "[fd00:ec2:43::1]:80"];
+pub const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
+
+/// The `imds-proxy` binary next to the running test's directory (`cargo xtask test` builds it).
+pub fn proxy_bin() -> PathBuf {
+    let bin = std::env::current_exe()
+        .expect("the test binary's path")
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .join("imds-proxy");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo xtask test` (or `cargo build -p imds-proxy`)",
+        bin.display()
+    );
+    bin
+}
+
+/// `imds-proxy run` with the scene's STS and the role prefix, plus `extra` flags.
+pub struct Proxy {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    pub ops: SocketAddr,
+}
+
+impl Proxy {
+    pub fn start(scene: &Scene, extra: &[&str]) -> Self {
+        let ops = SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+        ));
+        let mut child = Command::new(proxy_bin())
+            .arg("run")
+            .args([
+                "--listen",
+                "169.254.43.1:80",
+                "--listen",
+                "[fd00:ec2:43::1]:80",
+            ])
+            .args(["--interface", TEST_IF])
+            .args(["--ops-listen", &ops.to_string()])
+            .args([
+                "--sts-endpoint",
+                &format!("http://{}", scene.sts_endpoint().unwrap()),
+            ])
+            .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
+            .args(extra)
+            .env("RUST_LOG", "info,imds_proxy=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if line.contains("docker index synchronised") {
+                    let _ = tx.send(());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!("imds-proxy did not start: {:#?}", log.lock().unwrap());
+        }
+        Self { child, log, ops }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// A counter from /metrics.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = Request::get("/metrics").send(self.ops).unwrap().text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = crate::scene::ip(&["link", "del", TEST_IF]);
+        if std::thread::panicking() {
+            for line in self.log() {
+                eprintln!("proxy: {line}");
+            }
+        }
+    }
+}

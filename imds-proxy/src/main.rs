@@ -105,12 +105,13 @@ fn check() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn detach(pin: Option<PathBuf>, interface: &str) -> anyhow::Result<()> {
+#[tokio::main(flavor = "current_thread")]
+async fn detach(pin: Option<PathBuf>, interface: &str) -> anyhow::Result<()> {
     if let Some(pin) = pin {
         let removed = ebpf::unpin(&pin)?;
         tracing::info!(pin = %pin.display(), ?removed, "unpinned (pinned links detach with their pins)");
     }
-    if netdev::remove(interface)? {
+    if netdev::remove(interface).await? {
         tracing::info!(interface, "removed the dummy interface");
     }
     Ok(())
@@ -186,7 +187,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut addresses = vec![IpAddr::V4(*listen_v4.ip())];
     addresses.extend(listen_v6.map(|a| IpAddr::V6(*a.ip())));
-    netdev::ensure(&args.interface, &addresses)?;
+    netdev::ensure(&args.interface, &addresses).await?;
     // Listen before attaching: a redirected connect must find a listener.
     let listener_v4 = tokio::net::TcpListener::bind(listen_v4)
         .await
@@ -244,7 +245,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         require_imdsv2: args.require_imdsv2,
         allow_user_data: args.allow_user_data,
     });
-    tokio::spawn(follow_containers(app.clone()));
+    // Run as a container itself, the proxy is one of Docker's containers: it never asks itself.
+    let own_container = identity::container_id(&own_path);
+    tokio::spawn(follow_containers(app.clone(), own_container));
     tokio::spawn(docker.clone().run());
 
     let service = imds::router(app.clone()).into_make_service_with_connect_info::<Peer>();
@@ -275,14 +278,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
              runs again; `imds-proxy detach --pin DIR` removes it)"
         );
     } else {
-        netdev::remove(&args.interface)?;
+        netdev::remove(&args.interface).await?;
         tracing::info!("stopped; programs detached and dummy interface removed");
     }
     Ok(())
 }
 
 /// Prefetch the credentials of containers that start with a role; forget those destroyed.
-async fn follow_containers(app: Arc<imds::App>) {
+async fn follow_containers(app: Arc<imds::App>, own_container: Option<String>) {
     let mut events = app.docker.subscribe();
     loop {
         let event = match events.recv().await {
@@ -295,6 +298,7 @@ async fn follow_containers(app: Arc<imds::App>) {
         };
         app.metrics.set_containers(app.docker.len());
         match event {
+            docker::Event::Started(container) if Some(&container.id) == own_container.as_ref() => {}
             docker::Event::Started(container) => {
                 match app.roles.resolve(&container.labels, &container.env) {
                     Ok(Some(role)) => app.credentials.prefetch(credentials::Key {

@@ -1,79 +1,136 @@
-//! The proxy's dedicated listen addresses, on a dummy interface imds-proxy creates and removes.
-//! Only redirected traffic uses them: a connection that arrives without a kernel record is refused.
-use std::{net::IpAddr, process::Command};
+//! The proxy's dedicated listen addresses, on a dummy interface imds-proxy creates and removes,
+//! over rtnetlink (no `ip` binary needed: the proxy runs from a scratch image too). Only redirected
+//! traffic uses these addresses: a connection that arrives without a kernel record is refused.
+use std::net::IpAddr;
+
+use futures_util::TryStreamExt as _;
+use rtnetlink::{Handle, LinkDummy, LinkIfb, LinkUnspec};
 
 #[derive(Debug, thiserror::Error)]
-#[error("{command}: {reason}")]
+#[error("interface {interface}: {what}: {reason}")]
 pub struct Error {
-    command: String,
+    interface: String,
+    what: &'static str,
     reason: String,
 }
 
 /// Default name of the dummy interface.
 pub const DEFAULT_INTERFACE: &str = "imds-proxy0";
 
-fn ip(args: &[&str]) -> Result<String, Error> {
-    let command = format!("ip {}", args.join(" "));
-    let out = Command::new("ip").args(args).output().map_err(|e| Error {
-        command: command.clone(),
-        reason: format!("cannot run iproute2's ip: {e}"),
-    })?;
-    if !out.status.success() {
-        return Err(Error {
-            command,
-            reason: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
+/// Whether the interface exists (from sysfs, no netlink needed).
 pub fn exists(interface: &str) -> bool {
     std::path::Path::new("/sys/class/net")
         .join(interface)
         .exists()
 }
 
-/// Create the dummy interface (or reuse the one a previous run left) with these addresses.
+fn connect(interface: &str) -> Result<Handle, Error> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| Error {
+        interface: interface.to_owned(),
+        what: "opening a netlink socket",
+        reason: e.to_string(),
+    })?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+async fn index(handle: &Handle, interface: &str) -> Result<Option<u32>, Error> {
+    match handle
+        .link()
+        .get()
+        .match_name(interface.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link.map(|l| l.header.index)),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(Error {
+            interface: interface.to_owned(),
+            what: "looking it up",
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Create the dummy interface (or reuse the one a previous run left) with these addresses, up.
 ///
 /// On a kernel built without the dummy driver, an `ifb` device stands in: like a dummy it has no
 /// link partner and no ARP, and addresses on it are local addresses of the host.
-pub fn ensure(interface: &str, addresses: &[IpAddr]) -> Result<(), Error> {
-    if !exists(interface)
-        && let Err(dummy) = ip(&["link", "add", interface, "type", "dummy"])
+pub async fn ensure(interface: &str, addresses: &[IpAddr]) -> Result<(), Error> {
+    let err = |what: &'static str| {
+        move |e: rtnetlink::Error| Error {
+            interface: interface.to_owned(),
+            what,
+            reason: e.to_string(),
+        }
+    };
+    let handle = connect(interface)?;
+    if index(&handle, interface).await?.is_none()
+        && let Err(dummy) = handle
+            .link()
+            .add(LinkDummy::new(interface).build())
+            .execute()
+            .await
     {
-        ip(&["link", "add", interface, "type", "ifb"]).map_err(|ifb| Error {
-            command: format!("creating interface {interface}"),
-            reason: format!(
-                "no dummy ({}) and no ifb ({}) link type",
-                dummy.reason, ifb.reason
-            ),
-        })?;
+        handle
+            .link()
+            .add(LinkIfb::new(interface).build())
+            .execute()
+            .await
+            .map_err(|ifb| Error {
+                interface: interface.to_owned(),
+                what: "creating it",
+                reason: format!("no dummy ({dummy}) and no ifb ({ifb}) link type"),
+            })?;
         tracing::info!(
             interface,
             "this kernel has no dummy link type; using an ifb device for the listen addresses"
         );
     }
+    let index = index(&handle, interface).await?.ok_or_else(|| Error {
+        interface: interface.to_owned(),
+        what: "looking it up",
+        reason: "created, then not found".into(),
+    })?;
     for addr in addresses {
-        let prefix = match addr {
-            IpAddr::V4(a) => format!("{a}/32"),
-            IpAddr::V6(a) => format!("{a}/128"),
-        };
-        // `replace` is idempotent; nodad makes an IPv6 address usable at once.
-        let mut args = vec!["addr", "replace", &prefix, "dev", interface];
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        // `replace` is idempotent (a restart finds its addresses in place).
+        let mut request = handle.address().add(index, *addr, prefix).replace();
         if addr.is_ipv6() {
-            args.push("nodad");
+            // IFA_F_NODAD: usable at once, no duplicate address detection on a dummy.
+            request.message_mut().attributes.push(
+                rtnetlink::packet_route::address::AddressAttribute::Flags(
+                    rtnetlink::packet_route::address::AddressFlags::Nodad,
+                ),
+            );
         }
-        ip(&args)?;
+        request.execute().await.map_err(err("adding an address"))?;
     }
-    ip(&["link", "set", interface, "up"])?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(err("setting it up"))?;
     Ok(())
 }
 
-/// Remove the dummy interface, if present.
-pub fn remove(interface: &str) -> Result<bool, Error> {
-    if !exists(interface) {
+/// Remove the interface, if present. Whether there was one.
+pub async fn remove(interface: &str) -> Result<bool, Error> {
+    let handle = connect(interface)?;
+    let Some(index) = index(&handle, interface).await? else {
         return Ok(false);
-    }
-    ip(&["link", "del", interface])?;
+    };
+    handle
+        .link()
+        .del(index)
+        .execute()
+        .await
+        .map_err(|e| Error {
+            interface: interface.to_owned(),
+            what: "removing it",
+            reason: e.to_string(),
+        })?;
     Ok(true)
 }

@@ -78,10 +78,12 @@ impl Proxy {
         let stderr = BufReader::new(child.stderr.take().unwrap());
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
-                if line.contains("docker index synchronised") {
+                // Record first, then signal: the test reads the log as soon as it is signalled.
+                let ready = line.contains("docker index synchronised");
+                sink.lock().unwrap().push(line);
+                if ready {
                     let _ = tx.send(());
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         if rx.recv_timeout(Duration::from_secs(30)).is_err() {

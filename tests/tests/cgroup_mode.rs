@@ -69,15 +69,16 @@ impl TestProxy {
     }
 
     fn start_with(cgroups: Vec<PathBuf>, own_cgroup: u64, filter: bool) -> Self {
-        netdev::ensure(
-            TEST_IF,
-            &[(*LISTEN_V4.ip()).into(), (*LISTEN_V6.ip()).into()],
-        )
-        .unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
+            .unwrap();
+        runtime
+            .block_on(netdev::ensure(
+                TEST_IF,
+                &[(*LISTEN_V4.ip()).into(), (*LISTEN_V6.ip()).into()],
+            ))
             .unwrap();
         let spec = Spec {
             listen_v4: LISTEN_V4,
@@ -147,10 +148,10 @@ fn answer(stream: tokio::net::TcpStream, caller: Option<Caller>) {
 impl Drop for TestProxy {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
+            let _ = runtime.block_on(netdev::remove(TEST_IF));
             runtime.shutdown_timeout(Duration::from_secs(2));
         }
         drop(self.redirect.take()); // detaches
-        let _ = netdev::remove(TEST_IF);
     }
 }
 
@@ -396,7 +397,31 @@ fn docker_containers_on_docker0_a_user_network_and_the_host_network_are_identifi
 }
 
 /// `imds-proxy run` on the test listen addresses; returns once it says it is serving.
-fn spawn_proxy(cgroup: &Path, pin: &Path) -> (Child, Arc<Mutex<Vec<String>>>) {
+/// A proxy process, killed if the test ends without stopping it (a failed assertion must not
+/// leave it holding the test listen addresses).
+struct Spawned(Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_proxy(cgroup: &Path, pin: &Path) -> (Spawned, Arc<Mutex<Vec<String>>>) {
     let mut child = Command::new(proxy_bin())
         .args(["run", "--cgroup"])
         .arg(cgroup)
@@ -421,17 +446,19 @@ fn spawn_proxy(cgroup: &Path, pin: &Path) -> (Child, Arc<Mutex<Vec<String>>>) {
     let sink = lines.clone();
     std::thread::spawn(move || {
         for line in stdout.lines().map_while(Result::ok) {
-            if line.contains("serving") {
+            // Record first, then signal: the test reads the log as soon as it is signalled.
+            let serving = line.contains("serving");
+            sink.lock().unwrap().push(line);
+            if serving {
                 let _ = tx.send(());
             }
-            sink.lock().unwrap().push(line);
         }
     });
     if rx.recv_timeout(Duration::from_secs(20)).is_err() {
         let _ = child.kill();
         panic!("imds-proxy did not start: {:#?}", lines.lock().unwrap());
     }
-    (child, lines)
+    (Spawned(child), lines)
 }
 
 /// Entries in the pinned record maps: (pending, established).

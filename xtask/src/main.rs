@@ -34,6 +34,9 @@ enum Task {
     Build {
         #[arg(long)]
         release: bool,
+        /// Also build the container image `imds-proxy:latest` from `Dockerfile` (static binary).
+        #[arg(long)]
+        image: bool,
     },
     /// Setup, then format check, clippy (eBPF included), unit, integration and end-to-end tests.
     Test {
@@ -52,7 +55,13 @@ fn main() -> anyhow::Result<()> {
             simulate_ec2,
             proxy_args,
         } => run::run(&root, simulate_ec2, &proxy_args),
-        Task::Build { release } => build(&root, release),
+        Task::Build { release, image } => {
+            build(&root, release)?;
+            if image {
+                build_image(&root)?;
+            }
+            Ok(())
+        }
         Task::Test { test_args } => test(&root, &test_args),
     }
 }
@@ -70,6 +79,43 @@ fn build(root: &Path, release: bool) -> anyhow::Result<()> {
         args.push("--release");
     }
     cargo(root, &args)
+}
+
+/// The target of the static binary the image carries.
+const MUSL: &str = "x86_64-unknown-linux-musl";
+/// The image `cargo xtask build --image` makes.
+pub const IMAGE: &str = "imds-proxy:latest";
+
+/// The static binary, then `docker build -f Dockerfile` on a context of it and the CA bundle.
+fn build_image(root: &Path) -> anyhow::Result<()> {
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--target",
+            MUSL,
+            "--package",
+            "imds-proxy",
+        ],
+    )?;
+    let context = root.join("target/image");
+    std::fs::create_dir_all(&context)?;
+    std::fs::copy(
+        root.join("target").join(MUSL).join("release/imds-proxy"),
+        context.join("imds-proxy"),
+    )?;
+    std::fs::copy(
+        "/etc/ssl/certs/ca-certificates.crt",
+        context.join("ca-certificates.crt"),
+    )
+    .context("copying the CA bundle (Debian ca-certificates)")?;
+    run(Command::new("docker")
+        .args(["build", "--quiet", "--tag", IMAGE, "--file"])
+        .arg(root.join("Dockerfile"))
+        .arg(&context))?;
+    println!("xtask build: image {IMAGE} built from Dockerfile");
+    Ok(())
 }
 
 fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
@@ -124,8 +170,10 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
         )
     })?;
     step("integration and end-to-end tests", || {
-        // The tests run the daemon binary itself (kill it, restart it, detach with it).
+        // The tests run the daemon binary itself (kill it, restart it, detach with it), and its
+        // image, as users build it.
         cargo(root, &["build", "--package", "imds-proxy", "--bins"])?;
+        build_image(root)?;
         let mut cmd = Command::new("cargo");
         cmd.current_dir(root)
             .args(["test", "--package", "imds-tests", "--", "--test-threads=1"])

@@ -35,8 +35,10 @@ pub fn run(root: &Path) -> anyhow::Result<Env> {
         "ca-certificates",
         "curl",
         "iproute2",
+        "musl-tools",
     ])?;
     bpf_linker(llvm)?;
+    musl_target()?;
     docker()?;
     bpffs()?;
     let cgroup2 = cgroup2()?;
@@ -195,6 +197,20 @@ fn bpf_linker(llvm: u32) -> anyhow::Result<()> {
         "bpf-linker",
         format!("{BPF_LINKER_VERSION} built against LLVM {llvm}"),
     );
+    Ok(())
+}
+
+/// The static target of the container image's binary.
+fn musl_target() -> anyhow::Result<()> {
+    const TARGET: &str = "x86_64-unknown-linux-musl";
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|l| l.trim() == TARGET) {
+        say("musl", format!("target {TARGET} present"));
+        return Ok(());
+    }
+    exec(Command::new("rustup").args(["target", "add", TARGET]))
+        .with_context(|| format!("adding the {TARGET} target"))?;
+    say("musl", format!("target {TARGET} installed"));
     Ok(())
 }
 

@@ -1,0 +1,170 @@
+//! The proxy deployed DaemonSet-style: as a privileged container itself (host network, the host's
+//! cgroup hierarchy, bpffs and Docker socket), from the project's own `Dockerfile`. Containers get
+//! their roles through it, and its own requests to IMDS are not redirected.
+use std::time::{Duration, Instant};
+
+use imds_tests::{
+    http::Request,
+    images::{curl_image, docker, docker_ok, whoami_image},
+    proxy::{PREFIX, TEST_IF, TEST_LISTEN},
+    scene::{ACCOUNT_ID, Scene, SceneConfig, ensure_imds_is_simulated},
+    sim::HttpTokens,
+};
+
+const IMAGE: &str = "imds-proxy:latest";
+const NAME: &str = "imds-proxy-daemonset-test";
+
+fn docker0() -> std::net::IpAddr {
+    let out = imds_tests::scene::ip(&["-j", "-4", "addr", "show", "docker0"]).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json[0]["addr_info"][0]["local"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The proxy container; stopped (SIGTERM: it detaches) and removed on drop.
+struct Daemon;
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Ok(logs) = docker(&["logs", NAME])
+        {
+            eprintln!("{}", String::from_utf8_lossy(&logs.stderr));
+        }
+        let _ = docker(&["stop", "-t", "10", NAME]);
+        let _ = docker(&["rm", "-f", NAME]);
+        let _ = imds_tests::scene::ip(&["link", "del", TEST_IF]);
+    }
+}
+
+#[test]
+fn the_proxy_runs_as_a_privileged_container_from_the_dockerfile() {
+    let scene: Scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
+        .hop_limit(1)
+        .http_tokens(HttpTokens::Required)
+        .with_sts()
+        .sts_bind(docker0())
+        .start()
+        .unwrap();
+    // `cargo xtask test` builds the image from the Dockerfile first, as `cargo xtask build --image`.
+    let id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", IMAGE]);
+    assert!(
+        id.is_ok(),
+        "{IMAGE} missing: run `cargo xtask build --image` (xtask test does)"
+    );
+    let _ = docker(&["rm", "-f", NAME]);
+    let ops = "127.0.0.1:9199";
+    let sts = format!("http://{}", scene.sts_endpoint().unwrap());
+    ensure_imds_is_simulated().unwrap();
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        NAME,
+        // `--privileged` on a real host. This machine withholds CAP_SYS_RESOURCE from
+        // everything, so runc cannot grant all capabilities: grant all but that one and let
+        // bpf(2) through seccomp, which is what --privileged amounts to for the proxy.
+        "--cap-add",
+        "ALL",
+        "--cap-drop",
+        "SYS_RESOURCE",
+        "--security-opt",
+        "seccomp=unconfined",
+        "-e",
+        "NO_COLOR=1",
+        "--network",
+        "host",
+        "--cgroupns",
+        "host",
+        "-v",
+        "/sys/fs/cgroup:/sys/fs/cgroup",
+        "-v",
+        "/sys/fs/bpf:/sys/fs/bpf",
+        "-v",
+        "/var/run/docker.sock:/var/run/docker.sock",
+        IMAGE,
+        "run",
+        "--listen",
+        TEST_LISTEN[0],
+        "--listen",
+        TEST_LISTEN[1],
+        "--interface",
+        TEST_IF,
+        "--ops-listen",
+        ops,
+        "--sts-endpoint",
+        &sts,
+        "--region",
+        "us-east-1",
+        "--role-arn-prefix",
+        PREFIX,
+        "--default-role",
+        "DefaultRole",
+    ])
+    .unwrap();
+    let _daemon = Daemon;
+    // Ready means: programs attached, upstream IMDS and Docker answering (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = Request::get("/readyz").send(ops.parse().unwrap());
+        if ready.as_ref().is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready: {ready:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Its upstream requests reached the simulator: not redirected to itself, although its
+    // cgroup (/docker/<id>) is under the attach point.
+    let upstream = scene.sim_requests();
+    assert!(
+        upstream
+            .iter()
+            .any(|l| l.contains("method=PUT") && l.contains("status=200")),
+        "{upstream:#?}"
+    );
+    let logs = docker(&["logs", NAME]).unwrap();
+    let logs = String::from_utf8_lossy(&logs.stderr).into_owned();
+    assert!(logs.contains("own_cgroup=/docker/"), "{logs}");
+
+    // A real SDK client in a container gets its role through the containerised proxy.
+    let whoami = whoami_image(env!("CARGO_BIN_EXE_imds-whoami").as_ref()).unwrap();
+    let endpoint = format!("AWS_ENDPOINT_URL_STS={sts}");
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--name",
+        "imds-daemonset-client",
+        "-e",
+        &endpoint,
+        "--label",
+        "iam.amazonaws.com/role=Web",
+        whoami,
+    ])
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("arn:aws:sts::{ACCOUNT_ID}:assumed-role/Web/imds-daemonset-client"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The seed's manual flow from busybox + curl.
+    let flow = r#"
+T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+R=$(curl -s -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/)
+echo "role=$R"
+curl -s -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-data/iam/security-credentials/$R"
+"#;
+    let out = docker(&["run", "--rm", curl_image().unwrap(), "sh", "-c", flow]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (first, json) = text.split_once('\n').unwrap();
+    assert_eq!(first, "role=DefaultRole", "{text}");
+    let creds: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(creds["Code"], "Success");
+    assert!(
+        creds["AccessKeyId"].as_str().unwrap().starts_with("ASIA"),
+        "{text}"
+    );
+}

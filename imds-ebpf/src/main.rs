@@ -78,6 +78,7 @@ mod programs {
         Refuse,
     }
 
+    #[inline(always)]
     fn decide(config: &RedirectConfig) -> Decision {
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
         if cgroup == config.proxy_cgroup {
@@ -97,6 +98,27 @@ mod programs {
             // it might be a container, so it must not reach IMDS. Refuse; it is classified
             // within milliseconds.
             _ => Decision::Refuse,
+        }
+    }
+
+    /// For a connect to the IMDS address, either family: the configuration to redirect it with,
+    /// or the verdict to return instead. Inlined: as a bpf-to-bpf call returning through the
+    /// stack, the verifier loses the verdict's range ("R0 ... should have been in [0, 1]").
+    #[inline(always)]
+    fn gate(ctx: &SockAddrContext) -> Result<&'static RedirectConfig, i32> {
+        let Some(config) = config() else {
+            // Attached but not configured: fail closed rather than let the container reach IMDS.
+            warn!(ctx, "IMDS connect refused: redirect not configured");
+            return Err(REFUSE);
+        };
+        match decide(config) {
+            Decision::Redirect => Ok(config),
+            // The proxy itself, or a host service in filter mode: the connect goes through as is.
+            Decision::Pass => Err(ALLOW),
+            Decision::Refuse => {
+                warn!(ctx, "IMDS connect refused: cgroup not classified yet");
+                Err(REFUSE)
+            }
         }
     }
 
@@ -124,19 +146,10 @@ mod programs {
             // Not a TCP connect to 169.254.169.254:80: none of our business.
             return ALLOW;
         }
-        let Some(config) = config() else {
-            // Attached but not configured: fail closed rather than let the container reach IMDS.
-            warn!(&ctx, "IMDS connect refused: redirect not configured");
-            return REFUSE;
+        let config = match gate(&ctx) {
+            Ok(config) => config,
+            Err(verdict) => return verdict,
         };
-        match decide(config) {
-            Decision::Redirect => {}
-            Decision::Pass => return ALLOW,
-            Decision::Refuse => {
-                warn!(&ctx, "IMDS connect refused: cgroup not classified yet");
-                return REFUSE;
-            }
-        }
         if PENDING
             .insert(cookie(sa), record(AF_INET, [IMDS_V4, 0, 0, 0]), 0)
             .is_err()
@@ -165,18 +178,10 @@ mod programs {
             // Not a TCP connect to [fd00:ec2::254]:80.
             return ALLOW;
         }
-        let Some(config) = config() else {
-            warn!(&ctx, "IMDS connect refused: redirect not configured");
-            return REFUSE;
+        let config = match gate(&ctx) {
+            Ok(config) => config,
+            Err(verdict) => return verdict,
         };
-        match decide(config) {
-            Decision::Redirect => {}
-            Decision::Pass => return ALLOW,
-            Decision::Refuse => {
-                warn!(&ctx, "IMDS connect refused: cgroup not classified yet");
-                return REFUSE;
-            }
-        }
         if config.proxy_port_v6 == 0 {
             // To be redirected, but the proxy has no IPv6 listener: refuse, never let it through.
             warn!(&ctx, "IMDS IPv6 connect refused: no IPv6 listen address");

@@ -193,3 +193,16 @@ pub fn restart_docker() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The docker0 bridge's IPv4 address: where containers reach the host.
+pub fn docker0_gateway() -> anyhow::Result<std::net::IpAddr> {
+    let out = crate::scene::ip(&["-j", "-4", "addr", "show", "docker0"]).context(
+        "docker0 not found: is the Docker engine running? (`cargo xtask setup` starts it)",
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    json[0]["addr_info"][0]["local"]
+        .as_str()
+        .context("docker0 has no IPv4 address")?
+        .parse()
+        .context("docker0's address")
+}

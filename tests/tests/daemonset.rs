@@ -14,16 +14,6 @@ use imds_tests::{
 const IMAGE: &str = "imds-proxy:latest";
 const NAME: &str = "imds-proxy-daemonset-test";
 
-fn docker0() -> std::net::IpAddr {
-    let out = imds_tests::scene::ip(&["-j", "-4", "addr", "show", "docker0"]).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-    json[0]["addr_info"][0]["local"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// The proxy container; stopped (SIGTERM: it detaches) and removed on drop.
 struct Daemon;
 
@@ -46,7 +36,7 @@ fn the_proxy_runs_as_a_privileged_container_from_the_dockerfile() {
         .hop_limit(1)
         .http_tokens(HttpTokens::Required)
         .with_sts()
-        .sts_bind(docker0())
+        .sts_bind(imds_tests::images::docker0_gateway().unwrap())
         .start()
         .unwrap();
     // `cargo xtask test` builds the image from the Dockerfile first, as `cargo xtask build --image`.

@@ -13,20 +13,9 @@ fn scene() -> Scene {
         .hop_limit(1)
         .http_tokens(HttpTokens::Required)
         .with_sts()
-        .sts_bind(docker0())
+        .sts_bind(imds_tests::images::docker0_gateway().unwrap())
         .start()
         .expect("the simulated EC2 host starts")
-}
-
-/// The docker0 gateway: where containers reach the scene's STS.
-fn docker0() -> std::net::IpAddr {
-    let out = imds_tests::scene::ip(&["-j", "-4", "addr", "show", "docker0"]).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-    json[0]["addr_info"][0]["local"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// Start the SDK client in a container (detached); its id and name.

@@ -2,7 +2,7 @@
 //! (or with `--simulate-ec2`), on a simulated EC2 host: IMDS simulator (hop limit 1, IMDSv2
 //! required), moto as STS, instance role `InstanceRole` in account 123456789012.
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::Path,
     process::{Child, Command},
@@ -85,7 +85,7 @@ pub fn run(root: &Path, simulate: bool, proxy_args: &[String]) -> anyhow::Result
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
 
-    let gateway = docker0_gateway()?;
+    let gateway = images::docker0_gateway()?;
     let scene = SceneConfig::new(target.join("imds-sim"))
         .hop_limit(1)
         .http_tokens(HttpTokens::Required)
@@ -166,19 +166,6 @@ pub fn run(root: &Path, simulate: bool, proxy_args: &[String]) -> anyhow::Result
         Some(status) if !status.success() => bail!("imds-proxy exited with {status}"),
         _ => Ok(()),
     }
-}
-
-/// The docker0 bridge's address: where containers reach the host.
-fn docker0_gateway() -> anyhow::Result<IpAddr> {
-    let out = imds_tests::scene::ip(&["-j", "-4", "addr", "show", "docker0"]).context(
-        "docker0 not found: is the Docker engine running? (`cargo xtask setup` starts it)",
-    )?;
-    let json: serde_json::Value = serde_json::from_str(&out)?;
-    json[0]["addr_info"][0]["local"]
-        .as_str()
-        .context("docker0 has no IPv4 address")?
-        .parse()
-        .context("docker0's address")
 }
 
 /// The proxy's ops listener, from its arguments (the last one given) or the default.

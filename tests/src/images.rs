@@ -24,23 +24,41 @@ pub const WHOAMI_IMAGE: &str = "imds-proxy/whoami:latest";
 
 /// Build [`WHOAMI_IMAGE`] from the `imds-whoami` binary at `binary`; returns its name.
 pub fn whoami_image(binary: &Path) -> anyhow::Result<&'static str> {
-    let rootfs = scratch_dir("whoami")?;
+    binary_image(binary, WHOAMI_IMAGE)
+}
+
+/// The benchmark client (`imds-bench`).
+pub const BENCH_IMAGE: &str = "imds-proxy/bench:latest";
+
+/// Build [`BENCH_IMAGE`] from the `imds-bench` binary at `binary`; returns its name.
+pub fn bench_image(binary: &Path) -> anyhow::Result<&'static str> {
+    binary_image(binary, BENCH_IMAGE)
+}
+
+/// An image holding one program (as `/program`, its command), the libraries it links and the CA
+/// bundle (the SDK's TLS client loads it at start, whatever the endpoint).
+fn binary_image(binary: &Path, tag: &'static str) -> anyhow::Result<&'static str> {
+    let name = binary
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("a binary's file name")?;
+    let rootfs = scratch_dir(name)?;
     fs::create_dir_all(rootfs.join("tmp"))?;
-    fs::create_dir_all(rootfs.join("etc"))?;
-    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/whoami\n")?;
-    // The SDK's TLS client loads the system's root certificates at start, whatever the endpoint.
     fs::create_dir_all(rootfs.join("etc/ssl/certs"))?;
+    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/program\n")?;
     fs::copy(
         "/etc/ssl/certs/ca-certificates.crt",
         rootfs.join("etc/ssl/certs/ca-certificates.crt"),
     )
     .context("copying the CA bundle (Debian ca-certificates)")?;
     copy_with_libraries(binary, &rootfs)?;
-    let installed = rootfs.join(binary.strip_prefix("/")?);
-    fs::rename(&installed, rootfs.join("whoami"))?;
-    import_with(&rootfs, WHOAMI_IMAGE, "CMD [\"/whoami\"]")?;
+    fs::rename(
+        rootfs.join(binary.strip_prefix("/")?),
+        rootfs.join("program"),
+    )?;
+    import_with(&rootfs, tag, "CMD [\"/program\"]")?;
     fs::remove_dir_all(&rootfs)?;
-    Ok(WHOAMI_IMAGE)
+    Ok(tag)
 }
 
 /// Build [`CURL_IMAGE`] unless Docker has it already; returns its name.

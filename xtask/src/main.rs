@@ -1,4 +1,5 @@
 //! Developer commands of imds-proxy: `cargo xtask setup | build | test`.
+mod bench;
 mod run;
 mod setup;
 
@@ -30,6 +31,12 @@ enum Task {
         #[arg(last = true)]
         proxy_args: Vec<String>,
     },
+    /// Measure the proxy from inside a container against the floor; writes docs/benchmarks.md.
+    Bench {
+        /// Credential fetches per measurement.
+        #[arg(long, default_value_t = 300)]
+        runs: usize,
+    },
     /// Build every crate, the eBPF programs included.
     Build {
         #[arg(long)]
@@ -51,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.command {
         Task::Setup => setup::run(&root).map(|_| ()),
+        Task::Bench { runs } => bench::run(&root, runs),
         Task::Run {
             simulate_ec2,
             proxy_args,

@@ -175,28 +175,21 @@ pub fn docker_ok(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Restart the Docker engine (as `cargo xtask setup` starts it) and wait until it answers.
-pub fn restart_docker() -> anyhow::Result<()> {
+/// Where a `dockerd` started by `cargo xtask setup` or by the tests writes its output.
+pub const DOCKERD_LOG: &str = "/var/log/imds-proxy-dockerd.log";
+
+/// Start `dockerd` in its own process group (so it outlives the command that started it) and wait
+/// up to 60 s until it answers. Returns the engine's version.
+pub fn start_dockerd(truncate_log: bool) -> anyhow::Result<String> {
+    use std::os::unix::process::CommandExt as _;
     use std::time::{Duration, Instant};
-    let pid: i32 = String::from_utf8(Command::new("pidof").arg("dockerd").output()?.stdout)?
-        .split_whitespace()
-        .next()
-        .context("no dockerd running")?
-        .parse()?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        ensure!(Instant::now() < deadline, "dockerd {pid} did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let log = fs::File::options()
         .create(true)
-        .append(true)
-        .open("/var/log/imds-proxy-dockerd.log")?;
-    use std::os::unix::process::CommandExt as _;
+        .write(true)
+        .append(!truncate_log)
+        .truncate(truncate_log)
+        .open(DOCKERD_LOG)
+        .with_context(|| format!("opening {DOCKERD_LOG}"))?;
     Command::new("dockerd")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -205,10 +198,73 @@ pub fn restart_docker() -> anyhow::Result<()> {
         .spawn()
         .context("starting dockerd")?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !docker(&["version"])?.status.success() {
-        ensure!(Instant::now() < deadline, "dockerd did not come back");
+    loop {
+        let out = docker(&["version", "--format", "{{.Server.Version}}"])?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "dockerd did not answer on /var/run/docker.sock within 60 s; see {DOCKERD_LOG}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Whether `pid` is a running process. A zombie is not: on a machine whose pid 1 does not reap
+/// orphans (a micro-VM's init, a container's shell), an exited daemon stays a zombie forever.
+fn running(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')' (comm may hold parentheses).
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Stop the Docker engine (SIGTERM, as systemd would) and start it again; returns once it answers.
+/// Containers are left as the engine leaves them (`--live-restore` is not set here: they stop).
+pub fn restart_docker() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    // The pid file names the live daemon; `pidof` would also list zombies of earlier ones.
+    let pid: i32 = fs::read_to_string("/var/run/docker.pid")
+        .context("reading /var/run/docker.pid: is dockerd running?")?
+        .trim()
+        .parse()
+        .context("/var/run/docker.pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .with_context(|| format!("signalling dockerd {pid}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(pid) {
+        if Instant::now() > deadline {
+            // What the test needs is a restarted engine, not a graceful stop: say what was seen
+            // and kill it.
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            eprintln!(
+                "restart_docker: dockerd {pid} still running 30 s after SIGTERM \
+                 (stat: {stat:.80} wchan: {wchan}); sending SIGKILL"
+            );
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while running(pid) {
+                ensure!(Instant::now() < deadline, "dockerd {pid} survived SIGKILL");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A killed daemon leaves its pid file; a new one refuses to start over a live pid only.
+    start_dockerd(false)?;
     Ok(())
 }
 

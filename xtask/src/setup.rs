@@ -5,17 +5,17 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 
 /// Versions of the Python tools in the venv, pinned so every machine tests against the same peers.
 const PYTHON_PACKAGES: &[&str] = &["moto[server]==5.2.5", "awscli==1.46.3", "boto3==1.44.5"];
 /// The bpf-linker release that links aya 0.14 programs.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Where the Docker engine's output goes when setup starts it.
-const DOCKERD_LOG: &str = "/var/log/imds-proxy-dockerd.log";
+use imds_tests::images::DOCKERD_LOG;
 
 /// What later steps need to know about the set-up machine.
 pub struct Env {
@@ -237,29 +237,12 @@ fn docker() -> anyhow::Result<()> {
         which("dockerd").is_some(),
         "no dockerd on PATH although docker.io is installed"
     );
-    let log = fs::File::create(DOCKERD_LOG).with_context(|| format!("creating {DOCKERD_LOG}"))?;
-    // Its own session, so it outlives this command and the terminal it ran in.
-    let mut cmd = Command::new("dockerd");
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
-    use std::os::unix::process::CommandExt as _;
-    cmd.spawn().context("starting dockerd")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(version) = docker_version() {
-            say(
-                "docker",
-                format!("started dockerd {version} (log: {DOCKERD_LOG})"),
-            );
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("dockerd did not answer on /var/run/docker.sock within 60 s; see {DOCKERD_LOG}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let version = imds_tests::images::start_dockerd(true)?;
+    say(
+        "docker",
+        format!("started dockerd {version} (log: {DOCKERD_LOG})"),
+    );
+    Ok(())
 }
 
 /// (mount point, fs type) of every mount.

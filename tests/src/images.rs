@@ -37,7 +37,16 @@ pub fn bench_image(binary: &Path) -> anyhow::Result<&'static str> {
 
 /// An image holding one program (as `/program`, its command), the libraries it links and the CA
 /// bundle (the SDK's TLS client loads it at start, whatever the endpoint).
+/// Built once per test process (the binary does not change under a running test); the image the
+/// tag named before is removed, so repeated runs leave no dangling images behind.
 fn binary_image(binary: &Path, tag: &'static str) -> anyhow::Result<&'static str> {
+    static BUILT: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if built.contains(&tag) {
+        return Ok(tag);
+    }
+    let previous = docker(&["image", "inspect", "--format", "{{.Id}}", tag])?;
+    let previous = String::from_utf8_lossy(&previous.stdout).trim().to_owned();
     let name = binary
         .file_name()
         .and_then(|n| n.to_str())
@@ -58,6 +67,11 @@ fn binary_image(binary: &Path, tag: &'static str) -> anyhow::Result<&'static str
     )?;
     import_with(&rootfs, tag, "CMD [\"/program\"]")?;
     fs::remove_dir_all(&rootfs)?;
+    if !previous.is_empty() {
+        // Fails harmlessly when a container still uses it or it is the same image.
+        let _ = docker(&["image", "rm", &previous]);
+    }
+    built.push(tag);
     Ok(tag)
 }
 
@@ -84,6 +98,159 @@ pub fn curl_image() -> anyhow::Result<&'static str> {
     import(&rootfs, CURL_IMAGE)?;
     fs::remove_dir_all(&rootfs)?;
     Ok(CURL_IMAGE)
+}
+
+/// The AWS CLI v1 (botocore) on the venv's Python, nothing else: the interpreter and its shared
+/// libraries, the standard library, and the `awscli` distribution with its dependency closure.
+/// `aws` is on PATH; no credentials or config files inside.
+pub const AWSCLI_IMAGE_REPO: &str = "imds-test/awscli";
+
+/// Printed as JSON by the venv's Python: what an AWS CLI image needs from this machine.
+const AWSCLI_FILES_PY: &str = r#"
+import importlib.metadata as md, json, os, re, sys, sysconfig
+seen, todo, files = set(), ["awscli"], []
+while todo:
+    name = todo.pop()
+    key = re.sub(r"[-_.]+", "-", name).lower()
+    if key in seen:
+        continue
+    seen.add(key)
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        continue  # a requirement whose marker excludes this interpreter
+    files += [str(dist.locate_file(f)) for f in dist.files or []]
+    for req in dist.requires or []:
+        if "extra ==" not in req:
+            todo.append(re.match(r"[A-Za-z0-9._-]+", req).group(0))
+print(json.dumps({
+    "version": md.version("awscli"),
+    "python": os.path.realpath(sys.executable),
+    "stdlib": sysconfig.get_paths()["stdlib"],
+    "site": sysconfig.get_paths()["purelib"],
+    "files": files,
+}))
+"#;
+
+/// Build the AWS CLI image from the venv at `venv` unless Docker has it for this awscli version;
+/// returns its name (`imds-test/awscli:<version>`).
+pub fn awscli_image(venv: &Path) -> anyhow::Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Found {
+        version: String,
+        python: PathBuf,
+        stdlib: PathBuf,
+        site: PathBuf,
+        files: Vec<PathBuf>,
+    }
+    let python = venv.join("bin/python3");
+    let out = Command::new(&python)
+        .args(["-c", AWSCLI_FILES_PY])
+        .output()
+        .with_context(|| {
+            format!(
+                "running {}: `cargo xtask setup` makes the venv",
+                python.display()
+            )
+        })?;
+    ensure!(
+        out.status.success(),
+        "listing the awscli distribution: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: Found = serde_json::from_slice(&out.stdout)?;
+    let tag = format!("{AWSCLI_IMAGE_REPO}:{}", found.version);
+    if image_exists(&tag)? {
+        return Ok(tag);
+    }
+    let rootfs = scratch_dir("awscli")?;
+    for dir in ["tmp", "root", "etc", "bin"] {
+        fs::create_dir_all(rootfs.join(dir))?;
+    }
+    fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/aws\n",
+    )?;
+    fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
+    fs::write(rootfs.join("etc/nsswitch.conf"), "hosts: files\n")?;
+    copy_with_libraries(&found.python, &rootfs)?;
+    // The standard library at its own path (the interpreter finds it from its own location),
+    // without the test suite, the GUI bits and the interpreter's own site-packages.
+    let skip = [
+        "site-packages",
+        "dist-packages",
+        "test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "ensurepip",
+    ];
+    copy_tree(&found.stdlib, &rootfs, &|p: &Path| {
+        p.parent() == Some(found.stdlib.as_path())
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| skip.contains(&n))
+    })?;
+    // Extension modules link libraries of their own (libssl, libffi, libz, ...).
+    for entry in fs::read_dir(found.stdlib.join("lib-dynload"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "so") {
+            copy_with_libraries(&path, &rootfs)?;
+        }
+    }
+    // The awscli closure, moved from the venv's site-packages to /opt/awscli.
+    let site = Path::new("/opt/awscli");
+    for file in &found.files {
+        let Ok(relative) = file.strip_prefix(&found.site) else {
+            continue; // console scripts under bin/: `aws` is written below
+        };
+        if !file.is_file() {
+            continue;
+        }
+        let target = rootfs.join(site.strip_prefix("/")?).join(relative);
+        fs::create_dir_all(target.parent().expect("a file has a parent"))?;
+        fs::copy(file, &target).with_context(|| format!("copying {}", file.display()))?;
+        if file.extension().is_some_and(|e| e == "so") {
+            copy_with_libraries(file, &rootfs)?;
+        }
+    }
+    let aws = rootfs.join("bin/aws");
+    fs::write(
+        &aws,
+        format!(
+            "#!{}\nimport sys\nsys.path.insert(0, '/opt/awscli')\nfrom awscli.clidriver import main\nsys.exit(main())\n",
+            found.python.display()
+        ),
+    )?;
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(&aws, fs::Permissions::from_mode(0o755))?;
+    import_with(&rootfs, &tag, "ENTRYPOINT [\"/bin/aws\"]")?;
+    fs::remove_dir_all(&rootfs)?;
+    Ok(tag)
+}
+
+/// Copy the regular files and symlinks under `dir` into `rootfs` at their own paths, except the
+/// entries `skip` says to leave out (and what is below them).
+fn copy_tree(dir: &Path, rootfs: &Path, skip: &dyn Fn(&Path) -> bool) -> anyhow::Result<()> {
+    let target = rootfs.join(dir.strip_prefix("/")?);
+    fs::create_dir_all(&target)?;
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        if skip(&path) {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_tree(&path, rootfs, skip)?;
+        } else if kind.is_symlink() {
+            symlink(fs::read_link(&path)?, target.join(entry.file_name()))?;
+        } else if kind.is_file() {
+            fs::copy(&path, target.join(entry.file_name()))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Copy `binary` into `rootfs` at the same path, with every shared library `ldd` names and the

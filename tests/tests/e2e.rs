@@ -1,10 +1,14 @@
-//! End to end, the way a user meets the product: real Docker containers running a real AWS SDK
-//! client (aws-config's default credential chain + STS, `imds-whoami`) with no credentials of
-//! their own, on the simulated EC2 host at hop limit 1 with IMDSv2 required.
+//! End to end, the way a user meets the product: real Docker containers running real AWS clients
+//! with no credentials of their own, on the simulated EC2 host at hop limit 1 with IMDSv2
+//! required. Every scenario runs with both clients:
+//! - the AWS CLI v1 (botocore), `aws sts get-caller-identity`;
+//! - a Rust SDK client (aws-config's default credential chain + STS, `imds-whoami`).
 use imds_tests::{
-    images::{docker, docker_ok, whoami_image},
+    images::{awscli_image, docker, docker_ok, whoami_image},
     proxy::Proxy,
-    scene::{ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
+    scene::{
+        ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, default_venv, ensure_imds_is_simulated,
+    },
     sim::HttpTokens,
 };
 
@@ -18,17 +22,63 @@ fn scene() -> Scene {
         .expect("the simulated EC2 host starts")
 }
 
-/// Start the SDK client in a container (detached); its id and name.
-fn start_client(scene: &Scene, docker_args: &[&str]) -> (String, String) {
+#[derive(Clone, Copy, Debug)]
+enum Client {
+    Cli,
+    Sdk,
+}
+
+const CLIENTS: [Client; 2] = [Client::Cli, Client::Sdk];
+
+impl Client {
+    /// Image and arguments after it: each prints the caller's ARN alone on stdout.
+    fn image_and_command(self) -> (String, Vec<&'static str>) {
+        match self {
+            Client::Cli => (
+                awscli_image(&default_venv()).unwrap(),
+                vec![
+                    "sts",
+                    "get-caller-identity",
+                    "--query",
+                    "Arn",
+                    "--output",
+                    "text",
+                ],
+            ),
+            Client::Sdk => (
+                whoami_image(env!("CARGO_BIN_EXE_imds-whoami").as_ref())
+                    .unwrap()
+                    .to_owned(),
+                vec![],
+            ),
+        }
+    }
+
+    /// What the client says on stderr when its default chain found nothing.
+    fn no_credentials(self) -> &'static str {
+        match self {
+            Client::Cli => "Unable to locate credentials",
+            Client::Sdk => "no credentials found in chain",
+        }
+    }
+}
+
+/// Start a client in a container (detached); its id and name.
+fn start_client(scene: &Scene, client: Client, docker_args: &[&str]) -> (String, String) {
     ensure_imds_is_simulated().expect("IMDS is the simulator before a container talks to it");
-    let image = whoami_image(env!("CARGO_BIN_EXE_imds-whoami").as_ref()).unwrap();
+    let (image, command) = client.image_and_command();
     let endpoint = format!(
         "AWS_ENDPOINT_URL_STS=http://{}",
         scene.sts_endpoint().unwrap()
     );
+    // The CLI takes no region from IMDS; the SDK client does (through the proxy's pass-through).
     let mut args = vec!["run", "-d", "-e", &endpoint];
+    if let Client::Cli = client {
+        args.extend(["-e", "AWS_DEFAULT_REGION=us-east-1"]);
+    }
     args.extend_from_slice(docker_args);
-    args.push(image);
+    args.push(&image);
+    args.extend(command);
     let id = docker_ok(&args).unwrap().trim().to_owned();
     let name = docker_ok(&["inspect", "-f", "{{.Name}}", &id])
         .unwrap()
@@ -50,79 +100,88 @@ fn finish(id: &str) -> (i32, String, String) {
     )
 }
 
-fn whoami(scene: &Scene, docker_args: &[&str]) -> (i32, String, String, String) {
-    let (id, name) = start_client(scene, docker_args);
+/// Run a client to the end; (exit code, stdout, stderr, container name).
+fn run(scene: &Scene, client: Client, docker_args: &[&str]) -> (i32, String, String, String) {
+    let (id, name) = start_client(scene, client, docker_args);
     let (code, out, err) = finish(&id);
     (code, out, err, name)
 }
 
+fn assumed_role(role: &str, session: &str) -> String {
+    format!("arn:aws:sts::{ACCOUNT_ID}:assumed-role/{role}/{session}")
+}
+
 #[test]
-fn without_imds_proxy_the_sdk_in_a_container_finds_no_credentials() {
+fn without_imds_proxy_a_client_in_a_container_finds_no_credentials() {
     let scene = scene();
-    let (code, out, err, _) = whoami(&scene, &["--label", "iam.amazonaws.com/role=Web"]);
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("no credentials found in chain"), "{err}");
-    // It did reach IMDS: the token was answered, and died on the way back (hop limit 1).
-    assert!(
-        scene
-            .sim_requests()
-            .iter()
-            .any(|l| l.contains("method=PUT") && l.contains("status=200")),
-        "{:#?}",
-        scene.sim_requests()
-    );
+    for client in CLIENTS {
+        let (code, out, err, _) = run(&scene, client, &["--label", "iam.amazonaws.com/role=Web"]);
+        assert_ne!(code, 0, "{client:?}: {out}{err}");
+        assert!(err.contains(client.no_credentials()), "{client:?}: {err}");
+        assert!(!out.contains("arn:"), "{client:?}: {out}");
+    }
+    // They did reach IMDS: the token was answered, and died on the way back (hop limit 1).
+    let answered = scene
+        .sim_requests()
+        .iter()
+        .filter(|l| l.contains("method=PUT") && l.contains("status=200"))
+        .count();
+    assert!(answered >= CLIENTS.len(), "{:#?}", scene.sim_requests());
 }
 
 #[test]
 fn with_imds_proxy_each_container_gets_its_own_role() {
     let scene = scene();
     let _proxy = Proxy::start(&scene, &["--default-role", "DefaultRole"]);
-    // Two containers with different roles at the same time.
-    let (web, web_name) = start_client(&scene, &["--label", "iam.amazonaws.com/role=Web"]);
-    let (batch, batch_name) = start_client(&scene, &["--label", "iam.amazonaws.com/role=Batch"]);
-    for (id, name, role) in [(web, web_name, "Web"), (batch, batch_name, "Batch")] {
-        let (code, out, err) = finish(&id);
-        assert_eq!(code, 0, "{err}");
+    for client in CLIENTS {
+        // Two containers with different roles at the same time.
+        let web = start_client(&scene, client, &["--label", "iam.amazonaws.com/role=Web"]);
+        let batch = start_client(&scene, client, &["--label", "iam.amazonaws.com/role=Batch"]);
+        for ((id, name), role) in [(web, "Web"), (batch, "Batch")] {
+            let (code, out, err) = finish(&id);
+            assert_eq!(
+                (code, out.as_str()),
+                (0, assumed_role(role, &name).as_str()),
+                "{client:?}: {err}"
+            );
+        }
+        let (code, out, err, name) = run(&scene, client, &[]);
         assert_eq!(
-            out,
-            format!("arn:aws:sts::{ACCOUNT_ID}:assumed-role/{role}/{name}")
+            (code, out.as_str()),
+            (0, assumed_role("DefaultRole", &name).as_str()),
+            "{client:?}: {err}"
+        );
+        let (code, out, err, name) = run(&scene, client, &["--env", "IAM_ROLE=Worker"]);
+        assert_eq!(
+            (code, out.as_str()),
+            (0, assumed_role("Worker", &name).as_str()),
+            "{client:?}: {err}"
         );
     }
-    let (code, out, err, name) = whoami(&scene, &[]);
-    assert_eq!(
-        (code, out.as_str()),
-        (
-            0,
-            format!("arn:aws:sts::{ACCOUNT_ID}:assumed-role/DefaultRole/{name}").as_str()
-        ),
-        "{err}"
-    );
-    let (code, out, err, name) = whoami(&scene, &["--env", "IAM_ROLE=Worker"]);
-    assert_eq!(
-        (code, out.as_str()),
-        (
-            0,
-            format!("arn:aws:sts::{ACCOUNT_ID}:assumed-role/Worker/{name}").as_str()
-        ),
-        "{err}"
-    );
 }
 
 #[test]
 fn no_role_and_no_default_means_no_credentials_never_the_instance_role() {
     let scene = scene();
     let proxy = Proxy::start(&scene, &[]);
-    let (code, out, err, name) = whoami(&scene, &[]);
-    assert_eq!(code, 1, "{out}");
-    assert!(err.contains("no credentials found in chain"), "{err}");
-    assert!(err.contains("404"), "IMDS answered 404: {err}");
-    assert!(!out.contains(INSTANCE_ROLE) && !err.contains(INSTANCE_ROLE));
-    assert!(
-        proxy
-            .log()
-            .iter()
-            .any(|l| l.contains("no role: no label") && l.contains(&name)),
-        "the proxy log says why: {:#?}",
-        proxy.log()
-    );
+    for client in CLIENTS {
+        let (code, out, err, name) = run(&scene, client, &[]);
+        assert_ne!(code, 0, "{client:?}: {out}");
+        assert!(err.contains(client.no_credentials()), "{client:?}: {err}");
+        assert!(
+            !out.contains(INSTANCE_ROLE) && !err.contains(INSTANCE_ROLE),
+            "{client:?}: {out}{err}"
+        );
+        assert!(
+            proxy
+                .log()
+                .iter()
+                .any(|l| l.contains("no role: no label") && l.contains(&name)),
+            "{client:?}: the proxy log says why: {:#?}",
+            proxy.log()
+        );
+    }
+    // The SDK's message carries IMDS's answer: a 404 for the role list, no credentials.
+    let (_, _, err, _) = run(&scene, Client::Sdk, &[]);
+    assert!(err.contains("404"), "{err}");
 }

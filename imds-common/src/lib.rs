@@ -125,12 +125,105 @@ pub struct ConnKey {
     pub family: u32,
 }
 
+/// tc mode: names of its maps (also their pin names).
+pub const MAP_NAT: &str = "IMDS_NAT";
+pub const MAP_TC_STATS: &str = "IMDS_TC_STATS";
+/// tc mode: capacity of the NAT table (LRU: the least recently used entry goes when full).
+pub const MAX_NAT: u32 = 16_384;
+
+/// [`NatEntry::fin`] bits: which side has sent its FIN.
+pub const FIN_FROM_CLIENT: u8 = 1;
+pub const FIN_FROM_PROXY: u8 = 2;
+
+/// tc mode: one redirected connection, under the client's [`ConnKey`] in `IMDS_NAT`. Created by
+/// the ingress program on the client's SYN, used by the egress program to restore the original
+/// destination as the source of the replies, removed on RST, after both FINs, or by age.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    /// The original destination (raw form; IPv4 in the first word).
+    pub orig_addr: RawAddr,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet seen either way.
+    pub last_seen_ns: u64,
+    /// The interface the client's packets arrive on.
+    pub ifindex: u32,
+    /// The original destination port, network order.
+    pub orig_port: u16,
+    /// [`FIN_FROM_CLIENT`] | [`FIN_FROM_PROXY`].
+    pub fin: u8,
+    pub _pad: u8,
+}
+
+/// tc mode: what the programs counted, one slot each in the per-CPU array `IMDS_TC_STATS`.
+/// Anything they do not understand is passed untouched and counted here, never rewritten.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcStat {
+    /// Client packets to the IMDS address rewritten towards the proxy.
+    Redirected = 0,
+    /// Proxy replies rewritten back to come from the IMDS address.
+    Reversed,
+    /// Replies rewritten with no NAT entry (evicted or reaped): the listen address is used only
+    /// by redirected traffic, so the original destination can only be the IMDS address.
+    ReversedWithoutState,
+    /// IPv4 packets to or from the redirect addresses with IP options: passed untouched.
+    PassedIpOptions,
+    /// Fragments to or from the redirect addresses: passed untouched.
+    PassedFragment,
+    /// IPv6 packets to or from the redirect addresses whose next header is not TCP
+    /// (extension headers, ICMPv6) and IPv4 non-TCP packets: passed untouched.
+    PassedNotTcp,
+    /// Packets from a container interface addressed to the proxy's listen address directly:
+    /// dropped, the address is reserved for redirected traffic.
+    DroppedDirect,
+    /// Packets to or from the redirect addresses whose TCP header could not be read (shorter
+    /// than their headers say), or whose rewrite failed (a helper returned an error): dropped,
+    /// never sent on half-rewritten.
+    DroppedBroken,
+    /// NAT entries removed by the programs (RST, or FIN from both sides).
+    NatClosed,
+}
+
+impl TcStat {
+    /// Every counter, in slot order.
+    pub const ALL: [TcStat; 9] = [
+        TcStat::Redirected,
+        TcStat::Reversed,
+        TcStat::ReversedWithoutState,
+        TcStat::PassedIpOptions,
+        TcStat::PassedFragment,
+        TcStat::PassedNotTcp,
+        TcStat::DroppedDirect,
+        TcStat::DroppedBroken,
+        TcStat::NatClosed,
+    ];
+
+    /// Its name in metrics and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TcStat::Redirected => "redirected",
+            TcStat::Reversed => "reversed",
+            TcStat::ReversedWithoutState => "reversed_without_state",
+            TcStat::PassedIpOptions => "passed_ip_options",
+            TcStat::PassedFragment => "passed_fragment",
+            TcStat::PassedNotTcp => "passed_not_tcp",
+            TcStat::DroppedDirect => "dropped_direct",
+            TcStat::DroppedBroken => "dropped_broken",
+            TcStat::NatClosed => "nat_closed",
+        }
+    }
+}
+
+/// Slots in `IMDS_TC_STATS`.
+pub const TC_STATS: u32 = TcStat::ALL.len() as u32;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `repr(C)` data with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for super::RedirectConfig {}
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::NatEntry {}
 }
 
 #[cfg(test)]
@@ -169,5 +262,17 @@ mod tests {
         assert_eq!(size_of::<ConnRecord>(), 8 + 4 + 2 + 2 + 16);
         assert_eq!(size_of::<RedirectConfig>(), 4 + 16 + 4 + 4 + 4 + 8);
         assert_eq!(align_of::<RedirectConfig>(), 8);
+        assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 2 + 1 + 1);
+    }
+
+    #[test]
+    fn tc_stats_are_numbered_by_their_slot() {
+        for (slot, stat) in TcStat::ALL.iter().enumerate() {
+            assert_eq!(*stat as usize, slot, "{stat:?}");
+        }
+        let mut names: std::vec::Vec<_> = TcStat::ALL.iter().map(|s| s.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), TC_STATS as usize, "names are unique");
     }
 }

@@ -1,4 +1,4 @@
-//! Kernel programs of imds-proxy, cgroup mode.
+//! Kernel programs of imds-proxy. This file: cgroup mode; `tc.rs`: tc mode.
 //!
 //! A container's TCP connect to the instance metadata service (169.254.169.254:80 or
 //! [fd00:ec2::254]:80) is rewritten, at connect time, to the proxy's dedicated listen address, and
@@ -15,6 +15,10 @@
 //! are LRU-bounded, so nothing grows without bound even if the proxy is gone.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+
+/// tc mode's programs (packet rewrite on container interfaces); they share `IMDS_CONFIG`.
+#[cfg(target_arch = "bpf")]
+mod tc;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -48,7 +52,7 @@ mod programs {
     const IMDS_V6: RawAddr = raw_v6(IMDS_V6_OCTETS);
 
     #[map(name = "IMDS_CONFIG")]
-    static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+    pub(crate) static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
 
     /// Records of redirected sockets not yet established, by socket cookie.
     #[map(name = "IMDS_PENDING")]
@@ -63,7 +67,7 @@ mod programs {
     static FILTER_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_CGROUPS, 0);
 
     /// The configuration, if userspace has written one.
-    fn config() -> Option<&'static RedirectConfig> {
+    pub(crate) fn config() -> Option<&'static RedirectConfig> {
         match CONFIG.get(0) {
             // A zero port means the slot was never written: not configured.
             Some(config) if config.proxy_port_v4 != 0 => Some(config),

@@ -27,6 +27,17 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// How containers' IMDS traffic is intercepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Socket hooks on the containers' cgroups; the kernel records who connected. The default,
+    /// and the stronger: identity cannot be spoofed.
+    Cgroup,
+    /// Packet rewrite on container interfaces (the drop-in for the iptables DNAT rule); a caller
+    /// is identified by its source address through Docker.
+    Tc,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -104,6 +115,21 @@ pub struct RunArgs {
     /// Automatic with Docker's systemd cgroup driver.
     #[arg(long, env = "IMDS_PROXY_CGROUP_FILTER")]
     pub cgroup_filter: bool,
+    /// Interception mode: `cgroup` (kernel-attested identity; the stronger) or `tc` (packet
+    /// rewrite on container interfaces; identity by source address).
+    #[arg(long, env = "IMDS_PROXY_MODE", value_enum, default_value_t = Mode::Cgroup)]
+    pub mode: Mode,
+    /// tc mode: container interface to attach to (repeatable or comma-separated; `*` and `?`
+    /// wildcards, e.g. `br-*`). Default: docker0. Interfaces that appear later are attached too.
+    #[arg(
+        long = "container-iface",
+        env = "IMDS_PROXY_CONTAINER_IFACE",
+        value_delimiter = ','
+    )]
+    pub container_ifaces: Vec<String>,
+    /// tc mode: attach with TCX links (kernel 6.6+, pinnable) or netlink clsact filters.
+    #[arg(long, env = "IMDS_PROXY_TC_ATTACH", value_enum, default_value_t = crate::tc::TcAttach::Auto)]
+    pub tc_attach: crate::tc::TcAttach,
     /// bpffs directory to pin links and maps in: if the proxy dies, containers fail closed.
     #[arg(long, env = "IMDS_PROXY_PIN")]
     pub pin: Option<PathBuf>,
@@ -166,6 +192,43 @@ impl RunArgs {
                         "{addr} cannot be a dedicated listen address (use a link-local or ULA address of its own)"
                     ),
                 ));
+            }
+        }
+        match self.mode {
+            Mode::Cgroup => {
+                if !self.container_ifaces.is_empty() {
+                    return Err(invalid("container-iface", "applies to --mode tc only"));
+                }
+            }
+            Mode::Tc => {
+                if !self.cgroups.is_empty() || self.cgroup_filter {
+                    return Err(invalid(
+                        if self.cgroup_filter {
+                            "cgroup-filter"
+                        } else {
+                            "cgroup"
+                        },
+                        "applies to --mode cgroup only",
+                    ));
+                }
+                if let Some(bad) = self
+                    .container_ifaces
+                    .iter()
+                    .find(|p| !crate::tc::valid_pattern(p))
+                {
+                    return Err(invalid(
+                        "container-iface",
+                        format!(
+                            "{bad:?} is not an interface name or pattern (at most 15 characters, no spaces, '/' or ':')"
+                        ),
+                    ));
+                }
+                if self.pin.is_some() && self.tc_attach == crate::tc::TcAttach::Netlink {
+                    return Err(invalid(
+                        "pin",
+                        "pinning in tc mode needs TCX links (--tc-attach tcx or auto on kernel 6.6+)",
+                    ));
+                }
             }
         }
         check_http_url("upstream", &self.upstream)?;

@@ -4,6 +4,7 @@
 //! daemon goes away (restart), the index reconnects and lists again.
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
@@ -26,6 +27,10 @@ pub struct Container {
     pub name: String,
     pub labels: HashMap<String, String>,
     pub env: Vec<String>,
+    /// Its addresses on every network it is attached to (tc mode identifies callers by them).
+    pub addresses: Vec<IpAddr>,
+    /// Whether it was running when Docker was last asked.
+    pub running: bool,
 }
 
 /// Changes the rest of the proxy reacts to.
@@ -146,6 +151,80 @@ impl Index {
         }
     }
 
+    /// The running container that has this address now (tc mode: a caller is its source
+    /// address). The index only suggests a candidate; Docker confirms it at the time of the call,
+    /// because an address is reused as soon as its container is gone, and a stale entry must never
+    /// hand one container's role to another. Bounded by the same budget as [`Index::get`].
+    pub async fn by_address(&self, ip: IpAddr) -> Option<Arc<Container>> {
+        let lookup = async {
+            let candidate = self
+                .containers
+                .read()
+                .expect("index poisoned")
+                .values()
+                .find(|c| c.addresses.contains(&ip))
+                .map(|c| c.id.clone());
+            if let Some(id) = candidate
+                && let Some(found) = self.confirm(&id, ip).await?
+            {
+                return Ok(Some(found));
+            }
+            // Not indexed yet (its first milliseconds) or the index was stale: ask Docker which
+            // running container has it.
+            let list = self
+                .docker
+                .list_containers(None::<ListContainersOptions>)
+                .await?;
+            for summary in list {
+                let has = summary
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .unwrap_or_default()
+                    .values()
+                    .any(|n| {
+                        [&n.ip_address, &n.global_ipv6_address]
+                            .into_iter()
+                            .flatten()
+                            .any(|a| a.parse::<IpAddr>().ok() == Some(ip))
+                    });
+                if let (true, Some(id)) = (has, summary.id)
+                    && let Some(found) = self.confirm(&id, ip).await?
+                {
+                    return Ok(Some(found));
+                }
+            }
+            Ok::<_, bollard::errors::Error>(None)
+        };
+        match tokio::time::timeout(MISS_BUDGET, lookup).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(err)) => {
+                tracing::warn!(%ip, %err, "asking Docker which container has this address failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(%ip, "asking Docker which container has this address timed out");
+                None
+            }
+        }
+    }
+
+    /// Inspect `id` now: the container, if it is running and has `ip`; the index is refreshed.
+    async fn confirm(
+        &self,
+        id: &str,
+        ip: IpAddr,
+    ) -> Result<Option<Arc<Container>>, bollard::errors::Error> {
+        let Some(container) = self.inspect(id).await? else {
+            return Ok(None);
+        };
+        let container = Arc::new(container);
+        self.containers
+            .write()
+            .expect("index poisoned")
+            .insert(id.to_owned(), container.clone());
+        Ok((container.running && container.addresses.contains(&ip)).then_some(container))
+    }
+
     /// `Ok(None)` when Docker has no such container.
     async fn inspect(&self, id: &str) -> Result<Option<Container>, bollard::errors::Error> {
         match self
@@ -155,7 +234,27 @@ impl Index {
         {
             Ok(info) => {
                 let config = info.config.unwrap_or_default();
+                let mut addresses = Vec::new();
+                for network in info
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .unwrap_or_default()
+                    .into_values()
+                {
+                    for addr in [network.ip_address, network.global_ipv6_address]
+                        .into_iter()
+                        .flatten()
+                    {
+                        // Empty when the network gives none of that family.
+                        if let Ok(ip) = addr.parse() {
+                            addresses.push(ip);
+                        }
+                    }
+                }
+                let running = info.state.and_then(|s| s.running).unwrap_or(false);
                 Ok(Some(Container {
+                    addresses,
+                    running,
                     id: info.id.unwrap_or_else(|| id.to_owned()),
                     name: info
                         .name

@@ -478,7 +478,7 @@ fn link_pin_name(program: &str, cgroup_id: u64) -> String {
     format!("link_{program}_cg{cgroup_id}")
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
@@ -542,7 +542,7 @@ fn open_cgroup(path: &Path) -> Result<(File, u64), Error> {
     Ok((file, id))
 }
 
-fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
+pub(crate) fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
     let err = |reason: String| Error::PinDir {
         path: dir.to_owned(),
         reason,

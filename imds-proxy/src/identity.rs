@@ -18,9 +18,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::ebpf::{Record, Redirect};
 
-/// A caller the kernel vouched for.
+/// A caller: in cgroup mode, the kernel vouched for it; in tc mode, it is the running container
+/// that Docker says has the connection's source address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
+    /// What its IMDSv2 tokens are bound to: its cgroup id (cgroup mode), or 64 bits of its
+    /// container id (tc mode). A token is good only for the caller it was minted for.
+    pub token_subject: u64,
+    /// 0 in tc mode.
     pub cgroup_id: u64,
     pub tgid: u32,
     /// The cgroup's path relative to the v2 root (`/docker/<id>`), when it could be resolved.
@@ -110,11 +115,36 @@ impl Cgroups {
         let cgroup = self.resolve(record.cgroup_id, record.tgid);
         let container_id = cgroup.as_deref().and_then(container_id);
         Caller {
+            token_subject: record.cgroup_id,
             cgroup_id: record.cgroup_id,
             tgid: record.tgid,
             cgroup,
             container_id,
             original_destination: record.original_destination,
+        }
+    }
+}
+
+impl Caller {
+    /// tc mode: the caller is the container that has the connection's source address.
+    pub fn by_address(container_id: &str, original_destination: SocketAddr) -> Self {
+        // Container ids are 64 random hex digits: the first 16 are 64 random bits.
+        let token_subject = container_id
+            .get(..16)
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .unwrap_or_else(|| {
+                use std::hash::{Hash as _, Hasher as _};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                container_id.hash(&mut h);
+                h.finish()
+            });
+        Caller {
+            token_subject,
+            cgroup_id: 0,
+            tgid: 0,
+            cgroup: None,
+            container_id: Some(container_id.to_owned()),
+            original_destination,
         }
     }
 }
@@ -187,14 +217,17 @@ impl axum::extract::connect_info::Connected<IncomingStream<'_, AttestedListener>
 
 /// A TCP listener that looks up, for every accepted connection, the kernel's record of who
 /// opened it. The record is taken at accept time, before any byte of the request is read.
+///
+/// In tc mode there is no record (`redirect` is `None`): every peer comes without a caller, and
+/// the service identifies it by its source address.
 pub struct AttestedListener {
     inner: TcpListener,
-    redirect: Arc<Redirect>,
+    redirect: Option<Arc<Redirect>>,
     cgroups: Arc<Cgroups>,
 }
 
 impl AttestedListener {
-    pub fn new(inner: TcpListener, redirect: Arc<Redirect>, cgroups: Arc<Cgroups>) -> Self {
+    pub fn new(inner: TcpListener, redirect: Option<Arc<Redirect>>, cgroups: Arc<Cgroups>) -> Self {
         Self {
             inner,
             redirect,
@@ -207,7 +240,8 @@ impl AttestedListener {
         let (stream, addr) = self.inner.accept().await?;
         let caller = self
             .redirect
-            .take_record(addr)
+            .as_ref()
+            .and_then(|redirect| redirect.take_record(addr))
             .map(|record| self.cgroups.caller(record));
         Ok((stream, Peer { addr, caller }))
     }

@@ -46,6 +46,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub require_imdsv2: bool,
     pub allow_user_data: bool,
+    /// tc mode: there is no kernel record; a caller is the running container that has the
+    /// connection's source address (the listen address takes redirected traffic only).
+    pub identify_by_address: bool,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -175,6 +178,15 @@ pub fn credentials_document(session: &credentials::Session) -> String {
     )
 }
 
+/// Where a redirected client of this family was connecting: the IMDS address, port 80.
+fn imds_address(peer: std::net::SocketAddr) -> std::net::SocketAddr {
+    use imds_common::{IMDS_PORT, IMDS_V4_OCTETS, IMDS_V6_OCTETS};
+    match peer {
+        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::from(IMDS_V4_OCTETS), IMDS_PORT).into(),
+        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::from(IMDS_V6_OCTETS), IMDS_PORT).into(),
+    }
+}
+
 async fn handle(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -182,7 +194,24 @@ async fn handle(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let Some(caller) = peer.caller else {
+    let caller = match peer.caller {
+        Some(caller) => Some(caller),
+        None if app.identify_by_address => match app.docker.by_address(peer.addr.ip()).await {
+            Some(container) => Some(Caller::by_address(&container.id, imds_address(peer.addr))),
+            None => {
+                tracing::warn!(
+                    peer = %peer.addr,
+                    %method,
+                    path = uri.path(),
+                    "refused: no running container has this source address"
+                );
+                app.metrics.request("unattested", 403);
+                return text(StatusCode::FORBIDDEN, "Forbidden");
+            }
+        },
+        None => None,
+    };
+    let Some(caller) = caller else {
         tracing::warn!(
             peer = %peer.addr,
             %method,
@@ -275,7 +304,7 @@ impl App {
             return text(StatusCode::BAD_REQUEST, "Bad Request");
         };
         let token = self.tokens.mint(
-            caller.cgroup_id,
+            caller.token_subject,
             Duration::from_secs(ttl),
             SystemTime::now(),
         );
@@ -293,7 +322,7 @@ impl App {
                 let token = token.to_str().unwrap_or_default();
                 let err = self
                     .tokens
-                    .verify(token, caller.cgroup_id, SystemTime::now())
+                    .verify(token, caller.token_subject, SystemTime::now())
                     .err()?;
                 tracing::info!(%err, "token refused");
                 Some(text(StatusCode::UNAUTHORIZED, "Unauthorized"))

@@ -11,5 +11,6 @@ pub mod imds;
 pub mod metrics;
 pub mod netdev;
 pub mod roles;
+pub mod tc;
 pub mod tokens;
 pub mod upstream;

@@ -11,13 +11,14 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use imds_proxy::{
-    config::{Config, LogFormat, RunArgs},
+    config::{Config, LogFormat, Mode, RunArgs},
     credentials, docker,
     ebpf::{self, Redirect, Spec},
     identity::{self, AttestedListener, Cgroups, Peer},
     imds,
     metrics::Metrics,
     netdev, roles,
+    tc::{TcRedirect, TcSpec},
     tokens::Tokens,
     upstream::Upstream,
 };
@@ -153,21 +154,35 @@ async fn run(config: Config) -> anyhow::Result<()> {
         SocketAddr::V6(a) => Some(*a),
         SocketAddr::V4(_) => None,
     });
-    let root = identity::cgroup2_root()?;
-    let own_path = identity::own_cgroup_path()?;
-    let own_cgroup = ebpf::cgroup_id(&root.join(own_path.trim_start_matches('/')))
-        .with_context(|| format!("the proxy's own cgroup {own_path}"))?;
+    let tc_mode = args.mode == Mode::Tc;
+    let root = identity::cgroup2_root();
+    let own_path = identity::own_cgroup_path();
+    // cgroup mode needs the v2 hierarchy and the proxy's place in it; tc mode only uses the
+    // latter to recognise its own container.
+    let (root, own_path) = if tc_mode {
+        (root.ok(), own_path.ok())
+    } else {
+        (Some(root?), Some(own_path?))
+    };
 
     // Everything that can fail for reasons outside the kernel, before anything is attached.
     let metrics = Arc::new(Metrics::default());
     let docker = docker::Index::connect(&args.docker_host).await?;
-    let (cgroups, filter) = if args.cgroups.is_empty() {
-        let driver = docker.cgroup_driver().await?;
-        let (parent, filter) = docker_parent_cgroup(&root, &driver)?;
-        tracing::info!(driver, parent = %parent.display(), filter, "Docker's cgroups");
-        (vec![parent], filter)
-    } else {
-        (args.cgroups.clone(), args.cgroup_filter)
+    let cgroup_plan = match (&root, &own_path) {
+        (Some(root), Some(own_path)) if !tc_mode => {
+            let own_cgroup = ebpf::cgroup_id(&root.join(own_path.trim_start_matches('/')))
+                .with_context(|| format!("the proxy's own cgroup {own_path}"))?;
+            let (cgroups, filter) = if args.cgroups.is_empty() {
+                let driver = docker.cgroup_driver().await?;
+                let (parent, filter) = docker_parent_cgroup(root, &driver)?;
+                tracing::info!(driver, parent = %parent.display(), filter, "Docker's cgroups");
+                (vec![parent], filter)
+            } else {
+                (args.cgroups.clone(), args.cgroup_filter)
+            };
+            Some((cgroups, filter, own_cgroup))
+        }
+        _ => None,
     };
     let sts = credentials::sts_client(
         &args.upstream,
@@ -201,39 +216,87 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let spec = Spec {
-        listen_v4,
-        listen_v6,
-        cgroups: cgroups.clone(),
-        filter,
-        own_cgroup,
-        pin: args.pin.clone(),
-    };
-    let redirect = Arc::new(Redirect::attach(&spec)?);
-    let attached = Arc::new(AtomicBool::new(true));
-    tracing::info!(
-        cgroups = ?cgroups,
-        listen = ?args.listen,
-        pin = ?args.pin,
-        adopted_links = redirect.adopted_links(),
-        own_cgroup = %own_path,
-        "redirect attached; serving"
-    );
-    if filter {
-        for parent in &cgroups {
-            let feed = imds_proxy::filter::Feed::start(redirect.clone(), parent)
-                .with_context(|| format!("classifying the cgroups under {}", parent.display()))?;
-            std::thread::spawn(move || {
-                if let Err(err) = feed.run() {
-                    // Unclassified cgroups stay refused: closed, and loud.
-                    tracing::error!(%err, "cgroup watch failed; new cgroups' IMDS connects will be refused");
+    let (redirect, tc) = match cgroup_plan {
+        Some((cgroups, filter, own_cgroup)) => {
+            let spec = Spec {
+                listen_v4,
+                listen_v6,
+                cgroups: cgroups.clone(),
+                filter,
+                own_cgroup,
+                pin: args.pin.clone(),
+            };
+            let redirect = Arc::new(Redirect::attach(&spec)?);
+            tracing::info!(
+                mode = "cgroup",
+                cgroups = ?cgroups,
+                listen = ?args.listen,
+                pin = ?args.pin,
+                adopted_links = redirect.adopted_links(),
+                own_cgroup = own_path.as_deref().unwrap_or("?"),
+                "redirect attached; serving"
+            );
+            if filter {
+                for parent in &cgroups {
+                    let feed = imds_proxy::filter::Feed::start(redirect.clone(), parent)
+                        .with_context(|| {
+                            format!("classifying the cgroups under {}", parent.display())
+                        })?;
+                    std::thread::spawn(move || {
+                        if let Err(err) = feed.run() {
+                            // Unclassified cgroups stay refused: closed, and loud.
+                            tracing::error!(%err, "cgroup watch failed; new cgroups' IMDS connects will be refused");
+                        }
+                    });
+                }
+            }
+            let logs = redirect.clone();
+            tokio::spawn(async move { logs.forward_kernel_logs().await });
+            (Some(redirect), None)
+        }
+        None => {
+            let interfaces = if args.container_ifaces.is_empty() {
+                vec!["docker0".to_owned()]
+            } else {
+                args.container_ifaces.clone()
+            };
+            let spec = TcSpec {
+                listen_v4,
+                listen_v6,
+                interfaces: interfaces.clone(),
+                attach: args.tc_attach,
+                pin: args.pin.clone(),
+            };
+            let tc = Arc::new(TcRedirect::attach(&spec)?);
+            tracing::info!(
+                mode = "tc",
+                attach = ?tc.attach_mode(),
+                patterns = ?interfaces,
+                interfaces = ?tc.interfaces(),
+                listen = ?args.listen,
+                pin = ?args.pin,
+                adopted_links = tc.adopted_links(),
+                "redirect attached; serving (tc mode identifies callers by source address; \
+                 cgroup mode is the stronger)"
+            );
+            let follow = tc.clone();
+            tokio::spawn(async move { follow.follow_interfaces().await });
+            let reaper = tc.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                loop {
+                    tick.tick().await;
+                    let reaped = reaper.reap(imds_proxy::tc::NAT_IDLE);
+                    if reaped > 0 {
+                        tracing::debug!(reaped, "idle NAT entries removed");
+                    }
                 }
             });
+            (None, Some(tc))
         }
-    }
-    let resolver = Arc::new(Cgroups::new(root));
-    let logs = redirect.clone();
-    tokio::spawn(async move { logs.forward_kernel_logs().await });
+    };
+    let attached = Arc::new(AtomicBool::new(true));
+    let resolver = Arc::new(Cgroups::new(root.clone().unwrap_or_default()));
 
     let app = Arc::new(imds::App {
         tokens: Tokens::new(),
@@ -244,9 +307,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         require_imdsv2: args.require_imdsv2,
         allow_user_data: args.allow_user_data,
+        identify_by_address: tc_mode,
     });
     // Run as a container itself, the proxy is one of Docker's containers: it never asks itself.
-    let own_container = identity::container_id(&own_path);
+    let own_container = own_path.as_deref().and_then(identity::container_id);
     tokio::spawn(follow_containers(app.clone(), own_container));
     tokio::spawn(docker.clone().run());
 
@@ -257,7 +321,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let service = service.clone();
         servers.spawn(async move { axum::serve(listener, service).await });
     }
-    let ops_app = ops_router(app.clone(), attached.clone());
+    let ops_app = ops_router(app.clone(), attached.clone(), tc.clone());
     servers.spawn(async move { axum::serve(ops, ops_app).await });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -272,6 +336,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     servers.abort_all();
     attached.store(false, Ordering::Relaxed);
     drop(redirect);
+    if let Some(tc) = tc {
+        if args.pin.is_none() {
+            tc.detach_all();
+        }
+        drop(tc);
+    }
     if args.pin.is_some() {
         tracing::info!(
             "stopping; the pinned redirect stays attached (containers fail closed until a proxy \
@@ -322,9 +392,14 @@ async fn follow_containers(app: Arc<imds::App>, own_container: Option<String>) {
     }
 }
 
-fn ops_router(app: Arc<imds::App>, attached: Arc<AtomicBool>) -> axum::Router {
+fn ops_router(
+    app: Arc<imds::App>,
+    attached: Arc<AtomicBool>,
+    tc: Option<Arc<TcRedirect>>,
+) -> axum::Router {
     use axum::{http::StatusCode, routing::get};
     let metrics = app.metrics.clone();
+    let tc_metrics = tc.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -332,8 +407,11 @@ fn ops_router(app: Arc<imds::App>, attached: Arc<AtomicBool>) -> axum::Router {
             get(move || {
                 let app = app.clone();
                 let attached = attached.clone();
+                let tc = tc.clone();
                 async move {
-                    let programs = attached.load(Ordering::Relaxed);
+                    // tc mode: attached means attached to at least one container interface.
+                    let programs = attached.load(Ordering::Relaxed)
+                        && tc.as_ref().is_none_or(|tc| !tc.interfaces().is_empty());
                     let (upstream, docker) = tokio::join!(app.upstream.ready(), app.docker.ping());
                     let body = format!(
                         "programs attached: {programs}\nupstream IMDS: {}\ndocker: {}\n",
@@ -357,13 +435,22 @@ fn ops_router(app: Arc<imds::App>, attached: Arc<AtomicBool>) -> axum::Router {
             "/metrics",
             get(move || {
                 let metrics = metrics.clone();
+                let tc = tc_metrics.clone();
                 async move {
+                    let mut body = metrics.render();
+                    if let Some(tc) = tc {
+                        body.push_str(&imds_proxy::metrics::render_tc(
+                            &tc.stats(),
+                            tc.nat_entries(),
+                            tc.interfaces().len(),
+                        ));
+                    }
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "text/plain; version=0.0.4",
                         )],
-                        metrics.render(),
+                        body,
                     )
                 }
             }),

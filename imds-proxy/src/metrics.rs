@@ -124,6 +124,33 @@ impl Metrics {
     }
 }
 
+/// tc mode's kernel counters and state, in the same text format.
+pub fn render_tc(
+    stats: &[(imds_common::TcStat, u64)],
+    nat_entries: usize,
+    interfaces: usize,
+) -> String {
+    let mut out = String::from(
+        "# HELP imds_proxy_tc_packets_total Packets the tc programs acted on, by what they did.\n# TYPE imds_proxy_tc_packets_total counter\n",
+    );
+    for (stat, n) in stats {
+        let _ = writeln!(
+            out,
+            "imds_proxy_tc_packets_total{{event=\"{}\"}} {n}",
+            stat.name()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP imds_proxy_tc_nat_entries Redirected connections in the NAT table.\n# TYPE imds_proxy_tc_nat_entries gauge\nimds_proxy_tc_nat_entries {nat_entries}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP imds_proxy_tc_interfaces Container interfaces the programs are attached to.\n# TYPE imds_proxy_tc_interfaces gauge\nimds_proxy_tc_interfaces {interfaces}"
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

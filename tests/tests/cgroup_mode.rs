@@ -98,7 +98,7 @@ impl TestProxy {
             let cgroups = Arc::new(Cgroups::new(cgroup2_root().unwrap()));
             for listener in listeners {
                 let mut listener =
-                    AttestedListener::new(listener, redirect.clone(), cgroups.clone());
+                    AttestedListener::new(listener, Some(redirect.clone()), cgroups.clone());
                 let callers = callers.clone();
                 tokio::spawn(async move {
                     loop {

@@ -1,0 +1,423 @@
+//! Kernel programs of imds-proxy, tc mode: the packet-level drop-in for
+//! `iptables -t nat -A PREROUTING -i docker0 -d 169.254.169.254 -p tcp --dport 80 -j DNAT ...`.
+//!
+//! Both are attached to a container interface (docker0, `br-*`):
+//! - `imds_tc_ingress` sees what containers send. A TCP segment to 169.254.169.254:80 (or
+//!   [fd00:ec2::254]:80) gets the proxy's listen address and port as its destination, and the
+//!   connection is noted in `IMDS_NAT` under the client's (address, port).
+//! - `imds_tc_egress` sees what the host sends to containers. A segment from the proxy's listen
+//!   address and port gets the original destination back as its source, so the client sees the
+//!   address it connected to.
+//!
+//! Checksums are updated incrementally by the kernel's helpers, which handle both a full checksum
+//! and CHECKSUM_PARTIAL (where only the pseudo-header part is in the field). Only plain headers are
+//! rewritten: IPv4 with options, fragments, IPv6 with extension headers and non-TCP packets to or
+//! from the redirect addresses are passed untouched and counted in `IMDS_TC_STATS`. Everything else
+//! on the interface is not looked at beyond its addresses.
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_ktime_get_ns, generated::bpf_csum_diff},
+    macros::{classifier, map},
+    maps::{LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use imds_common::{
+    AF_INET, AF_INET6, ConnKey, FIN_FROM_CLIENT, FIN_FROM_PROXY, IMDS_PORT, IMDS_V4_OCTETS,
+    IMDS_V6_OCTETS, MAX_NAT, NatEntry, RawAddr, RedirectConfig, TC_STATS, TcStat, raw_v4, raw_v6,
+};
+
+use crate::programs::config;
+
+/// Connections redirected by `imds_tc_ingress`, by the client's address and port.
+#[map(name = "IMDS_NAT")]
+static NAT: LruHashMap<ConnKey, NatEntry> = LruHashMap::with_max_entries(MAX_NAT, 0);
+
+/// One counter per [`TcStat`], per CPU; userspace sums them.
+#[map(name = "IMDS_TC_STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TC_STATS, 0);
+
+const IMDS_V4: u32 = raw_v4(IMDS_V4_OCTETS);
+const IMDS_V6: RawAddr = raw_v6(IMDS_V6_OCTETS);
+/// The IMDS port as it sits in a TCP header (network order).
+const IMDS_PORT_BE: u16 = IMDS_PORT.to_be();
+
+const PASS: i32 = TC_ACT_OK;
+const DROP: i32 = TC_ACT_SHOT;
+
+// Offsets, from the start of the Ethernet frame.
+const ETH_HLEN: usize = 14;
+const ETH_PROTO: usize = 12;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IP4_VER_IHL: usize = ETH_HLEN;
+const IP4_FRAG: usize = ETH_HLEN + 6;
+const IP4_PROTO: usize = ETH_HLEN + 9;
+const IP4_CSUM: usize = ETH_HLEN + 10;
+const IP4_SRC: usize = ETH_HLEN + 12;
+const IP4_DST: usize = ETH_HLEN + 16;
+/// The TCP header of an IPv4 packet without options.
+const TCP4: usize = ETH_HLEN + 20;
+const IP6_NEXT: usize = ETH_HLEN + 6;
+const IP6_SRC: usize = ETH_HLEN + 8;
+const IP6_DST: usize = ETH_HLEN + 24;
+/// The TCP header of an IPv6 packet without extension headers.
+const TCP6: usize = ETH_HLEN + 40;
+const IPPROTO_TCP: u8 = 6;
+// Offsets inside the TCP header.
+const TCP_SPORT: usize = 0;
+const TCP_DPORT: usize = 2;
+const TCP_FLAGS: usize = 13;
+const TCP_CSUM: usize = 16;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// The IPv4 "more fragments" flag and fragment offset bits.
+const IP4_FRAGMENTED: u16 = 0x3fff;
+
+#[inline(always)]
+fn count(stat: TcStat) {
+    if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Which way a packet crosses the container interface.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// From a container: maybe a request to IMDS.
+    Ingress,
+    /// To a container: maybe the proxy's answer.
+    Egress,
+}
+
+/// The TCP segment the programs act on: a plain IPv4 or IPv6 header followed by TCP.
+struct Segment {
+    family: u16,
+    src: RawAddr,
+    dst: RawAddr,
+    /// Offset of the TCP header.
+    tcp: usize,
+    /// Ports as in the header (network order).
+    sport: u16,
+    dport: u16,
+    flags: u8,
+}
+
+#[classifier]
+pub fn imds_tc_ingress(ctx: TcContext) -> i32 {
+    handle(&ctx, Way::Ingress)
+}
+
+#[classifier]
+pub fn imds_tc_egress(ctx: TcContext) -> i32 {
+    handle(&ctx, Way::Egress)
+}
+
+#[inline(always)]
+fn handle(ctx: &TcContext, way: Way) -> i32 {
+    match try_handle(ctx, way) {
+        Ok(verdict) => verdict,
+        // A packet to or from the redirect addresses whose TCP header could not be read (shorter
+        // than its headers claim), or a rewrite helper failed (the rewrite may be half done).
+        // Either way, do not let it through as is.
+        Err(()) => {
+            count(TcStat::DroppedBroken);
+            DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn try_handle(ctx: &TcContext, way: Way) -> Result<i32, ()> {
+    let config = config();
+    let Ok(proto) = ctx.load::<u16>(ETH_PROTO) else {
+        return Ok(PASS);
+    };
+    let proto = u16::from_be(proto);
+    let segment = match proto {
+        ETH_P_IP => parse_v4(ctx, way, config)?,
+        ETH_P_IPV6 => parse_v6(ctx, way, config)?,
+        // ARP and the rest: nothing of ours.
+        _ => return Ok(PASS),
+    };
+    let Some(segment) = segment else {
+        return Ok(PASS);
+    };
+    let Some(config) = config else {
+        // Attached but not configured (the proxy is starting or was never configured): a client's
+        // IMDS packet must not reach the real IMDS. Fail closed. (Egress has nothing to do yet.)
+        return Ok(if way == Way::Ingress { DROP } else { PASS });
+    };
+    match way {
+        Way::Ingress => redirect(ctx, config, &segment),
+        Way::Egress => reverse(ctx, config, &segment),
+    }
+}
+
+/// Whether an address is the proxy's listen address of its family.
+#[inline(always)]
+fn is_proxy(config: Option<&RedirectConfig>, family: u16, addr: &RawAddr) -> bool {
+    match config {
+        Some(c) if family == AF_INET => addr[0] == c.proxy_v4,
+        // An all-zero proxy_v6 (no IPv6 listener) never matches a real packet's address.
+        Some(c) => *addr == c.proxy_v6 && c.proxy_v6 != [0; 4],
+        None => false,
+    }
+}
+
+/// Whether a packet is one of ours: to IMDS or the listen address (ingress), or from the listen
+/// address (egress). Decided on the addresses alone, before anything else is parsed.
+#[inline(always)]
+fn ours(
+    config: Option<&RedirectConfig>,
+    way: Way,
+    family: u16,
+    src: &RawAddr,
+    dst: &RawAddr,
+) -> bool {
+    match way {
+        Way::Ingress => {
+            let imds = if family == AF_INET {
+                dst[0] == IMDS_V4
+            } else {
+                *dst == IMDS_V6
+            };
+            imds || is_proxy(config, family, dst)
+        }
+        Way::Egress => is_proxy(config, family, src),
+    }
+}
+
+#[inline(always)]
+fn parse_v4(
+    ctx: &TcContext,
+    way: Way,
+    config: Option<&RedirectConfig>,
+) -> Result<Option<Segment>, ()> {
+    // Too short to hold the addresses: not ours to judge (the IP stack drops it).
+    let (Ok(src), Ok(dst)) = (ctx.load::<u32>(IP4_SRC), ctx.load::<u32>(IP4_DST)) else {
+        return Ok(None);
+    };
+    let (src, dst) = ([src, 0, 0, 0], [dst, 0, 0, 0]);
+    if !ours(config, way, AF_INET, &src, &dst) {
+        return Ok(None);
+    }
+    // IP options: the TCP header is not where a plain header puts it. Not rewritten.
+    if ctx.load::<u8>(IP4_VER_IHL).map_err(|_| ())? != 0x45 {
+        count(TcStat::PassedIpOptions);
+        return Ok(None);
+    }
+    // A fragment: only the first has the TCP header, and the checksum covers them all.
+    if u16::from_be(ctx.load::<u16>(IP4_FRAG).map_err(|_| ())?) & IP4_FRAGMENTED != 0 {
+        count(TcStat::PassedFragment);
+        return Ok(None);
+    }
+    if ctx.load::<u8>(IP4_PROTO).map_err(|_| ())? != IPPROTO_TCP {
+        count(TcStat::PassedNotTcp);
+        return Ok(None);
+    }
+    segment(ctx, AF_INET, src, dst, TCP4).map(Some)
+}
+
+#[inline(always)]
+fn parse_v6(
+    ctx: &TcContext,
+    way: Way,
+    config: Option<&RedirectConfig>,
+) -> Result<Option<Segment>, ()> {
+    let (Ok(src), Ok(dst)) = (ctx.load::<RawAddr>(IP6_SRC), ctx.load::<RawAddr>(IP6_DST)) else {
+        return Ok(None);
+    };
+    if !ours(config, way, AF_INET6, &src, &dst) {
+        return Ok(None);
+    }
+    // Extension headers (fragments among them) or not TCP at all: not rewritten.
+    if ctx.load::<u8>(IP6_NEXT).map_err(|_| ())? != IPPROTO_TCP {
+        count(TcStat::PassedNotTcp);
+        return Ok(None);
+    }
+    segment(ctx, AF_INET6, src, dst, TCP6).map(Some)
+}
+
+#[inline(always)]
+fn segment(
+    ctx: &TcContext,
+    family: u16,
+    src: RawAddr,
+    dst: RawAddr,
+    tcp: usize,
+) -> Result<Segment, ()> {
+    Ok(Segment {
+        family,
+        src,
+        dst,
+        tcp,
+        sport: ctx.load::<u16>(tcp + TCP_SPORT).map_err(|_| ())?,
+        dport: ctx.load::<u16>(tcp + TCP_DPORT).map_err(|_| ())?,
+        flags: ctx.load::<u8>(tcp + TCP_FLAGS).map_err(|_| ())?,
+    })
+}
+
+/// Ingress: a client's segment to IMDS goes to the proxy.
+#[inline(always)]
+fn redirect(ctx: &TcContext, config: &RedirectConfig, s: &Segment) -> Result<i32, ()> {
+    if is_proxy(Some(config), s.family, &s.dst) {
+        // Addressed to the listen address directly. It is reserved for redirected traffic: a
+        // direct connection could collide with a redirected one from the same client port.
+        count(TcStat::DroppedDirect);
+        return Ok(DROP);
+    }
+    if s.dport != IMDS_PORT_BE {
+        // Another port of the IMDS address: not what IMDS serves; left alone, as the iptables
+        // rule leaves it.
+        return Ok(PASS);
+    }
+    let (proxy, proxy_port) = if s.family == AF_INET {
+        ([config.proxy_v4, 0, 0, 0], config.proxy_port_v4 as u16)
+    } else {
+        (config.proxy_v6, config.proxy_port_v6 as u16)
+    };
+    if s.family == AF_INET6 && proxy == [0; 4] {
+        // No IPv6 listener: nowhere to send it, and it must not reach IMDS.
+        return Ok(DROP);
+    }
+    rewrite_addr(ctx, s, IP4_DST, IP6_DST, &s.dst, &proxy)?;
+    rewrite_port(ctx, s, TCP_DPORT, s.dport, proxy_port)?;
+    let key = client_key(s.family, &s.src, s.sport);
+    let now = unsafe { bpf_ktime_get_ns() };
+    if s.flags & TCP_SYN != 0 && s.flags & TCP_ACK == 0 {
+        // A new connection (or a retransmitted SYN): (re)start its entry.
+        let entry = NatEntry {
+            orig_addr: s.dst,
+            last_seen_ns: now,
+            ifindex: unsafe { (*ctx.skb.skb).ifindex },
+            orig_port: s.dport,
+            fin: 0,
+            _pad: 0,
+        };
+        // Full (LRU) cannot fail; an error here would only cost the egress side its state.
+        let _ = NAT.insert(key, entry, 0);
+    } else {
+        track(&key, s.flags, FIN_FROM_CLIENT, now);
+    }
+    count(TcStat::Redirected);
+    Ok(PASS)
+}
+
+/// Egress: the proxy's segment to a client comes from where the client connected.
+#[inline(always)]
+fn reverse(ctx: &TcContext, config: &RedirectConfig, s: &Segment) -> Result<i32, ()> {
+    let proxy_port = if s.family == AF_INET {
+        config.proxy_port_v4 as u16
+    } else {
+        config.proxy_port_v6 as u16
+    };
+    if s.sport != proxy_port {
+        return Ok(PASS);
+    }
+    let key = client_key(s.family, &s.dst, s.dport);
+    let (orig, orig_port) = match unsafe { NAT.get(key) } {
+        Some(entry) => (entry.orig_addr, entry.orig_port),
+        None => {
+            // Evicted or already reaped (the last ACK after both FINs): the listen address serves
+            // redirected connections only, so the original destination can only be IMDS.
+            count(TcStat::ReversedWithoutState);
+            if s.family == AF_INET {
+                ([IMDS_V4, 0, 0, 0], IMDS_PORT_BE)
+            } else {
+                (IMDS_V6, IMDS_PORT_BE)
+            }
+        }
+    };
+    rewrite_addr(ctx, s, IP4_SRC, IP6_SRC, &s.src, &orig)?;
+    rewrite_port(ctx, s, TCP_SPORT, s.sport, orig_port)?;
+    track(&key, s.flags, FIN_FROM_PROXY, unsafe { bpf_ktime_get_ns() });
+    count(TcStat::Reversed);
+    Ok(PASS)
+}
+
+/// The NAT key of a client: its address and port (host order), as the proxy sees its peer.
+#[inline(always)]
+fn client_key(family: u16, addr: &RawAddr, port_be: u16) -> ConnKey {
+    ConnKey {
+        addr: *addr,
+        port: u16::from_be(port_be) as u32,
+        family: family as u32,
+    }
+}
+
+/// Keep a connection's entry up to date: RST ends it; after both FINs, the next segment without
+/// FIN (the last ACK) ends it; anything else refreshes its age.
+#[inline(always)]
+fn track(key: &ConnKey, flags: u8, fin_bit: u8, now: u64) {
+    if flags & TCP_RST != 0 {
+        if NAT.remove(key).is_ok() {
+            count(TcStat::NatClosed);
+        }
+        return;
+    }
+    let Some(entry) = NAT.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a pointer into the map's value; concurrent updates of these plain fields can at
+    // worst lose an age refresh or a FIN bit, which the age reaping covers.
+    let entry = unsafe { &mut *entry };
+    if flags & TCP_FIN != 0 {
+        entry.fin |= fin_bit;
+    } else if entry.fin == FIN_FROM_CLIENT | FIN_FROM_PROXY {
+        if NAT.remove(key).is_ok() {
+            count(TcStat::NatClosed);
+        }
+        return;
+    }
+    entry.last_seen_ns = now;
+}
+
+/// Replace an address (source or destination) and fix the checksums that cover it: IPv4's header
+/// checksum, and TCP's through the pseudo-header (both families).
+#[inline(always)]
+fn rewrite_addr(
+    ctx: &TcContext,
+    s: &Segment,
+    off4: usize,
+    off6: usize,
+    from: &RawAddr,
+    to: &RawAddr,
+) -> Result<(), ()> {
+    let tcp_csum = s.tcp + TCP_CSUM;
+    if s.family == AF_INET {
+        ctx.l3_csum_replace(IP4_CSUM, from[0] as u64, to[0] as u64, 4)
+            .map_err(|_| ())?;
+        ctx.l4_csum_replace(
+            tcp_csum,
+            from[0] as u64,
+            to[0] as u64,
+            BPF_F_PSEUDO_HDR as u64 | 4,
+        )
+        .map_err(|_| ())?;
+        ctx.store(off4, &to[0], 0).map_err(|_| ())?;
+    } else {
+        // 16 bytes: the helper takes the checksum difference, computed over both addresses.
+        let mut from = *from;
+        let mut to = *to;
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(());
+        }
+        // Size 0 in the flags: `to` is a precomputed difference.
+        ctx.l4_csum_replace(tcp_csum, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)
+            .map_err(|_| ())?;
+        ctx.store(off6, &to, 0).map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// Replace a TCP port and fix the TCP checksum (a plain field, not in the pseudo-header).
+#[inline(always)]
+fn rewrite_port(ctx: &TcContext, s: &Segment, field: usize, from: u16, to: u16) -> Result<(), ()> {
+    ctx.l4_csum_replace(s.tcp + TCP_CSUM, from as u64, to as u64, 2)
+        .map_err(|_| ())?;
+    ctx.store(s.tcp + field, &to, 0).map_err(|_| ())
+}

@@ -1,0 +1,533 @@
+//! tc mode: the packet-level redirect on container interfaces (`--mode tc --container-iface
+//! docker0`, repeatable, `*` and `?` wildcards). Loads `imds_tc_ingress` / `imds_tc_egress` from
+//! the same object as cgroup mode, attaches them to every interface whose name matches (TCX links
+//! on kernels that have them, else a clsact qdisc with netlink filters), follows interfaces as
+//! they come and go, and reaps NAT entries by age.
+//!
+//! With `--pin DIR` (TCX only) the links and maps are pinned: if the proxy dies, containers' IMDS
+//! packets keep being rewritten to its (dead) listen address and are refused, never passed to the
+//! instance's IMDS; a restarted proxy adopts the pinned links.
+//!
+//! tc mode has no kernel record of who connected: the proxy identifies a caller by its source
+//! address through Docker. cgroup mode is the stronger of the two.
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddrV4, SocketAddrV6},
+    path::PathBuf,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
+    },
+    util::KernelVersion,
+};
+use imds_common::{
+    ConnKey, MAP_CONFIG, MAP_NAT, MAP_TC_STATS, NatEntry, RedirectConfig, TcStat, raw_port, raw_v4,
+    raw_v6,
+};
+
+use crate::ebpf::{Error, OBJECT, prepare_pin_dir};
+
+pub const INGRESS_PROGRAM: &str = "imds_tc_ingress";
+pub const EGRESS_PROGRAM: &str = "imds_tc_egress";
+/// Maps pinned with `--pin` in tc mode.
+pub const MAPS: [&str; 3] = [MAP_CONFIG, MAP_NAT, MAP_TC_STATS];
+
+/// How an interface's programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX links where the kernel has them (6.6+), else netlink.
+    Auto,
+    /// TCX links (kernel 6.6+); they can be pinned.
+    Tcx,
+    /// A clsact qdisc (created if absent) with direct-action filters.
+    Netlink,
+}
+
+/// Where and how to redirect.
+#[derive(Clone, Debug)]
+pub struct TcSpec {
+    pub listen_v4: SocketAddrV4,
+    pub listen_v6: Option<SocketAddrV6>,
+    /// Interface names or patterns (`*`, `?`).
+    pub interfaces: Vec<String>,
+    pub attach: TcAttach,
+    pub pin: Option<PathBuf>,
+}
+
+impl TcAttach {
+    /// What `Auto` means on this kernel.
+    pub fn resolve(self) -> TcAttach {
+        match self {
+            TcAttach::Auto
+                if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) =>
+            {
+                TcAttach::Tcx
+            }
+            TcAttach::Auto => TcAttach::Netlink,
+            other => other,
+        }
+    }
+}
+
+/// A link of one program on one interface.
+enum Link {
+    /// Held by the program: detached when it is detached or the program dropped.
+    Owned {
+        program: &'static str,
+        id: SchedClassifierLinkId,
+    },
+    /// Pinned on bpffs: stays attached after this process, until the pin is removed.
+    Pinned { _link: PinnedLink, path: PathBuf },
+}
+
+struct Interface {
+    name: String,
+    links: Vec<Link>,
+    /// Netlink mode: the clsact qdisc was created by us (removed again on detach).
+    created_clsact: bool,
+}
+
+struct Inner {
+    ebpf: Ebpf,
+    /// By interface index.
+    attached: BTreeMap<u32, Interface>,
+}
+
+/// The tc programs and their attachments. Dropping it detaches what is not pinned.
+pub struct TcRedirect {
+    inner: Mutex<Inner>,
+    nat: Mutex<HashMap<MapData, ConnKey, NatEntry>>,
+    stats: PerCpuArray<MapData, u64>,
+    spec: TcSpec,
+    attach: TcAttach,
+    adopted: AtomicUsize,
+}
+
+/// NAT entries idle this long are removed (a connection to IMDS lives for a few requests).
+pub const NAT_IDLE: Duration = Duration::from_secs(120);
+
+impl TcRedirect {
+    /// Load and configure the programs; attach them to every matching interface present now.
+    pub fn attach(spec: &TcSpec) -> Result<Self, Error> {
+        let attach = spec.attach.resolve();
+        if spec.pin.is_some() && attach != TcAttach::Tcx {
+            return Err(Error::PinDir {
+                path: spec.pin.clone().unwrap_or_default(),
+                reason: "pinning in tc mode needs TCX links (kernel 6.6 or later); netlink \
+                         filters cannot be adopted by a restarted proxy"
+                    .into(),
+            });
+        }
+        let mut loader = EbpfLoader::new();
+        let map_pins: Vec<(&str, PathBuf)> = match &spec.pin {
+            Some(dir) => {
+                prepare_pin_dir(dir)?;
+                MAPS.iter().map(|name| (*name, dir.join(name))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        let mut config: Array<_, RedirectConfig> =
+            Array::try_from(ebpf.take_map(MAP_CONFIG).expect("defined")).map_err(|source| {
+                Error::Map {
+                    name: MAP_CONFIG,
+                    source,
+                }
+            })?;
+        // Configure before anything is attached: unconfigured, the ingress program drops.
+        config
+            .set(0, tc_config(spec), 0)
+            .map_err(|source| Error::Map {
+                name: MAP_CONFIG,
+                source,
+            })?;
+        for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
+            let prog: &mut SchedClassifier = crate::ebpf::program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        let nat =
+            HashMap::try_from(ebpf.take_map(MAP_NAT).expect("defined")).map_err(|source| {
+                Error::Map {
+                    name: MAP_NAT,
+                    source,
+                }
+            })?;
+        let stats = PerCpuArray::try_from(ebpf.take_map(MAP_TC_STATS).expect("defined")).map_err(
+            |source| Error::Map {
+                name: MAP_TC_STATS,
+                source,
+            },
+        )?;
+        let this = Self {
+            inner: Mutex::new(Inner {
+                ebpf,
+                attached: BTreeMap::new(),
+            }),
+            nat: Mutex::new(nat),
+            stats,
+            spec: spec.clone(),
+            attach,
+            adopted: AtomicUsize::new(0),
+        };
+        this.reconcile();
+        Ok(this)
+    }
+
+    /// TCX or netlink, as resolved on this kernel.
+    pub fn attach_mode(&self) -> TcAttach {
+        self.attach
+    }
+
+    /// Links adopted from pins of a previous run.
+    pub fn adopted_links(&self) -> usize {
+        self.adopted.load(Ordering::Relaxed)
+    }
+
+    /// Names of the interfaces the programs are attached to now.
+    pub fn interfaces(&self) -> Vec<String> {
+        let inner = self.inner.lock().expect("tc lock poisoned");
+        inner.attached.values().map(|i| i.name.clone()).collect()
+    }
+
+    /// Attach to matching interfaces not attached yet; forget those that are gone. Returns
+    /// whether anything changed. Failures are logged per interface (and retried at the next
+    /// reconcile): one bad interface does not stop the others.
+    pub fn reconcile(&self) -> bool {
+        let present = present_interfaces();
+        let mut inner = self.inner.lock().expect("tc lock poisoned");
+        let mut changed = false;
+        let gone: Vec<u32> = inner
+            .attached
+            .iter()
+            .filter(|(index, i)| present.get(index) != Some(&i.name))
+            .map(|(index, _)| *index)
+            .collect();
+        for index in gone {
+            let interface = inner.attached.remove(&index).expect("listed");
+            tracing::info!(interface = %interface.name, "container interface gone; programs detached");
+            detach_interface(&mut inner.ebpf, interface, true);
+            changed = true;
+        }
+        for (index, name) in present {
+            if inner.attached.contains_key(&index)
+                || !self.spec.interfaces.iter().any(|p| matches(p, &name))
+            {
+                continue;
+            }
+            match self.attach_interface(&mut inner.ebpf, &name, index) {
+                Ok(interface) => {
+                    tracing::info!(interface = %name, mode = ?self.attach, "redirect attached to container interface");
+                    inner.attached.insert(index, interface);
+                    changed = true;
+                }
+                Err(err) => {
+                    tracing::error!(interface = %name, %err, "attaching to container interface failed; its containers' IMDS traffic is not redirected")
+                }
+            }
+        }
+        changed
+    }
+
+    fn attach_interface(
+        &self,
+        ebpf: &mut Ebpf,
+        name: &str,
+        index: u32,
+    ) -> Result<Interface, Error> {
+        let mut interface = Interface {
+            name: name.to_owned(),
+            links: Vec::new(),
+            created_clsact: false,
+        };
+        if self.attach == TcAttach::Netlink {
+            match aya::programs::tc::qdisc_add_clsact(name) {
+                Ok(()) => interface.created_clsact = true,
+                Err(aya::programs::tc::TcError::IoError(e))
+                    if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(aya::programs::tc::TcError::NetlinkError(e))
+                    if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(Error::Io(std::io::Error::other(format!(
+                        "adding a clsact qdisc: {e}"
+                    ))));
+                }
+            }
+        }
+        // Egress first: replies must be rewritten back before any request is redirected.
+        for (program, kind) in [
+            (EGRESS_PROGRAM, TcAttachType::Egress),
+            (INGRESS_PROGRAM, TcAttachType::Ingress),
+        ] {
+            let pin_path = self
+                .spec
+                .pin
+                .as_ref()
+                .map(|dir| dir.join(format!("link_{program}_if{index}")));
+            if let Some(path) = pin_path.as_ref().filter(|p| p.exists()) {
+                let link = PinnedLink::from_pin(path).map_err(|source| Error::Adopt {
+                    path: path.clone(),
+                    source,
+                })?;
+                self.adopted.fetch_add(1, Ordering::Relaxed);
+                interface.links.push(Link::Pinned {
+                    _link: link,
+                    path: path.clone(),
+                });
+                continue;
+            }
+            let prog: &mut SchedClassifier = crate::ebpf::program(ebpf, program)?;
+            let options = match self.attach {
+                TcAttach::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
+                _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            };
+            let id = match prog.attach_with_options(name, kind, options) {
+                Ok(id) => id,
+                Err(source) => {
+                    detach_interface(ebpf, interface, false);
+                    return Err(Error::Program {
+                        name: program,
+                        source,
+                    });
+                }
+            };
+            match pin_path {
+                Some(path) => {
+                    let link = prog.take_link(id).map_err(|source| Error::Program {
+                        name: program,
+                        source,
+                    })?;
+                    let link = FdLink::try_from(link).map_err(|source| Error::Adopt {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    let link = link.pin(&path).map_err(|source| Error::Pin {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    interface.links.push(Link::Pinned { _link: link, path });
+                }
+                None => interface.links.push(Link::Owned { program, id }),
+            }
+        }
+        Ok(interface)
+    }
+
+    /// Follow interfaces as they come and go (rtnetlink link events) until the task is dropped.
+    pub async fn follow_interfaces(&self) {
+        use futures_util::StreamExt as _;
+        use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
+        let (mut connection, _handle, mut messages) = match rtnetlink::new_connection() {
+            Ok(parts) => parts,
+            Err(err) => {
+                tracing::error!(%err, "cannot watch interfaces; new container interfaces will not be attached");
+                return;
+            }
+        };
+        let groups = SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK);
+        if let Err(err) = connection.socket_mut().socket_mut().bind(&groups) {
+            tracing::error!(%err, "cannot watch interfaces; new container interfaces will not be attached");
+            return;
+        }
+        tokio::spawn(connection);
+        // Anything may have happened between the first scan and the subscription.
+        self.reconcile();
+        while messages.next().await.is_some() {
+            // Link added, removed, renamed: look again (cheap: one sysfs listing).
+            self.reconcile();
+        }
+        tracing::error!("interface watch ended; new container interfaces will not be attached");
+    }
+
+    /// Remove NAT entries idle for longer than `idle`; returns how many.
+    pub fn reap(&self, idle: Duration) -> usize {
+        let now = monotonic_ns();
+        let mut nat = self.nat.lock().expect("nat lock poisoned");
+        let stale: Vec<ConnKey> = nat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| now.saturating_sub(entry.last_seen_ns) > idle.as_nanos() as u64)
+            .map(|(key, _)| key)
+            .collect();
+        stale.iter().filter(|key| nat.remove(key).is_ok()).count()
+    }
+
+    /// Entries in the NAT table now.
+    pub fn nat_entries(&self) -> usize {
+        let nat = self.nat.lock().expect("nat lock poisoned");
+        nat.keys().filter_map(Result::ok).count()
+    }
+
+    /// The programs' counters, summed over CPUs.
+    pub fn stats(&self) -> Vec<(TcStat, u64)> {
+        TcStat::ALL
+            .iter()
+            .map(|stat| {
+                let total = self
+                    .stats
+                    .get(&(*stat as u32), 0)
+                    .map(|values| values.iter().sum())
+                    .unwrap_or(0);
+                (*stat, total)
+            })
+            .collect()
+    }
+
+    /// Graceful shutdown without pins: detach from every interface and remove the qdiscs this
+    /// process created. (With pins, links stay: dropping `self` keeps them.)
+    pub fn detach_all(&self) {
+        let mut inner = self.inner.lock().expect("tc lock poisoned");
+        let attached = std::mem::take(&mut inner.attached);
+        for (_, interface) in attached {
+            detach_interface(&mut inner.ebpf, interface, false);
+        }
+    }
+}
+
+/// Detach one interface's links. `remove_pins`: the interface is gone, so are its pins' reasons.
+fn detach_interface(ebpf: &mut Ebpf, interface: Interface, remove_pins: bool) {
+    for link in interface.links {
+        match link {
+            Link::Owned { program, id } => {
+                if let Ok(prog) = crate::ebpf::program::<SchedClassifier>(ebpf, program)
+                    && let Err(err) = prog.detach(id)
+                {
+                    // The interface may be gone already, taking its attachments with it.
+                    tracing::debug!(interface = %interface.name, program, %err, "detach");
+                }
+            }
+            Link::Pinned { path, .. } if remove_pins => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Link::Pinned { .. } => {}
+        }
+    }
+    if interface.created_clsact
+        && let Err(err) = remove_clsact(&interface.name)
+    {
+        tracing::warn!(interface = %interface.name, %err, "removing the clsact qdisc we added");
+    }
+}
+
+/// Remove the clsact qdisc of an interface (netlink mode, when this process added it).
+fn remove_clsact(name: &str) -> std::io::Result<()> {
+    let Ok(index) = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex")) else {
+        return Ok(()); // gone, and its qdiscs with it
+    };
+    let index: i32 = index.trim().parse().map_err(std::io::Error::other)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            runtime.block_on(async {
+                let (connection, handle, _) = rtnetlink::new_connection()?;
+                tokio::spawn(connection);
+                let mut request = handle.qdisc().del(index);
+                let header = &mut request.message_mut().header;
+                header.parent = rtnetlink::packet_route::tc::TcHandle::CLSACT;
+                header.handle = rtnetlink::packet_route::tc::TcHandle::from(0xffff_0000);
+                request.execute().await.map_err(std::io::Error::other)
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("qdisc removal panicked")))
+    })
+}
+
+fn tc_config(spec: &TcSpec) -> RedirectConfig {
+    RedirectConfig {
+        proxy_v4: raw_v4(spec.listen_v4.ip().octets()),
+        proxy_v6: spec
+            .listen_v6
+            .map(|a| raw_v6(a.ip().octets()))
+            .unwrap_or_default(),
+        proxy_port_v4: raw_port(spec.listen_v4.port()),
+        proxy_port_v6: spec.listen_v6.map(|a| raw_port(a.port())).unwrap_or(0),
+        filter: 0,
+        proxy_cgroup: 0,
+    }
+}
+
+/// Interfaces present now: index → name.
+fn present_interfaces() -> BTreeMap<u32, String> {
+    let mut found = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Ok(index) = std::fs::read_to_string(entry.path().join("ifindex"))
+            && let Ok(index) = index.trim().parse()
+        {
+            found.insert(index, name);
+        }
+    }
+    found
+}
+
+/// Shell-style match of an interface name: `*` any run, `?` any one character.
+pub fn matches(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+/// Whether a `--container-iface` value is acceptable: an interface name (at most 15 bytes, no
+/// `/`, whitespace or `:`) in which `*` and `?` may stand for characters.
+pub fn valid_pattern(pattern: &str) -> bool {
+    !pattern.is_empty()
+        && pattern.len() <= 15
+        && pattern
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_patterns() {
+        assert!(matches("docker0", "docker0"));
+        assert!(!matches("docker0", "docker01"));
+        assert!(matches("br-*", "br-5a2ba51e7b11"));
+        assert!(!matches("br-*", "docker0"));
+        assert!(matches("veth?", "veth1"));
+        assert!(!matches("veth?", "veth12"));
+        assert!(matches("*", "anything"));
+        assert!(valid_pattern("br-*"));
+        assert!(!valid_pattern(""));
+        assert!(!valid_pattern("a/b"));
+        assert!(!valid_pattern("docker 0"));
+        assert!(!valid_pattern("a-name-longer-than-15"));
+    }
+}

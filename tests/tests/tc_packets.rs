@@ -1,0 +1,420 @@
+//! tc mode's programs on crafted packets, run by the kernel itself (BPF_PROG_TEST_RUN through
+//! aya's `TestRun`): the rewrite and the reverse rewrite, with checksums verified by an
+//! independent implementation here; options, fragments, extension headers, non-TCP and unrelated
+//! traffic passed byte for byte and counted. (The kernel hands test runs a full checksum; the
+//! CHECKSUM_PARTIAL case is what veths produce, covered by the live tests.)
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use imds_common::{
+    ConnKey, MAP_CONFIG, MAP_NAT, MAP_TC_STATS, NatEntry, RedirectConfig, TcStat, raw_port, raw_v4,
+    raw_v6,
+};
+
+const PASS: u32 = 0; // TC_ACT_OK
+const DROP: u32 = 2; // TC_ACT_SHOT
+const PROXY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 43, 1);
+const PROXY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0x43, 0, 0, 0, 0, 1);
+const PROXY_PORT: u16 = 8080;
+const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 2);
+const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xd0c, 0, 0, 0, 0, 0, 2);
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
+struct Programs {
+    ebpf: Ebpf,
+}
+
+impl Programs {
+    fn load(configured: bool) -> Self {
+        let mut ebpf = Ebpf::load(imds_proxy::ebpf::OBJECT).expect("the object loads");
+        if configured {
+            let mut config: Array<_, RedirectConfig> =
+                Array::try_from(ebpf.map_mut(MAP_CONFIG).unwrap()).unwrap();
+            config
+                .set(
+                    0,
+                    RedirectConfig {
+                        proxy_v4: raw_v4(PROXY_V4.octets()),
+                        proxy_v6: raw_v6(PROXY_V6.octets()),
+                        proxy_port_v4: raw_port(PROXY_PORT),
+                        proxy_port_v6: raw_port(PROXY_PORT),
+                        filter: 0,
+                        proxy_cgroup: 0,
+                    },
+                    0,
+                )
+                .unwrap();
+        }
+        for name in ["imds_tc_ingress", "imds_tc_egress"] {
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            prog.load()
+                .unwrap_or_else(|e| panic!("{name} loads: {e:?}"));
+        }
+        Self { ebpf }
+    }
+
+    /// Run a program on a frame; (verdict, the frame as it left).
+    fn run(&self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 64];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of {program} on {} bytes: {e:?}", frame.len()));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn ingress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run("imds_tc_ingress", frame)
+    }
+
+    fn egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run("imds_tc_egress", frame)
+    }
+
+    fn stat(&self, stat: TcStat) -> u64 {
+        let stats: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_TC_STATS).unwrap()).unwrap();
+        stats.get(&(stat as u32), 0).unwrap().iter().sum()
+    }
+
+    fn nat(&self) -> Vec<(ConnKey, NatEntry)> {
+        let nat: HashMap<&MapData, ConnKey, NatEntry> =
+            HashMap::try_from(self.ebpf.map(MAP_NAT).unwrap()).unwrap();
+        nat.iter().map(Result::unwrap).collect()
+    }
+}
+
+// ---- An independent packet builder and checksum, RFC 1071 / 793 / 8200. ----
+
+fn ones_complement_sum(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in chunks {
+        for pair in chunk.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn tcp_header(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp
+}
+
+const PAYLOAD: &[u8] = b"GET /latest/meta-data/ HTTP/1.1\r\n\r\n";
+
+fn ethernet(ethertype: u16) -> Vec<u8> {
+    let mut eth = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    eth.extend_from_slice(&ethertype.to_be_bytes());
+    eth
+}
+
+/// An IPv4 frame: `options` words of IP options, `frag` the flags+offset field.
+fn v4_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    l4: &[u8],
+    options: usize,
+    frag: u16,
+) -> Vec<u8> {
+    let ihl = 5 + options;
+    let mut ip = vec![0u8; ihl * 4];
+    ip[0] = 0x40 | ihl as u8;
+    ip[2..4].copy_from_slice(&((ihl * 4 + l4.len()) as u16).to_be_bytes());
+    ip[6..8].copy_from_slice(&frag.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    for byte in &mut ip[20..] {
+        *byte = 1; // NOP options
+    }
+    let csum = ones_complement_sum(&[&ip]);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    let mut frame = ethernet(0x0800);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(l4);
+    frame
+}
+
+fn v4_tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    let mut tcp = tcp_header(src.1, dst.1, flags);
+    tcp.extend_from_slice(PAYLOAD);
+    let csum = v4_tcp_checksum(src.0, dst.0, &tcp);
+    tcp[16..18].copy_from_slice(&csum.to_be_bytes());
+    v4_frame(src.0, dst.0, 6, &tcp, 0, 0)
+}
+
+fn v4_tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, tcp: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+    let mut zeroed = tcp.to_vec();
+    zeroed[16..18].copy_from_slice(&[0, 0]);
+    ones_complement_sum(&[&pseudo, &zeroed])
+}
+
+fn v6_frame(src: Ipv6Addr, dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+    ip[6] = next;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+    let mut frame = ethernet(0x86dd);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(l4);
+    frame
+}
+
+fn v6_tcp_checksum(src: Ipv6Addr, dst: Ipv6Addr, tcp: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(tcp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 6]);
+    let mut zeroed = tcp.to_vec();
+    zeroed[16..18].copy_from_slice(&[0, 0]);
+    ones_complement_sum(&[&pseudo, &zeroed])
+}
+
+fn v6_tcp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), flags: u8) -> Vec<u8> {
+    let mut tcp = tcp_header(src.1, dst.1, flags);
+    tcp.extend_from_slice(PAYLOAD);
+    let csum = v6_tcp_checksum(src.0, dst.0, &tcp);
+    tcp[16..18].copy_from_slice(&csum.to_be_bytes());
+    v6_frame(src.0, dst.0, 6, &tcp)
+}
+
+/// What an IPv4 TCP frame says: (src, sport, dst, dport), after checking both checksums.
+fn read_v4(frame: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
+    let ip = &frame[14..34];
+    assert_eq!(ones_complement_sum(&[ip]), 0, "IPv4 header checksum");
+    let src = Ipv4Addr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap());
+    let dst = Ipv4Addr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap());
+    let tcp = &frame[34..];
+    let stored = u16::from_be_bytes([tcp[16], tcp[17]]);
+    assert_eq!(stored, v4_tcp_checksum(src, dst, tcp), "TCP checksum");
+    let port = |i: usize| u16::from_be_bytes([tcp[i], tcp[i + 1]]);
+    assert_eq!(&tcp[20..], PAYLOAD, "payload untouched");
+    (src, port(0), dst, port(2))
+}
+
+fn read_v6(frame: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16) {
+    let ip = &frame[14..54];
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+    let tcp = &frame[54..];
+    let stored = u16::from_be_bytes([tcp[16], tcp[17]]);
+    assert_eq!(stored, v6_tcp_checksum(src, dst, tcp), "TCP checksum");
+    let port = |i: usize| u16::from_be_bytes([tcp[i], tcp[i + 1]]);
+    (src, port(0), dst, port(2))
+}
+
+#[test]
+fn ipv4_request_is_redirected_and_the_reply_restored_with_valid_checksums() {
+    let p = Programs::load(true);
+    let syn = v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN);
+    let (verdict, out) = p.ingress(&syn);
+    assert_eq!(verdict, PASS);
+    assert_eq!(read_v4(&out), (CLIENT_V4, 40000, PROXY_V4, PROXY_PORT));
+    assert_eq!(out[..14], syn[..14], "Ethernet header untouched");
+    let nat = p.nat();
+    assert_eq!(nat.len(), 1, "{nat:?}");
+    assert_eq!(nat[0].0.addr[0], raw_v4(CLIENT_V4.octets()));
+    assert_eq!(nat[0].0.port, 40000);
+    assert_eq!(nat[0].1.orig_addr[0], raw_v4(IMDS_V4.octets()));
+    assert_eq!(u16::from_be(nat[0].1.orig_port), 80);
+
+    let reply = v4_tcp((PROXY_V4, PROXY_PORT), (CLIENT_V4, 40000), SYN | ACK);
+    let (verdict, out) = p.egress(&reply);
+    assert_eq!(verdict, PASS);
+    assert_eq!(read_v4(&out), (IMDS_V4, 80, CLIENT_V4, 40000));
+    assert_eq!(p.stat(TcStat::Redirected), 1);
+    assert_eq!(p.stat(TcStat::Reversed), 1);
+    assert_eq!(p.stat(TcStat::ReversedWithoutState), 0);
+
+    // A reply for a connection the table does not hold (evicted): still restored, and counted.
+    let orphan = v4_tcp((PROXY_V4, PROXY_PORT), (CLIENT_V4, 40001), ACK);
+    let (verdict, out) = p.egress(&orphan);
+    assert_eq!(verdict, PASS);
+    assert_eq!(read_v4(&out), (IMDS_V4, 80, CLIENT_V4, 40001));
+    assert_eq!(p.stat(TcStat::ReversedWithoutState), 1);
+}
+
+#[test]
+fn ipv6_request_is_redirected_and_the_reply_restored_with_valid_checksums() {
+    let p = Programs::load(true);
+    let (verdict, out) = p.ingress(&v6_tcp((CLIENT_V6, 40000), (IMDS_V6, 80), SYN));
+    assert_eq!(verdict, PASS);
+    assert_eq!(read_v6(&out), (CLIENT_V6, 40000, PROXY_V6, PROXY_PORT));
+    let (verdict, out) = p.egress(&v6_tcp(
+        (PROXY_V6, PROXY_PORT),
+        (CLIENT_V6, 40000),
+        SYN | ACK,
+    ));
+    assert_eq!(verdict, PASS);
+    assert_eq!(read_v6(&out), (IMDS_V6, 80, CLIENT_V6, 40000));
+    assert_eq!(
+        p.stat(TcStat::ReversedWithoutState),
+        0,
+        "the entry was found"
+    );
+}
+
+#[test]
+fn what_is_not_understood_passes_untouched_and_is_counted() {
+    let p = Programs::load(true);
+    let mut tcp = tcp_header(40000, 80, SYN);
+    tcp.extend_from_slice(PAYLOAD);
+    let cases: Vec<(&str, Vec<u8>, Option<TcStat>)> = vec![
+        (
+            "IPv4 with options",
+            v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp, 1, 0),
+            Some(TcStat::PassedIpOptions),
+        ),
+        (
+            "IPv4 first fragment (MF)",
+            v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp, 0, 0x2000),
+            Some(TcStat::PassedFragment),
+        ),
+        (
+            "IPv4 later fragment (offset)",
+            v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp, 0, 0x0010),
+            Some(TcStat::PassedFragment),
+        ),
+        (
+            "UDP to IMDS",
+            v4_frame(CLIENT_V4, IMDS_V4, 17, &tcp, 0, 0),
+            Some(TcStat::PassedNotTcp),
+        ),
+        (
+            "IPv6 with a hop-by-hop header",
+            v6_frame(CLIENT_V6, IMDS_V6, 0, &tcp),
+            Some(TcStat::PassedNotTcp),
+        ),
+        (
+            "IPv6 fragment header",
+            v6_frame(CLIENT_V6, IMDS_V6, 44, &tcp),
+            Some(TcStat::PassedNotTcp),
+        ),
+        (
+            "another port of IMDS",
+            v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 443), SYN),
+            None,
+        ),
+        (
+            "another destination",
+            v4_tcp((CLIENT_V4, 40000), (Ipv4Addr::new(10, 0, 0, 1), 80), SYN),
+            None,
+        ),
+        (
+            "ARP",
+            ethernet(0x0806).into_iter().chain([0u8; 28]).collect(),
+            None,
+        ),
+    ];
+    for (what, frame, stat) in cases {
+        let before = stat.map(|s| p.stat(s));
+        let (verdict, out) = p.ingress(&frame);
+        assert_eq!(verdict, PASS, "{what}");
+        assert_eq!(out, frame, "{what}: byte for byte");
+        if let (Some(stat), Some(before)) = (stat, before) {
+            assert_eq!(p.stat(stat), before + 1, "{what} counted as {stat:?}");
+        }
+    }
+    assert_eq!(p.stat(TcStat::Redirected), 0);
+    assert!(p.nat().is_empty());
+    // Egress: the proxy's traffic from another port, and a stranger's, are left alone.
+    for frame in [
+        v4_tcp((PROXY_V4, 9999), (CLIENT_V4, 40000), ACK),
+        v4_tcp((Ipv4Addr::new(172, 17, 0, 1), 80), (CLIENT_V4, 40000), ACK),
+    ] {
+        assert_eq!(p.egress(&frame), (PASS, frame));
+    }
+    assert_eq!(p.stat(TcStat::Reversed), 0);
+
+    // To IMDS, but the TCP header is cut short: it cannot be rewritten, and must not reach IMDS.
+    let cut = v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp[..4], 0, 0);
+    assert_eq!(p.ingress(&cut).0, DROP);
+    assert_eq!(p.stat(TcStat::DroppedBroken), 1);
+}
+
+#[test]
+fn the_listen_address_is_reserved_and_an_unconfigured_program_fails_closed() {
+    let p = Programs::load(true);
+    // A container addressing the listen address directly: dropped.
+    let direct = v4_tcp((CLIENT_V4, 40000), (PROXY_V4, PROXY_PORT), SYN);
+    assert_eq!(p.ingress(&direct).0, DROP);
+    let direct6 = v6_tcp((CLIENT_V6, 40000), (PROXY_V6, PROXY_PORT), SYN);
+    assert_eq!(p.ingress(&direct6).0, DROP);
+    assert_eq!(p.stat(TcStat::DroppedDirect), 2);
+
+    // Attached before userspace wrote the configuration: IMDS packets are dropped, not passed.
+    let unconfigured = Programs::load(false);
+    let syn = v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN);
+    assert_eq!(unconfigured.ingress(&syn).0, DROP);
+    // Everything else still flows.
+    let other = v4_tcp((CLIENT_V4, 40000), (Ipv4Addr::new(10, 0, 0, 1), 80), SYN);
+    assert_eq!(unconfigured.ingress(&other), (PASS, other));
+}
+
+#[test]
+fn nat_entries_end_with_rst_and_after_both_fins() {
+    let p = Programs::load(true);
+    let client = |port, flags| v4_tcp((CLIENT_V4, port), (IMDS_V4, 80), flags);
+    let proxy = |port, flags| v4_tcp((PROXY_V4, PROXY_PORT), (CLIENT_V4, port), flags);
+    // Reset by the client.
+    p.ingress(&client(40000, SYN));
+    assert_eq!(p.nat().len(), 1);
+    p.ingress(&client(40000, RST));
+    assert!(p.nat().is_empty());
+    // Reset by the proxy (nobody listening).
+    p.ingress(&client(40001, SYN));
+    p.egress(&proxy(40001, RST | ACK));
+    assert!(p.nat().is_empty());
+    // Client closes first: FIN, FIN+ACK, then the last ACK ends it.
+    p.ingress(&client(40002, SYN));
+    p.egress(&proxy(40002, SYN | ACK));
+    p.ingress(&client(40002, FIN | ACK));
+    p.egress(&proxy(40002, FIN | ACK));
+    assert_eq!(p.nat().len(), 1, "still there until the last ACK");
+    p.ingress(&client(40002, ACK));
+    assert!(p.nat().is_empty());
+    // Proxy closes first.
+    p.ingress(&client(40003, SYN));
+    p.egress(&proxy(40003, FIN | ACK));
+    p.ingress(&client(40003, FIN | ACK));
+    p.egress(&proxy(40003, ACK));
+    assert!(p.nat().is_empty());
+    assert_eq!(p.stat(TcStat::NatClosed), 4);
+}

@@ -33,15 +33,48 @@ pub fn proxy_bin() -> PathBuf {
     bin
 }
 
+/// The interception modes; tests that hold for both run in each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Cgroup,
+    Tc,
+}
+
+pub const MODES: [Mode; 2] = [Mode::Cgroup, Mode::Tc];
+
+impl Mode {
+    /// The proxy's flags for this mode. tc mode takes docker0 and every user-defined network's
+    /// bridge, including those created after the proxy started.
+    pub fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Cgroup => &[],
+            Mode::Tc => &[
+                "--mode",
+                "tc",
+                "--container-iface",
+                "docker0",
+                "--container-iface",
+                "br-*",
+            ],
+        }
+    }
+}
+
 /// `imds-proxy run` with the scene's STS and the role prefix, plus `extra` flags.
 pub struct Proxy {
     child: Child,
+    mode: Mode,
     log: Arc<Mutex<Vec<String>>>,
     pub ops: SocketAddr,
 }
 
 impl Proxy {
+    /// In cgroup mode (the default).
     pub fn start(scene: &Scene, extra: &[&str]) -> Self {
+        Self::start_in(scene, Mode::Cgroup, extra)
+    }
+
+    pub fn start_in(scene: &Scene, mode: Mode, extra: &[&str]) -> Self {
         let ops = SocketAddr::from((
             Ipv4Addr::LOCALHOST,
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -65,6 +98,7 @@ impl Proxy {
                 &format!("http://{}", scene.sts_endpoint().unwrap()),
             ])
             .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
+            .args(mode.args())
             .args(extra)
             .env("RUST_LOG", "info,imds_proxy=debug")
             .env("NO_COLOR", "1")
@@ -88,9 +122,17 @@ impl Proxy {
         });
         if rx.recv_timeout(Duration::from_secs(30)).is_err() {
             let _ = child.kill();
-            panic!("imds-proxy did not start: {:#?}", log.lock().unwrap());
+            panic!(
+                "imds-proxy did not start ({mode:?} mode): {:#?}",
+                log.lock().unwrap()
+            );
         }
-        Self { child, log, ops }
+        Self {
+            child,
+            mode,
+            log,
+            ops,
+        }
     }
 
     pub fn log(&self) -> Vec<String> {
@@ -117,6 +159,7 @@ impl Drop for Proxy {
         let _ = self.child.wait();
         let _ = crate::scene::ip(&["link", "del", TEST_IF]);
         if std::thread::panicking() {
+            eprintln!("proxy ran in {:?} mode", self.mode);
             for line in self.log() {
                 eprintln!("proxy: {line}");
             }

@@ -5,7 +5,7 @@
 //! - a Rust SDK client (aws-config's default credential chain + STS, `imds-whoami`).
 use imds_tests::{
     images::{awscli_image, docker, docker_ok, whoami_image},
-    proxy::Proxy,
+    proxy::{MODES, Mode, Proxy},
     scene::{
         ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, default_venv, ensure_imds_is_simulated,
     },
@@ -131,8 +131,14 @@ fn without_imds_proxy_a_client_in_a_container_finds_no_credentials() {
 
 #[test]
 fn with_imds_proxy_each_container_gets_its_own_role() {
+    for mode in MODES {
+        with_imds_proxy_each_container_gets_its_own_role_in(mode);
+    }
+}
+
+fn with_imds_proxy_each_container_gets_its_own_role_in(mode: Mode) {
     let scene = scene();
-    let _proxy = Proxy::start(&scene, &["--default-role", "DefaultRole"]);
+    let _proxy = Proxy::start_in(&scene, mode, &["--default-role", "DefaultRole"]);
     for client in CLIENTS {
         // Two containers with different roles at the same time.
         let web = start_client(&scene, client, &["--label", "iam.amazonaws.com/role=Web"]);
@@ -162,8 +168,14 @@ fn with_imds_proxy_each_container_gets_its_own_role() {
 
 #[test]
 fn no_role_and_no_default_means_no_credentials_never_the_instance_role() {
+    for mode in MODES {
+        no_role_and_no_default_means_no_credentials_never_the_instance_role_in(mode);
+    }
+}
+
+fn no_role_and_no_default_means_no_credentials_never_the_instance_role_in(mode: Mode) {
     let scene = scene();
-    let proxy = Proxy::start(&scene, &[]);
+    let proxy = Proxy::start_in(&scene, mode, &[]);
     for client in CLIENTS {
         let (code, out, err, name) = run(&scene, client, &[]);
         assert_ne!(code, 0, "{client:?}: {out}");

@@ -7,7 +7,7 @@ use imds_proxy::netdev;
 use imds_tests::{
     http::Request,
     images::{curl_image, docker, docker_ok},
-    proxy::{PREFIX, Proxy, TEST_IF, proxy_bin},
+    proxy::{MODES, Mode, PREFIX, Proxy, TEST_IF, proxy_bin},
     scene::{ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
     sim::HttpTokens,
 };
@@ -134,8 +134,14 @@ fn assert_gets_role(scene: &Scene, docker_args: &[&str], role: &str) -> serde_js
 
 #[test]
 fn label_env_and_default_roles() {
+    for mode in MODES {
+        label_env_and_default_roles_in(mode);
+    }
+}
+
+fn label_env_and_default_roles_in(mode: Mode) {
     let scene = scene();
-    let proxy = Proxy::start(&scene, &["--default-role", "DefaultRole"]);
+    let proxy = Proxy::start_in(&scene, mode, &["--default-role", "DefaultRole"]);
     assert_gets_role(&scene, &["--label", "iam.amazonaws.com/role=Web"], "Web");
     assert_gets_role(&scene, &["--env", "IAM_ROLE=Worker"], "Worker");
     assert_gets_role(
@@ -165,8 +171,14 @@ fn label_env_and_default_roles() {
 
 #[test]
 fn no_role_means_404_and_never_the_instance_role() {
+    for mode in MODES {
+        no_role_means_404_and_never_the_instance_role_in(mode);
+    }
+}
+
+fn no_role_means_404_and_never_the_instance_role_in(mode: Mode) {
     let scene = scene();
-    let proxy = Proxy::start(&scene, &[]);
+    let proxy = Proxy::start_in(&scene, mode, &[]);
     let script = r#"
 T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
 for p in iam/security-credentials/ iam/security-credentials/InstanceRole iam/security-credentials/InstanceRole/ iam/info iam/ identity-credentials/ec2/security-credentials/ec2-instance; do
@@ -249,8 +261,14 @@ fn roles_outside_the_prefix_or_the_allow_list_are_refused_without_sts() {
 
 #[test]
 fn the_first_milliseconds_of_a_container_and_ip_reuse() {
+    for mode in MODES {
+        the_first_milliseconds_of_a_container_and_ip_reuse_in(mode);
+    }
+}
+
+fn the_first_milliseconds_of_a_container_and_ip_reuse_in(mode: Mode) {
     let scene = scene();
-    let _proxy = Proxy::start(&scene, &[]);
+    let _proxy = Proxy::start_in(&scene, mode, &[]);
     // The very first thing the container does is ask: no start event has been processed yet.
     let first = r#"curl -s -w '\n== %{http_code}\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/; hostname -i 2>/dev/null || true"#;
     let (id_a, _, out_a) = in_container(&["--label", "iam.amazonaws.com/role=RoleA"], first);
@@ -267,8 +285,14 @@ fn the_first_milliseconds_of_a_container_and_ip_reuse() {
 
 #[test]
 fn tokens_are_bound_to_their_container_and_v2_can_be_required() {
+    for mode in MODES {
+        tokens_are_bound_to_their_container_and_v2_can_be_required_in(mode);
+    }
+}
+
+fn tokens_are_bound_to_their_container_and_v2_can_be_required_in(mode: Mode) {
     let scene = scene();
-    let _proxy = Proxy::start(&scene, &["--require-imdsv2"]);
+    let _proxy = Proxy::start_in(&scene, mode, &["--require-imdsv2"]);
     let mint = "curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token";
     let (_, _, token_a) = in_container(&["--label", "iam.amazonaws.com/role=RoleA"], mint);
     assert!(token_a.len() > 40, "{token_a}");
@@ -427,8 +451,14 @@ fn get_credentials(container: &Running, role: &str) -> (u16, String) {
 
 #[test]
 fn a_reused_ip_never_carries_the_previous_owners_role() {
+    for mode in MODES {
+        a_reused_ip_never_carries_the_previous_owners_role_in(mode);
+    }
+}
+
+fn a_reused_ip_never_carries_the_previous_owners_role_in(mode: Mode) {
     let scene = scene();
-    let _proxy = Proxy::start(&scene, &[]);
+    let _proxy = Proxy::start_in(&scene, mode, &[]);
     let _ = docker(&["network", "rm", "imds-test-reuse"]);
     docker_ok(&[
         "network",

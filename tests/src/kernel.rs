@@ -250,3 +250,32 @@ pub fn place(cmd: &mut Command, cgroup: &Path, netns: Option<&str>) -> anyhow::R
     }
     Ok(())
 }
+
+/// Programs and maps of imds-proxy the kernel still holds (names are cut at 15 characters).
+pub fn kernel_objects() -> Vec<String> {
+    let mut found: Vec<String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .filter(|n| n.starts_with("imds_"))
+        .collect();
+    found.extend(
+        aya::maps::loaded_maps()
+            .filter_map(Result::ok)
+            .filter_map(|m| m.name_as_str().map(str::to_owned))
+            .filter(|n| n.starts_with("IMDS_")),
+    );
+    found
+}
+
+/// Wait (bounded: the kernel frees detached programs and maps asynchronously) until none of
+/// imds-proxy's programs and maps is left; what is left otherwise.
+pub fn wait_kernel_objects_gone() -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = kernel_objects();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -18,7 +18,7 @@ use imds_proxy::{
 use imds_tests::{
     http::Request,
     images::{curl_image, docker, docker_ok},
-    kernel::{TestCgroup, TestNetns, cgroup2_root, place},
+    kernel::{TestCgroup, TestNetns, cgroup2_root, kernel_objects, place},
     proxy::proxy_bin,
     scene::{Scene, SceneConfig, ensure_imds_is_simulated},
 };
@@ -469,22 +469,6 @@ fn pinned_record_counts(pin: &Path) -> (usize, usize) {
     let pending = HashMap::<_, u64, ConnRecord>::try_from(open("IMDS_PENDING")).unwrap();
     let conns = HashMap::<_, ConnKey, ConnRecord>::try_from(open("IMDS_CONNS")).unwrap();
     (pending.keys().count(), conns.keys().count())
-}
-
-/// Programs and maps of imds-proxy the kernel still holds (names are cut at 15 characters).
-fn kernel_objects() -> Vec<String> {
-    let mut found: Vec<String> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_owned))
-        .filter(|n| n.starts_with("imds_"))
-        .collect();
-    found.extend(
-        aya::maps::loaded_maps()
-            .filter_map(Result::ok)
-            .filter_map(|m| m.name_as_str().map(str::to_owned))
-            .filter(|n| n.starts_with("IMDS_")),
-    );
-    found
 }
 
 #[test]

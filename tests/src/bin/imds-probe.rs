@@ -19,9 +19,37 @@ struct Cli {
     path: String,
 }
 
+/// A blocking connect that gives up after one SYN retransmission (about 3 s). Not std's
+/// `connect_timeout`: when the refusal (RST) arrives after connect(2) returned EINPROGRESS, as it
+/// does across a bridge, it reported a timeout here instead of the refusal.
+fn connect(addr: SocketAddr) -> Result<TcpStream, std::io::Error> {
+    use std::os::fd::AsRawFd as _;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    let syn_retries: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            (&syn_retries as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.connect(&addr.into())?;
+    Ok(socket.into())
+}
+
 fn one(addr: SocketAddr, path: &str) -> Result<serde_json::Value, std::io::Error> {
     let timeout = Duration::from_secs(5);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    let mut stream = connect(addr)?;
     stream.set_read_timeout(Some(timeout))?;
     let peer = stream.peer_addr()?; // getpeername(2)
     let local = stream.local_addr()?;

@@ -1,0 +1,346 @@
+//! tc mode, live: network namespaces on a bridge (veths), the real proxy attached to the bridge,
+//! both ways of attaching (TCX links and netlink clsact filters). These clients are not Docker
+//! containers, so the proxy answers them 403 ("no running container has this source address"):
+//! that answer is the proof the redirect happened, since the simulated IMDS never answers 403.
+//! Docker containers in tc mode are covered by the proxy and end-to-end suites, which run in both
+//! modes.
+use std::process::Command;
+
+use imds_tests::{
+    http::Request,
+    kernel::wait_kernel_objects_gone,
+    proxy::{Proxy, TEST_IF, proxy_bin},
+    scene::{Scene, SceneConfig, ensure_imds_is_simulated, ip},
+    sim::HttpTokens,
+};
+
+fn scene() -> Scene {
+    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
+        .hop_limit(1)
+        .http_tokens(HttpTokens::Required)
+        .with_sts()
+        .start()
+        .expect("the simulated EC2 host starts")
+}
+
+/// A bridge `imds-tcbr<k>` (10.214.<k>.1/24, fd00:ec2:214:<k>::1/64) with `clients` network
+/// namespaces on it, each on a veth enslaved to the bridge: a docker0 of our own.
+struct Bridge {
+    name: String,
+    clients: Vec<String>,
+}
+
+impl Bridge {
+    fn new(k: u8, clients: u8) -> Self {
+        let name = format!("imds-tcbr{k}");
+        let this = Self {
+            name: name.clone(),
+            clients: (1..=clients).map(|i| format!("imds-tc{k}c{i}")).collect(),
+        };
+        this.remove();
+        ip(&["link", "add", &name, "type", "bridge"]).unwrap();
+        ip(&["addr", "add", &format!("10.214.{k}.1/24"), "dev", &name]).unwrap();
+        ip(&[
+            "addr",
+            "add",
+            &format!("fd00:ec2:214:{k}::1/64"),
+            "dev",
+            &name,
+            "nodad",
+        ])
+        .unwrap();
+        ip(&["link", "set", &name, "up"]).unwrap();
+        for (i, ns) in this.clients.iter().enumerate() {
+            let host_end = format!("{ns}h");
+            ip(&["netns", "add", ns]).unwrap();
+            ip(&[
+                "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ])
+            .unwrap();
+            ip(&["link", "set", &host_end, "master", &name, "up"]).unwrap();
+            let n = |args: &[&str]| {
+                let mut full = vec!["-n", ns.as_str()];
+                full.extend_from_slice(args);
+                ip(&full).unwrap();
+            };
+            n(&["link", "set", "lo", "up"]);
+            n(&[
+                "addr",
+                "add",
+                &format!("10.214.{k}.{}/24", i + 2),
+                "dev",
+                "eth0",
+            ]);
+            n(&[
+                "addr",
+                "add",
+                &format!("fd00:ec2:214:{k}::{}/64", i + 2),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            n(&["link", "set", "eth0", "up"]);
+            n(&["route", "add", "default", "via", &format!("10.214.{k}.1")]);
+            n(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:ec2:214:{k}::1"),
+            ]);
+        }
+        this
+    }
+
+    fn remove(&self) {
+        for ns in &self.clients {
+            let _ = ip(&["netns", "del", ns]);
+            let _ = ip(&["link", "del", &format!("{ns}h")]);
+        }
+        let _ = ip(&["link", "del", &self.name]);
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// `imds-probe` inside a namespace: one JSON line per connection.
+fn probe(ns: &str, addr: &str, count: usize) -> Vec<serde_json::Value> {
+    ensure_imds_is_simulated().expect("IMDS is the simulator before anything talks to it");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_imds-probe")])
+        .args(["--addr", addr, "--count", &count.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+const IMDS_V4: &str = "169.254.169.254:80";
+const IMDS_V6: &str = "[fd00:ec2::254]:80";
+
+/// Every answer came from the proxy (403: not a container), none from the simulator; the
+/// client saw IMDS as its peer.
+fn assert_redirected(answers: &[serde_json::Value], imds: &str) {
+    for answer in answers {
+        assert_eq!(answer["status"], 403, "{answer}");
+        assert_eq!(answer["peer"], imds, "{answer}");
+    }
+}
+
+/// TCP counters of a namespace, absolute (the namespace is new: they count only its own traffic).
+fn nstat(ns: &str) -> std::collections::HashMap<String, u64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nstat", "-asz"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.to_owned(), f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The proxy in tc mode on exactly the interfaces `extra` names.
+fn tc_proxy(scene: &Scene, extra: &[&str]) -> Proxy {
+    Proxy::start(scene, &[&["--mode", "tc"], extra].concat())
+}
+
+fn metric(proxy: &Proxy, line_start: &str) -> u64 {
+    let text = Request::get("/metrics").send(proxy.ops).unwrap().text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .unwrap_or_else(|| panic!("no {line_start} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn bridge_clients_are_redirected_with_tcx_and_with_netlink() {
+    let scene = scene();
+    for attach in ["tcx", "netlink"] {
+        let bridge = Bridge::new(0, 2);
+        let proxy = tc_proxy(
+            &scene,
+            &["--container-iface", &bridge.name, "--tc-attach", attach],
+        );
+        let attached = proxy.wait_for_log(&["redirect attached to container interface"]);
+        assert!(attached.contains(&bridge.name), "{attached}");
+        let before = scene.sim_requests().len();
+        for ns in &bridge.clients {
+            assert_redirected(&probe(ns, IMDS_V4, 3), IMDS_V4);
+            assert_redirected(&probe(ns, IMDS_V6, 3), IMDS_V6);
+        }
+        assert_eq!(
+            scene.sim_requests().len(),
+            before,
+            "{attach}: IMDS saw nothing"
+        );
+        proxy.wait_for_log(&["no running container has this source address", "10.214.0.2"]);
+        proxy.wait_for_log(&[
+            "no running container has this source address",
+            "fd00:ec2:214::3",
+        ]);
+        assert!(metric(&proxy, "imds_proxy_tc_packets_total{event=\"redirected\"}") >= 24);
+        assert_eq!(
+            metric(
+                &proxy,
+                "imds_proxy_tc_packets_total{event=\"reversed_without_state\"}"
+            ),
+            0,
+            "{attach}: every reply found its connection"
+        );
+        let qdiscs = || {
+            String::from_utf8(
+                Command::new("tc")
+                    .args(["qdisc", "show", "dev", &bridge.name])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .unwrap()
+        };
+        if attach == "netlink" {
+            assert!(qdiscs().contains("clsact"), "{}", qdiscs());
+        }
+        drop(proxy); // SIGTERM: a graceful stop detaches
+        assert_eq!(wait_kernel_objects_gone(), Vec::<String>::new(), "{attach}");
+        assert!(
+            !qdiscs().contains("clsact"),
+            "{attach}: the qdisc we added is gone: {}",
+            qdiscs()
+        );
+    }
+}
+
+#[test]
+fn interfaces_that_come_later_are_attached_and_forgotten_when_gone() {
+    let scene = scene();
+    let proxy = tc_proxy(&scene, &["--container-iface", "imds-tcbr*"]);
+    // Nothing to attach to yet: not ready.
+    let ready = Request::get("/readyz").send(proxy.ops).unwrap();
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    let bridge = Bridge::new(1, 1);
+    proxy.wait_for_log(&["redirect attached to container interface", "imds-tcbr1"]);
+    assert_redirected(&probe(&bridge.clients[0], IMDS_V4, 2), IMDS_V4);
+    let ready = Request::get("/readyz").send(proxy.ops).unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    drop(bridge);
+    proxy.wait_for_log(&["container interface gone", "imds-tcbr1"]);
+    assert_eq!(metric(&proxy, "imds_proxy_tc_interfaces"), 0);
+}
+
+#[test]
+fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
+    let scene = scene();
+    let pin = std::path::PathBuf::from("/sys/fs/bpf/imds-test-tc");
+    /// Removing the pins detaches what they hold, whatever happens to the test.
+    struct Pins(std::path::PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&pin);
+    let _pins = Pins(pin.clone());
+    let bridge = Bridge::new(2, 1);
+    let ns = &bridge.clients[0];
+    let args = [
+        "--container-iface",
+        "imds-tcbr2",
+        "--pin",
+        "/sys/fs/bpf/imds-test-tc",
+    ];
+    let mut first = tc_proxy(&scene, &args);
+    assert_redirected(&probe(ns, IMDS_V4, 1), IMDS_V4);
+    first.kill(); // SIGKILL: no cleanup of any kind
+    let before = scene.sim_requests().len();
+    let answers = probe(ns, IMDS_V4, 3);
+    for answer in answers {
+        assert_eq!(answer["kind"], "ConnectionRefused", "{answer}");
+    }
+    assert_eq!(
+        scene.sim_requests().len(),
+        before,
+        "fail closed: IMDS saw nothing"
+    );
+
+    let mut second = tc_proxy(&scene, &args);
+    second.wait_for_log(&["redirect attached", "adopted_links=2"]);
+    assert_redirected(&probe(ns, IMDS_V4, 2), IMDS_V4);
+    second.stop(); // graceful, pinned: stays attached
+    for answer in probe(ns, IMDS_V4, 1) {
+        assert_eq!(answer["kind"], "ConnectionRefused", "{answer}");
+    }
+    let detach = Command::new(proxy_bin())
+        .args(["detach", "--pin", "/sys/fs/bpf/imds-test-tc"])
+        .args(["--interface", TEST_IF])
+        .output()
+        .unwrap();
+    assert!(
+        detach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
+    assert!(!pin.exists());
+    assert_eq!(wait_kernel_objects_gone(), Vec::<String>::new());
+    drop(first);
+}
+
+#[test]
+fn ten_thousand_sequential_connections_without_resets_or_retransmits() {
+    let scene = scene();
+    let bridge = Bridge::new(3, 1);
+    let ns = &bridge.clients[0];
+    let proxy = tc_proxy(&scene, &["--container-iface", "imds-tcbr3"]);
+    let before = nstat(ns);
+    let answers = probe(ns, IMDS_V4, 10_000);
+    assert_eq!(answers.len(), 10_000);
+    let failed: Vec<_> = answers.iter().filter(|a| a["status"] != 403).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {}",
+        failed.len(),
+        failed[0]
+    );
+    let after = nstat(ns);
+    let delta =
+        |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+    assert_eq!(delta("TcpActiveOpens"), 10_000, "{after:?}");
+    for counter in [
+        "TcpRetransSegs",
+        "TcpOutRsts",
+        "TcpEstabResets",
+        "TcpAttemptFails",
+        "TcpExtTCPSynRetrans",
+    ] {
+        assert_eq!(delta(counter), 0, "{counter}: {after:?}");
+    }
+    // Closed connections leave the NAT table (RST, or both FINs and the last ACK).
+    let left = metric(&proxy, "imds_proxy_tc_nat_entries");
+    assert!(
+        left < 10,
+        "{left} NAT entries left after 10000 closed connections"
+    );
+}

@@ -233,7 +233,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 listen = ?args.listen,
                 pin = ?args.pin,
                 adopted_links = redirect.adopted_links(),
-                own_cgroup = own_path.as_deref().unwrap_or("?"),
+                own_cgroup = %own_path.as_deref().unwrap_or("?"),
                 "redirect attached; serving"
             );
             if filter {

@@ -60,6 +60,18 @@ pub struct Index {
 /// How long a miss may spend asking Docker: well inside the SDKs' 1 s metadata timeout.
 const MISS_BUDGET: Duration = Duration::from_millis(600);
 
+/// A container's addresses on every network it is attached to, as inspect and list report them.
+fn addresses(networks: Option<HashMap<String, bollard::models::EndpointSettings>>) -> Vec<IpAddr> {
+    networks
+        .unwrap_or_default()
+        .into_values()
+        .flat_map(|n| [n.ip_address, n.global_ipv6_address])
+        .flatten()
+        // Empty when the network gives none of that family.
+        .filter_map(|addr| addr.parse().ok())
+        .collect()
+}
+
 impl Index {
     /// Connect to the daemon at `host` (`unix:///var/run/docker.sock`).
     pub async fn connect(host: &str) -> Result<Arc<Self>, Error> {
@@ -176,17 +188,8 @@ impl Index {
                 .list_containers(None::<ListContainersOptions>)
                 .await?;
             for summary in list {
-                let has = summary
-                    .network_settings
-                    .and_then(|n| n.networks)
-                    .unwrap_or_default()
-                    .values()
-                    .any(|n| {
-                        [&n.ip_address, &n.global_ipv6_address]
-                            .into_iter()
-                            .flatten()
-                            .any(|a| a.parse::<IpAddr>().ok() == Some(ip))
-                    });
+                let has =
+                    addresses(summary.network_settings.and_then(|n| n.networks)).contains(&ip);
                 if let (true, Some(id)) = (has, summary.id)
                     && let Some(found) = self.confirm(&id, ip).await?
                 {
@@ -234,23 +237,7 @@ impl Index {
         {
             Ok(info) => {
                 let config = info.config.unwrap_or_default();
-                let mut addresses = Vec::new();
-                for network in info
-                    .network_settings
-                    .and_then(|n| n.networks)
-                    .unwrap_or_default()
-                    .into_values()
-                {
-                    for addr in [network.ip_address, network.global_ipv6_address]
-                        .into_iter()
-                        .flatten()
-                    {
-                        // Empty when the network gives none of that family.
-                        if let Ok(ip) = addr.parse() {
-                            addresses.push(ip);
-                        }
-                    }
-                }
+                let addresses = addresses(info.network_settings.and_then(|n| n.networks));
                 let running = info.state.and_then(|s| s.running).unwrap_or(false);
                 Ok(Some(Container {
                     addresses,

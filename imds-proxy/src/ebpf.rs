@@ -135,40 +135,13 @@ impl Redirect {
             .iter()
             .map(|path| open_cgroup(path).map(|(file, id)| (path, file, id)))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut loader = EbpfLoader::new();
-        let map_pins: Vec<(&str, PathBuf)> = match &spec.pin {
-            Some(dir) => {
-                prepare_pin_dir(dir)?;
-                MAPS.iter().map(|name| (*name, dir.join(name))).collect()
-            }
-            None => Vec::new(),
-        };
-        for (name, path) in &map_pins {
-            // Opens the pinned map if it exists, else creates and pins it.
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(OBJECT)?;
+        // Configured before anything is attached: an unconfigured connect program refuses.
+        let mut ebpf = load_configured(spec.pin.as_deref(), &MAPS, redirect_config(spec))?;
         // The kernel programs' rare events (refused rewrites, full maps). The logger owns the log
         // map: it must live as long as the programs.
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .map_err(|err| tracing::warn!(%err, "no eBPF log channel"))
             .ok();
-
-        // Configure before anything is attached: an unconfigured connect program refuses.
-        let mut config: Array<_, RedirectConfig> = Array::try_from(
-            ebpf.take_map(MAP_CONFIG)
-                .expect("the object defines IMDS_CONFIG"),
-        )
-        .map_err(|source| Error::Map {
-            name: MAP_CONFIG,
-            source,
-        })?;
-        config
-            .set(0, redirect_config(spec), 0)
-            .map_err(|source| Error::Map {
-                name: MAP_CONFIG,
-                source,
-            })?;
 
         let mut pinned = Vec::new();
         let mut adopted = 0;
@@ -490,16 +463,56 @@ where
 
 fn redirect_config(spec: &Spec) -> RedirectConfig {
     RedirectConfig {
-        proxy_v4: raw_v4(spec.listen_v4.ip().octets()),
-        proxy_v6: spec
-            .listen_v6
-            .map(|a| raw_v6(a.ip().octets()))
-            .unwrap_or_default(),
-        proxy_port_v4: raw_port(spec.listen_v4.port()),
-        proxy_port_v6: spec.listen_v6.map(|a| raw_port(a.port())).unwrap_or(0),
         filter: spec.filter.into(),
         proxy_cgroup: spec.own_cgroup,
+        ..listen_config(spec.listen_v4, spec.listen_v6)
     }
+}
+
+/// The configuration slot with the proxy's listen addresses (and no filter, no own cgroup).
+pub(crate) fn listen_config(v4: SocketAddrV4, v6: Option<SocketAddrV6>) -> RedirectConfig {
+    RedirectConfig {
+        proxy_v4: raw_v4(v4.ip().octets()),
+        proxy_v6: v6.map(|a| raw_v6(a.ip().octets())).unwrap_or_default(),
+        proxy_port_v4: raw_port(v4.port()),
+        proxy_port_v6: v6.map(|a| raw_port(a.port())).unwrap_or(0),
+        filter: 0,
+        proxy_cgroup: 0,
+    }
+}
+
+/// Load the object with `maps` pinned under `pin` (opened when a previous run pinned them, else
+/// created and pinned), and write `config` into `IMDS_CONFIG` before any program is attached.
+pub(crate) fn load_configured(
+    pin: Option<&Path>,
+    maps: &[&str],
+    config: RedirectConfig,
+) -> Result<Ebpf, Error> {
+    let mut loader = EbpfLoader::new();
+    let map_pins: Vec<(&str, PathBuf)> = match pin {
+        Some(dir) => {
+            prepare_pin_dir(dir)?;
+            maps.iter().map(|name| (*name, dir.join(name))).collect()
+        }
+        None => Vec::new(),
+    };
+    for (name, path) in &map_pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT)?;
+    let err = |source| Error::Map {
+        name: MAP_CONFIG,
+        source,
+    };
+    // Borrowed, not taken: the map must stay in `ebpf` (its fd open) for the programs loaded
+    // after this to refer to it.
+    let mut slot: Array<_, RedirectConfig> = Array::try_from(
+        ebpf.map_mut(MAP_CONFIG)
+            .expect("the object defines IMDS_CONFIG"),
+    )
+    .map_err(err)?;
+    slot.set(0, config, 0).map_err(err)?;
+    Ok(ebpf)
 }
 
 /// The map key for a connection whose client is `peer`.
@@ -542,7 +555,7 @@ fn open_cgroup(path: &Path) -> Result<(File, u64), Error> {
     Ok((file, id))
 }
 
-pub(crate) fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
+fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
     let err = |reason: String| Error::PinDir {
         path: dir.to_owned(),
         reason,

@@ -22,8 +22,8 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -31,12 +31,9 @@ use aya::{
     },
     util::KernelVersion,
 };
-use imds_common::{
-    ConnKey, MAP_CONFIG, MAP_NAT, MAP_TC_STATS, NatEntry, RedirectConfig, TcStat, raw_port, raw_v4,
-    raw_v6,
-};
+use imds_common::{ConnKey, MAP_CONFIG, MAP_NAT, MAP_TC_STATS, NatEntry, TcStat};
 
-use crate::ebpf::{Error, OBJECT, prepare_pin_dir};
+use crate::ebpf::{Error, listen_config, load_configured};
 
 pub const INGRESS_PROGRAM: &str = "imds_tc_ingress";
 pub const EGRESS_PROGRAM: &str = "imds_tc_egress";
@@ -129,32 +126,12 @@ impl TcRedirect {
                     .into(),
             });
         }
-        let mut loader = EbpfLoader::new();
-        let map_pins: Vec<(&str, PathBuf)> = match &spec.pin {
-            Some(dir) => {
-                prepare_pin_dir(dir)?;
-                MAPS.iter().map(|name| (*name, dir.join(name))).collect()
-            }
-            None => Vec::new(),
-        };
-        for (name, path) in &map_pins {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(OBJECT)?;
-        let mut config: Array<_, RedirectConfig> =
-            Array::try_from(ebpf.take_map(MAP_CONFIG).expect("defined")).map_err(|source| {
-                Error::Map {
-                    name: MAP_CONFIG,
-                    source,
-                }
-            })?;
-        // Configure before anything is attached: unconfigured, the ingress program drops.
-        config
-            .set(0, tc_config(spec), 0)
-            .map_err(|source| Error::Map {
-                name: MAP_CONFIG,
-                source,
-            })?;
+        // Configured before anything is attached: unconfigured, the ingress program drops.
+        let mut ebpf = load_configured(
+            spec.pin.as_deref(),
+            &MAPS,
+            listen_config(spec.listen_v4, spec.listen_v6),
+        )?;
         for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
             let prog: &mut SchedClassifier = crate::ebpf::program(&mut ebpf, name)?;
             prog.load()
@@ -447,20 +424,6 @@ fn remove_clsact(name: &str) -> std::io::Result<()> {
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("qdisc removal panicked")))
     })
-}
-
-fn tc_config(spec: &TcSpec) -> RedirectConfig {
-    RedirectConfig {
-        proxy_v4: raw_v4(spec.listen_v4.ip().octets()),
-        proxy_v6: spec
-            .listen_v6
-            .map(|a| raw_v6(a.ip().octets()))
-            .unwrap_or_default(),
-        proxy_port_v4: raw_port(spec.listen_v4.port()),
-        proxy_port_v6: spec.listen_v6.map(|a| raw_port(a.port())).unwrap_or(0),
-        filter: 0,
-        proxy_cgroup: 0,
-    }
 }
 
 /// Interfaces present now: index → name.

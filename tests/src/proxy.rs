@@ -60,6 +60,22 @@ impl Mode {
     }
 }
 
+/// `imds-proxy detach --pin <pin>` for a test proxy's interface; panics with its stderr when it
+/// fails.
+pub fn detach(pin: &Path) {
+    let out = Command::new(proxy_bin())
+        .args(["detach", "--pin"])
+        .arg(pin)
+        .args(["--interface", TEST_IF])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imds-proxy detach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `imds-proxy run` with the scene's STS and the role prefix, plus `extra` flags.
 pub struct Proxy {
     child: Child,

@@ -19,11 +19,10 @@ use imds_tests::{
     http::Request,
     images::{curl_image, docker, docker_ok},
     kernel::{TestCgroup, TestNetns, cgroup2_root, kernel_objects, place},
-    proxy::proxy_bin,
+    proxy::{TEST_IF, detach, proxy_bin},
     scene::{Scene, SceneConfig, ensure_imds_is_simulated},
 };
 
-const TEST_IF: &str = "imds-test0";
 const LISTEN_V4: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(169, 254, 43, 1), 80);
 const LISTEN_V6: SocketAddrV6 =
     SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0xec2, 0x43, 0, 0, 0, 0, 1), 80, 0, 0);
@@ -527,17 +526,7 @@ fn a_killed_pinned_proxy_fails_closed_restarts_and_detaches_cleanly() {
         "pinned: stays closed after a graceful stop"
     );
 
-    let detach = Command::new(proxy_bin())
-        .args(["detach", "--pin"])
-        .arg(&pin)
-        .args(["--interface", TEST_IF])
-        .output()
-        .unwrap();
-    assert!(
-        detach.status.success(),
-        "{}",
-        String::from_utf8_lossy(&detach.stderr)
-    );
+    detach(&pin);
     assert!(!pin.exists(), "pins removed");
     assert!(!netdev::exists(TEST_IF), "interface removed");
     // The kernel frees detached programs and their maps asynchronously: wait for it, bounded.
@@ -577,13 +566,7 @@ fn a_direct_connection_to_the_listen_address_gets_403() {
     }
     proxy.kill().unwrap();
     proxy.wait().unwrap();
-    let detach = Command::new(proxy_bin())
-        .args(["detach", "--pin"])
-        .arg(&pin)
-        .args(["--interface", TEST_IF])
-        .status()
-        .unwrap();
-    assert!(detach.success());
+    detach(&pin);
 }
 
 const SCOPE_ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";

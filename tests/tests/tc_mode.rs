@@ -9,7 +9,7 @@ use std::process::Command;
 use imds_tests::{
     http::Request,
     kernel::wait_kernel_objects_gone,
-    proxy::{Proxy, TEST_IF, proxy_bin},
+    proxy::{Proxy, detach},
     scene::{Scene, SceneConfig, ensure_imds_is_simulated, ip},
     sim::HttpTokens,
 };
@@ -166,16 +166,6 @@ fn tc_proxy(scene: &Scene, extra: &[&str]) -> Proxy {
     Proxy::start(scene, &[&["--mode", "tc"], extra].concat())
 }
 
-fn metric(proxy: &Proxy, line_start: &str) -> u64 {
-    let text = Request::get("/metrics").send(proxy.ops).unwrap().text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start))
-        .unwrap_or_else(|| panic!("no {line_start} in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn bridge_clients_are_redirected_with_tcx_and_with_netlink() {
     let scene = scene();
@@ -202,12 +192,9 @@ fn bridge_clients_are_redirected_with_tcx_and_with_netlink() {
             "no running container has this source address",
             "fd00:ec2:214::3",
         ]);
-        assert!(metric(&proxy, "imds_proxy_tc_packets_total{event=\"redirected\"}") >= 24);
+        assert!(proxy.metric("imds_proxy_tc_packets_total{event=\"redirected\"}") >= 24);
         assert_eq!(
-            metric(
-                &proxy,
-                "imds_proxy_tc_packets_total{event=\"reversed_without_state\"}"
-            ),
+            proxy.metric("imds_proxy_tc_packets_total{event=\"reversed_without_state\"}"),
             0,
             "{attach}: every reply found its connection"
         );
@@ -248,7 +235,7 @@ fn interfaces_that_come_later_are_attached_and_forgotten_when_gone() {
     assert_eq!(ready.status, 200, "{}", ready.text());
     drop(bridge);
     proxy.wait_for_log(&["container interface gone", "imds-tcbr1"]);
-    assert_eq!(metric(&proxy, "imds_proxy_tc_interfaces"), 0);
+    assert_eq!(proxy.metric("imds_proxy_tc_interfaces"), 0);
 }
 
 #[test]
@@ -293,16 +280,7 @@ fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     for answer in probe(ns, IMDS_V4, 1) {
         assert_eq!(answer["kind"], "ConnectionRefused", "{answer}");
     }
-    let detach = Command::new(proxy_bin())
-        .args(["detach", "--pin", "/sys/fs/bpf/imds-test-tc"])
-        .args(["--interface", TEST_IF])
-        .output()
-        .unwrap();
-    assert!(
-        detach.status.success(),
-        "{}",
-        String::from_utf8_lossy(&detach.stderr)
-    );
+    detach(&pin);
     assert!(!pin.exists());
     assert_eq!(wait_kernel_objects_gone(), Vec::<String>::new());
     drop(first);
@@ -338,7 +316,7 @@ fn ten_thousand_sequential_connections_without_resets_or_retransmits() {
         assert_eq!(delta(counter), 0, "{counter}: {after:?}");
     }
     // Closed connections leave the NAT table (RST, or both FINs and the last ACK).
-    let left = metric(&proxy, "imds_proxy_tc_nat_entries");
+    let left = proxy.metric("imds_proxy_tc_nat_entries");
     assert!(
         left < 10,
         "{left} NAT entries left after 10000 closed connections"

@@ -182,11 +182,15 @@ pub enum TcStat {
     DroppedBroken,
     /// NAT entries removed by the programs (RST, or FIN from both sides).
     NatClosed,
+    /// Client packets to IMDS that the host would forward rather than deliver locally once
+    /// rewritten (the listen address is not on this host: its interface was deleted while pinned
+    /// programs stayed attached): dropped, so nothing addressed to the proxy leaves the host.
+    DroppedNotLocal,
 }
 
 impl TcStat {
     /// Every counter, in slot order.
-    pub const ALL: [TcStat; 9] = [
+    pub const ALL: [TcStat; 10] = [
         TcStat::Redirected,
         TcStat::Reversed,
         TcStat::ReversedWithoutState,
@@ -196,6 +200,7 @@ impl TcStat {
         TcStat::DroppedDirect,
         TcStat::DroppedBroken,
         TcStat::NatClosed,
+        TcStat::DroppedNotLocal,
     ];
 
     /// Its name in metrics and logs.
@@ -210,6 +215,7 @@ impl TcStat {
             TcStat::DroppedDirect => "dropped_direct",
             TcStat::DroppedBroken => "dropped_broken",
             TcStat::NatClosed => "nat_closed",
+            TcStat::DroppedNotLocal => "dropped_not_local",
         }
     }
 }

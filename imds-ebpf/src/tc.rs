@@ -4,7 +4,9 @@
 //! Both are attached to a container interface (docker0, `br-*`):
 //! - `imds_tc_ingress` sees what containers send. A TCP segment to 169.254.169.254:80 (or
 //!   [fd00:ec2::254]:80) gets the proxy's listen address and port as its destination, and the
-//!   connection is noted in `IMDS_NAT` under the client's (address, port).
+//!   connection is noted in `IMDS_NAT` under the client's (address, port). Before rewriting, it
+//!   asks the FIB whether the host would keep a packet to the listen address; if the host would
+//!   forward it (the listen address is gone from the host), the packet is dropped, not sent out.
 //! - `imds_tc_egress` sees what the host sends to containers. A segment from the proxy's listen
 //!   address and port gets the original destination back as its source, so the client sees the
 //!   address it connected to.
@@ -15,8 +17,14 @@
 //! from the redirect addresses are passed untouched and counted in `IMDS_TC_STATS`. Everything else
 //! on the interface is not looked at beyond its addresses.
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_ns, generated::bpf_csum_diff},
+    bindings::{
+        BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, TC_ACT_OK,
+        TC_ACT_SHOT, bpf_fib_lookup as FibLookup,
+    },
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_csum_diff, bpf_fib_lookup},
+    },
     macros::{classifier, map},
     maps::{LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -283,6 +291,13 @@ fn redirect(ctx: &TcContext, config: &RedirectConfig, s: &Segment) -> Result<i32
         // No IPv6 listener: nowhere to send it, and it must not reach IMDS.
         return Ok(DROP);
     }
+    if !stays_on_host(ctx, s, &proxy, proxy_port) {
+        // Rewritten, this packet would be forwarded: the listen address is not on this host
+        // (its interface was deleted while pinned programs stayed attached). Neither the proxy
+        // nor IMDS can answer it; it must not leave the host.
+        count(TcStat::DroppedNotLocal);
+        return Ok(DROP);
+    }
     rewrite_addr(ctx, s, IP4_DST, IP6_DST, &s.dst, &proxy)?;
     rewrite_port(ctx, s, TCP_DPORT, s.dport, proxy_port)?;
     let key = client_key(s.family, &s.src, s.sport);
@@ -304,6 +319,42 @@ fn redirect(ctx: &TcContext, config: &RedirectConfig, s: &Segment) -> Result<i32
     }
     count(TcStat::Redirected);
     Ok(PASS)
+}
+
+/// Whether the host keeps a packet once its destination is the listen address: the routing
+/// decision the IP stack takes after this program, asked of the kernel's FIB for the interface the
+/// packet arrived on. A local route answers "not forwarded"; so does no route at all (the stack
+/// drops it). A host that does not forward from this interface keeps it too. Anything else
+/// (a route via a gateway or a device, with or without a neighbour yet; an error) means the packet
+/// would leave.
+#[inline(always)]
+fn stays_on_host(ctx: &TcContext, s: &Segment, proxy: &RawAddr, proxy_port: u16) -> bool {
+    // SAFETY: a plain C struct of integers and unions of integers; all zeroes is a valid value.
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    fib.family = s.family as u8;
+    fib.l4_protocol = IPPROTO_TCP;
+    fib.sport = s.sport;
+    fib.dport = proxy_port;
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if s.family == AF_INET {
+        fib.__bindgen_anon_3.ipv4_src = s.src[0];
+        fib.__bindgen_anon_4.ipv4_dst = proxy[0];
+    } else {
+        fib.__bindgen_anon_3.ipv6_src = s.src;
+        fib.__bindgen_anon_4.ipv6_dst = *proxy;
+    }
+    // tot_len 0: no MTU check. Flags 0: an input lookup, as the stack's, on every kernel that has
+    // the helper.
+    let verdict = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut fib,
+            core::mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    };
+    verdict == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
+        || verdict == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED)
 }
 
 /// Egress: the proxy's segment to a client comes from where the client connected.

@@ -3,7 +3,16 @@
 //! independent implementation here; options, fragments, extension headers, non-TCP and unrelated
 //! traffic passed byte for byte and counted. (The kernel hands test runs a full checksum; the
 //! CHECKSUM_PARTIAL case is what veths produce, covered by the live tests.)
-use std::net::{Ipv4Addr, Ipv6Addr};
+//!
+//! Test runs happen inside a network namespace of the test's own, because the ingress program asks
+//! the kernel's FIB whether the host keeps a packet sent to the listen address: there, the listen
+//! addresses are on `lo` (as on a host running the proxy), or missing with a route that would
+//! carry them away (the proxy's interface deleted under pinned programs).
+use std::{
+    fs::File,
+    net::{Ipv4Addr, Ipv6Addr},
+    process::Command,
+};
 
 use aya::{
     Ebpf,
@@ -30,12 +39,74 @@ const ACK: u8 = 0x10;
 const FIN: u8 = 0x01;
 const RST: u8 = 0x04;
 
+/// What the test's network namespace looks like to the FIB lookup in the ingress program.
+#[derive(Clone, Copy)]
+enum Host {
+    /// The listen addresses are local (on `lo`), forwarding on: a host running the proxy.
+    ListenLocal,
+    /// The listen addresses are nowhere on the host and a default route leads out through a veth
+    /// (both ends in the namespace): what a pinned program meets when the proxy's interface is
+    /// deleted. `forwarding` is the host's IP forwarding switch.
+    ListenGone { forwarding: bool },
+}
+
+fn ip(args: &str) {
+    let out = Command::new("ip")
+        .args(args.split_whitespace())
+        .output()
+        .expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace set up as `host`, held open by its file descriptor. Built on a thread of
+/// its own: `unshare` moves only the calling thread, and the commands it runs inherit its
+/// namespace.
+fn netns(host: Host) -> File {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        ip("link set lo up");
+        let forwarding = match host {
+            Host::ListenLocal => {
+                ip(&format!("addr add {PROXY_V4}/32 dev lo"));
+                ip(&format!("-6 addr add {PROXY_V6}/128 dev lo"));
+                true
+            }
+            Host::ListenGone { forwarding } => {
+                ip("link add imds-out type veth peer name imds-peer");
+                ip("addr add 192.0.2.1/24 dev imds-out");
+                ip("-6 addr add 2001:db8::1/64 dev imds-out nodad");
+                ip("link set imds-out up");
+                ip("link set imds-peer up");
+                ip("route add default via 192.0.2.2");
+                ip("-6 route add default via 2001:db8::2");
+                forwarding
+            }
+        };
+        // /proc/sys/net is the namespace of whoever opens it: this thread's.
+        let on = if forwarding { "1" } else { "0" };
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", on).expect("ip_forward");
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", on).expect("ipv6 forwarding");
+        File::open("/proc/thread-self/ns/net").expect("the namespace's fd")
+    })
+    .join()
+    .expect("setting up the namespace")
+}
+
 struct Programs {
     ebpf: Ebpf,
+    netns: File,
 }
 
 impl Programs {
     fn load(configured: bool) -> Self {
+        Self::load_on(configured, Host::ListenLocal)
+    }
+
+    fn load_on(configured: bool, host: Host) -> Self {
         let mut ebpf = Ebpf::load(imds_proxy::ebpf::OBJECT).expect("the object loads");
         if configured {
             let mut config: Array<_, RedirectConfig> =
@@ -60,22 +131,37 @@ impl Programs {
             prog.load()
                 .unwrap_or_else(|e| panic!("{name} loads: {e:?}"));
         }
-        Self { ebpf }
+        Self {
+            ebpf,
+            netns: netns(host),
+        }
     }
 
-    /// Run a program on a frame; (verdict, the frame as it left).
+    /// Run a program on a frame inside the test's namespace (the kernel runs it on that
+    /// namespace's `lo`); (verdict, the frame as it left).
     fn run(&self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; frame.len() + 64];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {program} on {} bytes: {e:?}", frame.len()));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&self.netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .expect("setns");
+                    let mut out = vec![0u8; frame.len() + 64];
+                    let result = prog
+                        .test_run(TestRunOptions {
+                            data_in: Some(frame),
+                            data_out: Some(&mut out),
+                            ..Default::default()
+                        })
+                        .unwrap_or_else(|e| {
+                            panic!("test run of {program} on {} bytes: {e:?}", frame.len())
+                        });
+                    out.truncate(result.data_size_out as usize);
+                    (result.return_value, out)
+                })
+                .join()
+        })
+        .expect("the test run's thread")
     }
 
     fn ingress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -417,4 +503,33 @@ fn nat_entries_end_with_rst_and_after_both_fins() {
     p.egress(&proxy(40003, ACK));
     assert!(p.nat().is_empty());
     assert_eq!(p.stat(TcStat::NatClosed), 4);
+}
+
+#[test]
+fn nothing_rewritten_leaves_the_host_when_the_listen_address_is_gone() {
+    // The proxy's interface was deleted under pinned programs: rewritten, the packets would follow
+    // the default route out. They are dropped instead, and counted.
+    let p = Programs::load_on(true, Host::ListenGone { forwarding: true });
+    for (what, frame) in [
+        ("IPv4 SYN", v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN)),
+        ("IPv4 data", v4_tcp((CLIENT_V4, 40001), (IMDS_V4, 80), ACK)),
+        ("IPv6 SYN", v6_tcp((CLIENT_V6, 40000), (IMDS_V6, 80), SYN)),
+    ] {
+        assert_eq!(p.ingress(&frame).0, DROP, "{what}");
+    }
+    assert_eq!(p.stat(TcStat::DroppedNotLocal), 3);
+    assert_eq!(p.stat(TcStat::Redirected), 0);
+    assert!(p.nat().is_empty(), "no state for dropped packets");
+    // Traffic that is not ours still follows its route.
+    let other = v4_tcp((CLIENT_V4, 40000), (Ipv4Addr::new(10, 0, 0, 1), 80), SYN);
+    assert_eq!(p.ingress(&other), (PASS, other));
+
+    // A host that does not forward keeps the packet whatever its routes: rewritten as usual (the
+    // stack then drops it, with no listener), and nothing leaves.
+    let p = Programs::load_on(true, Host::ListenGone { forwarding: false });
+    let syn = v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN);
+    let (verdict, out) = p.ingress(&syn);
+    assert_eq!(verdict, PASS);
+    assert_eq!(read_v4(&out), (CLIENT_V4, 40000, PROXY_V4, PROXY_PORT));
+    assert_eq!(p.stat(TcStat::DroppedNotLocal), 0);
 }

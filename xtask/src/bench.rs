@@ -1,12 +1,22 @@
-//! `cargo xtask bench`: the cost of the proxy, measured from inside a container.
+//! `cargo xtask bench`: the cost of the proxy and of each way of redirecting to it, measured from
+//! inside a container on docker0.
 //!
 //! The SDK-style credential fetch (PUT a token, GET the role name, GET the credentials), N times:
 //! - the floor: straight to the simulated IMDS, with hop limit 2 so a container can use it;
-//! - through imds-proxy (cgroup mode) with a warm credential cache;
-//! - cold start: the first fetch of containers whose role was never fetched (STS on the way).
+//! - through imds-proxy behind each of the three redirects, with a warm credential cache:
+//!   cgroup mode (connect4 rewrite), tc mode (packet rewrite on docker0), and the seed's iptables
+//!   DNAT rule (`-t nat -A PREROUTING -i docker0 -d 169.254.169.254 -p tcp --dport 80 -j DNAT`)
+//!   in front of the same proxy;
+//! - cold start behind each: the first fetch of containers whose role was never fetched (Docker
+//!   lookup and STS on the way).
 //!
 //! Release builds. Writes docs/benchmarks.md. Not a test: nothing here asserts a time.
-use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail, ensure};
 use imds_tests::{
@@ -18,6 +28,12 @@ use imds_tests::{
 
 const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
 const OPS: &str = "127.0.0.1:9182";
+/// The proxy's listen addresses (its defaults, spelled out: the DNAT rule points at the first).
+const LISTEN_V4: &str = "169.254.42.1:80";
+const LISTEN_V6: &str = "[fd00:ec2:42::1]:80";
+/// A tc-mode interface pattern no interface on this host has: behind the iptables rule the proxy
+/// runs with no eBPF redirect of its own, and still identifies callers by source address.
+const NO_INTERFACE: &str = "imds-bench-none";
 
 struct Sample {
     micros: Vec<u64>,
@@ -36,6 +52,111 @@ impl Sample {
     /// Requests per second: three requests per fetch.
     fn rps(&self) -> f64 {
         3.0 * self.micros.len() as f64 / self.total.as_secs_f64()
+    }
+}
+
+/// The three ways a container's IMDS connection reaches the proxy.
+#[derive(Clone, Copy, PartialEq)]
+enum Redirect {
+    Cgroup,
+    Tc,
+    IptablesDnat,
+}
+
+impl Redirect {
+    const ALL: [Redirect; 3] = [Redirect::Cgroup, Redirect::Tc, Redirect::IptablesDnat];
+
+    fn key(self) -> &'static str {
+        match self {
+            Redirect::Cgroup => "cgroup",
+            Redirect::Tc => "tc",
+            Redirect::IptablesDnat => "iptables",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Redirect::Cgroup => "imds-proxy, cgroup mode (connect4 rewrite)",
+            Redirect::Tc => "imds-proxy, tc mode (packet rewrite on docker0)",
+            Redirect::IptablesDnat => "imds-proxy behind the iptables DNAT rule (baseline)",
+        }
+    }
+
+    fn proxy_args(self) -> Vec<&'static str> {
+        match self {
+            Redirect::Cgroup => vec!["--mode", "cgroup"],
+            Redirect::Tc => vec!["--mode", "tc", "--container-iface", "docker0"],
+            Redirect::IptablesDnat => vec!["--mode", "tc", "--container-iface", NO_INTERFACE],
+        }
+    }
+}
+
+/// The seed's rule, in the nat table for as long as this value lives (also on error paths).
+struct DnatRule {
+    spec: Vec<String>,
+}
+
+impl DnatRule {
+    fn add(to: &str) -> anyhow::Result<Self> {
+        let spec: Vec<String> = [
+            "-i",
+            "docker0",
+            "-d",
+            "169.254.169.254/32",
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-m",
+            "comment",
+            "--comment",
+            "imds-proxy bench",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            to,
+        ]
+        .map(str::to_owned)
+        .into();
+        // A bench interrupted before its cleanup left the rule behind: remove every copy.
+        while Self::iptables("-D", &spec).is_ok() {}
+        Self::iptables("-A", &spec).context("adding the iptables DNAT rule")?;
+        Ok(Self { spec })
+    }
+
+    fn iptables(op: &str, spec: &[String]) -> anyhow::Result<()> {
+        let out = Command::new("iptables")
+            .args(["-w", "-t", "nat", op, "PREROUTING"])
+            .args(spec)
+            .output()
+            .context("running iptables")?;
+        ensure!(
+            out.status.success(),
+            "iptables {op}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// Connections the rule has rewritten (the nat table sees each connection's first packet).
+    fn connections(&self) -> anyhow::Result<u64> {
+        let out = Command::new("iptables")
+            .args(["-w", "-t", "nat", "-L", "PREROUTING", "-v", "-x", "-n"])
+            .output()
+            .context("running iptables -L")?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.contains("imds-proxy bench"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .context("the DNAT rule's counter")
+    }
+}
+
+impl Drop for DnatRule {
+    fn drop(&mut self) {
+        if let Err(err) = Self::iptables("-D", &self.spec) {
+            eprintln!("bench: removing the DNAT rule: {err}");
+        }
     }
 }
 
@@ -73,6 +194,114 @@ fn in_container(image: &str, labels: &[String], runs: usize) -> anyhow::Result<S
     })
 }
 
+struct Measured {
+    redirect: Redirect,
+    warm: Sample,
+    cold: Vec<f64>,
+    /// What shows the traffic went the way this row says.
+    evidence: String,
+}
+
+/// Wait until the proxy serves: /readyz says ready; behind the DNAT rule, where the proxy has no
+/// interface of its own attached (so /readyz says 503), until Docker and the upstream answer.
+fn wait_ready(redirect: Redirect, proxy: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = proxy.try_wait()? {
+            bail!("imds-proxy exited during start: {status}");
+        }
+        if let Ok(r) = Request::get("/readyz").send(OPS.parse()?) {
+            let body = r.text();
+            let ready = match redirect {
+                Redirect::IptablesDnat => {
+                    body.contains("upstream IMDS: answering") && body.contains("docker: answering")
+                }
+                _ => r.status == 200,
+            };
+            if ready {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "imds-proxy not ready: {body}");
+        }
+        ensure!(Instant::now() < deadline, "imds-proxy not ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn metric(name: &str) -> Option<f64> {
+    let body = Request::get("/metrics")
+        .send(OPS.parse().ok()?)
+        .ok()?
+        .text();
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn measure(
+    target: &Path,
+    sts: &str,
+    image: &str,
+    redirect: Redirect,
+    runs: usize,
+) -> anyhow::Result<Measured> {
+    let rule = match redirect {
+        Redirect::IptablesDnat => Some(DnatRule::add(LISTEN_V4)?),
+        _ => None,
+    };
+    let mut proxy = Command::new(target.join("imds-proxy"))
+        .args(["run", "--ops-listen", OPS])
+        .args(["--listen", &format!("{LISTEN_V4},{LISTEN_V6}")])
+        .args(redirect.proxy_args())
+        .args(["--sts-endpoint", &format!("http://{sts}")])
+        .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .context("starting imds-proxy")?;
+    let result = (|| {
+        wait_ready(redirect, &mut proxy)?;
+        println!("bench: {}, warm cache, {runs} fetches", redirect.describe());
+        let role = format!("iam.amazonaws.com/role=Bench-{}", redirect.key());
+        // One fetch first, so the measured ones find the role's session cached.
+        in_container(image, std::slice::from_ref(&role), 1)?;
+        let warm = in_container(image, &[role], runs)?;
+        let evidence = match (&rule, redirect) {
+            (Some(rule), _) => {
+                let n = rule.connections()?;
+                ensure!(n > 0, "the DNAT rule rewrote no connection");
+                format!("the DNAT rule rewrote {n} connections")
+            }
+            (None, Redirect::Tc) => {
+                let n = metric("imds_proxy_tc_packets_total{event=\"redirected\"}")
+                    .context("tc redirect counter")?;
+                ensure!(n > 0.0, "tc mode redirected no packet");
+                format!("tc ingress rewrote {n} packets")
+            }
+            _ => "connect4 rewrite (kernel-attested callers)".to_owned(),
+        };
+        println!("bench: {}, cold start, 5 containers", redirect.describe());
+        let cold = (0..5)
+            .map(|i| {
+                let label = format!("iam.amazonaws.com/role=Cold-{}-{i}", redirect.key());
+                in_container(image, &[label], 1).map(|s| s.micros[0] as f64 / 1000.0)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Measured {
+            redirect,
+            warm,
+            cold,
+            evidence,
+        })
+    })();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = proxy.wait();
+    drop(rule);
+    result.with_context(|| redirect.describe())
+}
+
 pub fn run(root: &Path, runs: usize) -> anyhow::Result<()> {
     ensure!(
         runs >= 10,
@@ -98,55 +327,22 @@ pub fn run(root: &Path, runs: usize) -> anyhow::Result<()> {
         .http_tokens(HttpTokens::Required)
         .with_sts()
         .start()?;
-    let sts = scene.sts_endpoint().expect("the scene has an STS");
+    let sts = scene
+        .sts_endpoint()
+        .expect("the scene has an STS")
+        .to_string();
 
     println!("bench: floor (simulated IMDS directly, hop limit 2), {runs} fetches");
     let floor = in_container(image, &[], runs)?;
-
-    let mut proxy = Command::new(target.join("imds-proxy"))
-        .args(["run", "--ops-listen", OPS])
-        .args([
-            "--sts-endpoint",
-            &format!("http://{sts}"),
-            "--region",
-            "us-east-1",
-        ])
-        .args(["--role-arn-prefix", PREFIX])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .context("starting imds-proxy")?;
-    let result = (|| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !Request::get("/readyz")
-            .send(OPS.parse()?)
-            .is_ok_and(|r| r.status == 200)
-        {
-            ensure!(std::time::Instant::now() < deadline, "imds-proxy not ready");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        println!("bench: through imds-proxy, warm cache, {runs} fetches");
-        // One fetch first, so the measured ones find the role's session cached.
-        in_container(image, &["iam.amazonaws.com/role=Bench".into()], 1)?;
-        let warm = in_container(image, &["iam.amazonaws.com/role=Bench".into()], runs)?;
-        println!("bench: cold start, 5 containers with roles never fetched");
-        let cold: Vec<f64> = (0..5)
-            .map(|i| {
-                in_container(image, &[format!("iam.amazonaws.com/role=Cold{i}")], 1)
-                    .map(|s| s.micros[0] as f64 / 1000.0)
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok((warm, cold))
-    })();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(proxy.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = proxy.wait();
+    let measured = Redirect::ALL
+        .into_iter()
+        .map(|redirect| measure(&target, &sts, image, redirect, runs))
+        .collect::<anyhow::Result<Vec<_>>>();
     drop(scene);
-    let (warm, cold) = result?;
+    let measured = measured?;
     let _ = docker(&["rmi", image]);
 
-    let report = report(runs, &floor, &warm, &cold);
+    let report = report(runs, &floor, &measured);
     println!("\n{report}");
     let path = root.join("docs/benchmarks.md");
     std::fs::create_dir_all(root.join("docs"))?;
@@ -174,7 +370,7 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, kernel {kernel}")
 }
 
-fn report(runs: usize, floor: &Sample, warm: &Sample, cold: &[f64]) -> String {
+fn report(runs: usize, floor: &Sample, measured: &[Measured]) -> String {
     let mut out = String::new();
     let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     let _ = writeln!(out, "# Benchmarks\n");
@@ -187,17 +383,16 @@ fn report(runs: usize, floor: &Sample, warm: &Sample, cold: &[f64]) -> String {
         out,
         "One fetch = what an SDK does for credentials: PUT a token, GET the role name, GET the \
          credentials; {runs} fetches one after the other, from inside a container on docker0, \
-         over new connections each time.\n"
+         over new connections each time. Each redirect gets a proxy of its own, started fresh.\n"
     );
     let _ = writeln!(
         out,
         "| path | p50 ms | p90 ms | p99 ms | requests/s | errors |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
-    for (name, s) in [
-        ("simulated IMDS directly (hop limit 2): the floor", floor),
-        ("imds-proxy, cgroup mode, warm cache", warm),
-    ] {
+    let rows = std::iter::once(("simulated IMDS directly (hop limit 2): the floor", floor))
+        .chain(measured.iter().map(|m| (m.redirect.describe(), &m.warm)));
+    for (name, s) in rows {
         let _ = writeln!(
             out,
             "| {name} | {:.2} | {:.2} | {:.2} | {:.0} | {} |",
@@ -208,21 +403,40 @@ fn report(runs: usize, floor: &Sample, warm: &Sample, cold: &[f64]) -> String {
             s.errors
         );
     }
+    let _ = writeln!(out, "\nRatio to the floor, warm cache:\n");
+    for m in measured {
+        let _ = writeln!(
+            out,
+            "- {}: p50 {:.2}×, p99 {:.2}×, throughput {:.2}× ({}).",
+            m.redirect.key(),
+            m.warm.percentile(50.0) / floor.percentile(50.0),
+            m.warm.percentile(99.0) / floor.percentile(99.0),
+            m.warm.rps() / floor.rps(),
+            m.evidence
+        );
+    }
     let _ = writeln!(
         out,
-        "\nRatio proxy / floor: p50 {:.2}×, p99 {:.2}×, throughput {:.2}×.\n",
-        warm.percentile(50.0) / floor.percentile(50.0),
-        warm.percentile(99.0) / floor.percentile(99.0),
-        warm.rps() / floor.rps()
+        "\nCold start (first fetch of a container whose role was never fetched: Docker lookup and \
+         STS AssumeRole, against the local moto STS), five containers each:\n"
     );
+    for m in measured {
+        let _ = writeln!(
+            out,
+            "- {}: {} ms.",
+            m.redirect.key(),
+            m.cold
+                .iter()
+                .map(|c| format!("{c:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let _ = writeln!(
         out,
-        "Cold start (first fetch of a container whose role was never fetched: Docker lookup and \
-         STS AssumeRole, against the local moto STS), five containers: {} ms.",
-        cold.iter()
-            .map(|c| format!("{c:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "\ntc mode and the iptables row run the same proxy code: callers identified by source \
+         address, confirmed with a Docker inspect on every connection. Their difference is the \
+         redirect alone. cgroup mode reads the kernel's record of the caller's cgroup instead."
     );
     out
 }

@@ -31,7 +31,8 @@ enum Task {
         #[arg(last = true)]
         proxy_args: Vec<String>,
     },
-    /// Measure the proxy from inside a container against the floor; writes docs/benchmarks.md.
+    /// Measure the proxy behind each redirect (cgroup, tc, iptables DNAT) from inside a container,
+    /// against the floor; writes docs/benchmarks.md.
     Bench {
         /// Credential fetches per measurement.
         #[arg(long, default_value_t = 300)]

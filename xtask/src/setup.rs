@@ -35,6 +35,7 @@ pub fn run(root: &Path) -> anyhow::Result<Env> {
         "ca-certificates",
         "curl",
         "iproute2",
+        "iptables",
         "musl-tools",
     ])?;
     bpf_linker(llvm)?;

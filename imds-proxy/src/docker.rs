@@ -181,18 +181,34 @@ impl Index {
             {
                 return Ok(Some(found));
             }
-            // Not indexed yet (its first milliseconds) or the index was stale: ask Docker which
-            // running container has it.
-            let list = self
-                .docker
-                .list_containers(None::<ListContainersOptions>)
-                .await?;
-            for summary in list {
-                let has =
-                    addresses(summary.network_settings.and_then(|n| n.networks)).contains(&ip);
-                if let (true, Some(id)) = (has, summary.id)
-                    && let Some(found) = self.confirm(&id, ip).await?
-                {
+            // Not indexed yet (its first milliseconds) or the index was stale: ask Docker. A
+            // container's first process can connect before Docker has finished starting it: the
+            // list then still says "created", with no address. So: running containers with the
+            // address first, then the "created" ones, whose inspect answers once their start is
+            // done (Docker holds the container while starting it). Either way it is the inspect
+            // that decides: running, with this address, now.
+            let options = ListContainersOptions {
+                all: true,
+                filters: Some(HashMap::from([(
+                    "status".to_owned(),
+                    vec!["running".to_owned(), "created".to_owned()],
+                )])),
+                ..Default::default()
+            };
+            let mut starting = Vec::new();
+            for summary in self.docker.list_containers(Some(options)).await? {
+                let Some(id) = summary.id else { continue };
+                let held = addresses(summary.network_settings.and_then(|n| n.networks));
+                if held.contains(&ip) {
+                    if let Some(found) = self.confirm(&id, ip).await? {
+                        return Ok(Some(found));
+                    }
+                } else if held.is_empty() {
+                    starting.push(id);
+                }
+            }
+            for id in starting {
+                if let Some(found) = self.confirm(&id, ip).await? {
                     return Ok(Some(found));
                 }
             }

@@ -1,12 +1,12 @@
 //! The proxy deployed DaemonSet-style: as a privileged container itself (host network, the host's
 //! cgroup hierarchy, bpffs and Docker socket), from the project's own `Dockerfile`. Containers get
-//! their roles through it, and its own requests to IMDS are not redirected.
+//! their roles through it, and its own requests to IMDS are not redirected. In both modes.
 use std::time::{Duration, Instant};
 
 use imds_tests::{
     http::Request,
     images::{curl_image, docker, docker_ok, whoami_image},
-    proxy::{PREFIX, TEST_IF, TEST_LISTEN},
+    proxy::{Mode, PREFIX, TEST_IF, TEST_LISTEN},
     scene::{ACCOUNT_ID, Scene, SceneConfig, ensure_imds_is_simulated},
     sim::HttpTokens,
 };
@@ -31,7 +31,16 @@ impl Drop for Daemon {
 }
 
 #[test]
-fn the_proxy_runs_as_a_privileged_container_from_the_dockerfile() {
+fn the_proxy_runs_as_a_privileged_container_from_the_dockerfile_in_cgroup_mode() {
+    daemonset(Mode::Cgroup);
+}
+
+#[test]
+fn the_proxy_runs_as_a_privileged_container_from_the_dockerfile_in_tc_mode() {
+    daemonset(Mode::Tc);
+}
+
+fn daemonset(mode: Mode) {
     let scene: Scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
         .hop_limit(1)
         .http_tokens(HttpTokens::Required)
@@ -49,51 +58,56 @@ fn the_proxy_runs_as_a_privileged_container_from_the_dockerfile() {
     let ops = "127.0.0.1:9199";
     let sts = format!("http://{}", scene.sts_endpoint().unwrap());
     ensure_imds_is_simulated().unwrap();
-    docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        NAME,
-        // `--privileged` on a real host. This machine withholds CAP_SYS_RESOURCE from
-        // everything, so runc cannot grant all capabilities: grant all but that one and let
-        // bpf(2) through seccomp, which is what --privileged amounts to for the proxy.
-        "--cap-add",
-        "ALL",
-        "--cap-drop",
-        "SYS_RESOURCE",
-        "--security-opt",
-        "seccomp=unconfined",
-        "-e",
-        "NO_COLOR=1",
-        "--network",
-        "host",
-        "--cgroupns",
-        "host",
-        "-v",
-        "/sys/fs/cgroup:/sys/fs/cgroup",
-        "-v",
-        "/sys/fs/bpf:/sys/fs/bpf",
-        "-v",
-        "/var/run/docker.sock:/var/run/docker.sock",
-        IMAGE,
-        "run",
-        "--listen",
-        TEST_LISTEN[0],
-        "--listen",
-        TEST_LISTEN[1],
-        "--interface",
-        TEST_IF,
-        "--ops-listen",
-        ops,
-        "--sts-endpoint",
-        &sts,
-        "--region",
-        "us-east-1",
-        "--role-arn-prefix",
-        PREFIX,
-        "--default-role",
-        "DefaultRole",
-    ])
+    docker_ok(
+        &[
+            "run",
+            "-d",
+            "--name",
+            NAME,
+            // `--privileged` on a real host. This machine withholds CAP_SYS_RESOURCE from
+            // everything, so runc cannot grant all capabilities: grant all but that one and let
+            // bpf(2) through seccomp, which is what --privileged amounts to for the proxy.
+            "--cap-add",
+            "ALL",
+            "--cap-drop",
+            "SYS_RESOURCE",
+            "--security-opt",
+            "seccomp=unconfined",
+            "-e",
+            "NO_COLOR=1",
+            "--network",
+            "host",
+            "--cgroupns",
+            "host",
+            "-v",
+            "/sys/fs/cgroup:/sys/fs/cgroup",
+            "-v",
+            "/sys/fs/bpf:/sys/fs/bpf",
+            "-v",
+            "/var/run/docker.sock:/var/run/docker.sock",
+            IMAGE,
+            "run",
+            "--listen",
+            TEST_LISTEN[0],
+            "--listen",
+            TEST_LISTEN[1],
+            "--interface",
+            TEST_IF,
+            "--ops-listen",
+            ops,
+            "--sts-endpoint",
+            &sts,
+            "--region",
+            "us-east-1",
+            "--role-arn-prefix",
+            PREFIX,
+            "--default-role",
+            "DefaultRole",
+        ]
+        .into_iter()
+        .chain(mode.args().iter().copied())
+        .collect::<Vec<_>>(),
+    )
     .unwrap();
     let _daemon = Daemon;
     // Ready means: programs attached, upstream IMDS and Docker answering (bounded wait).
@@ -117,7 +131,16 @@ fn the_proxy_runs_as_a_privileged_container_from_the_dockerfile() {
     );
     let logs = docker(&["logs", NAME]).unwrap();
     let logs = String::from_utf8_lossy(&logs.stderr).into_owned();
-    assert!(logs.contains("own_cgroup=/docker/"), "{logs}");
+    match mode {
+        // It knows its own cgroup, whose connects the programs leave alone.
+        Mode::Cgroup => assert!(logs.contains("own_cgroup=/docker/"), "{logs}"),
+        // Attached to docker0, found on the host's network from inside its container.
+        Mode::Tc => assert!(
+            logs.contains("tc mode identifies callers by source address")
+                && logs.contains("docker0"),
+            "{logs}"
+        ),
+    }
 
     // A real SDK client in a container gets its role through the containerised proxy.
     let whoami = whoami_image(env!("CARGO_BIN_EXE_imds-whoami").as_ref()).unwrap();

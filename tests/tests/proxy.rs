@@ -1,12 +1,12 @@
-//! The proxy's IMDS API, end to end: the `imds-proxy` binary in cgroup mode on the simulated EC2
-//! host, moto as STS, real Docker containers asking with curl. Every check asserts the exact status
-//! and body a container gets.
+//! The proxy's IMDS API, end to end: the `imds-proxy` binary on the simulated EC2 host, in cgroup
+//! mode and in tc mode, moto as STS, real Docker containers asking with curl. Every check asserts
+//! the exact status and body a container gets.
 use std::{process::Command, time::Duration};
 
 use imds_proxy::netdev;
 use imds_tests::{
     http::Request,
-    images::{curl_image, docker, docker_ok},
+    images::{bench_image, curl_image, docker, docker_ok},
     proxy::{MODES, Mode, PREFIX, Proxy, TEST_IF, proxy_bin},
     scene::{ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
     sim::HttpTokens,
@@ -281,6 +281,42 @@ fn the_first_milliseconds_of_a_container_and_ip_reuse_in(mode: Mode) {
         (200, "RoleB".to_owned()),
         "never A's role: {out_b}"
     );
+}
+
+#[test]
+fn a_program_that_asks_before_docker_reports_it_running() {
+    for mode in MODES {
+        a_program_that_asks_before_docker_reports_it_running_in(mode);
+    }
+}
+
+/// A static binary as the container's first process asks at once: sooner than a shell and curl,
+/// and before Docker has finished marking the container running (its list still says "created",
+/// with no address). It must get its role, not a refusal.
+fn a_program_that_asks_before_docker_reports_it_running_in(mode: Mode) {
+    let scene = scene();
+    let _proxy = Proxy::start_in(&scene, mode, &[]);
+    let image = bench_image(env!("CARGO_BIN_EXE_imds-bench").as_ref()).unwrap();
+    ensure_imds_is_simulated().unwrap();
+    for i in 0..10 {
+        let out = docker_ok(&[
+            "run",
+            "--rm",
+            "--label",
+            "iam.amazonaws.com/role=Early",
+            image,
+            "/program",
+            "--runs",
+            "1",
+        ])
+        .unwrap();
+        let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(
+            json["errors"],
+            serde_json::json!([]),
+            "{mode:?}, container {i}: {out}"
+        );
+    }
 }
 
 #[test]

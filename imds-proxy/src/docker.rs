@@ -7,7 +7,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -31,6 +31,8 @@ pub struct Container {
     pub addresses: Vec<IpAddr>,
     /// Whether it was running when Docker was last asked.
     pub running: bool,
+    /// Its first process, in Docker's pid namespace, when it was running (else 0).
+    pub pid: u32,
 }
 
 /// Changes the rest of the proxy reacts to.
@@ -55,6 +57,9 @@ pub struct Index {
     containers: RwLock<HashMap<String, Arc<Container>>>,
     connected: AtomicBool,
     events: broadcast::Sender<Event>,
+    /// tc mode: source addresses confirmed by the kernel (`/proc`), and by asking Docker.
+    confirmed_by_kernel: AtomicU64,
+    confirmed_by_docker: AtomicU64,
 }
 
 /// How long a miss may spend asking Docker: well inside the SDKs' 1 s metadata timeout.
@@ -92,7 +97,17 @@ impl Index {
             containers: RwLock::new(HashMap::new()),
             connected: AtomicBool::new(false),
             events,
+            confirmed_by_kernel: AtomicU64::new(0),
+            confirmed_by_docker: AtomicU64::new(0),
         }))
+    }
+
+    /// tc mode: how many source addresses the kernel confirmed, and how many needed Docker.
+    pub fn address_confirmations(&self) -> (u64, u64) {
+        (
+            self.confirmed_by_kernel.load(Ordering::Relaxed),
+            self.confirmed_by_docker.load(Ordering::Relaxed),
+        )
     }
 
     /// Container events, for prefetching and dropping credentials.
@@ -164,19 +179,31 @@ impl Index {
     }
 
     /// The running container that has this address now (tc mode: a caller is its source
-    /// address). The index only suggests a candidate; Docker confirms it at the time of the call,
-    /// because an address is reused as soon as its container is gone, and a stale entry must never
-    /// hand one container's role to another. Bounded by the same budget as [`Index::get`].
+    /// address). The index only suggests a candidate, because an address is reused as soon as its
+    /// container is gone and a stale entry must never hand one container's role to another. The
+    /// candidate is confirmed at the time of the call: by the kernel when the proxy sees the
+    /// host's processes (the container's first process alive in its cgroup, the address local in
+    /// its network namespace), else by Docker (inspect: running, with this address). Bounded by
+    /// the same budget as [`Index::get`].
     pub async fn by_address(&self, ip: IpAddr) -> Option<Arc<Container>> {
+        let candidate = self
+            .containers
+            .read()
+            .expect("index poisoned")
+            .values()
+            .find(|c| c.addresses.contains(&ip))
+            .cloned();
+        // The kernel can confirm it without a round trip to Docker: the container's first process
+        // is alive in its cgroup, and its network namespace holds the address now.
+        if let Some(c) = &candidate
+            && crate::identity::process_holds(c.pid, &c.id, ip)
+        {
+            self.confirmed_by_kernel.fetch_add(1, Ordering::Relaxed);
+            return Some(c.clone());
+        }
+        self.confirmed_by_docker.fetch_add(1, Ordering::Relaxed);
         let lookup = async {
-            let candidate = self
-                .containers
-                .read()
-                .expect("index poisoned")
-                .values()
-                .find(|c| c.addresses.contains(&ip))
-                .map(|c| c.id.clone());
-            if let Some(id) = candidate
+            if let Some(id) = candidate.map(|c| c.id.clone())
                 && let Some(found) = self.confirm(&id, ip).await?
             {
                 return Ok(Some(found));
@@ -254,10 +281,17 @@ impl Index {
             Ok(info) => {
                 let config = info.config.unwrap_or_default();
                 let addresses = addresses(info.network_settings.and_then(|n| n.networks));
-                let running = info.state.and_then(|s| s.running).unwrap_or(false);
+                let state = info.state.unwrap_or_default();
+                let running = state.running.unwrap_or(false);
+                let pid = if running {
+                    state.pid.and_then(|p| u32::try_from(p).ok()).unwrap_or(0)
+                } else {
+                    0
+                };
                 Ok(Some(Container {
                     addresses,
                     running,
+                    pid,
                     id: info.id.unwrap_or_else(|| id.to_owned()),
                     name: info
                         .name

@@ -35,6 +35,54 @@ pub struct Caller {
     pub original_destination: SocketAddr,
 }
 
+/// tc mode's fast confirmation, from the kernel instead of Docker: whether process `pid` (a
+/// container's first process, as Docker reported it) is alive in container `container_id`'s cgroup
+/// and its network namespace holds `ip` as a local address, now. `false` whenever anything cannot
+/// be read or does not match (the process is gone, its pid went to another process, the proxy does
+/// not share the host's pid namespace, the address was taken off it): the caller then asks Docker.
+pub fn process_holds(pid: u32, container_id: &str, ip: std::net::IpAddr) -> bool {
+    if pid == 0 || container_id.len() < 12 {
+        return false;
+    }
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    // Its cgroup names the container (cgroupfs `/docker/<id>`, systemd `docker-<id>.scope`).
+    let in_container = std::fs::read_to_string(proc_dir.join("cgroup"))
+        .is_ok_and(|cgroups| cgroups.contains(container_id));
+    if !in_container {
+        return false;
+    }
+    match ip {
+        std::net::IpAddr::V4(ip) => std::fs::read_to_string(proc_dir.join("net/fib_trie"))
+            .is_ok_and(|trie| local_v4(&trie, ip)),
+        std::net::IpAddr::V6(ip) => std::fs::read_to_string(proc_dir.join("net/if_inet6"))
+            .is_ok_and(|list| local_v6(&list, ip)),
+    }
+}
+
+/// Whether `/proc/net/fib_trie` lists `ip` as a local (host) address: a `|-- <ip>` leaf with a
+/// `/32 host LOCAL` entry under it.
+fn local_v4(trie: &str, ip: std::net::Ipv4Addr) -> bool {
+    let mut leaf = None;
+    for line in trie.lines() {
+        let line = line.trim_start_matches([' ', '|', '+', '-']);
+        if let Ok(addr) = line.parse::<std::net::Ipv4Addr>() {
+            leaf = Some(addr);
+        } else if line.split_whitespace().collect::<Vec<_>>() == ["/32", "host", "LOCAL"]
+            && leaf == Some(ip)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether `/proc/net/if_inet6` lists `ip` (its first column: the address in 32 hex digits).
+fn local_v6(list: &str, ip: std::net::Ipv6Addr) -> bool {
+    let hex: String = ip.octets().iter().map(|b| format!("{b:02x}")).collect();
+    list.lines()
+        .any(|line| line.split_whitespace().next() == Some(hex.as_str()))
+}
+
 /// Resolves cgroup ids to paths, with a cache.
 pub struct Cgroups {
     root: PathBuf,
@@ -295,6 +343,37 @@ mod tests {
         assert_eq!(container_id("/docker/not-an-id"), None);
         assert_eq!(container_id(&format!("/docker/{}", &ID[..63])), None);
         assert_eq!(container_id("/user.slice/user-0.slice"), None);
+    }
+
+    #[test]
+    fn local_addresses_from_this_kernels_proc_net() {
+        // The kernel's own rendering, for this process's namespace: loopback is local; the
+        // loopback broadcast and 127.0.0.0/8 itself are listed, but not as /32 host LOCAL.
+        let trie = std::fs::read_to_string("/proc/self/net/fib_trie").unwrap();
+        assert!(local_v4(&trie, "127.0.0.1".parse().unwrap()), "{trie}");
+        assert!(!local_v4(&trie, "127.255.255.255".parse().unwrap()));
+        assert!(!local_v4(&trie, "127.0.0.0".parse().unwrap()));
+        assert!(!local_v4(&trie, "192.0.2.77".parse().unwrap()));
+        if let Ok(list) = std::fs::read_to_string("/proc/self/net/if_inet6") {
+            assert!(local_v6(&list, "::1".parse().unwrap()), "{list}");
+            assert!(!local_v6(&list, "2001:db8::77".parse().unwrap()));
+        }
+        // A process that is not in the named container never confirms it.
+        let me = std::process::id();
+        assert!(!process_holds(me, ID, "127.0.0.1".parse().unwrap()));
+        assert!(!process_holds(0, ID, "127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_container_namespaces_fib_trie() {
+        let trie = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n     \
+                    +-- 172.17.0.0/16 2 0 2\n        +-- 172.17.0.0/30 2 0 2\n           |-- 172.17.0.0\n              \
+                    /16 link UNICAST\n           |-- 172.17.0.2\n              /32 host LOCAL\n        \
+                    |-- 172.17.255.255\n           /32 link BROADCAST\n";
+        assert!(local_v4(trie, "172.17.0.2".parse().unwrap()));
+        assert!(!local_v4(trie, "172.17.0.3".parse().unwrap()));
+        assert!(!local_v4(trie, "172.17.255.255".parse().unwrap()));
+        assert!(!local_v4(trie, "172.17.0.0".parse().unwrap()));
     }
 
     #[test]

@@ -400,6 +400,7 @@ fn ops_router(
     use axum::{http::StatusCode, routing::get};
     let metrics = app.metrics.clone();
     let tc_metrics = tc.clone();
+    let docker = app.docker.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -436,6 +437,7 @@ fn ops_router(
             get(move || {
                 let metrics = metrics.clone();
                 let tc = tc_metrics.clone();
+                let docker = docker.clone();
                 async move {
                     let mut body = metrics.render();
                     if let Some(tc) = tc {
@@ -443,6 +445,7 @@ fn ops_router(
                             &tc.stats(),
                             tc.nat_entries(),
                             tc.interfaces().len(),
+                            docker.address_confirmations(),
                         ));
                     }
                     (

@@ -129,6 +129,7 @@ pub fn render_tc(
     stats: &[(imds_common::TcStat, u64)],
     nat_entries: usize,
     interfaces: usize,
+    (by_kernel, by_docker): (u64, u64),
 ) -> String {
     let mut out = String::from(
         "# HELP imds_proxy_tc_packets_total Packets the tc programs acted on, by what they did.\n# TYPE imds_proxy_tc_packets_total counter\n",
@@ -147,6 +148,10 @@ pub fn render_tc(
     let _ = writeln!(
         out,
         "# HELP imds_proxy_tc_interfaces Container interfaces the programs are attached to.\n# TYPE imds_proxy_tc_interfaces gauge\nimds_proxy_tc_interfaces {interfaces}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP imds_proxy_tc_address_confirmations_total Callers' source addresses confirmed as their container's, by the kernel (/proc) or by asking Docker.\n# TYPE imds_proxy_tc_address_confirmations_total counter\nimds_proxy_tc_address_confirmations_total{{by=\"kernel\"}} {by_kernel}\nimds_proxy_tc_address_confirmations_total{{by=\"docker\"}} {by_docker}"
     );
     out
 }

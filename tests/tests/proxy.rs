@@ -295,7 +295,7 @@ fn a_program_that_asks_before_docker_reports_it_running() {
 /// with no address). It must get its role, not a refusal.
 fn a_program_that_asks_before_docker_reports_it_running_in(mode: Mode) {
     let scene = scene();
-    let _proxy = Proxy::start_in(&scene, mode, &[]);
+    let proxy = Proxy::start_in(&scene, mode, &[]);
     let image = bench_image(env!("CARGO_BIN_EXE_imds-bench").as_ref()).unwrap();
     ensure_imds_is_simulated().unwrap();
     for i in 0..10 {
@@ -316,6 +316,14 @@ fn a_program_that_asks_before_docker_reports_it_running_in(mode: Mode) {
             serde_json::json!([]),
             "{mode:?}, container {i}: {out}"
         );
+    }
+    if mode == Mode::Tc {
+        // 30 connections: each container's later ones are confirmed by the kernel (its first
+        // process alive in its cgroup, the address in its namespace), without asking Docker.
+        let kernel = proxy.metric("imds_proxy_tc_address_confirmations_total{by=\"kernel\"}");
+        let docker = proxy.metric("imds_proxy_tc_address_confirmations_total{by=\"docker\"}");
+        assert_eq!(kernel + docker, 30, "kernel {kernel}, docker {docker}");
+        assert!(kernel >= 20, "kernel {kernel}, docker {docker}");
     }
 }
 
@@ -526,6 +534,50 @@ fn a_reused_ip_never_carries_the_previous_owners_role_in(mode: Mode) {
     assert!(caller_arn(&scene, &creds).contains(":assumed-role/RoleB/"));
     drop(b);
     docker_ok(&["network", "rm", "imds-test-reuse"]).unwrap();
+}
+
+#[test]
+fn an_address_taken_from_a_running_container_is_not_its_identity_any_more() {
+    for mode in MODES {
+        an_address_taken_from_a_running_container_is_not_its_identity_any_more_in(mode);
+    }
+}
+
+/// A keeps running but is disconnected from the network; B gets A's address there. B's requests
+/// are B's, although A's first process is alive in A's cgroup: the address left A's namespace.
+fn an_address_taken_from_a_running_container_is_not_its_identity_any_more_in(mode: Mode) {
+    let scene = scene();
+    let proxy = Proxy::start_in(&scene, mode, &[]);
+    let _ = docker(&["network", "rm", "imds-test-moved"]);
+    docker_ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "172.30.98.0/24",
+        "imds-test-moved",
+    ])
+    .unwrap();
+    let net = ["--network", "imds-test-moved", "--ip", "172.30.98.10"];
+    let a = Running::start(&[&net[..], &["--label", "iam.amazonaws.com/role=RoleA"]].concat());
+    // Twice: the second is confirmed the fast way (tc mode: by the kernel, not Docker).
+    assert_eq!(get_credentials(&a, "RoleA").0, 200);
+    assert_eq!(get_credentials(&a, "RoleA").0, 200);
+    docker_ok(&["network", "disconnect", "imds-test-moved", &a.0]).unwrap();
+    let b = Running::start(&[&net[..], &["--label", "iam.amazonaws.com/role=RoleB"]].concat());
+    let out = b.exec("curl -s -w '\\n== %{http_code}\\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/");
+    assert_eq!(answers(&out), vec![(200, "RoleB".to_owned())], "{out}");
+    assert_eq!(get_credentials(&b, "RoleA"), (404, "Not Found".to_owned()));
+    if mode == Mode::Tc {
+        let by = |how: &str| {
+            proxy.metric(&format!(
+                "imds_proxy_tc_address_confirmations_total{{by=\"{how}\"}}"
+            ))
+        };
+        assert!(by("kernel") >= 1, "A's second request: {}", by("kernel"));
+        assert!(by("docker") >= 1, "B's first request: {}", by("docker"));
+    }
+    drop((a, b));
+    docker_ok(&["network", "rm", "imds-test-moved"]).unwrap();
 }
 
 #[test]

@@ -37,6 +37,10 @@ enum Task {
         /// Credential fetches per measurement.
         #[arg(long, default_value_t = 300)]
         runs: usize,
+        /// Rounds: each measures the floor and every redirect once, in turn, so that noise on the
+        /// machine is spread over all of them; the samples of all rounds are pooled.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Build every crate, the eBPF programs included.
     Build {
@@ -59,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.command {
         Task::Setup => setup::run(&root).map(|_| ()),
-        Task::Bench { runs } => bench::run(&root, runs),
+        Task::Bench { runs, rounds } => bench::run(&root, runs, rounds),
         Task::Run {
             simulate_ec2,
             proxy_args,

@@ -573,8 +573,9 @@ fn an_address_taken_from_a_running_container_is_not_its_identity_any_more_in(mod
                 "imds_proxy_tc_address_confirmations_total{{by=\"{how}\"}}"
             ))
         };
+        // A's second request at least: A was indexed (with its pid) by then. B's may go either
+        // way (B can be indexed before it asks), so only A's is counted on.
         assert!(by("kernel") >= 1, "A's second request: {}", by("kernel"));
-        assert!(by("docker") >= 1, "B's first request: {}", by("docker"));
     }
     drop((a, b));
     docker_ok(&["network", "rm", "imds-test-moved"]).unwrap();

@@ -60,6 +60,15 @@ impl Mode {
     }
 }
 
+/// The value of the sample `name` (with its labels, e.g. `x_total{by="kernel"}`) in a Prometheus
+/// text exposition.
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
+        .parse()
+        .ok()
+}
+
 /// `imds-proxy detach --pin <pin>` for a test proxy's interface; panics with its stderr when it
 /// fails.
 pub fn detach(pin: &Path) {
@@ -194,11 +203,7 @@ impl Proxy {
     /// A counter from /metrics.
     pub fn metric(&self, name: &str) -> u64 {
         let text = Request::get("/metrics").send(self.ops).unwrap().text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-            .parse()
-            .unwrap()
+        metric_value(&text, name).unwrap_or_else(|| panic!("no {name} in {text}"))
     }
 }
 

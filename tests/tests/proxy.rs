@@ -486,6 +486,13 @@ impl Drop for Running {
     }
 }
 
+/// A user-defined Docker network `name` on `subnet`, created anew (one left by a failed run is
+/// removed first).
+fn fresh_network(name: &str, subnet: &str) {
+    let _ = docker(&["network", "rm", name]);
+    docker_ok(&["network", "create", "--subnet", subnet, name]).unwrap();
+}
+
 fn get_credentials(container: &Running, role: &str) -> (u16, String) {
     let out = container.exec(&format!(
         "curl -s -w '\\n== %{{http_code}}\\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/{role}"
@@ -503,15 +510,7 @@ fn a_reused_ip_never_carries_the_previous_owners_role() {
 fn a_reused_ip_never_carries_the_previous_owners_role_in(mode: Mode) {
     let scene = scene();
     let _proxy = Proxy::start_in(&scene, mode, &[]);
-    let _ = docker(&["network", "rm", "imds-test-reuse"]);
-    docker_ok(&[
-        "network",
-        "create",
-        "--subnet",
-        "172.30.99.0/24",
-        "imds-test-reuse",
-    ])
-    .unwrap();
+    fresh_network("imds-test-reuse", "172.30.99.0/24");
     let net = ["--network", "imds-test-reuse", "--ip", "172.30.99.10"];
     let a = Running::start(&[&net[..], &["--label", "iam.amazonaws.com/role=RoleA"]].concat());
     assert_eq!(get_credentials(&a, "RoleA").0, 200);
@@ -548,15 +547,7 @@ fn an_address_taken_from_a_running_container_is_not_its_identity_any_more() {
 fn an_address_taken_from_a_running_container_is_not_its_identity_any_more_in(mode: Mode) {
     let scene = scene();
     let proxy = Proxy::start_in(&scene, mode, &[]);
-    let _ = docker(&["network", "rm", "imds-test-moved"]);
-    docker_ok(&[
-        "network",
-        "create",
-        "--subnet",
-        "172.30.98.0/24",
-        "imds-test-moved",
-    ])
-    .unwrap();
+    fresh_network("imds-test-moved", "172.30.98.0/24");
     let net = ["--network", "imds-test-moved", "--ip", "172.30.98.10"];
     let a = Running::start(&[&net[..], &["--label", "iam.amazonaws.com/role=RoleA"]].concat());
     // Twice: the second is confirmed the fast way (tc mode: by the kernel, not Docker).

@@ -111,21 +111,15 @@ impl Drop for Bridge {
 /// `imds-probe` inside a namespace: one JSON line per connection.
 fn probe(ns: &str, addr: &str, count: usize) -> Vec<serde_json::Value> {
     ensure_imds_is_simulated().expect("IMDS is the simulator before anything talks to it");
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_imds-probe")])
-        .args(["--addr", addr, "--count", &count.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let count = count.to_string();
+    let probe = env!("CARGO_BIN_EXE_imds-probe");
+    ip(&[
+        "netns", "exec", ns, probe, "--addr", addr, "--count", &count,
+    ])
+    .unwrap()
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect()
 }
 
 const IMDS_V4: &str = "169.254.169.254:80";
@@ -142,16 +136,7 @@ fn assert_redirected(answers: &[serde_json::Value], imds: &str) {
 
 /// TCP counters of a namespace, absolute (the namespace is new: they count only its own traffic).
 fn nstat(ns: &str) -> std::collections::HashMap<String, u64> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "nstat", "-asz"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
+    ip(&["netns", "exec", ns, "nstat", "-asz"])
         .unwrap()
         .lines()
         .filter_map(|l| {

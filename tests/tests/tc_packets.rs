@@ -11,7 +11,6 @@
 use std::{
     fs::File,
     net::{Ipv4Addr, Ipv6Addr},
-    process::Command,
 };
 
 use aya::{
@@ -51,15 +50,8 @@ enum Host {
 }
 
 fn ip(args: &str) {
-    let out = Command::new("ip")
-        .args(args.split_whitespace())
-        .output()
-        .expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args: Vec<&str> = args.split_whitespace().collect();
+    imds_tests::scene::ip(&args).unwrap();
 }
 
 /// A network namespace set up as `host`, held open by its file descriptor. Built on a thread of

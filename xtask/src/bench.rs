@@ -11,16 +11,11 @@
 //!   lookup and STS on the way).
 //!
 //! Release builds. Writes docs/benchmarks.md. Not a test: nothing here asserts a time.
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::{Child, Command},
-    time::{Duration, Instant},
-};
+use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
 use imds_tests::{
-    http::Request,
+    http::{Request, Response},
     images::{self, docker, docker_ok},
     scene::{SceneConfig, ensure_imds_is_simulated},
     sim::HttpTokens,
@@ -220,40 +215,25 @@ struct Measured {
     evidence: String,
 }
 
-/// Wait until the proxy serves: /readyz says ready; behind the DNAT rule, where the proxy has no
-/// interface of its own attached (so /readyz says 503), until Docker and the upstream answer.
-fn wait_ready(redirect: Redirect, proxy: &mut Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = proxy.try_wait()? {
-            bail!("imds-proxy exited during start: {status}");
+/// Whether the proxy serves, from its /readyz answer: ready; behind the DNAT rule, where the
+/// proxy has no interface of its own attached (so /readyz says 503), Docker and the upstream
+/// answering.
+fn serving(redirect: Redirect, readyz: &Response) -> bool {
+    match redirect {
+        Redirect::IptablesDnat => {
+            let body = readyz.text();
+            body.contains("upstream IMDS: answering") && body.contains("docker: answering")
         }
-        if let Ok(r) = Request::get("/readyz").send(OPS.parse()?) {
-            let body = r.text();
-            let ready = match redirect {
-                Redirect::IptablesDnat => {
-                    body.contains("upstream IMDS: answering") && body.contains("docker: answering")
-                }
-                _ => r.status == 200,
-            };
-            if ready {
-                return Ok(());
-            }
-            ensure!(Instant::now() < deadline, "imds-proxy not ready: {body}");
-        }
-        ensure!(Instant::now() < deadline, "imds-proxy not ready");
-        std::thread::sleep(Duration::from_millis(200));
+        _ => readyz.status == 200,
     }
 }
 
-fn metric(name: &str) -> Option<f64> {
+fn metric(name: &str) -> Option<u64> {
     let body = Request::get("/metrics")
         .send(OPS.parse().ok()?)
         .ok()?
         .text();
-    body.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    imds_tests::proxy::metric_value(&body, name)
 }
 
 fn measure(
@@ -279,7 +259,7 @@ fn measure(
         .spawn()
         .context("starting imds-proxy")?;
     let result = (|| {
-        wait_ready(redirect, &mut proxy)?;
+        crate::run::wait_ready(&mut proxy, OPS.parse()?, |r| serving(redirect, r))?;
         println!("bench: {}, warm cache, {runs} fetches", redirect.describe());
         let role = format!("iam.amazonaws.com/role=Bench-{}", redirect.key());
         // One fetch first, so the measured ones find the role's session cached.
@@ -294,7 +274,7 @@ fn measure(
             (None, Redirect::Tc) => {
                 let n = metric("imds_proxy_tc_packets_total{event=\"redirected\"}")
                     .context("tc redirect counter")?;
-                ensure!(n > 0.0, "tc mode redirected no packet");
+                ensure!(n > 0, "tc mode redirected no packet");
                 format!("tc ingress rewrote {n} packets")
             }
             _ => "connect4 rewrite (kernel-attested callers)".to_owned(),
@@ -304,7 +284,7 @@ fn measure(
                 metric(&format!(
                     "imds_proxy_tc_address_confirmations_total{{by=\"{how}\"}}"
                 ))
-                .unwrap_or(f64::NAN)
+                .map_or_else(|| "?".to_owned(), |n| n.to_string())
             };
             let _ = write!(
                 evidence,
@@ -332,11 +312,7 @@ fn measure(
             evidence,
         })
     })();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(proxy.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = proxy.wait();
+    crate::run::stop(&mut proxy);
     drop(rule);
     result.with_context(|| redirect.describe())
 }

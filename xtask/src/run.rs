@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use imds_tests::{
-    http::Request,
+    http::{Request, Response},
     images,
     scene::{ACCOUNT_ID, SceneConfig},
     sim::HttpTokens,
@@ -124,7 +124,7 @@ pub fn run(root: &Path, simulate: bool, proxy_args: &[String]) -> anyhow::Result
         });
     }
     let mut proxy = proxy.spawn().context("starting imds-proxy")?;
-    let ready = wait_ready(&mut proxy, ops);
+    let ready = wait_ready(&mut proxy, ops, |r| r.status == 200);
     if let Err(err) = ready {
         stop(&mut proxy);
         return Err(err);
@@ -183,7 +183,13 @@ fn ops_listen(args: &[String]) -> SocketAddr {
         .unwrap_or_else(|| "127.0.0.1:9181".parse().expect("a socket address"))
 }
 
-fn wait_ready(proxy: &mut Child, ops: SocketAddr) -> anyhow::Result<()> {
+/// Wait (at most 60 s) until `ready` accepts the proxy's `/readyz` answer on `ops`; the proxy
+/// exiting first is an error.
+pub(crate) fn wait_ready(
+    proxy: &mut Child,
+    ops: SocketAddr,
+    ready: impl Fn(&Response) -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = proxy.try_wait()? {
@@ -192,7 +198,7 @@ fn wait_ready(proxy: &mut Child, ops: SocketAddr) -> anyhow::Result<()> {
         let answer = Request::get("/readyz")
             .timeout(Duration::from_secs(2))
             .send(ops);
-        if answer.as_ref().is_ok_and(|r| r.status == 200) {
+        if answer.as_ref().is_ok_and(&ready) {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -202,7 +208,8 @@ fn wait_ready(proxy: &mut Child, ops: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-fn stop(proxy: &mut Child) {
+/// SIGTERM (the proxy detaches), then reap it.
+pub(crate) fn stop(proxy: &mut Child) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(proxy.id() as i32),
         Signal::SIGTERM,

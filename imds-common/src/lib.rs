@@ -26,6 +26,33 @@ pub const MAP_CONFIG: &str = "IMDS_CONFIG";
 pub const MAP_PENDING: &str = "IMDS_PENDING";
 pub const MAP_CONNS: &str = "IMDS_CONNS";
 pub const MAP_CONTAINER_CGROUPS: &str = "IMDS_CGROUPS";
+pub const MAP_GUARD_STATS: &str = "IMDS_GUARD_STATS";
+
+/// What the egress guard counted, one slot each in the per-CPU array `IMDS_GUARD_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardStat {
+    /// Packets to an IMDS address from a container's socket (it went around the connect
+    /// hooks: a raw socket, UDP, ...): dropped.
+    Dropped = 0,
+    /// Packets to an IMDS address while the programs were not configured: dropped.
+    DroppedUnconfigured,
+}
+
+impl GuardStat {
+    pub const ALL: [GuardStat; 2] = [GuardStat::Dropped, GuardStat::DroppedUnconfigured];
+
+    /// Its name in metrics and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            GuardStat::Dropped => "dropped",
+            GuardStat::DroppedUnconfigured => "dropped_unconfigured",
+        }
+    }
+}
+
+/// Slots in `IMDS_GUARD_STATS`.
+pub const GUARD_STATS: u32 = GuardStat::ALL.len() as u32;
 
 /// Capacity of the connection record maps (LRU: the oldest record goes when full).
 pub const MAX_CONNS: u32 = 16_384;
@@ -41,6 +68,15 @@ pub const CGROUP_HOST: u8 = 2;
 /// An address as the kernel's socket hooks carry it: 4 words, each holding 4 bytes of the address
 /// in network order. IPv4 uses the first word only.
 pub type RawAddr = [u32; 4];
+
+/// The third word of a v4-mapped IPv6 address (`::ffff:a.b.c.d`) in raw form; the fourth word
+/// is the IPv4 address.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Whether a raw IPv6 address is v4-mapped (`::ffff:a.b.c.d`): an AF_INET6 socket talking IPv4.
+pub const fn is_v4_mapped(raw: &RawAddr) -> bool {
+    raw[0] == 0 && raw[1] == 0 && raw[2] == V4_MAPPED_WORD
+}
 
 /// The IPv4 address in the kernel's `user_ip4` / `local_ip4` form.
 pub const fn raw_v4(octets: [u8; 4]) -> u32 {
@@ -155,7 +191,8 @@ pub struct NatEntry {
 }
 
 /// tc mode: what the programs counted, one slot each in the per-CPU array `IMDS_TC_STATS`.
-/// Anything they do not understand is passed untouched and counted here, never rewritten.
+/// Anything to or from the redirect addresses that they cannot rewrite is dropped and counted
+/// here, never passed on.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcStat {
@@ -166,19 +203,19 @@ pub enum TcStat {
     /// Replies rewritten with no NAT entry (evicted or reaped): the listen address is used only
     /// by redirected traffic, so the original destination can only be the IMDS address.
     ReversedWithoutState,
-    /// IPv4 packets to or from the redirect addresses with IP options: passed untouched.
-    PassedIpOptions,
-    /// Fragments to or from the redirect addresses: passed untouched.
-    PassedFragment,
-    /// IPv6 packets to or from the redirect addresses whose next header is not TCP
-    /// (extension headers, ICMPv6) and IPv4 non-TCP packets: passed untouched.
-    PassedNotTcp,
+    /// TCP to the IMDS address on a port other than 80: dropped.
+    DroppedOtherPort,
+    /// Fragments to or from the redirect addresses: dropped (only the first carries the ports).
+    DroppedFragment,
+    /// Packets to or from the redirect addresses that are not plain TCP: IPv4 non-TCP, IPv6
+    /// whose next header is not TCP (extension headers, fragments, ICMPv6): dropped.
+    DroppedNotTcp,
     /// Packets from a container interface addressed to the proxy's listen address directly:
     /// dropped, the address is reserved for redirected traffic.
     DroppedDirect,
-    /// Packets to or from the redirect addresses whose TCP header could not be read (shorter
-    /// than their headers say), or whose rewrite failed (a helper returned an error): dropped,
-    /// never sent on half-rewritten.
+    /// Packets to or from the redirect addresses whose headers are malformed or could not be
+    /// read (shorter than they say), or whose rewrite failed (a helper returned an error):
+    /// dropped, never sent on half-rewritten.
     DroppedBroken,
     /// NAT entries removed by the programs (RST, or FIN from both sides).
     NatClosed,
@@ -186,21 +223,24 @@ pub enum TcStat {
     /// rewritten (the listen address is not on this host: its interface was deleted while pinned
     /// programs stayed attached): dropped, so nothing addressed to the proxy leaves the host.
     DroppedNotLocal,
+    /// IPv6 packets to IMDS while the proxy has no IPv6 listen address: dropped.
+    DroppedNoListener,
 }
 
 impl TcStat {
     /// Every counter, in slot order.
-    pub const ALL: [TcStat; 10] = [
+    pub const ALL: [TcStat; 11] = [
         TcStat::Redirected,
         TcStat::Reversed,
         TcStat::ReversedWithoutState,
-        TcStat::PassedIpOptions,
-        TcStat::PassedFragment,
-        TcStat::PassedNotTcp,
+        TcStat::DroppedOtherPort,
+        TcStat::DroppedFragment,
+        TcStat::DroppedNotTcp,
         TcStat::DroppedDirect,
         TcStat::DroppedBroken,
         TcStat::NatClosed,
         TcStat::DroppedNotLocal,
+        TcStat::DroppedNoListener,
     ];
 
     /// Its name in metrics and logs.
@@ -209,13 +249,14 @@ impl TcStat {
             TcStat::Redirected => "redirected",
             TcStat::Reversed => "reversed",
             TcStat::ReversedWithoutState => "reversed_without_state",
-            TcStat::PassedIpOptions => "passed_ip_options",
-            TcStat::PassedFragment => "passed_fragment",
-            TcStat::PassedNotTcp => "passed_not_tcp",
+            TcStat::DroppedOtherPort => "dropped_other_port",
+            TcStat::DroppedFragment => "dropped_fragment",
+            TcStat::DroppedNotTcp => "dropped_not_tcp",
             TcStat::DroppedDirect => "dropped_direct",
             TcStat::DroppedBroken => "dropped_broken",
             TcStat::NatClosed => "nat_closed",
             TcStat::DroppedNotLocal => "dropped_not_local",
+            TcStat::DroppedNoListener => "dropped_no_listener",
         }
     }
 }
@@ -259,6 +300,19 @@ mod tests {
         // user_port: network order in the low 16 bits.
         assert_eq!((raw_port(80) as u16).to_ne_bytes(), 80u16.to_be_bytes());
         assert_eq!(raw_port(0x1f90) as u16, 0x1f90u16.to_be());
+    }
+
+    #[test]
+    fn v4_mapped_addresses_in_raw_form() {
+        let mapped: Ipv6Addr = "::ffff:169.254.169.254".parse().unwrap();
+        let raw = raw_v6(mapped.octets());
+        assert!(is_v4_mapped(&raw));
+        assert_eq!(raw[2], V4_MAPPED_WORD);
+        assert_eq!(raw[3], raw_v4(IMDS_V4_OCTETS), "the last word is the IPv4 address");
+        assert!(!is_v4_mapped(&raw_v6(IMDS_V6_OCTETS)));
+        // ::169.254.169.254 (IPv4-compatible, deprecated) is not v4-mapped.
+        let compat: Ipv6Addr = "::169.254.169.254".parse().unwrap();
+        assert!(!is_v4_mapped(&raw_v6(compat.octets())));
     }
 
     #[test]

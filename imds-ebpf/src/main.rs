@@ -10,6 +10,15 @@
 //!    under the client's (address, port) — what the proxy sees as its accepted peer. When the
 //!    socket closes, drop whatever is left of its records.
 //! 3. `imds_getpeername4` / `imds_getpeername6`: the client sees 169.254.169.254:80 as its peer.
+//! 4. `imds_egress_guard` (cgroup_skb/egress): the backstop. Any packet a container's socket
+//!    sends to an IMDS address is dropped: every legitimate connection was rewritten at connect
+//!    time, so what still carries the IMDS address on the wire went around the connect hooks (a
+//!    raw socket, UDP, an address form not rewritten). It is never passed on.
+//!
+//! Address forms: an AF_INET6 socket reaches IPv4 through v4-mapped addresses
+//! (`::ffff:169.254.169.254`), and only connect6 runs for it (dual-stack clients such as the JVM
+//! do exactly this). connect6 rewrites it to the IPv4 listen address in v4-mapped form; the
+//! connection is IPv4 on the wire, so its record is keyed and read as IPv4.
 //!
 //! The proxy takes (reads and deletes) the record of each connection it accepts. Both record maps
 //! are LRU-bounded, so nothing grows without bound even if the proxy is gone.
@@ -28,18 +37,19 @@ mod programs {
             BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
         },
         helpers::{
-            bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, generated::bpf_get_socket_cookie,
+            bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+            generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id},
         },
-        macros::{cgroup_sock_addr, map, sock_ops},
-        maps::{Array, HashMap, LruHashMap},
-        programs::{SockAddrContext, SockOpsContext},
+        macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray},
+        programs::{SkBuffContext, SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::warn;
     use core::ptr::read_volatile;
     use imds_common::{
-        AF_INET, AF_INET6, CGROUP_CONTAINER, CGROUP_HOST, ConnKey, ConnRecord, IMDS_PORT,
-        IMDS_V4_OCTETS, IMDS_V6_OCTETS, MAX_CONNS, MAX_FILTER_CGROUPS, RawAddr, RedirectConfig,
-        raw_port, raw_v4, raw_v6,
+        AF_INET, AF_INET6, CGROUP_CONTAINER, CGROUP_HOST, ConnKey, ConnRecord, GUARD_STATS,
+        GuardStat, IMDS_PORT, IMDS_V4_OCTETS, IMDS_V6_OCTETS, MAX_CONNS, MAX_FILTER_CGROUPS,
+        RawAddr, RedirectConfig, V4_MAPPED_WORD, is_v4_mapped, raw_port, raw_v4, raw_v6,
     };
 
     /// Verdicts of cgroup/sock_addr programs.
@@ -50,6 +60,8 @@ mod programs {
 
     const IMDS_V4: u32 = raw_v4(IMDS_V4_OCTETS);
     const IMDS_V6: RawAddr = raw_v6(IMDS_V6_OCTETS);
+    /// ::ffff:169.254.169.254, the IPv4 IMDS address as an AF_INET6 socket names it.
+    const IMDS_V4_MAPPED: RawAddr = [0, 0, V4_MAPPED_WORD, IMDS_V4];
 
     #[map(name = "IMDS_CONFIG")]
     pub(crate) static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
@@ -65,6 +77,10 @@ mod programs {
     /// In filter mode, what each cgroup under the attach point is: container or host.
     #[map(name = "IMDS_CGROUPS")]
     static FILTER_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_CGROUPS, 0);
+
+    /// What the egress guard dropped, one counter per [`GuardStat`], per CPU.
+    #[map(name = "IMDS_GUARD_STATS")]
+    static GUARD: PerCpuArray<u64> = PerCpuArray::with_max_entries(GUARD_STATS, 0);
 
     /// The configuration, if userspace has written one.
     pub(crate) fn config() -> Option<&'static RedirectConfig> {
@@ -82,9 +98,9 @@ mod programs {
         Refuse,
     }
 
+    /// What to do with IMDS traffic of the sockets of `cgroup`.
     #[inline(always)]
-    fn decide(config: &RedirectConfig) -> Decision {
-        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    fn decide(config: &RedirectConfig, cgroup: u64) -> Decision {
         if cgroup == config.proxy_cgroup {
             // The proxy itself, fetching the instance's credentials from the real IMDS.
             return Decision::Pass;
@@ -115,7 +131,7 @@ mod programs {
             warn!(ctx, "IMDS connect refused: redirect not configured");
             return Err(REFUSE);
         };
-        match decide(config) {
+        match decide(config, unsafe { bpf_get_current_cgroup_id() }) {
             Decision::Redirect => Ok(config),
             // The proxy itself, or a host service in filter mode: the connect goes through as is.
             Decision::Pass => Err(ALLOW),
@@ -146,14 +162,19 @@ mod programs {
         let sa = ctx.sock_addr;
         // SAFETY: the kernel hands a valid bpf_sock_addr to this program type.
         let (type_, ip, port) = unsafe { ((*sa).type_, (*sa).user_ip4, (*sa).user_port) };
-        if type_ != SOCK_STREAM || ip != IMDS_V4 || port != raw_port(IMDS_PORT) {
-            // Not a TCP connect to 169.254.169.254:80: none of our business.
+        if ip != IMDS_V4 {
+            // Not to the IMDS address: none of our business.
             return ALLOW;
         }
         let config = match gate(&ctx) {
             Ok(config) => config,
             Err(verdict) => return verdict,
         };
+        if type_ != SOCK_STREAM || port != raw_port(IMDS_PORT) {
+            // A container's UDP, or TCP to another port of IMDS: nothing the proxy serves, and
+            // it must not reach the real IMDS. Refused here; the egress guard would drop it.
+            return REFUSE;
+        }
         if PENDING
             .insert(cookie(sa), record(AF_INET, [IMDS_V4, 0, 0, 0]), 0)
             .is_err()
@@ -178,14 +199,44 @@ mod programs {
         let sa = ctx.sock_addr;
         // SAFETY: the kernel hands a valid bpf_sock_addr to this program type.
         let (type_, ip, port) = unsafe { ((*sa).type_, (*sa).user_ip6, (*sa).user_port) };
-        if type_ != SOCK_STREAM || ip != IMDS_V6 || port != raw_port(IMDS_PORT) {
-            // Not a TCP connect to [fd00:ec2::254]:80.
+        // ::ffff:169.254.169.254: the IPv4 IMDS through a dual-stack socket. The kernel connects
+        // it over IPv4 without running connect4, so it is handled here.
+        let mapped = ip == IMDS_V4_MAPPED;
+        if ip != IMDS_V6 && !mapped {
+            // Not to an IMDS address: none of our business.
             return ALLOW;
         }
         let config = match gate(&ctx) {
             Ok(config) => config,
             Err(verdict) => return verdict,
         };
+        if type_ != SOCK_STREAM || port != raw_port(IMDS_PORT) {
+            // Not TCP to port 80: nothing the proxy serves, and it must not reach IMDS.
+            return REFUSE;
+        }
+        if mapped {
+            // To the IPv4 listen address, in the same v4-mapped form; IPv4 on the wire, so the
+            // record says IPv4 (sock_ops keys it by the IPv4 client address the proxy sees).
+            if PENDING
+                .insert(cookie(sa), record(AF_INET, [IMDS_V4, 0, 0, 0]), 0)
+                .is_err()
+            {
+                warn!(
+                    &ctx,
+                    "IMDS connect refused: cannot record it (IMDS_PENDING)"
+                );
+                return REFUSE;
+            }
+            // SAFETY: user_ip6 (word by word) and user_port are writable in connect6.
+            unsafe {
+                (*sa).user_ip6[0] = 0;
+                (*sa).user_ip6[1] = 0;
+                (*sa).user_ip6[2] = V4_MAPPED_WORD;
+                (*sa).user_ip6[3] = config.proxy_v4;
+                (*sa).user_port = config.proxy_port_v4;
+            }
+            return ALLOW;
+        }
         if config.proxy_port_v6 == 0 {
             // To be redirected, but the proxy has no IPv6 listener: refuse, never let it through.
             warn!(&ctx, "IMDS IPv6 connect refused: no IPv6 listen address");
@@ -237,7 +288,14 @@ mod programs {
         };
         // SAFETY: as in getpeername4, for the IPv6 fields.
         unsafe {
-            if config.proxy_port_v6 != 0
+            let peer = (*sa).user_ip6;
+            if peer == [0, 0, V4_MAPPED_WORD, config.proxy_v4]
+                && (*sa).user_port == config.proxy_port_v4
+            {
+                // A v4-mapped redirected socket: show the v4-mapped IMDS address.
+                (*sa).user_ip6[3] = IMDS_V4;
+                (*sa).user_port = raw_port(IMDS_PORT);
+            } else if config.proxy_port_v6 != 0
                 && (*sa).user_ip6 == config.proxy_v6
                 && (*sa).user_port == config.proxy_port_v6
             {
@@ -273,14 +331,20 @@ mod programs {
                 read_volatile(&raw const (*ops).local_port),
             )
         };
-        ConnKey {
-            addr: if family == AF_INET6 as u32 {
-                ip6
-            } else {
-                [ip4, 0, 0, 0]
-            },
-            port,
-            family,
+        if family == AF_INET6 as u32 && !is_v4_mapped(&ip6) {
+            ConnKey {
+                addr: ip6,
+                port,
+                family,
+            }
+        } else {
+            // IPv4, or an AF_INET6 socket talking IPv4 (v4-mapped): the proxy's IPv4 listener
+            // sees an IPv4 peer.
+            ConnKey {
+                addr: [ip4, 0, 0, 0],
+                port,
+                family: AF_INET as u32,
+            }
         }
     }
 
@@ -320,6 +384,60 @@ mod programs {
         }
         // sock_ops programs return 1 for "handled"; the value matters only to a few ops.
         1
+    }
+
+    /// cgroup_skb verdicts.
+    const SKB_PASS: i32 = 1;
+    const SKB_DROP: i32 = 0;
+
+    #[inline(always)]
+    fn guard_count(stat: GuardStat) {
+        if let Some(slot) = GUARD.get_ptr_mut(stat as u32) {
+            // Per-CPU slot: no other writer while this program runs on this CPU.
+            unsafe { *slot += 1 };
+        }
+    }
+
+    /// The backstop: nothing a container's socket sends reaches an IMDS address. The data of a
+    /// cgroup_skb program starts at the IP header.
+    #[cgroup_skb(egress)]
+    pub fn imds_egress_guard(ctx: SkBuffContext) -> i32 {
+        let Ok(first) = ctx.load::<u8>(0) else {
+            // Nothing readable: not an IP packet of ours.
+            return SKB_PASS;
+        };
+        let to_imds = match first >> 4 {
+            // IPv4: destination at 16.
+            4 => ctx.load::<u32>(16).is_ok_and(|dst| dst == IMDS_V4),
+            // IPv6: destination at 24 (v4-mapped never appears on the wire).
+            6 => ctx.load::<RawAddr>(24).is_ok_and(|dst| dst == IMDS_V6),
+            _ => false,
+        };
+        if !to_imds {
+            return SKB_PASS;
+        }
+        let Some(config) = config() else {
+            // Attached but not configured: fail closed, as the connect programs do.
+            guard_count(GuardStat::DroppedUnconfigured);
+            return SKB_DROP;
+        };
+        // The socket's cgroup (0 for a packet without a socket, which no container sends from
+        // here: treated like any container's).
+        let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+        if cgroup == 0 {
+            guard_count(GuardStat::Dropped);
+            return SKB_DROP;
+        }
+        match decide(config, cgroup) {
+            // The proxy itself, or a host service in filter mode.
+            Decision::Pass => SKB_PASS,
+            // A container, or a cgroup not classified yet: its legitimate IMDS connections were
+            // rewritten at connect time, so this one went around the hooks.
+            Decision::Redirect | Decision::Refuse => {
+                guard_count(GuardStat::Dropped);
+                SKB_DROP
+            }
+        }
     }
 
     #[panic_handler]

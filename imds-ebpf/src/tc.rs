@@ -12,10 +12,12 @@
 //!   address it connected to.
 //!
 //! Checksums are updated incrementally by the kernel's helpers, which handle both a full checksum
-//! and CHECKSUM_PARTIAL (where only the pseudo-header part is in the field). Only plain headers are
-//! rewritten: IPv4 with options, fragments, IPv6 with extension headers and non-TCP packets to or
-//! from the redirect addresses are passed untouched and counted in `IMDS_TC_STATS`. Everything else
-//! on the interface is not looked at beyond its addresses.
+//! and CHECKSUM_PARTIAL (where only the pseudo-header part is in the field). IPv4 headers of any
+//! length (options included) are rewritten. What cannot be rewritten is dropped and counted in
+//! `IMDS_TC_STATS`, never passed: to or from the redirect addresses, fragments, IPv6 with
+//! extension headers, non-TCP packets, TCP to another port of IMDS, malformed headers. A container
+//! can set IP options or send fragments as it likes; none of it reaches the real IMDS. Everything
+//! else on the interface is not looked at beyond its addresses.
 use aya_ebpf::{
     bindings::{
         BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, TC_ACT_OK,
@@ -63,8 +65,9 @@ const IP4_PROTO: usize = ETH_HLEN + 9;
 const IP4_CSUM: usize = ETH_HLEN + 10;
 const IP4_SRC: usize = ETH_HLEN + 12;
 const IP4_DST: usize = ETH_HLEN + 16;
-/// The TCP header of an IPv4 packet without options.
-const TCP4: usize = ETH_HLEN + 20;
+/// The shortest IPv4 header (IHL 5), in 32-bit words; options make it up to 15.
+const IP4_MIN_IHL: u8 = 5;
+const IP6_VER: usize = ETH_HLEN;
 const IP6_NEXT: usize = ETH_HLEN + 6;
 const IP6_SRC: usize = ETH_HLEN + 8;
 const IP6_DST: usize = ETH_HLEN + 24;
@@ -100,7 +103,18 @@ enum Way {
     Egress,
 }
 
-/// The TCP segment the programs act on: a plain IPv4 or IPv6 header followed by TCP.
+/// What a packet is to the programs.
+enum Parsed {
+    /// Neither to nor from the redirect addresses: not looked at further.
+    NotOurs,
+    /// To or from the redirect addresses, but not something they can rewrite: dropped, counted.
+    Drop(TcStat),
+    /// A TCP segment to rewrite.
+    Segment(Segment),
+}
+
+/// The TCP segment the programs act on: an IPv4 header (any length) or a plain IPv6 header,
+/// followed by TCP.
 struct Segment {
     family: u16,
     src: RawAddr,
@@ -144,14 +158,20 @@ fn try_handle(ctx: &TcContext, way: Way) -> Result<i32, ()> {
         return Ok(PASS);
     };
     let proto = u16::from_be(proto);
-    let segment = match proto {
+    let parsed = match proto {
         ETH_P_IP => parse_v4(ctx, way, config)?,
         ETH_P_IPV6 => parse_v6(ctx, way, config)?,
         // ARP and the rest: nothing of ours.
         _ => return Ok(PASS),
     };
-    let Some(segment) = segment else {
-        return Ok(PASS);
+    let segment = match parsed {
+        Parsed::NotOurs => return Ok(PASS),
+        // To or from the redirect addresses and not rewritable: never passed on.
+        Parsed::Drop(stat) => {
+            count(stat);
+            return Ok(DROP);
+        }
+        Parsed::Segment(segment) => segment,
     };
     let Some(config) = config else {
         // Attached but not configured (the proxy is starting or was never configured): a client's
@@ -199,54 +219,50 @@ fn ours(
 }
 
 #[inline(always)]
-fn parse_v4(
-    ctx: &TcContext,
-    way: Way,
-    config: Option<&RedirectConfig>,
-) -> Result<Option<Segment>, ()> {
+fn parse_v4(ctx: &TcContext, way: Way, config: Option<&RedirectConfig>) -> Result<Parsed, ()> {
     // Too short to hold the addresses: not ours to judge (the IP stack drops it).
     let (Ok(src), Ok(dst)) = (ctx.load::<u32>(IP4_SRC), ctx.load::<u32>(IP4_DST)) else {
-        return Ok(None);
+        return Ok(Parsed::NotOurs);
     };
     let (src, dst) = ([src, 0, 0, 0], [dst, 0, 0, 0]);
     if !ours(config, way, AF_INET, &src, &dst) {
-        return Ok(None);
+        return Ok(Parsed::NotOurs);
     }
-    // IP options: the TCP header is not where a plain header puts it. Not rewritten.
-    if ctx.load::<u8>(IP4_VER_IHL).map_err(|_| ())? != 0x45 {
-        count(TcStat::PassedIpOptions);
-        return Ok(None);
+    let ver_ihl = ctx.load::<u8>(IP4_VER_IHL).map_err(|_| ())?;
+    let ihl = ver_ihl & 0x0f;
+    if ver_ihl >> 4 != 4 || ihl < IP4_MIN_IHL {
+        // Not a well-formed IPv4 header: nothing to rewrite.
+        return Ok(Parsed::Drop(TcStat::DroppedBroken));
     }
     // A fragment: only the first has the TCP header, and the checksum covers them all.
     if u16::from_be(ctx.load::<u16>(IP4_FRAG).map_err(|_| ())?) & IP4_FRAGMENTED != 0 {
-        count(TcStat::PassedFragment);
-        return Ok(None);
+        return Ok(Parsed::Drop(TcStat::DroppedFragment));
     }
     if ctx.load::<u8>(IP4_PROTO).map_err(|_| ())? != IPPROTO_TCP {
-        count(TcStat::PassedNotTcp);
-        return Ok(None);
+        return Ok(Parsed::Drop(TcStat::DroppedNotTcp));
     }
-    segment(ctx, AF_INET, src, dst, TCP4).map(Some)
+    // IP options (IHL above 5) only move the TCP header: 5 to 15 words after the IP header's
+    // start. The rewrite touches the addresses, ports and checksums, never the options.
+    let tcp = ETH_HLEN + ihl as usize * 4;
+    segment(ctx, AF_INET, src, dst, tcp).map(Parsed::Segment)
 }
 
 #[inline(always)]
-fn parse_v6(
-    ctx: &TcContext,
-    way: Way,
-    config: Option<&RedirectConfig>,
-) -> Result<Option<Segment>, ()> {
+fn parse_v6(ctx: &TcContext, way: Way, config: Option<&RedirectConfig>) -> Result<Parsed, ()> {
     let (Ok(src), Ok(dst)) = (ctx.load::<RawAddr>(IP6_SRC), ctx.load::<RawAddr>(IP6_DST)) else {
-        return Ok(None);
+        return Ok(Parsed::NotOurs);
     };
     if !ours(config, way, AF_INET6, &src, &dst) {
-        return Ok(None);
+        return Ok(Parsed::NotOurs);
     }
-    // Extension headers (fragments among them) or not TCP at all: not rewritten.
+    if ctx.load::<u8>(IP6_VER).map_err(|_| ())? >> 4 != 6 {
+        return Ok(Parsed::Drop(TcStat::DroppedBroken));
+    }
+    // Extension headers (fragments among them) or not TCP at all: not rewritten, dropped.
     if ctx.load::<u8>(IP6_NEXT).map_err(|_| ())? != IPPROTO_TCP {
-        count(TcStat::PassedNotTcp);
-        return Ok(None);
+        return Ok(Parsed::Drop(TcStat::DroppedNotTcp));
     }
-    segment(ctx, AF_INET6, src, dst, TCP6).map(Some)
+    segment(ctx, AF_INET6, src, dst, TCP6).map(Parsed::Segment)
 }
 
 #[inline(always)]
@@ -278,9 +294,10 @@ fn redirect(ctx: &TcContext, config: &RedirectConfig, s: &Segment) -> Result<i32
         return Ok(DROP);
     }
     if s.dport != IMDS_PORT_BE {
-        // Another port of the IMDS address: not what IMDS serves; left alone, as the iptables
-        // rule leaves it.
-        return Ok(PASS);
+        // Another port of the IMDS address: nothing the proxy serves, and it must not reach
+        // the real IMDS.
+        count(TcStat::DroppedOtherPort);
+        return Ok(DROP);
     }
     let (proxy, proxy_port) = if s.family == AF_INET {
         ([config.proxy_v4, 0, 0, 0], config.proxy_port_v4 as u16)
@@ -289,6 +306,7 @@ fn redirect(ctx: &TcContext, config: &RedirectConfig, s: &Segment) -> Result<i32
     };
     if s.family == AF_INET6 && proxy == [0; 4] {
         // No IPv6 listener: nowhere to send it, and it must not reach IMDS.
+        count(TcStat::DroppedNoListener);
         return Ok(DROP);
     }
     if !stays_on_host(ctx, s, &proxy, proxy_port) {

@@ -18,14 +18,16 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData},
+    maps::PerCpuArray,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use imds_common::{
-    AF_INET, AF_INET6, ConnKey, ConnRecord, MAP_CONFIG, MAP_CONNS, MAP_CONTAINER_CGROUPS,
-    MAP_PENDING, RedirectConfig, raw_port, raw_v4, raw_v6, v6_octets,
+    AF_INET, AF_INET6, ConnKey, ConnRecord, GuardStat, MAP_CONFIG, MAP_CONNS,
+    MAP_CONTAINER_CGROUPS, MAP_GUARD_STATS, MAP_PENDING, RedirectConfig, raw_port, raw_v4, raw_v6,
+    v6_octets,
 };
 
 /// The eBPF object built from `imds-ebpf` by build.rs, embedded at compile time.
@@ -40,15 +42,25 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     "imds_connect6",
 ];
 pub const SOCK_OPS_PROGRAM: &str = "imds_sock_ops";
-/// Every program of the object.
-pub const PROGRAMS: [&str; 5] = [
+/// The cgroup_skb egress backstop: drops whatever a container's socket still sends to an IMDS
+/// address. Attached first of all.
+pub const GUARD_PROGRAM: &str = "imds_egress_guard";
+/// Every cgroup mode program of the object.
+pub const PROGRAMS: [&str; 6] = [
+    GUARD_PROGRAM,
     SOCK_OPS_PROGRAM,
     "imds_getpeername4",
     "imds_getpeername6",
     "imds_connect4",
     "imds_connect6",
 ];
-pub const MAPS: [&str; 4] = [MAP_CONFIG, MAP_PENDING, MAP_CONNS, MAP_CONTAINER_CGROUPS];
+pub const MAPS: [&str; 5] = [
+    MAP_CONFIG,
+    MAP_PENDING,
+    MAP_CONNS,
+    MAP_CONTAINER_CGROUPS,
+    MAP_GUARD_STATS,
+];
 
 /// `statfs` magic numbers.
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -76,6 +88,11 @@ pub enum Error {
     Pin {
         path: PathBuf,
         source: aya::pin::PinError,
+    },
+    #[error("link of program {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
     },
     #[error("adopting pinned link {path}: {source}")]
     Adopt {
@@ -120,6 +137,7 @@ pub struct Redirect {
     _pinned: Vec<PinnedLink>,
     conns: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
     containers: Mutex<HashMap<MapData, u64, u8>>,
+    guard: PerCpuArray<MapData, u64>,
     adopted: usize,
     logger: Mutex<Option<KernelLogger>>,
 }
@@ -145,6 +163,42 @@ impl Redirect {
 
         let mut pinned = Vec::new();
         let mut adopted = 0;
+        // The backstop first: from here on nothing a container sends reaches IMDS unrewritten.
+        let guard: &mut CgroupSkb = program(&mut ebpf, GUARD_PROGRAM)?;
+        guard.load().map_err(|source| Error::Program {
+            name: GUARD_PROGRAM,
+            source,
+        })?;
+        for (_, file, id) in &cgroups {
+            attach_or_adopt(
+                GUARD_PROGRAM,
+                spec.pin.as_deref(),
+                *id,
+                &mut pinned,
+                &mut adopted,
+                || {
+                    let link_id = guard
+                        .attach(file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                        .map_err(|source| Error::Program {
+                            name: GUARD_PROGRAM,
+                            source,
+                        })?;
+                    if spec.pin.is_none() {
+                        return Ok(None);
+                    }
+                    let link = guard.take_link(link_id).map_err(|source| Error::Program {
+                        name: GUARD_PROGRAM,
+                        source,
+                    })?;
+                    Ok(Some(FdLink::try_from(link).map_err(|source| {
+                        Error::Link {
+                            name: GUARD_PROGRAM,
+                            source,
+                        }
+                    })?))
+                },
+            )?;
+        }
         let sock_ops: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
         sock_ops.load().map_err(|source| Error::Program {
             name: SOCK_OPS_PROGRAM,
@@ -187,37 +241,29 @@ impl Redirect {
             prog.load()
                 .map_err(|source| Error::Program { name, source })?;
             for (path, file, id) in &cgroups {
-                let pin_path = spec
-                    .pin
-                    .as_ref()
-                    .map(|dir| dir.join(link_pin_name(name, *id)));
-                if let Some(pin_path) = pin_path.as_ref().filter(|p| p.exists()) {
-                    // A previous run's link, still attached: keep it, never detach in between.
-                    let link = PinnedLink::from_pin(pin_path).map_err(|source| Error::Adopt {
-                        path: pin_path.clone(),
-                        source,
-                    })?;
-                    pinned.push(link);
-                    adopted += 1;
-                    continue;
-                }
-                let link_id = prog
-                    .attach(file, CgroupAttachMode::Single)
-                    .map_err(|source| Error::Program { name, source })?;
-                tracing::debug!(program = name, cgroup = %path.display(), "attached");
-                if let Some(pin_path) = pin_path {
-                    let link = prog
-                        .take_link(link_id)
-                        .map_err(|source| Error::Program { name, source })?;
-                    let link = FdLink::try_from(link).map_err(|source| Error::Adopt {
-                        path: pin_path.clone(),
-                        source,
-                    })?;
-                    pinned.push(link.pin(&pin_path).map_err(|source| Error::Pin {
-                        path: pin_path.clone(),
-                        source,
-                    })?);
-                }
+                attach_or_adopt(
+                    name,
+                    spec.pin.as_deref(),
+                    *id,
+                    &mut pinned,
+                    &mut adopted,
+                    || {
+                        let link_id = prog
+                            .attach(file, CgroupAttachMode::Single)
+                            .map_err(|source| Error::Program { name, source })?;
+                        tracing::debug!(program = name, cgroup = %path.display(), "attached");
+                        if spec.pin.is_none() {
+                            return Ok(None);
+                        }
+                        let link = prog
+                            .take_link(link_id)
+                            .map_err(|source| Error::Program { name, source })?;
+                        Ok(Some(
+                            FdLink::try_from(link)
+                                .map_err(|source| Error::Link { name, source })?,
+                        ))
+                    },
+                )?;
             }
         }
 
@@ -233,11 +279,17 @@ impl Redirect {
                 name: MAP_CONTAINER_CGROUPS,
                 source,
             })?;
+        let guard = PerCpuArray::try_from(ebpf.take_map(MAP_GUARD_STATS).expect("defined"))
+            .map_err(|source| Error::Map {
+                name: MAP_GUARD_STATS,
+                source,
+            })?;
         Ok(Self {
             _ebpf: ebpf,
             _pinned: pinned,
             conns: Mutex::new(conns),
             containers: Mutex::new(containers),
+            guard,
             adopted,
             logger: Mutex::new(logger),
         })
@@ -285,6 +337,21 @@ impl Redirect {
             .keys()
             .count();
         (pending, conns)
+    }
+
+    /// The egress guard's counters, summed over CPUs.
+    pub fn guard_stats(&self) -> Vec<(GuardStat, u64)> {
+        GuardStat::ALL
+            .iter()
+            .map(|stat| {
+                let total = self
+                    .guard
+                    .get(&(*stat as u32), 0)
+                    .map(|values| values.iter().sum())
+                    .unwrap_or(0);
+                (*stat, total)
+            })
+            .collect()
     }
 
     /// How many pinned links of a previous run were adopted instead of attached.
@@ -444,6 +511,38 @@ pub fn unpin(dir: &Path) -> Result<Vec<String>, Error> {
     std::fs::remove_dir(dir)?;
     removed.sort();
     Ok(removed)
+}
+
+/// Attach one program to one cgroup, or adopt the link a previous run pinned there. `attach`
+/// attaches and, when pinning, hands over the link to pin (without pinning it keeps the link,
+/// owned by the program, and returns `None`).
+fn attach_or_adopt(
+    program: &'static str,
+    pin: Option<&Path>,
+    cgroup_id: u64,
+    pinned: &mut Vec<PinnedLink>,
+    adopted: &mut usize,
+    attach: impl FnOnce() -> Result<Option<FdLink>, Error>,
+) -> Result<(), Error> {
+    let pin_path = pin.map(|dir| dir.join(link_pin_name(program, cgroup_id)));
+    if let Some(pin_path) = pin_path.as_ref().filter(|p| p.exists()) {
+        // A previous run's link, still attached: keep it, never detach in between.
+        let link = PinnedLink::from_pin(pin_path).map_err(|source| Error::Adopt {
+            path: pin_path.clone(),
+            source,
+        })?;
+        pinned.push(link);
+        *adopted += 1;
+        return Ok(());
+    }
+    let link = attach()?;
+    if let (Some(pin_path), Some(link)) = (pin_path, link) {
+        pinned.push(link.pin(&pin_path).map_err(|source| Error::Pin {
+            path: pin_path.clone(),
+            source,
+        })?);
+    }
+    Ok(())
 }
 
 /// The pin name of the link of program `name` on the cgroup with this id.

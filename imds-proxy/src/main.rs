@@ -321,7 +321,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let service = service.clone();
         servers.spawn(async move { axum::serve(listener, service).await });
     }
-    let ops_app = ops_router(app.clone(), attached.clone(), tc.clone());
+    let ops_app = ops_router(app.clone(), attached.clone(), redirect.clone(), tc.clone());
     servers.spawn(async move { axum::serve(ops, ops_app).await });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -395,6 +395,7 @@ async fn follow_containers(app: Arc<imds::App>, own_container: Option<String>) {
 fn ops_router(
     app: Arc<imds::App>,
     attached: Arc<AtomicBool>,
+    redirect: Option<Arc<Redirect>>,
     tc: Option<Arc<TcRedirect>>,
 ) -> axum::Router {
     use axum::{http::StatusCode, routing::get};
@@ -438,8 +439,12 @@ fn ops_router(
                 let metrics = metrics.clone();
                 let tc = tc_metrics.clone();
                 let docker = docker.clone();
+                let redirect = redirect.clone();
                 async move {
                     let mut body = metrics.render();
+                    if let Some(redirect) = redirect {
+                        body.push_str(&imds_proxy::metrics::render_guard(&redirect.guard_stats()));
+                    }
                     if let Some(tc) = tc {
                         body.push_str(&imds_proxy::metrics::render_tc(
                             &tc.stats(),

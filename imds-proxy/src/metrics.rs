@@ -156,6 +156,21 @@ pub fn render_tc(
     out
 }
 
+/// cgroup mode's egress guard: packets to IMDS dropped because they went around the redirect.
+pub fn render_guard(stats: &[(imds_common::GuardStat, u64)]) -> String {
+    let mut out = String::from(
+        "# HELP imds_proxy_guard_packets_total Packets from container sockets to an IMDS address that went around the redirect, dropped by the egress guard.\n# TYPE imds_proxy_guard_packets_total counter\n",
+    );
+    for (stat, n) in stats {
+        let _ = writeln!(
+            out,
+            "imds_proxy_guard_packets_total{{event=\"{}\"}} {n}",
+            stat.name()
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -161,9 +161,20 @@ fn probe(
     addr: SocketAddr,
     count: usize,
 ) -> Vec<serde_json::Value> {
-    let out = probe_child(cgroup, netns, addr, count)
-        .wait_with_output()
-        .unwrap();
+    probe_with(cgroup, netns, addr, count, &[])
+}
+
+/// [`probe`] with more `imds-probe` flags (`--how`, `--scope-id`).
+fn probe_with(
+    cgroup: &Path,
+    netns: Option<&str>,
+    addr: SocketAddr,
+    count: usize,
+    extra: &[&str],
+) -> Vec<serde_json::Value> {
+    let mut child = probe_command(cgroup, netns, addr, count);
+    child.args(extra);
+    let out = child.spawn().unwrap().wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -173,13 +184,17 @@ fn probe(
 }
 
 fn probe_child(cgroup: &Path, netns: Option<&str>, addr: SocketAddr, count: usize) -> Child {
+    probe_command(cgroup, netns, addr, count).spawn().unwrap()
+}
+
+fn probe_command(cgroup: &Path, netns: Option<&str>, addr: SocketAddr, count: usize) -> Command {
     ensure_imds_is_simulated().expect("IMDS is the simulator before a client talks to it");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_imds-probe"));
     cmd.args(["--addr", &addr.to_string(), "--count", &count.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     place(&mut cmd, cgroup, netns).unwrap();
-    cmd.spawn().unwrap()
+    cmd
 }
 
 fn parse_lines(out: &[u8]) -> Vec<serde_json::Value> {
@@ -329,8 +344,186 @@ fn ipv6_clients_are_redirected_and_identified() {
     assert_eq!(scene.sim_requests(), Vec::<String>::new());
 }
 
+/// ::ffff:169.254.169.254:80, the IPv4 IMDS as an AF_INET6 (dual-stack) socket names it.
+fn imds_v4_mapped() -> SocketAddr {
+    SocketAddr::new(
+        IpAddr::V6(Ipv4Addr::new(169, 254, 169, 254).to_ipv6_mapped()),
+        80,
+    )
+}
+
+/// Every way a TCP socket can name IMDS and reach it: plain, v4-mapped (what the JVM's dual-stack
+/// sockets do), bound first, TCP fast open (`sendto(MSG_FASTOPEN)`, no connect), an IPv6 scope id.
+/// Each is redirected, identified by its cgroup, and sees the address it used as its peer; none
+/// reaches the simulated IMDS. From a container with a network namespace of its own (bridged) and
+/// from one in the host's (host network).
+fn every_tcp_address_form_is_redirected(netns: Option<&TestNetns>, name: &str) {
+    let scene = scene();
+    let parent = TestCgroup::new(name).unwrap();
+    let container = parent.child("c1").unwrap();
+    let proxy = TestProxy::start(vec![parent.path().to_owned()], 0);
+    let v4 = imds_v4();
+    let v6 = imds_tests::scene::imds_v6();
+    let mapped = imds_v4_mapped();
+    let forms: Vec<(&str, SocketAddr, Vec<&str>, &str)> = vec![
+        ("IPv4", v4, vec![], "169.254.169.254:80"),
+        ("IPv4, bound first", v4, vec!["--how", "bound"], "169.254.169.254:80"),
+        ("IPv4, fast open", v4, vec!["--how", "fastopen"], "169.254.169.254:80"),
+        ("v4-mapped", mapped, vec![], "[::ffff:169.254.169.254]:80"),
+        (
+            "v4-mapped, bound first",
+            mapped,
+            vec!["--how", "bound"],
+            "[::ffff:169.254.169.254]:80",
+        ),
+        (
+            "v4-mapped, fast open",
+            mapped,
+            vec!["--how", "fastopen"],
+            "[::ffff:169.254.169.254]:80",
+        ),
+        ("IPv6", v6, vec![], "[fd00:ec2::254]:80"),
+        ("IPv6, bound first", v6, vec!["--how", "bound"], "[fd00:ec2::254]:80"),
+        ("IPv6, fast open", v6, vec!["--how", "fastopen"], "[fd00:ec2::254]:80"),
+        ("IPv6, scope id 1", v6, vec!["--scope-id", "1"], "[fd00:ec2::254]:80"),
+    ];
+    let netns_name = netns.map(|n| n.name.as_str());
+    for (what, addr, extra, peer) in &forms {
+        let results = probe_with(container.path(), netns_name, *addr, 2, extra);
+        assert_eq!(results.len(), 2, "{what}: {results:?}");
+        for r in &results {
+            assert_eq!(r["status"], 200, "{what}: {r}");
+            assert_eq!(r["server"], "imds-test-proxy", "{what}: reached the proxy: {r}");
+            assert_eq!(r["body"], container.relative(), "{what}: identified: {r}");
+            assert_eq!(r["peer"], *peer, "{what}: getpeername hides the rewrite: {r}");
+        }
+    }
+    let callers = proxy.callers();
+    assert_eq!(callers.len(), forms.len() * 2);
+    assert!(
+        callers
+            .iter()
+            .all(|c| c.as_ref().is_some_and(|c| c.cgroup_id == container.id())),
+        "every connection had the container's kernel record: {callers:?}"
+    );
+    assert_eq!(
+        proxy.redirect.as_ref().unwrap().record_counts(),
+        (0, 0),
+        "every record was consumed"
+    );
+    assert_eq!(
+        scene.sim_requests(),
+        Vec::<String>::new(),
+        "nothing reached IMDS"
+    );
+}
+
+#[test]
+fn every_tcp_address_form_is_redirected_from_a_network_namespace() {
+    let netns = TestNetns::new(5).unwrap();
+    every_tcp_address_form_is_redirected(Some(&netns), "imds-test-forms-ns");
+}
+
+#[test]
+fn every_tcp_address_form_is_redirected_on_the_host_network() {
+    every_tcp_address_form_is_redirected(None, "imds-test-forms-host");
+}
+
+/// Counters of the simulated IMDS's network namespace: TCP segments and UDP datagrams that
+/// arrived there, both families.
+fn sim_arrivals() -> (u64, u64) {
+    let snmp = imds_tests::scene::ip(&["netns", "exec", imds_tests::scene::NETNS, "cat", "/proc/net/snmp"])
+        .unwrap();
+    let snmp6 =
+        imds_tests::scene::ip(&["netns", "exec", imds_tests::scene::NETNS, "cat", "/proc/net/snmp6"])
+            .unwrap();
+    // /proc/net/snmp: a header line of names, then a line of values, per protocol.
+    let field = |proto: &str, name: &str| -> u64 {
+        let mut lines = snmp.lines().filter(|l| l.starts_with(&format!("{proto}:")));
+        let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+        let at = names.split_whitespace().position(|n| n == name).unwrap();
+        values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    };
+    let field6 = |name: &str| -> u64 {
+        snmp6
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap()
+    };
+    let tcp = field("Tcp", "InSegs");
+    let udp = field("Udp", "InDatagrams")
+        + field("Udp", "NoPorts")
+        + field6("Udp6InDatagrams")
+        + field6("Udp6NoPorts");
+    (tcp, udp)
+}
+
+/// What goes around the connect hooks (a datagram, a SYN written on a raw socket) still carries an
+/// IMDS address on the wire: the egress guard drops it at the container's socket, counted, and
+/// nothing arrives at the simulated IMDS. The host (outside the attach point) is not affected:
+/// its datagram arrives, which shows the counters see what arrives.
+fn around_the_connect_hooks(netns: Option<&TestNetns>, name: &str) {
+    let _scene = scene();
+    let parent = TestCgroup::new(name).unwrap();
+    let container = parent.child("c1").unwrap();
+    let proxy = TestProxy::start(vec![parent.path().to_owned()], 0);
+    let redirect = proxy.redirect.clone().unwrap();
+    let dropped = || {
+        redirect
+            .guard_stats()
+            .iter()
+            .find(|(s, _)| *s == imds_common::GuardStat::Dropped)
+            .unwrap()
+            .1
+    };
+    let before = sim_arrivals();
+    let netns_name = netns.map(|n| n.name.as_str());
+    let v4 = imds_v4();
+    let v6 = imds_tests::scene::imds_v6();
+    let mut sent = 0;
+    for (what, addr, how) in [
+        ("UDP, IPv4", v4, "udp"),
+        ("UDP, v4-mapped", imds_v4_mapped(), "udp"),
+        ("UDP, IPv6", v6, "udp"),
+        ("raw TCP SYN, IPv4", v4, "raw"),
+        ("raw TCP SYN, IPv6", v6, "raw"),
+    ] {
+        let results = probe_with(container.path(), netns_name, addr, 1, &["--how", how]);
+        // The send may be refused outright (EPERM from the guard) or accepted and dropped.
+        assert_eq!(results.len(), 1, "{what}: {results:?}");
+        sent += 1;
+        assert_eq!(dropped(), sent, "{what} dropped by the guard: {results:?}");
+    }
+    assert_eq!(
+        sim_arrivals(),
+        before,
+        "nothing a container sent around the hooks arrived at IMDS"
+    );
+    // Control: the same datagram from the host (this process, outside the attach point) arrives.
+    ensure_imds_is_simulated().unwrap();
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    udp.send_to(b"x", v4).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim_arrivals().1 == before.1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sim_arrivals().1, before.1 + 1, "the host's datagram arrived");
+    assert_eq!(dropped(), sent, "the host's datagram is not the guard's business");
+}
+
+#[test]
+fn what_goes_around_the_connect_hooks_is_dropped_from_a_network_namespace() {
+    let netns = TestNetns::new(6).unwrap();
+    around_the_connect_hooks(Some(&netns), "imds-test-guard-ns");
+}
+
+#[test]
+fn what_goes_around_the_connect_hooks_is_dropped_on_the_host_network() {
+    around_the_connect_hooks(None, "imds-test-guard-host");
+}
+
 /// A container that curls IMDS once; returns (container id, curl's output).
-fn container_curl(network: &str) -> (String, String) {
+fn container_curl(network: &str, url: &str) -> (String, String) {
     ensure_imds_is_simulated().unwrap();
     let id = docker_ok(&[
         "run",
@@ -341,9 +534,10 @@ fn container_curl(network: &str) -> (String, String) {
         "curl",
         "--silent",
         "--show-error",
+        "--globoff",
         "--max-time",
         "5",
-        "http://169.254.169.254/latest/meta-data/",
+        url,
     ])
     .unwrap()
     .trim()
@@ -370,16 +564,22 @@ fn docker_containers_on_docker0_a_user_network_and_the_host_network_are_identifi
     let _ = docker(&["network", "rm", "imds-test-net"]);
     docker_ok(&["network", "create", "imds-test-net"]).unwrap();
     let proxy = TestProxy::start(vec![docker_parent], 0);
+    // The plain address, and the v4-mapped one a dual-stack client (the JVM) uses.
+    let urls = [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:169.254.169.254]/latest/meta-data/",
+    ];
     let results: Vec<(String, String, String)> = ["bridge", "imds-test-net", "host"]
         .into_iter()
-        .map(|network| {
-            let (id, out) = container_curl(network);
-            (network.to_owned(), id, out)
+        .flat_map(|network| urls.map(|url| (network, url)))
+        .map(|(network, url)| {
+            let (id, out) = container_curl(network, url);
+            (format!("{network} {url}"), id, out)
         })
         .collect();
     docker_ok(&["network", "rm", "imds-test-net"]).unwrap();
-    for (network, id, out) in &results {
-        assert_eq!(out, id, "container on {network} identified by its id");
+    for (what, id, out) in &results {
+        assert_eq!(out, id, "container on {what} identified by its id");
     }
     let identified: Vec<Option<String>> = proxy
         .callers()
@@ -507,7 +707,7 @@ fn a_killed_pinned_proxy_fails_closed_restarts_and_detaches_cleanly() {
         log.lock()
             .unwrap()
             .iter()
-            .any(|l| l.contains("adopted_links=5")),
+            .any(|l| l.contains("adopted_links=6")),
         "the restarted proxy adopted the pinned links: {:#?}",
         log.lock().unwrap()
     );

@@ -1,7 +1,7 @@
 //! tc mode's programs on crafted packets, run by the kernel itself (BPF_PROG_TEST_RUN through
 //! aya's `TestRun`): the rewrite and the reverse rewrite, with checksums verified by an
-//! independent implementation here; options, fragments, extension headers, non-TCP and unrelated
-//! traffic passed byte for byte and counted. (The kernel hands test runs a full checksum; the
+//! independent implementation here; IPv4 options rewritten around; fragments, extension headers,
+//! non-TCP and other ports of IMDS dropped and counted; unrelated traffic passed byte for byte. (The kernel hands test runs a full checksum; the
 //! CHECKSUM_PARTIAL case is what veths produce, covered by the live tests.)
 //!
 //! Test runs happen inside a network namespace of the test's own, because the ingress program asks
@@ -242,11 +242,21 @@ fn v4_frame(
 }
 
 fn v4_tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    v4_tcp_with_options(src, dst, flags, 0)
+}
+
+/// An IPv4 TCP frame whose IP header carries `options` words of options.
+fn v4_tcp_with_options(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: u8,
+    options: usize,
+) -> Vec<u8> {
     let mut tcp = tcp_header(src.1, dst.1, flags);
     tcp.extend_from_slice(PAYLOAD);
     let csum = v4_tcp_checksum(src.0, dst.0, &tcp);
     tcp[16..18].copy_from_slice(&csum.to_be_bytes());
-    v4_frame(src.0, dst.0, 6, &tcp, 0, 0)
+    v4_frame(src.0, dst.0, 6, &tcp, options, 0)
 }
 
 fn v4_tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, tcp: &[u8]) -> u16 {
@@ -295,11 +305,12 @@ fn v6_tcp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), flags: u8) -> Vec<u8> {
 
 /// What an IPv4 TCP frame says: (src, sport, dst, dport), after checking both checksums.
 fn read_v4(frame: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
-    let ip = &frame[14..34];
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let ip = &frame[14..14 + ihl];
     assert_eq!(ones_complement_sum(&[ip]), 0, "IPv4 header checksum");
     let src = Ipv4Addr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap());
     let dst = Ipv4Addr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap());
-    let tcp = &frame[34..];
+    let tcp = &frame[14 + ihl..];
     let stored = u16::from_be_bytes([tcp[16], tcp[17]]);
     assert_eq!(stored, v4_tcp_checksum(src, dst, tcp), "TCP checksum");
     let port = |i: usize| u16::from_be_bytes([tcp[i], tcp[i + 1]]);
@@ -315,6 +326,7 @@ fn read_v6(frame: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16) {
     let stored = u16::from_be_bytes([tcp[16], tcp[17]]);
     assert_eq!(stored, v6_tcp_checksum(src, dst, tcp), "TCP checksum");
     let port = |i: usize| u16::from_be_bytes([tcp[i], tcp[i + 1]]);
+    assert_eq!(&tcp[20..], PAYLOAD, "payload untouched");
     (src, port(0), dst, port(2))
 }
 
@@ -370,68 +382,139 @@ fn ipv6_request_is_redirected_and_the_reply_restored_with_valid_checksums() {
 }
 
 #[test]
-fn what_is_not_understood_passes_untouched_and_is_counted() {
+fn ipv4_with_options_is_redirected_around_them_and_restored() {
+    // Any process may set IP_OPTIONS: its packets are rewritten like any other, the options left
+    // as they are, the TCP header found after them.
+    let p = Programs::load(true);
+    for (port, options) in [(40100u16, 1usize), (40101, 3), (40102, 10)] {
+        let syn = v4_tcp_with_options((CLIENT_V4, port), (IMDS_V4, 80), SYN, options);
+        let (verdict, out) = p.ingress(&syn);
+        assert_eq!(verdict, PASS, "{options} option words");
+        assert_eq!(
+            read_v4(&out),
+            (CLIENT_V4, port, PROXY_V4, PROXY_PORT),
+            "{options} option words"
+        );
+        let ihl = 20 + options * 4;
+        assert_eq!(out[34..14 + ihl], syn[34..14 + ihl], "options untouched");
+        let reply = v4_tcp_with_options((PROXY_V4, PROXY_PORT), (CLIENT_V4, port), SYN | ACK, options);
+        let (verdict, out) = p.egress(&reply);
+        assert_eq!(verdict, PASS);
+        assert_eq!(read_v4(&out), (IMDS_V4, 80, CLIENT_V4, port));
+    }
+    assert_eq!(p.stat(TcStat::Redirected), 3);
+    assert_eq!(p.stat(TcStat::Reversed), 3);
+}
+
+#[test]
+fn what_cannot_be_rewritten_is_dropped_and_counted_never_passed() {
     let p = Programs::load(true);
     let mut tcp = tcp_header(40000, 80, SYN);
     tcp.extend_from_slice(PAYLOAD);
-    let cases: Vec<(&str, Vec<u8>, Option<TcStat>)> = vec![
-        (
-            "IPv4 with options",
-            v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp, 1, 0),
-            Some(TcStat::PassedIpOptions),
-        ),
+    let mut bad_version = v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN);
+    bad_version[14] = 0x65; // version 6 in an IPv4 frame
+    let mut short_ihl = v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN);
+    short_ihl[14] = 0x44; // IHL 4: shorter than an IPv4 header
+    let cases: Vec<(&str, Vec<u8>, TcStat)> = vec![
         (
             "IPv4 first fragment (MF)",
             v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp, 0, 0x2000),
-            Some(TcStat::PassedFragment),
+            TcStat::DroppedFragment,
         ),
         (
             "IPv4 later fragment (offset)",
             v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp, 0, 0x0010),
-            Some(TcStat::PassedFragment),
+            TcStat::DroppedFragment,
+        ),
+        (
+            "IPv4 fragment with options",
+            v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp, 2, 0x2000),
+            TcStat::DroppedFragment,
         ),
         (
             "UDP to IMDS",
             v4_frame(CLIENT_V4, IMDS_V4, 17, &tcp, 0, 0),
-            Some(TcStat::PassedNotTcp),
+            TcStat::DroppedNotTcp,
+        ),
+        (
+            "ICMP to IMDS",
+            v4_frame(CLIENT_V4, IMDS_V4, 1, &tcp, 0, 0),
+            TcStat::DroppedNotTcp,
         ),
         (
             "IPv6 with a hop-by-hop header",
             v6_frame(CLIENT_V6, IMDS_V6, 0, &tcp),
-            Some(TcStat::PassedNotTcp),
+            TcStat::DroppedNotTcp,
         ),
         (
             "IPv6 fragment header",
             v6_frame(CLIENT_V6, IMDS_V6, 44, &tcp),
-            Some(TcStat::PassedNotTcp),
+            TcStat::DroppedNotTcp,
+        ),
+        (
+            "IPv6 routing header",
+            v6_frame(CLIENT_V6, IMDS_V6, 43, &tcp),
+            TcStat::DroppedNotTcp,
         ),
         (
             "another port of IMDS",
             v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 443), SYN),
-            None,
+            TcStat::DroppedOtherPort,
         ),
+        (
+            "another port of IMDS, IPv6",
+            v6_tcp((CLIENT_V6, 40000), (IMDS_V6, 8080), SYN),
+            TcStat::DroppedOtherPort,
+        ),
+        ("IPv4 frame with version 6", bad_version, TcStat::DroppedBroken),
+        ("IPv4 header shorter than 20 bytes", short_ihl, TcStat::DroppedBroken),
+        (
+            "TCP header cut short",
+            v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp[..4], 0, 0),
+            TcStat::DroppedBroken,
+        ),
+    ];
+    for (what, frame, stat) in cases {
+        let before = p.stat(stat);
+        let (verdict, _) = p.ingress(&frame);
+        assert_eq!(verdict, DROP, "{what}: dropped, never passed to IMDS");
+        assert_eq!(p.stat(stat), before + 1, "{what} counted as {stat:?}");
+    }
+    assert_eq!(p.stat(TcStat::Redirected), 0);
+    assert!(p.nat().is_empty(), "no state for dropped packets");
+    // Egress: non-TCP from the listen address is dropped too.
+    let icmp_from_proxy = v4_frame(PROXY_V4, CLIENT_V4, 1, &tcp, 0, 0);
+    assert_eq!(p.egress(&icmp_from_proxy).0, DROP);
+}
+
+#[test]
+fn unrelated_traffic_passes_byte_for_byte() {
+    let p = Programs::load(true);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "another destination",
             v4_tcp((CLIENT_V4, 40000), (Ipv4Addr::new(10, 0, 0, 1), 80), SYN),
-            None,
+        ),
+        (
+            "another destination, IPv6",
+            v6_tcp(
+                (CLIENT_V6, 40000),
+                (Ipv6Addr::new(0xfd00, 0xd0c, 0, 0, 0, 0, 0, 1), 80),
+                SYN,
+            ),
+        ),
+        (
+            "UDP elsewhere",
+            v4_frame(CLIENT_V4, Ipv4Addr::new(10, 0, 0, 1), 17, &[0; 8], 0, 0),
         ),
         (
             "ARP",
             ethernet(0x0806).into_iter().chain([0u8; 28]).collect(),
-            None,
         ),
     ];
-    for (what, frame, stat) in cases {
-        let before = stat.map(|s| p.stat(s));
-        let (verdict, out) = p.ingress(&frame);
-        assert_eq!(verdict, PASS, "{what}");
-        assert_eq!(out, frame, "{what}: byte for byte");
-        if let (Some(stat), Some(before)) = (stat, before) {
-            assert_eq!(p.stat(stat), before + 1, "{what} counted as {stat:?}");
-        }
+    for (what, frame) in cases {
+        assert_eq!(p.ingress(&frame), (PASS, frame.clone()), "{what}");
     }
-    assert_eq!(p.stat(TcStat::Redirected), 0);
-    assert!(p.nat().is_empty());
     // Egress: the proxy's traffic from another port, and a stranger's, are left alone.
     for frame in [
         v4_tcp((PROXY_V4, 9999), (CLIENT_V4, 40000), ACK),
@@ -439,12 +522,9 @@ fn what_is_not_understood_passes_untouched_and_is_counted() {
     ] {
         assert_eq!(p.egress(&frame), (PASS, frame));
     }
+    assert_eq!(p.stat(TcStat::Redirected), 0);
     assert_eq!(p.stat(TcStat::Reversed), 0);
-
-    // To IMDS, but the TCP header is cut short: it cannot be rewritten, and must not reach IMDS.
-    let cut = v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp[..4], 0, 0);
-    assert_eq!(p.ingress(&cut).0, DROP);
-    assert_eq!(p.stat(TcStat::DroppedBroken), 1);
+    assert!(p.nat().is_empty());
 }
 
 #[test]

@@ -131,6 +131,11 @@ pub struct RedirectConfig {
     pub filter: u32,
     /// The proxy's own cgroup: its connects (to the real IMDS) are never rewritten.
     pub proxy_cgroup: u64,
+    /// Non-zero (tc mode): the connect programs act only on sockets in the network namespace
+    /// with this cookie, the host's: host-network containers, whose IMDS traffic never crosses a
+    /// container interface. Sockets in other namespaces (bridged containers) are left to the tc
+    /// programs. Zero (cgroup mode): every namespace.
+    pub netns_cookie: u64,
 }
 
 /// Who opened a redirected connection, and where it was going.
@@ -308,7 +313,11 @@ mod tests {
         let raw = raw_v6(mapped.octets());
         assert!(is_v4_mapped(&raw));
         assert_eq!(raw[2], V4_MAPPED_WORD);
-        assert_eq!(raw[3], raw_v4(IMDS_V4_OCTETS), "the last word is the IPv4 address");
+        assert_eq!(
+            raw[3],
+            raw_v4(IMDS_V4_OCTETS),
+            "the last word is the IPv4 address"
+        );
         assert!(!is_v4_mapped(&raw_v6(IMDS_V6_OCTETS)));
         // ::169.254.169.254 (IPv4-compatible, deprecated) is not v4-mapped.
         let compat: Ipv6Addr = "::169.254.169.254".parse().unwrap();
@@ -320,7 +329,7 @@ mod tests {
         // Padding bytes would be uninitialised on one side and compared as keys on the other.
         assert_eq!(size_of::<ConnKey>(), 16 + 4 + 4);
         assert_eq!(size_of::<ConnRecord>(), 8 + 4 + 2 + 2 + 16);
-        assert_eq!(size_of::<RedirectConfig>(), 4 + 16 + 4 + 4 + 4 + 8);
+        assert_eq!(size_of::<RedirectConfig>(), 4 + 16 + 4 + 4 + 4 + 8 + 8);
         assert_eq!(align_of::<RedirectConfig>(), 8);
         assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 2 + 1 + 1);
     }

@@ -38,7 +38,7 @@ mod programs {
         },
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-            generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id},
+            generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_cgroup_id},
         },
         macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -131,6 +131,13 @@ mod programs {
             warn!(ctx, "IMDS connect refused: redirect not configured");
             return Err(REFUSE);
         };
+        if config.netns_cookie != 0
+            && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != config.netns_cookie
+        {
+            // tc mode: a socket outside the host's network namespace (a bridged container). Its
+            // packets cross a container interface, where the tc programs rewrite them.
+            return Err(ALLOW);
+        }
         match decide(config, unsafe { bpf_get_current_cgroup_id() }) {
             Decision::Redirect => Ok(config),
             // The proxy itself, or a host service in filter mode: the connect goes through as is.

@@ -17,8 +17,8 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData},
     maps::PerCpuArray,
+    maps::{Array, HashMap, MapData},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
@@ -119,6 +119,22 @@ pub struct Spec {
     pub own_cgroup: u64,
     /// bpffs directory to pin maps and links in.
     pub pin: Option<PathBuf>,
+    /// Which sockets the connect programs act on: all of them (cgroup mode), or only those in
+    /// the host's network namespace (tc mode, for host-network containers).
+    pub scope: Scope,
+}
+
+/// What the cgroup programs cover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// cgroup mode: every socket under the attach points, whatever its network namespace, with
+    /// the egress guard dropping whatever goes around the connect programs.
+    AllNamespaces,
+    /// tc mode: only sockets in the network namespace with this cookie (the host's), that is,
+    /// host-network containers; bridged containers are the tc programs' business. No egress
+    /// guard: it cannot tell namespaces apart, and would drop the bridged containers' packets
+    /// before the tc programs rewrite them.
+    HostNamespace { netns_cookie: u64 },
 }
 
 /// A caller as the kernel recorded it.
@@ -169,7 +185,12 @@ impl Redirect {
             name: GUARD_PROGRAM,
             source,
         })?;
-        for (_, file, id) in &cgroups {
+        let guarded = if spec.scope == Scope::AllNamespaces {
+            cgroups.as_slice()
+        } else {
+            &[]
+        };
+        for (_, file, id) in guarded {
             attach_or_adopt(
                 GUARD_PROGRAM,
                 spec.pin.as_deref(),
@@ -564,6 +585,10 @@ fn redirect_config(spec: &Spec) -> RedirectConfig {
     RedirectConfig {
         filter: spec.filter.into(),
         proxy_cgroup: spec.own_cgroup,
+        netns_cookie: match spec.scope {
+            Scope::AllNamespaces => 0,
+            Scope::HostNamespace { netns_cookie } => netns_cookie,
+        },
         ..listen_config(spec.listen_v4, spec.listen_v6)
     }
 }
@@ -577,7 +602,31 @@ pub(crate) fn listen_config(v4: SocketAddrV4, v6: Option<SocketAddrV6>) -> Redir
         proxy_port_v6: v6.map(|a| raw_port(a.port())).unwrap_or(0),
         filter: 0,
         proxy_cgroup: 0,
+        netns_cookie: 0,
     }
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+), as
+/// `bpf_get_netns_cookie` reports it for sockets in the same namespace.
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a u64 buffer of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Load the object with `maps` pinned under `pin` (opened when a previous run pinned them, else

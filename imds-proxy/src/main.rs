@@ -155,34 +155,36 @@ async fn run(config: Config) -> anyhow::Result<()> {
         SocketAddr::V4(_) => None,
     });
     let tc_mode = args.mode == Mode::Tc;
-    let root = identity::cgroup2_root();
-    let own_path = identity::own_cgroup_path();
-    // cgroup mode needs the v2 hierarchy and the proxy's place in it; tc mode only uses the
-    // latter to recognise its own container.
-    let (root, own_path) = if tc_mode {
-        (root.ok(), own_path.ok())
+    // Both modes attach the cgroup programs: cgroup mode for every container; tc mode for
+    // host-network containers, whose IMDS traffic never crosses a container interface. Both need
+    // the v2 hierarchy and the proxy's place in it.
+    let root = identity::cgroup2_root().context(if tc_mode {
+        "tc mode covers host-network containers with cgroup programs"
     } else {
-        (Some(root?), Some(own_path?))
-    };
+        "cgroup mode"
+    })?;
+    let own_path = identity::own_cgroup_path()?;
 
     // Everything that can fail for reasons outside the kernel, before anything is attached.
     let metrics = Arc::new(Metrics::default());
     let docker = docker::Index::connect(&args.docker_host).await?;
-    let cgroup_plan = match (&root, &own_path) {
-        (Some(root), Some(own_path)) if !tc_mode => {
-            let own_cgroup = ebpf::cgroup_id(&root.join(own_path.trim_start_matches('/')))
-                .with_context(|| format!("the proxy's own cgroup {own_path}"))?;
-            let (cgroups, filter) = if args.cgroups.is_empty() {
-                let driver = docker.cgroup_driver().await?;
-                let (parent, filter) = docker_parent_cgroup(root, &driver)?;
-                tracing::info!(driver, parent = %parent.display(), filter, "Docker's cgroups");
-                (vec![parent], filter)
-            } else {
-                (args.cgroups.clone(), args.cgroup_filter)
-            };
-            Some((cgroups, filter, own_cgroup))
+    let own_cgroup = ebpf::cgroup_id(&root.join(own_path.trim_start_matches('/')))
+        .with_context(|| format!("the proxy's own cgroup {own_path}"))?;
+    let (cgroups, filter) = if args.cgroups.is_empty() {
+        let driver = docker.cgroup_driver().await?;
+        let (parent, filter) = docker_parent_cgroup(&root, &driver)?;
+        tracing::info!(driver, parent = %parent.display(), filter, "Docker's cgroups");
+        (vec![parent], filter)
+    } else {
+        (args.cgroups.clone(), args.cgroup_filter)
+    };
+    let scope = if tc_mode {
+        ebpf::Scope::HostNamespace {
+            netns_cookie: ebpf::own_netns_cookie()
+                .context("the host network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+)")?,
         }
-        _ => None,
+    } else {
+        ebpf::Scope::AllNamespaces
     };
     let sts = credentials::sts_client(
         &args.upstream,
@@ -216,87 +218,88 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let (redirect, tc) = match cgroup_plan {
-        Some((cgroups, filter, own_cgroup)) => {
-            let spec = Spec {
-                listen_v4,
-                listen_v6,
-                cgroups: cgroups.clone(),
-                filter,
-                own_cgroup,
-                pin: args.pin.clone(),
-            };
-            let redirect = Arc::new(Redirect::attach(&spec)?);
-            tracing::info!(
-                mode = "cgroup",
-                cgroups = ?cgroups,
-                listen = ?args.listen,
-                pin = ?args.pin,
-                adopted_links = redirect.adopted_links(),
-                own_cgroup = %own_path.as_deref().unwrap_or("?"),
-                "redirect attached; serving"
-            );
-            if filter {
-                for parent in &cgroups {
-                    let feed = imds_proxy::filter::Feed::start(redirect.clone(), parent)
-                        .with_context(|| {
-                            format!("classifying the cgroups under {}", parent.display())
-                        })?;
-                    std::thread::spawn(move || {
-                        if let Err(err) = feed.run() {
-                            // Unclassified cgroups stay refused: closed, and loud.
-                            tracing::error!(%err, "cgroup watch failed; new cgroups' IMDS connects will be refused");
-                        }
-                    });
+    // tc mode: the interface programs first, so that the shared configuration ends as the cgroup
+    // programs need it (the tc programs read only the listen addresses from it).
+    let tc = if tc_mode {
+        let interfaces = if args.container_ifaces.is_empty() {
+            vec!["docker0".to_owned()]
+        } else {
+            args.container_ifaces.clone()
+        };
+        let spec = TcSpec {
+            listen_v4,
+            listen_v6,
+            interfaces: interfaces.clone(),
+            attach: args.tc_attach,
+            pin: args.pin.clone(),
+        };
+        let tc = Arc::new(TcRedirect::attach(&spec)?);
+        tracing::info!(
+            attach = ?tc.attach_mode(),
+            patterns = ?interfaces,
+            interfaces = ?tc.interfaces(),
+            adopted_links = tc.adopted_links(),
+            "tc programs attached to container interfaces (bridged containers, identified by \
+             source address)"
+        );
+        let follow = tc.clone();
+        tokio::spawn(async move { follow.follow_interfaces().await });
+        let reaper = tc.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                let reaped = reaper.reap(imds_proxy::tc::NAT_IDLE);
+                if reaped > 0 {
+                    tracing::debug!(reaped, "idle NAT entries removed");
                 }
             }
-            let logs = redirect.clone();
-            tokio::spawn(async move { logs.forward_kernel_logs().await });
-            (Some(redirect), None)
-        }
-        None => {
-            let interfaces = if args.container_ifaces.is_empty() {
-                vec!["docker0".to_owned()]
-            } else {
-                args.container_ifaces.clone()
-            };
-            let spec = TcSpec {
-                listen_v4,
-                listen_v6,
-                interfaces: interfaces.clone(),
-                attach: args.tc_attach,
-                pin: args.pin.clone(),
-            };
-            let tc = Arc::new(TcRedirect::attach(&spec)?);
-            tracing::info!(
-                mode = "tc",
-                attach = ?tc.attach_mode(),
-                patterns = ?interfaces,
-                interfaces = ?tc.interfaces(),
-                listen = ?args.listen,
-                pin = ?args.pin,
-                adopted_links = tc.adopted_links(),
-                "redirect attached; serving (tc mode identifies callers by source address; \
-                 cgroup mode is the stronger)"
-            );
-            let follow = tc.clone();
-            tokio::spawn(async move { follow.follow_interfaces().await });
-            let reaper = tc.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(10));
-                loop {
-                    tick.tick().await;
-                    let reaped = reaper.reap(imds_proxy::tc::NAT_IDLE);
-                    if reaped > 0 {
-                        tracing::debug!(reaped, "idle NAT entries removed");
-                    }
+        });
+        Some(tc)
+    } else {
+        None
+    };
+    let spec = Spec {
+        listen_v4,
+        listen_v6,
+        cgroups: cgroups.clone(),
+        filter,
+        own_cgroup,
+        pin: args.pin.clone(),
+        scope,
+    };
+    let redirect = Arc::new(Redirect::attach(&spec)?);
+    tracing::info!(
+        mode = if tc_mode { "tc" } else { "cgroup" },
+        cgroups = ?cgroups,
+        covers = if tc_mode {
+            "host-network containers (kernel-attested); bridged ones through the tc programs"
+        } else {
+            "every container (kernel-attested)"
+        },
+        listen = ?args.listen,
+        pin = ?args.pin,
+        adopted_links = redirect.adopted_links(),
+        own_cgroup = %own_path,
+        "redirect attached; serving"
+    );
+    if filter {
+        for parent in &cgroups {
+            let feed = imds_proxy::filter::Feed::start(redirect.clone(), parent)
+                .with_context(|| format!("classifying the cgroups under {}", parent.display()))?;
+            std::thread::spawn(move || {
+                if let Err(err) = feed.run() {
+                    // Unclassified cgroups stay refused: closed, and loud.
+                    tracing::error!(%err, "cgroup watch failed; new cgroups' IMDS connects will be refused");
                 }
             });
-            (None, Some(tc))
         }
-    };
+    }
+    let logs = redirect.clone();
+    tokio::spawn(async move { logs.forward_kernel_logs().await });
+    let redirect = Some(redirect);
     let attached = Arc::new(AtomicBool::new(true));
-    let resolver = Arc::new(Cgroups::new(root.clone().unwrap_or_default()));
+    let resolver = Arc::new(Cgroups::new(root.clone()));
 
     let app = Arc::new(imds::App {
         tokens: Tokens::new(),
@@ -310,7 +313,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         identify_by_address: tc_mode,
     });
     // Run as a container itself, the proxy is one of Docker's containers: it never asks itself.
-    let own_container = own_path.as_deref().and_then(identity::container_id);
+    let own_container = identity::container_id(&own_path);
     tokio::spawn(follow_containers(app.clone(), own_container));
     tokio::spawn(docker.clone().run());
 

@@ -367,8 +367,18 @@ fn every_tcp_address_form_is_redirected(netns: Option<&TestNetns>, name: &str) {
     let mapped = imds_v4_mapped();
     let forms: Vec<(&str, SocketAddr, Vec<&str>, &str)> = vec![
         ("IPv4", v4, vec![], "169.254.169.254:80"),
-        ("IPv4, bound first", v4, vec!["--how", "bound"], "169.254.169.254:80"),
-        ("IPv4, fast open", v4, vec!["--how", "fastopen"], "169.254.169.254:80"),
+        (
+            "IPv4, bound first",
+            v4,
+            vec!["--how", "bound"],
+            "169.254.169.254:80",
+        ),
+        (
+            "IPv4, fast open",
+            v4,
+            vec!["--how", "fastopen"],
+            "169.254.169.254:80",
+        ),
         ("v4-mapped", mapped, vec![], "[::ffff:169.254.169.254]:80"),
         (
             "v4-mapped, bound first",
@@ -383,9 +393,24 @@ fn every_tcp_address_form_is_redirected(netns: Option<&TestNetns>, name: &str) {
             "[::ffff:169.254.169.254]:80",
         ),
         ("IPv6", v6, vec![], "[fd00:ec2::254]:80"),
-        ("IPv6, bound first", v6, vec!["--how", "bound"], "[fd00:ec2::254]:80"),
-        ("IPv6, fast open", v6, vec!["--how", "fastopen"], "[fd00:ec2::254]:80"),
-        ("IPv6, scope id 1", v6, vec!["--scope-id", "1"], "[fd00:ec2::254]:80"),
+        (
+            "IPv6, bound first",
+            v6,
+            vec!["--how", "bound"],
+            "[fd00:ec2::254]:80",
+        ),
+        (
+            "IPv6, fast open",
+            v6,
+            vec!["--how", "fastopen"],
+            "[fd00:ec2::254]:80",
+        ),
+        (
+            "IPv6, scope id 1",
+            v6,
+            vec!["--scope-id", "1"],
+            "[fd00:ec2::254]:80",
+        ),
     ];
     let netns_name = netns.map(|n| n.name.as_str());
     for (what, addr, extra, peer) in &forms {
@@ -393,9 +418,15 @@ fn every_tcp_address_form_is_redirected(netns: Option<&TestNetns>, name: &str) {
         assert_eq!(results.len(), 2, "{what}: {results:?}");
         for r in &results {
             assert_eq!(r["status"], 200, "{what}: {r}");
-            assert_eq!(r["server"], "imds-test-proxy", "{what}: reached the proxy: {r}");
+            assert_eq!(
+                r["server"], "imds-test-proxy",
+                "{what}: reached the proxy: {r}"
+            );
             assert_eq!(r["body"], container.relative(), "{what}: identified: {r}");
-            assert_eq!(r["peer"], *peer, "{what}: getpeername hides the rewrite: {r}");
+            assert_eq!(
+                r["peer"], *peer,
+                "{what}: getpeername hides the rewrite: {r}"
+            );
         }
     }
     let callers = proxy.callers();
@@ -432,11 +463,22 @@ fn every_tcp_address_form_is_redirected_on_the_host_network() {
 /// Counters of the simulated IMDS's network namespace: TCP segments and UDP datagrams that
 /// arrived there, both families.
 fn sim_arrivals() -> (u64, u64) {
-    let snmp = imds_tests::scene::ip(&["netns", "exec", imds_tests::scene::NETNS, "cat", "/proc/net/snmp"])
-        .unwrap();
-    let snmp6 =
-        imds_tests::scene::ip(&["netns", "exec", imds_tests::scene::NETNS, "cat", "/proc/net/snmp6"])
-            .unwrap();
+    let snmp = imds_tests::scene::ip(&[
+        "netns",
+        "exec",
+        imds_tests::scene::NETNS,
+        "cat",
+        "/proc/net/snmp",
+    ])
+    .unwrap();
+    let snmp6 = imds_tests::scene::ip(&[
+        "netns",
+        "exec",
+        imds_tests::scene::NETNS,
+        "cat",
+        "/proc/net/snmp6",
+    ])
+    .unwrap();
     // /proc/net/snmp: a header line of names, then a line of values, per protocol.
     let field = |proto: &str, name: &str| -> u64 {
         let mut lines = snmp.lines().filter(|l| l.starts_with(&format!("{proto}:")));
@@ -507,8 +549,16 @@ fn around_the_connect_hooks(netns: Option<&TestNetns>, name: &str) {
     while sim_arrivals().1 == before.1 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(sim_arrivals().1, before.1 + 1, "the host's datagram arrived");
-    assert_eq!(dropped(), sent, "the host's datagram is not the guard's business");
+    assert_eq!(
+        sim_arrivals().1,
+        before.1 + 1,
+        "the host's datagram arrived"
+    );
+    assert_eq!(
+        dropped(),
+        sent,
+        "the host's datagram is not the guard's business"
+    );
 }
 
 #[test]

@@ -114,9 +114,27 @@ fn caller_arn(scene: &Scene, creds: &serde_json::Value) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The SDK flow against the IPv4 IMDS in its v4-mapped form, as a dual-stack client (the JVM)
+/// reaches it: an AF_INET6 socket talking IPv4.
+fn sdk_flow_v4_mapped() -> String {
+    SDK_FLOW
+        .replace("curl -s", "curl -g -s")
+        .replace("http://169.254.169.254", "http://[::ffff:169.254.169.254]")
+}
+
 /// Run the SDK flow in a container; assert it got `role`; return the credentials.
 fn assert_gets_role(scene: &Scene, docker_args: &[&str], role: &str) -> serde_json::Value {
-    let (_, name, out) = in_container(docker_args, SDK_FLOW);
+    assert_gets_role_with(scene, docker_args, role, SDK_FLOW)
+}
+
+/// [`assert_gets_role`] with another flow script.
+fn assert_gets_role_with(
+    scene: &Scene,
+    docker_args: &[&str],
+    role: &str,
+    flow: &str,
+) -> serde_json::Value {
+    let (_, name, out) = in_container(docker_args, flow);
     let got = answers(&out);
     assert_eq!(got.len(), 2, "{out}");
     assert_eq!(got[0], (200, role.to_owned()), "{out}");
@@ -167,6 +185,35 @@ fn label_env_and_default_roles_in(mode: Mode) {
         .filter(|l| l.contains("credentials vended") && l.contains("access_key_id=ASIA"))
         .count();
     assert_eq!(vends, 5, "one audit line per vend: {:#?}", proxy.log());
+}
+
+/// A host-network container's IMDS traffic never crosses a container interface: cgroup mode
+/// redirects it like any other; tc mode covers it with the cgroup programs in the host's network
+/// namespace. Either way it gets its own role, never the instance's, in both address forms.
+fn a_host_network_container_gets_its_own_role_in(mode: Mode) {
+    let scene = scene();
+    let _proxy = Proxy::start_in(&scene, mode, &[]);
+    let host = [
+        "--network",
+        "host",
+        "--label",
+        "iam.amazonaws.com/role=HostNet",
+    ];
+    assert_gets_role(&scene, &host, "HostNet");
+    assert_gets_role_with(&scene, &host, "HostNet", &sdk_flow_v4_mapped());
+    // A bridged one through the v4-mapped form as well.
+    let bridged = ["--label", "iam.amazonaws.com/role=Bridged"];
+    assert_gets_role_with(&scene, &bridged, "Bridged", &sdk_flow_v4_mapped());
+}
+
+#[test]
+fn a_host_network_container_gets_its_own_role_in_cgroup_mode() {
+    a_host_network_container_gets_its_own_role_in(Mode::Cgroup);
+}
+
+#[test]
+fn a_host_network_container_gets_its_own_role_in_tc_mode() {
+    a_host_network_container_gets_its_own_role_in(Mode::Tc);
 }
 
 #[test]

@@ -113,6 +113,7 @@ impl Programs {
                         proxy_port_v6: raw_port(PROXY_PORT),
                         filter: 0,
                         proxy_cgroup: 0,
+                        netns_cookie: 0,
                     },
                     0,
                 )
@@ -397,7 +398,12 @@ fn ipv4_with_options_is_redirected_around_them_and_restored() {
         );
         let ihl = 20 + options * 4;
         assert_eq!(out[34..14 + ihl], syn[34..14 + ihl], "options untouched");
-        let reply = v4_tcp_with_options((PROXY_V4, PROXY_PORT), (CLIENT_V4, port), SYN | ACK, options);
+        let reply = v4_tcp_with_options(
+            (PROXY_V4, PROXY_PORT),
+            (CLIENT_V4, port),
+            SYN | ACK,
+            options,
+        );
         let (verdict, out) = p.egress(&reply);
         assert_eq!(verdict, PASS);
         assert_eq!(read_v4(&out), (IMDS_V4, 80, CLIENT_V4, port));
@@ -466,8 +472,16 @@ fn what_cannot_be_rewritten_is_dropped_and_counted_never_passed() {
             v6_tcp((CLIENT_V6, 40000), (IMDS_V6, 8080), SYN),
             TcStat::DroppedOtherPort,
         ),
-        ("IPv4 frame with version 6", bad_version, TcStat::DroppedBroken),
-        ("IPv4 header shorter than 20 bytes", short_ihl, TcStat::DroppedBroken),
+        (
+            "IPv4 frame with version 6",
+            bad_version,
+            TcStat::DroppedBroken,
+        ),
+        (
+            "IPv4 header shorter than 20 bytes",
+            short_ihl,
+            TcStat::DroppedBroken,
+        ),
         (
             "TCP header cut short",
             v4_frame(CLIENT_V4, IMDS_V4, 6, &tcp[..4], 0, 0),

@@ -129,12 +129,9 @@ fn send_only(addr: SocketAddr, how: How) -> Result<serde_json::Value, std::io::E
     };
     let raw_addr = match (how, addr) {
         // Raw IPv6 sockets take the port field as the protocol; zero it.
-        (How::Raw, SocketAddr::V6(a)) => SocketAddr::V6(std::net::SocketAddrV6::new(
-            *a.ip(),
-            0,
-            0,
-            a.scope_id(),
-        )),
+        (How::Raw, SocketAddr::V6(a)) => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(*a.ip(), 0, 0, a.scope_id()))
+        }
         (How::Raw, SocketAddr::V4(a)) => SocketAddr::new((*a.ip()).into(), 0),
         _ => addr,
     };

@@ -95,6 +95,11 @@ pub struct RunArgs {
     /// Answer 401 to requests without an IMDSv2 token.
     #[arg(long, env = "IMDS_PROXY_REQUIRE_IMDSV2")]
     pub require_imdsv2: bool,
+    /// Let a container's image choose its role: role labels and IAM_ROLE set by the image's own
+    /// LABEL/ENV count. By default only those set on the container itself do (an image's value is
+    /// ignored and logged), so that running an image never grants a role its runner did not give.
+    #[arg(long, env = "IMDS_PROXY_TRUST_IMAGE_ROLE")]
+    pub trust_image_role: bool,
     /// Pass /latest/user-data through (denied by default: it often holds secrets).
     #[arg(long, env = "IMDS_PROXY_ALLOW_USER_DATA")]
     pub allow_user_data: bool,

@@ -2,6 +2,12 @@
 //! stream after (start, die, destroy, rename, update), with a direct inspect on a miss — a request
 //! can arrive in the first milliseconds of a container's life, before its start event. When the
 //! daemon goes away (restart), the index reconnects and lists again.
+//!
+//! Docker merges an image's own `LABEL`s and `ENV` into the container's configuration, so an image
+//! author could name a role (`LABEL iam.amazonaws.com/role=Admin`, `ENV IAM_ROLE=Admin`) that the
+//! person running it never asked for. Unless `--trust-image-role` is given, the role label, the
+//! external-id label and `IAM_ROLE` count only when set on the container itself: a value equal to
+//! the image's own is taken out of the container's configuration here, and logged.
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -35,6 +41,45 @@ pub struct Container {
     pub pid: u32,
 }
 
+/// The role-bearing settings the proxy reads from a container's configuration.
+const ROLE_LABELS: [&str; 2] = [crate::roles::ROLE_LABEL, crate::roles::EXTERNAL_ID_LABEL];
+
+/// An image's own labels and environment.
+#[derive(Debug, Default)]
+struct ImageConfig {
+    labels: HashMap<String, String>,
+    env: Vec<String>,
+}
+
+/// Take out of a container's labels and environment the role settings it only has because its
+/// image set them (same key, same value): an image must not choose its own role. Returns what
+/// was taken out, for the log.
+fn without_image_roles(
+    labels: &mut HashMap<String, String>,
+    env: &mut Vec<String>,
+    image_labels: &HashMap<String, String>,
+    image_env: &[String],
+) -> Vec<String> {
+    let mut ignored = Vec::new();
+    for key in ROLE_LABELS {
+        if let (Some(value), Some(image_value)) = (labels.get(key), image_labels.get(key))
+            && value == image_value
+        {
+            ignored.push(format!("label {key}={value:?}"));
+            labels.remove(key);
+        }
+    }
+    let prefix = format!("{}=", crate::roles::ROLE_ENV);
+    env.retain(|entry| {
+        let from_image = entry.starts_with(&prefix) && image_env.iter().any(|e| e == entry);
+        if from_image {
+            ignored.push(format!("env {entry:?}"));
+        }
+        !from_image
+    });
+    ignored
+}
+
 /// Changes the rest of the proxy reacts to.
 #[derive(Clone, Debug)]
 pub enum Event {
@@ -60,7 +105,14 @@ pub struct Index {
     /// tc mode: source addresses confirmed by the kernel (`/proc`), and by asking Docker.
     confirmed_by_kernel: AtomicU64,
     confirmed_by_docker: AtomicU64,
+    /// `--trust-image-role`: role settings an image carries count as the container's own.
+    trust_image_role: bool,
+    /// Images' own labels and environment, by image id (immutable for an id).
+    images: RwLock<HashMap<String, Arc<ImageConfig>>>,
 }
+
+/// Image configurations kept before the cache starts over.
+const IMAGE_CACHE_LIMIT: usize = 4096;
 
 /// How long a miss may spend asking Docker: well inside the SDKs' 1 s metadata timeout.
 const MISS_BUDGET: Duration = Duration::from_millis(600);
@@ -78,8 +130,9 @@ fn addresses(networks: Option<HashMap<String, bollard::models::EndpointSettings>
 }
 
 impl Index {
-    /// Connect to the daemon at `host` (`unix:///var/run/docker.sock`).
-    pub async fn connect(host: &str) -> Result<Arc<Self>, Error> {
+    /// Connect to the daemon at `host` (`unix:///var/run/docker.sock`). With `trust_image_role`,
+    /// role settings from a container's image count as its own.
+    pub async fn connect(host: &str, trust_image_role: bool) -> Result<Arc<Self>, Error> {
         let err = |source| Error {
             host: host.to_owned(),
             source,
@@ -99,6 +152,8 @@ impl Index {
             events,
             confirmed_by_kernel: AtomicU64::new(0),
             confirmed_by_docker: AtomicU64::new(0),
+            trust_image_role,
+            images: RwLock::new(HashMap::new()),
         }))
     }
 
@@ -288,18 +343,45 @@ impl Index {
                 } else {
                     0
                 };
+                let id = info.id.unwrap_or_else(|| id.to_owned());
+                let name = info
+                    .name
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_owned();
+                let mut labels = config.labels.unwrap_or_default();
+                let mut env = config.env.unwrap_or_default();
+                let names_a_role = ROLE_LABELS.iter().any(|k| labels.contains_key(*k))
+                    || env
+                        .iter()
+                        .any(|e| e.starts_with(&format!("{}=", crate::roles::ROLE_ENV)));
+                if !self.trust_image_role && names_a_role {
+                    // Fail closed: without the image's configuration, a role setting might be
+                    // the image's; the inspect fails and is retried.
+                    let image = self
+                        .image_config(info.image.as_deref().unwrap_or_default())
+                        .await?;
+                    let ignored =
+                        without_image_roles(&mut labels, &mut env, &image.labels, &image.env);
+                    if !ignored.is_empty() {
+                        tracing::warn!(
+                            container_id = %id,
+                            container = %name,
+                            ignored = ?ignored,
+                            "role settings that come from the container's image are ignored (an \
+                             image does not choose its own role; set them on the container, or run \
+                             the proxy with --trust-image-role)"
+                        );
+                    }
+                }
                 Ok(Some(Container {
                     addresses,
                     running,
                     pid,
-                    id: info.id.unwrap_or_else(|| id.to_owned()),
-                    name: info
-                        .name
-                        .unwrap_or_default()
-                        .trim_start_matches('/')
-                        .to_owned(),
-                    labels: config.labels.unwrap_or_default(),
-                    env: config.env.unwrap_or_default(),
+                    id,
+                    name,
+                    labels,
+                    env,
                 }))
             }
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -307,6 +389,30 @@ impl Index {
             }) => Ok(None),
             Err(err) => Err(err),
         }
+    }
+
+    /// An image's own labels and environment, by its id; cached (an id's configuration never
+    /// changes).
+    async fn image_config(&self, image: &str) -> Result<Arc<ImageConfig>, bollard::errors::Error> {
+        if let Some(found) = self.images.read().expect("images poisoned").get(image) {
+            return Ok(found.clone());
+        }
+        let config = self
+            .docker
+            .inspect_image(image)
+            .await?
+            .config
+            .unwrap_or_default();
+        let found = Arc::new(ImageConfig {
+            labels: config.labels.unwrap_or_default(),
+            env: config.env.unwrap_or_default(),
+        });
+        let mut images = self.images.write().expect("images poisoned");
+        if images.len() >= IMAGE_CACHE_LIMIT {
+            images.clear();
+        }
+        images.insert(image.to_owned(), found.clone());
+        Ok(found)
     }
 
     /// List the running containers and replace the index with them.
@@ -398,5 +504,53 @@ impl Index {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn role_settings_from_the_image_are_taken_out() {
+        let image_labels = labels(&[
+            ("iam.amazonaws.com/role", "Admin"),
+            ("iam.amazonaws.com/external-id", "img-secret"),
+            ("maintainer", "someone"),
+        ]);
+        let image_env = vec!["IAM_ROLE=Admin".to_owned(), "PATH=/bin".to_owned()];
+        // A container that only inherited them.
+        let mut l = image_labels.clone();
+        let mut e = image_env.clone();
+        let ignored = without_image_roles(&mut l, &mut e, &image_labels, &image_env);
+        assert_eq!(l, labels(&[("maintainer", "someone")]));
+        assert_eq!(e, vec!["PATH=/bin".to_owned()]);
+        assert_eq!(ignored.len(), 3, "{ignored:?}");
+        // A container whose runner set its own values: kept.
+        let mut l = labels(&[
+            ("iam.amazonaws.com/role", "Web"),
+            ("iam.amazonaws.com/external-id", "mine"),
+        ]);
+        let mut e = vec!["IAM_ROLE=Worker".to_owned()];
+        let ignored = without_image_roles(&mut l, &mut e, &image_labels, &image_env);
+        assert!(ignored.is_empty());
+        assert_eq!(
+            l.get("iam.amazonaws.com/role").map(String::as_str),
+            Some("Web")
+        );
+        assert_eq!(e, vec!["IAM_ROLE=Worker".to_owned()]);
+        // An image without role settings takes nothing out.
+        let mut l = labels(&[("iam.amazonaws.com/role", "Web")]);
+        let mut e = vec!["IAM_ROLE=Web".to_owned()];
+        assert!(without_image_roles(&mut l, &mut e, &HashMap::new(), &[]).is_empty());
+        assert_eq!(l.len(), 1);
+        assert_eq!(e.len(), 1);
     }
 }

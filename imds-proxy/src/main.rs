@@ -167,7 +167,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     // Everything that can fail for reasons outside the kernel, before anything is attached.
     let metrics = Arc::new(Metrics::default());
-    let docker = docker::Index::connect(&args.docker_host).await?;
+    let docker = docker::Index::connect(&args.docker_host, args.trust_image_role).await?;
     let own_cgroup = ebpf::cgroup_id(&root.join(own_path.trim_start_matches('/')))
         .with_context(|| format!("the proxy's own cgroup {own_path}"))?;
     let (cgroups, filter) = if args.cgroups.is_empty() {

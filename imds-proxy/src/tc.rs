@@ -445,16 +445,7 @@ fn present_interfaces() -> BTreeMap<u32, String> {
 
 /// Shell-style match of an interface name: `*` any run, `?` any one character.
 pub fn matches(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), name.as_bytes())
+    crate::roles::wildcard_match(pattern.as_bytes(), name.as_bytes())
 }
 
 /// Whether a `--container-iface` value is acceptable: an interface name (at most 15 bytes, no

@@ -86,6 +86,7 @@ impl TestProxy {
             filter,
             own_cgroup,
             pin: None,
+            scope: imds_proxy::ebpf::Scope::AllNamespaces,
         };
         let callers = Arc::new(Mutex::new(Vec::new()));
         let redirect = runtime.block_on(async {

@@ -216,6 +216,77 @@ fn a_host_network_container_gets_its_own_role_in_tc_mode() {
     a_host_network_container_gets_its_own_role_in(Mode::Tc);
 }
 
+/// An image that names a role for itself: `LABEL iam.amazonaws.com/role=Admin`,
+/// `ENV IAM_ROLE=Admin`, built locally from the curl image.
+fn self_naming_image() -> &'static str {
+    const TAG: &str = "imds-test/self-naming:1";
+    let dockerfile = format!(
+        "FROM {}\nLABEL iam.amazonaws.com/role=Admin\nENV IAM_ROLE=Admin\n",
+        curl_image().unwrap()
+    );
+    let mut child = Command::new("docker")
+        .args(["build", "--quiet", "--tag", TAG, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dockerfile.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    TAG
+}
+
+/// Run the SDK flow in a container of `image`; (name, answers).
+fn flow_in_image(image: &str, docker_args: &[&str]) -> (String, Vec<(u16, String)>) {
+    ensure_imds_is_simulated().unwrap();
+    let name = format!("imds-test-{}", rand_suffix());
+    let mut args = vec!["run", "-d", "--name", &name];
+    args.extend_from_slice(docker_args);
+    args.extend_from_slice(&[image, "sh", "-c", SDK_FLOW]);
+    let id = docker_ok(&args).unwrap().trim().to_owned();
+    docker_ok(&["wait", &id]).unwrap();
+    let logs = docker(&["logs", &id]).unwrap();
+    docker_ok(&["rm", "-f", &id]).unwrap();
+    (name, answers(&String::from_utf8_lossy(&logs.stdout)))
+}
+
+#[test]
+fn an_image_does_not_choose_its_own_role() {
+    let scene = scene();
+    let image = self_naming_image();
+    // The image's own Admin is ignored: the default role applies, and the log says why.
+    let proxy = Proxy::start(&scene, &["--default-role", "DefaultRole"]);
+    let (name, got) = flow_in_image(image, &[]);
+    assert_eq!(got[0], (200, "DefaultRole".to_owned()), "{got:?}");
+    proxy.wait_for_log(&[&name, "come from the container's image", "IAM_ROLE=Admin"]);
+    // Without a default role it has none at all.
+    drop(proxy);
+    let proxy = Proxy::start(&scene, &[]);
+    let (_, got) = flow_in_image(image, &[]);
+    assert_eq!(got[0], (404, "Not Found".to_owned()), "{got:?}");
+    // What its runner sets counts, label or env, even over the image's own.
+    let (_, got) = flow_in_image(image, &["--label", "iam.amazonaws.com/role=Web"]);
+    assert_eq!(got[0], (200, "Web".to_owned()), "{got:?}");
+    let (_, got) = flow_in_image(image, &["--env", "IAM_ROLE=Worker"]);
+    assert_eq!(got[0], (200, "Worker".to_owned()), "{got:?}");
+    // --trust-image-role restores the image's say.
+    drop(proxy);
+    let _proxy = Proxy::start(&scene, &["--trust-image-role"]);
+    let (_, got) = flow_in_image(image, &[]);
+    assert_eq!(got[0], (200, "Admin".to_owned()), "{got:?}");
+}
+
 #[test]
 fn no_role_means_404_and_never_the_instance_role() {
     for mode in MODES {

@@ -39,6 +39,9 @@ pub struct Container {
     pub running: bool,
     /// Its first process, in Docker's pid namespace, when it was running (else 0).
     pub pid: u32,
+    /// The cgroup (relative to the v2 root) Docker put it in, from its cgroup driver and
+    /// `--cgroup-parent`: a kernel record's cgroup must be this one or inside it.
+    pub cgroup: String,
 }
 
 /// The role-bearing settings the proxy reads from a container's configuration.
@@ -109,6 +112,8 @@ pub struct Index {
     trust_image_role: bool,
     /// Images' own labels and environment, by image id (immutable for an id).
     images: RwLock<HashMap<String, Arc<ImageConfig>>>,
+    /// Docker's cgroup driver, asked once.
+    driver: tokio::sync::OnceCell<String>,
 }
 
 /// Image configurations kept before the cache starts over.
@@ -154,6 +159,7 @@ impl Index {
             confirmed_by_docker: AtomicU64::new(0),
             trust_image_role,
             images: RwLock::new(HashMap::new()),
+            driver: tokio::sync::OnceCell::new(),
         }))
     }
 
@@ -185,14 +191,26 @@ impl Index {
 
     /// Docker's cgroup driver: `cgroupfs` or `systemd`.
     pub async fn cgroup_driver(&self) -> Result<String, Error> {
-        let info = self.docker.info().await.map_err(|source| Error {
-            host: self.host.clone(),
-            source,
-        })?;
-        Ok(info
-            .cgroup_driver
-            .map(|d| d.to_string())
-            .unwrap_or_default())
+        self.driver()
+            .await
+            .map(str::to_owned)
+            .map_err(|source| Error {
+                host: self.host.clone(),
+                source,
+            })
+    }
+
+    async fn driver(&self) -> Result<&str, bollard::errors::Error> {
+        self.driver
+            .get_or_try_init(|| async {
+                let info = self.docker.info().await?;
+                Ok(info
+                    .cgroup_driver
+                    .map(|d| d.to_string())
+                    .unwrap_or_default())
+            })
+            .await
+            .map(String::as_str)
     }
 
     /// Answer whether the daemon answers now.
@@ -374,6 +392,12 @@ impl Index {
                         );
                     }
                 }
+                let cgroup_parent = info
+                    .host_config
+                    .and_then(|h| h.cgroup_parent)
+                    .unwrap_or_default();
+                let cgroup =
+                    crate::identity::expected_cgroup(self.driver().await?, &cgroup_parent, &id);
                 Ok(Some(Container {
                     addresses,
                     running,
@@ -382,6 +406,7 @@ impl Index {
                     name,
                     labels,
                     env,
+                    cgroup,
                 }))
             }
             Err(bollard::errors::Error::DockerResponseServerError {

@@ -203,25 +203,66 @@ pub fn v2_path(proc_cgroup: &str) -> Option<&str> {
 }
 
 /// The Docker container id a cgroup path names, for both cgroup drivers: cgroupfs
-/// (`/docker/<64 hex>`) and systemd (`/system.slice/docker-<64 hex>.scope`). Nested cgroups
-/// inside a container's cgroup belong to that container.
+/// (`<parent>/<64 hex>`, `/docker/<id>` by default) and systemd (`.../docker-<64 hex>.scope`).
+/// The deepest such segment counts: a container started with `--cgroup-parent` inside another
+/// container's cgroup (`/docker/<a>/<b>`) is `b`, not `a`, and cgroups nested inside a
+/// container's (`/docker/<id>/init.scope`) belong to it. The id alone is only a claim: the caller
+/// checks it against the cgroup Docker reports for that container ([`expected_cgroup`]), so a
+/// directory named after another container inside one's own cgroup proves nothing.
 pub fn container_id(cgroup_path: &str) -> Option<String> {
     let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let segments: Vec<&str> = cgroup_path.split('/').filter(|s| !s.is_empty()).collect();
-    segments
-        .windows(2)
-        .find_map(|pair| match pair {
-            ["docker", id] if is_id(id) => Some((*id).to_owned()),
-            _ => None,
+    cgroup_path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            if is_id(s) {
+                return Some(s);
+            }
+            s.strip_prefix("docker-")
+                .and_then(|rest| rest.strip_suffix(".scope"))
+                .filter(|id| is_id(id))
         })
-        .or_else(|| {
-            segments.iter().find_map(|s| {
-                s.strip_prefix("docker-")
-                    .and_then(|rest| rest.strip_suffix(".scope"))
-                    .filter(|id| is_id(id))
-                    .map(str::to_owned)
-            })
-        })
+        .next_back()
+        .map(str::to_owned)
+}
+
+/// The cgroup (relative to the v2 root) Docker puts container `id` in, for its cgroup `driver`
+/// and the container's `--cgroup-parent` (empty: Docker's default).
+pub fn expected_cgroup(driver: &str, cgroup_parent: &str, id: &str) -> String {
+    if driver == "systemd" {
+        // A slice name; `a-b.slice` lives at /a.slice/a-b.slice.
+        let slice = if cgroup_parent.is_empty() {
+            "system.slice"
+        } else {
+            cgroup_parent
+        };
+        let mut path = String::new();
+        if let Some(name) = slice.strip_suffix(".slice") {
+            let parts: Vec<&str> = name.split('-').collect();
+            for end in 1..=parts.len() {
+                path.push('/');
+                path.push_str(&parts[..end].join("-"));
+                path.push_str(".slice");
+            }
+        } else {
+            path = format!("/{}", slice.trim_matches('/'));
+        }
+        return format!("{path}/docker-{id}.scope");
+    }
+    let parent = if cgroup_parent.is_empty() {
+        "/docker"
+    } else {
+        cgroup_parent
+    };
+    format!("/{}/{id}", parent.trim_matches('/'))
+}
+
+/// Whether `caller_cgroup` is the container's cgroup `expected`, or nested inside it.
+pub fn within(caller_cgroup: &str, expected: &str) -> bool {
+    caller_cgroup == expected
+        || caller_cgroup
+            .strip_prefix(expected)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The cgroup v2 path of this process, relative to the v2 root.
@@ -343,6 +384,48 @@ mod tests {
         assert_eq!(container_id("/docker/not-an-id"), None);
         assert_eq!(container_id(&format!("/docker/{}", &ID[..63])), None);
         assert_eq!(container_id("/user.slice/user-0.slice"), None);
+        // The deepest id counts: a container whose --cgroup-parent is another's cgroup.
+        let other = "1".repeat(64);
+        assert_eq!(
+            container_id(&format!("/docker/{ID}/{other}")).as_deref(),
+            Some(other.as_str())
+        );
+        assert_eq!(
+            container_id(&format!("/docker/{ID}/docker-{other}.scope/x")).as_deref(),
+            Some(other.as_str())
+        );
+        // With a parent of its own choosing.
+        assert_eq!(
+            container_id(&format!("/elsewhere/{ID}")).as_deref(),
+            Some(ID)
+        );
+    }
+
+    #[test]
+    fn expected_cgroups_for_both_drivers_and_custom_parents() {
+        assert_eq!(expected_cgroup("cgroupfs", "", ID), format!("/docker/{ID}"));
+        assert_eq!(
+            expected_cgroup("cgroupfs", "/docker/abc", ID),
+            format!("/docker/abc/{ID}")
+        );
+        assert_eq!(
+            expected_cgroup("systemd", "", ID),
+            format!("/system.slice/docker-{ID}.scope")
+        );
+        assert_eq!(
+            expected_cgroup("systemd", "a-b.slice", ID),
+            format!("/a.slice/a-b.slice/docker-{ID}.scope")
+        );
+        let expected = format!("/docker/{ID}");
+        assert!(within(&expected, &expected));
+        assert!(within(&format!("{expected}/init.scope"), &expected));
+        assert!(!within(&format!("{expected}0"), &expected));
+        assert!(!within("/docker", &expected));
+        // A directory named after another container inside one's own cgroup.
+        let other = "1".repeat(64);
+        let forged = format!("/docker/{ID}/{other}");
+        let claimed = container_id(&forged).unwrap();
+        assert!(!within(&forged, &expected_cgroup("cgroupfs", "", &claimed)));
     }
 
     #[test]

@@ -339,6 +339,19 @@ impl App {
             tracing::warn!(container_id = id, "container unknown to Docker: no role");
             return None;
         };
+        // The kernel's record names a cgroup; the id in its path is only a claim until it matches
+        // where Docker put that container (a cgroup can be named after another container).
+        if let Some(cgroup) = caller.cgroup.as_deref()
+            && !crate::identity::within(cgroup, &container.cgroup)
+        {
+            tracing::warn!(
+                container_id = id,
+                caller_cgroup = cgroup,
+                docker_cgroup = %container.cgroup,
+                "refused: the caller's cgroup is not where Docker put the container it names; no role"
+            );
+            return None;
+        }
         match self.roles.resolve(&container.labels, &container.env) {
             Ok(Some(role)) => {
                 tracing::Span::current().record("role", role.arn.as_str());

@@ -604,6 +604,39 @@ impl Drop for Running {
     }
 }
 
+/// `docker run --cgroup-parent=/docker/<victim>` puts a new container's cgroup inside the
+/// victim's (`/docker/<victim>/<new>`): it is identified as itself, never as the victim. And a
+/// container cannot pass for another by its cgroup's name alone: the id must be where Docker put
+/// that container.
+#[test]
+fn a_container_inside_another_ones_cgroup_is_not_that_one() {
+    let scene = scene();
+    let _proxy = Proxy::start(&scene, &["--default-role", "DefaultRole"]);
+    let victim = Running::start(&["--label", "iam.amazonaws.com/role=Victim"]);
+    assert_eq!(
+        get_credentials(&victim, "Victim").0,
+        200,
+        "the victim's own role"
+    );
+    let parent = format!("--cgroup-parent=/docker/{}", victim.0);
+    let intruder = Running::start(&[&parent]);
+    // The premise: the intruder's cgroup is inside the victim's.
+    let cgroup = intruder.exec("cat /proc/self/cgroup");
+    assert!(
+        cgroup.contains(&format!("0::/docker/{}/{}", victim.0, intruder.0)),
+        "{cgroup}"
+    );
+    let role = intruder.exec(
+        "curl -s -w '\n== %{http_code}\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+    );
+    assert_eq!(
+        answers(&role).pop(),
+        Some((200, "DefaultRole".to_owned())),
+        "its own (default) role, not the victim's: {role}"
+    );
+    assert_eq!(get_credentials(&intruder, "Victim").0, 404);
+}
+
 /// A user-defined Docker network `name` on `subnet`, created anew (one left by a failed run is
 /// removed first).
 fn fresh_network(name: &str, subnet: &str) {

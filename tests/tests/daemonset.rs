@@ -131,15 +131,16 @@ fn daemonset(mode: Mode) {
     );
     let logs = docker(&["logs", NAME]).unwrap();
     let logs = String::from_utf8_lossy(&logs.stderr).into_owned();
-    match mode {
-        // It knows its own cgroup, whose connects the programs leave alone.
-        Mode::Cgroup => assert!(logs.contains("own_cgroup=/docker/"), "{logs}"),
+    // In both modes it knows its own cgroup, whose connects the cgroup programs leave alone (tc
+    // mode attaches them too, for host-network containers, such as the proxy itself).
+    assert!(logs.contains("own_cgroup=/docker/"), "{logs}");
+    if mode == Mode::Tc {
         // Attached to docker0, found on the host's network from inside its container.
-        Mode::Tc => assert!(
-            logs.contains("tc mode identifies callers by source address")
-                && logs.contains("docker0"),
+        assert!(
+            logs.contains("tc programs attached to container interfaces")
+                && logs.contains("interfaces=[\"docker0\"]"),
             "{logs}"
-        ),
+        );
     }
 
     // A real SDK client in a container gets its role through the containerised proxy.

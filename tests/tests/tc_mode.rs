@@ -259,7 +259,7 @@ fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     );
 
     let mut second = tc_proxy(&scene, &args);
-    second.wait_for_log(&["redirect attached", "adopted_links=2"]);
+    second.wait_for_log(&["tc programs attached", "adopted_links=2"]);
     assert_redirected(&probe(ns, IMDS_V4, 2), IMDS_V4);
     second.stop(); // graceful, pinned: stays attached
     for answer in probe(ns, IMDS_V4, 1) {

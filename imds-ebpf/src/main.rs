@@ -164,6 +164,18 @@ mod programs {
         unsafe { bpf_get_socket_cookie(sa as *mut _) }
     }
 
+    /// Record who is connecting, under the socket's cookie, before its destination is rewritten.
+    /// `false` when the record cannot be stored: no record, no identity, so the connect must be
+    /// refused (the proxy would refuse the connection anyway; this says so where it happens).
+    #[inline(always)]
+    fn pend(ctx: &SockAddrContext, sa: *mut bpf_sock_addr, family: u16, orig: RawAddr) -> bool {
+        if PENDING.insert(cookie(sa), record(family, orig), 0).is_err() {
+            warn!(ctx, "IMDS connect refused: cannot record it (IMDS_PENDING)");
+            return false;
+        }
+        true
+    }
+
     #[cgroup_sock_addr(connect4)]
     pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
         let sa = ctx.sock_addr;
@@ -182,15 +194,7 @@ mod programs {
             // it must not reach the real IMDS. Refused here; the egress guard would drop it.
             return REFUSE;
         }
-        if PENDING
-            .insert(cookie(sa), record(AF_INET, [IMDS_V4, 0, 0, 0]), 0)
-            .is_err()
-        {
-            // No record, no identity: the proxy would refuse the connection anyway. Say so here.
-            warn!(
-                &ctx,
-                "IMDS connect refused: cannot record it (IMDS_PENDING)"
-            );
+        if !pend(&ctx, sa, AF_INET, [IMDS_V4, 0, 0, 0]) {
             return REFUSE;
         }
         // SAFETY: as above; user_ip4 and user_port are writable in connect4.
@@ -221,51 +225,32 @@ mod programs {
             // Not TCP to port 80: nothing the proxy serves, and it must not reach IMDS.
             return REFUSE;
         }
-        if mapped {
+        let (family, orig, to, to_port) = if mapped {
             // To the IPv4 listen address, in the same v4-mapped form; IPv4 on the wire, so the
             // record says IPv4 (sock_ops keys it by the IPv4 client address the proxy sees).
-            if PENDING
-                .insert(cookie(sa), record(AF_INET, [IMDS_V4, 0, 0, 0]), 0)
-                .is_err()
-            {
-                warn!(
-                    &ctx,
-                    "IMDS connect refused: cannot record it (IMDS_PENDING)"
-                );
-                return REFUSE;
-            }
-            // SAFETY: user_ip6 (word by word) and user_port are writable in connect6.
-            unsafe {
-                (*sa).user_ip6[0] = 0;
-                (*sa).user_ip6[1] = 0;
-                (*sa).user_ip6[2] = V4_MAPPED_WORD;
-                (*sa).user_ip6[3] = config.proxy_v4;
-                (*sa).user_port = config.proxy_port_v4;
-            }
-            return ALLOW;
-        }
-        if config.proxy_port_v6 == 0 {
+            (
+                AF_INET,
+                [IMDS_V4, 0, 0, 0],
+                [0, 0, V4_MAPPED_WORD, config.proxy_v4],
+                config.proxy_port_v4,
+            )
+        } else if config.proxy_port_v6 == 0 {
             // To be redirected, but the proxy has no IPv6 listener: refuse, never let it through.
             warn!(&ctx, "IMDS IPv6 connect refused: no IPv6 listen address");
             return REFUSE;
-        }
-        if PENDING
-            .insert(cookie(sa), record(AF_INET6, IMDS_V6), 0)
-            .is_err()
-        {
-            warn!(
-                &ctx,
-                "IMDS connect refused: cannot record it (IMDS_PENDING)"
-            );
+        } else {
+            (AF_INET6, IMDS_V6, config.proxy_v6, config.proxy_port_v6)
+        };
+        if !pend(&ctx, sa, family, orig) {
             return REFUSE;
         }
         // SAFETY: user_ip6 (word by word) and user_port are writable in connect6.
         unsafe {
-            (*sa).user_ip6[0] = config.proxy_v6[0];
-            (*sa).user_ip6[1] = config.proxy_v6[1];
-            (*sa).user_ip6[2] = config.proxy_v6[2];
-            (*sa).user_ip6[3] = config.proxy_v6[3];
-            (*sa).user_port = config.proxy_port_v6;
+            (*sa).user_ip6[0] = to[0];
+            (*sa).user_ip6[1] = to[1];
+            (*sa).user_ip6[2] = to[2];
+            (*sa).user_ip6[3] = to[3];
+            (*sa).user_port = to_port;
         }
         ALLOW
     }

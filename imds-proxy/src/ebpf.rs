@@ -362,17 +362,7 @@ impl Redirect {
 
     /// The egress guard's counters, summed over CPUs.
     pub fn guard_stats(&self) -> Vec<(GuardStat, u64)> {
-        GuardStat::ALL
-            .iter()
-            .map(|stat| {
-                let total = self
-                    .guard
-                    .get(&(*stat as u32), 0)
-                    .map(|values| values.iter().sum())
-                    .unwrap_or(0);
-                (*stat, total)
-            })
-            .collect()
+        per_cpu_totals(&self.guard, &GuardStat::ALL, |stat| stat as u32)
     }
 
     /// How many pinned links of a previous run were adopted instead of attached.
@@ -428,6 +418,24 @@ impl Redirect {
             .expect("containers lock poisoned")
             .remove(&cgroup_id);
     }
+}
+
+/// The counters of a per-CPU array, one per slot of `stats`, summed over CPUs (0 when unreadable).
+pub(crate) fn per_cpu_totals<S: Copy>(
+    map: &PerCpuArray<MapData, u64>,
+    stats: &[S],
+    slot: impl Fn(S) -> u32,
+) -> Vec<(S, u64)> {
+    stats
+        .iter()
+        .map(|&stat| {
+            let total = map
+                .get(&slot(stat), 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0);
+            (stat, total)
+        })
+        .collect()
 }
 
 /// The two bpf(2) commands aya 0.14 does not offer for sock_ops links.

@@ -351,17 +351,7 @@ impl TcRedirect {
 
     /// The programs' counters, summed over CPUs.
     pub fn stats(&self) -> Vec<(TcStat, u64)> {
-        TcStat::ALL
-            .iter()
-            .map(|stat| {
-                let total = self
-                    .stats
-                    .get(&(*stat as u32), 0)
-                    .map(|values| values.iter().sum())
-                    .unwrap_or(0);
-                (*stat, total)
-            })
-            .collect()
+        crate::ebpf::per_cpu_totals(&self.stats, &TcStat::ALL, |stat| stat as u32)
     }
 
     /// Graceful shutdown without pins: detach from every interface and remove the qdiscs this

@@ -92,9 +92,40 @@ pub struct RunArgs {
     /// Refresh credentials in the background when less than this remains (e.g. 5m, 300s).
     #[arg(long, env = "IMDS_PROXY_REFRESH_BEFORE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub refresh_before: Duration,
-    /// Answer 401 to requests without an IMDSv2 token.
-    #[arg(long, env = "IMDS_PROXY_REQUIRE_IMDSV2")]
-    pub require_imdsv2: bool,
+    /// Answer 401 to requests without an IMDSv2 token: `true`, `false`, or (the default) as the
+    /// instance's own IMDS does (its HttpTokens setting, checked at start and every few minutes;
+    /// required while it cannot be checked). `--require-imdsv2` alone means `true`.
+    #[arg(long, env = "IMDS_PROXY_REQUIRE_IMDSV2", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub require_imdsv2: Option<bool>,
+    /// Longest wait for a request head, on a new connection or an idle keep-alive one; then the
+    /// connection is closed (e.g. 5s, 500ms).
+    #[arg(long, env = "IMDS_PROXY_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// Connections served at once, in all; beyond it new ones are closed unserved.
+    #[arg(long, env = "IMDS_PROXY_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Connections one caller (a container) may hold open at once.
+    #[arg(
+        long,
+        env = "IMDS_PROXY_MAX_CONNECTIONS_PER_CALLER",
+        default_value_t = 64
+    )]
+    pub max_connections_per_caller: usize,
+    /// Requests a second one container may make on average (beyond: 429, as IMDS throttles).
+    #[arg(long, env = "IMDS_PROXY_REQUESTS_PER_SECOND", default_value_t = 50.0)]
+    pub requests_per_second: f64,
+    /// Requests one container may make at once before --requests-per-second applies.
+    #[arg(long, env = "IMDS_PROXY_REQUEST_BURST", default_value_t = 100.0)]
+    pub request_burst: f64,
+    /// Containers' pass-through calls to the upstream IMDS at once (the proxy's own calls do not
+    /// count against it); beyond, a call waits up to a second, then gets 429.
+    #[arg(long, env = "IMDS_PROXY_UPSTREAM_CONCURRENCY", default_value_t = 16)]
+    pub upstream_concurrency: usize,
+    /// How long pass-through answers are kept (0s: not at all); spot, events, rebalance,
+    /// autoscaling and tags are never kept.
+    #[arg(long, env = "IMDS_PROXY_METADATA_CACHE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub metadata_cache_ttl: Duration,
     /// Let a container's image choose its role: role labels and IAM_ROLE set by the image's own
     /// LABEL/ENV count. By default only those set on the container itself do (an image's value is
     /// ignored and logged), so that running an image never grants a role its runner did not give.
@@ -103,6 +134,11 @@ pub struct RunArgs {
     /// Pass /latest/user-data through (denied by default: it often holds secrets).
     #[arg(long, env = "IMDS_PROXY_ALLOW_USER_DATA")]
     pub allow_user_data: bool,
+    /// Pass the signed instance identity documents through (`dynamic/instance-identity/pkcs7`,
+    /// `signature`, `rsa2048`). Denied by default: they prove to Vault, SPIRE and the like that
+    /// the caller is the instance itself.
+    #[arg(long, env = "IMDS_PROXY_ALLOW_IDENTITY_SIGNATURES")]
+    pub allow_identity_signatures: bool,
     /// Docker API socket.
     #[arg(
         long,
@@ -304,6 +340,34 @@ impl RunArgs {
                 format!("{:?}: only unix:// sockets are supported", self.docker_host),
             ));
         }
+        if self.header_timeout < Duration::from_millis(100)
+            || self.header_timeout > Duration::from_secs(300)
+        {
+            return Err(invalid("header-timeout", "give 100ms–300s"));
+        }
+        if !(self.requests_per_second.is_finite() && self.requests_per_second > 0.0) {
+            return Err(invalid("requests-per-second", "must be a positive number"));
+        }
+        if !(self.request_burst.is_finite() && self.request_burst >= 1.0) {
+            return Err(invalid("request-burst", "must be at least 1"));
+        }
+        if self.upstream_concurrency == 0 {
+            return Err(invalid("upstream-concurrency", "must be at least 1"));
+        }
+        if self.metadata_cache_ttl > Duration::from_secs(3600) {
+            return Err(invalid("metadata-cache-ttl", "at most 1h"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max-connections", "must be at least 1"));
+        }
+        if self.max_connections_per_caller == 0
+            || self.max_connections_per_caller > self.max_connections
+        {
+            return Err(invalid(
+                "max-connections-per-caller",
+                format!("must be 1–{} (--max-connections)", self.max_connections),
+            ));
+        }
         if self.interface.is_empty() || self.interface.len() > 15 {
             return Err(invalid("interface", "interface names are 1–15 characters"));
         }
@@ -380,6 +444,10 @@ fn file_args(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>, ConfigE
             }
         };
         match &value {
+            // A switch that takes a value (`--require-imdsv2=false`) is given it either way.
+            toml::Value::Boolean(b) if arg.get_num_args().is_some_and(|n| n.max_values() > 0) => {
+                args.push(format!("{flag}={b}").into());
+            }
             toml::Value::Boolean(true) => args.push(flag.into()),
             toml::Value::Boolean(false) => {}
             toml::Value::Array(items) => {
@@ -435,7 +503,10 @@ mod tests {
         assert_eq!(c.upstream, "http://169.254.169.254");
         assert_eq!(c.session_duration, 3600);
         assert_eq!(c.refresh_before, Duration::from_secs(300));
-        assert!(!c.require_imdsv2 && !c.allow_user_data);
+        assert!(
+            c.require_imdsv2.is_none() && !c.allow_user_data,
+            "IMDSv2 as upstream"
+        );
         assert_eq!(c.listen.len(), 2);
     }
 
@@ -494,8 +565,30 @@ mod tests {
         assert_eq!(c.default_role.as_deref(), Some("FromFile"), "file only");
         assert_eq!(c.region.as_deref(), Some("us-west-2"), "env over file");
         assert_eq!(c.session_duration, 1200, "flag over env and file");
-        assert!(c.require_imdsv2);
+        assert_eq!(c.require_imdsv2, Some(true));
         assert_eq!(c.allowed_roles.len(), 2);
+        std::fs::write(&file, "require-imdsv2 = false\n").unwrap();
+        let c = parse(&["--config", file_arg]).unwrap().args;
+        assert_eq!(
+            c.require_imdsv2,
+            Some(false),
+            "false in a file is not the default"
+        );
+        assert_eq!(
+            parse(&["--require-imdsv2"]).unwrap().args.require_imdsv2,
+            Some(true)
+        );
+        assert_eq!(
+            parse(&["--require-imdsv2", "false"])
+                .unwrap()
+                .args
+                .require_imdsv2,
+            Some(false)
+        );
+        assert_eq!(
+            parse(&["--require-imdsv2=maybe"]).unwrap_err().key,
+            "require-imdsv2"
+        );
 
         std::fs::write(&file, "defualt-role = \"typo\"\n").unwrap();
         let typo = parse(&["--config", file_arg]).unwrap_err();

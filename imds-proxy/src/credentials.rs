@@ -6,6 +6,9 @@
 //!   new session arrives the current one is served.
 //! - Through an STS outage the cached session is served until it expires; after that the caller
 //!   gets an error (which the API turns into a 5xx the SDKs retry).
+//! - A failed call is remembered: until a back-off (1 s, doubling to 60 s) has passed, callers of
+//!   that key get the same error without another STS call, so a container asking for a role STS
+//!   refuses cannot turn each of its requests into an STS call.
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -15,7 +18,7 @@ use std::{
 use aws_config::{BehaviorVersion, Region, imds};
 use aws_sdk_sts::config::SharedCredentialsProvider;
 
-use crate::metrics::Metrics;
+use crate::{limits::Backoff, metrics::Metrics};
 
 /// What a session is cached under.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -46,7 +49,13 @@ struct Entry {
     session: Mutex<Option<Session>>,
     /// Held while an STS call for this key is under way.
     flight: tokio::sync::Mutex<()>,
+    /// The last failure in a row, if the last call failed.
+    failure: Mutex<(Backoff, Option<Error>)>,
 }
+
+/// Back-off after a failed STS call for one key.
+const FAILURE_FIRST: Duration = Duration::from_secs(1);
+const FAILURE_CAP: Duration = Duration::from_secs(60);
 
 pub struct Cache {
     sts: aws_sdk_sts::Client,
@@ -152,7 +161,40 @@ impl Cache {
         {
             return Ok(session); // fetched while we waited
         }
-        match self.assume(key).await {
+        let remembered = {
+            let failure = entry.failure.lock().expect("entry poisoned");
+            failure
+                .0
+                .waiting(Instant::now())
+                .then(|| failure.1.clone())
+                .flatten()
+        };
+        let result = match remembered {
+            Some(err) => {
+                self.metrics.sts_call_avoided();
+                Err(err)
+            }
+            None => {
+                let result = self.assume(key).await;
+                let mut failure = entry.failure.lock().expect("entry poisoned");
+                match &result {
+                    Ok(_) => *failure = (Backoff::default(), None),
+                    Err(err) => {
+                        let retry_in = failure.0.failed(Instant::now(), FAILURE_FIRST, FAILURE_CAP);
+                        tracing::warn!(
+                            %err,
+                            role_arn = %key.role_arn,
+                            failures = failure.0.failures(),
+                            ?retry_in,
+                            "STS refused or failed; not asking again for this role and container until the back-off has passed"
+                        );
+                        failure.1 = Some(err.clone());
+                    }
+                }
+                result
+            }
+        };
+        match result {
             Ok(session) => {
                 *entry.session.lock().expect("entry poisoned") = Some(session.clone());
                 Ok(session)

@@ -13,7 +13,6 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use axum::serve::{IncomingStream, Listener};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::ebpf::{Record, Redirect};
@@ -298,14 +297,8 @@ pub struct Peer {
     pub caller: Option<Caller>,
 }
 
-impl axum::extract::connect_info::Connected<IncomingStream<'_, AttestedListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, AttestedListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-/// A TCP listener that looks up, for every accepted connection, the kernel's record of who
-/// opened it. The record is taken at accept time, before any byte of the request is read.
+/// A TCP listener that takes, for every accepted connection, the kernel's record of who opened
+/// it. The record is taken at accept time, before any byte of the request is read.
 ///
 /// In tc mode there is no record (`redirect` is `None`): every peer comes without a caller, and
 /// the service identifies it by its source address.
@@ -313,6 +306,25 @@ pub struct AttestedListener {
     inner: TcpListener,
     redirect: Option<Arc<Redirect>>,
     cgroups: Arc<Cgroups>,
+}
+
+/// An accepted connection whose record is taken but not resolved yet: resolving a cgroup id may
+/// read `/proc` and walk the cgroup tree, which blocks ([`Pending::attest`]).
+pub struct Pending {
+    addr: SocketAddr,
+    record: Option<Record>,
+    cgroups: Arc<Cgroups>,
+}
+
+impl Pending {
+    /// Who the peer is. Blocking: call it off the async workers.
+    pub fn attest(self) -> Peer {
+        let caller = self.record.map(|record| self.cgroups.caller(record));
+        Peer {
+            addr: self.addr,
+            caller,
+        }
+    }
 }
 
 impl AttestedListener {
@@ -324,40 +336,31 @@ impl AttestedListener {
         }
     }
 
-    /// Accept one connection and attest it.
-    pub async fn accept_attested(&mut self) -> std::io::Result<(TcpStream, Peer)> {
+    /// Accept one connection and take its record (a map lookup and delete).
+    pub async fn accept_pending(&mut self) -> std::io::Result<(TcpStream, Pending)> {
         let (stream, addr) = self.inner.accept().await?;
-        let caller = self
+        let record = self
             .redirect
             .as_ref()
-            .and_then(|redirect| redirect.take_record(addr))
-            .map(|record| self.cgroups.caller(record));
-        Ok((stream, Peer { addr, caller }))
-    }
-}
-
-impl Listener for AttestedListener {
-    type Io = TcpStream;
-    type Addr = Peer;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.accept_attested().await {
-                Ok(accepted) => return accepted,
-                Err(err) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::error!(%err, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
+            .and_then(|redirect| redirect.take_record(addr));
+        Ok((
+            stream,
+            Pending {
+                addr,
+                record,
+                cgroups: self.cgroups.clone(),
+            },
+        ))
     }
 
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(Peer {
-            addr: self.inner.local_addr()?,
-            caller: None,
-        })
+    /// Accept one connection and attest it, on this task.
+    pub async fn accept_attested(&mut self) -> std::io::Result<(TcpStream, Peer)> {
+        let (stream, pending) = self.accept_pending().await?;
+        Ok((stream, pending.attest()))
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
     }
 }
 

@@ -6,7 +6,8 @@
 //!
 //! - `PUT /latest/api/token`: a token of the proxy's own, bound to the caller's container.
 //! - The container's role under `iam/`; never the instance's.
-//! - Denied (404): `identity-credentials/`, any other role, `user-data` (unless allowed).
+//! - Denied (404): `identity-credentials/`, any other role, `user-data` and the signed identity
+//!   documents (`dynamic/instance-identity/{pkcs7,signature,rsa2048}`) unless allowed.
 //! - Everything else: passed through to the upstream with the proxy's own token, GET/HEAD only.
 use std::{
     sync::Arc,
@@ -36,6 +37,10 @@ pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 /// Header bytes a request may carry; SDK requests carry a few hundred.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Body bytes a request may announce. No IMDS request has a body; clients send none or an empty
+/// one. A body is never read, and a connection whose body is left unread is closed after the
+/// answer.
+const MAX_BODY_BYTES: u64 = 1024;
 
 pub struct App {
     pub tokens: Tokens,
@@ -44,8 +49,12 @@ pub struct App {
     pub credentials: Arc<credentials::Cache>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
-    pub require_imdsv2: bool,
-    pub allow_user_data: bool,
+    /// Whether a request without a token is refused (401); set at start and kept in step with the
+    /// upstream's setting unless configured ([`follow_upstream_imdsv2`]).
+    pub require_imdsv2: std::sync::atomic::AtomicBool,
+    pub exposure: Exposure,
+    /// Requests a second per caller (a container, else a cgroup or source address).
+    pub rate: crate::limits::PerKey<crate::serve::CallerKey>,
     /// tc mode: there is no kernel record; a caller is the running container that has the
     /// connection's source address (the listen address takes redirected traffic only).
     pub identify_by_address: bool,
@@ -92,7 +101,20 @@ fn checked(path: &str) -> Option<&str> {
     Some(path)
 }
 
-fn route(path: &str, allow_user_data: bool) -> Route<'_> {
+/// What the operator chose to pass through beyond the defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exposure {
+    /// `user-data`: often holds secrets.
+    pub user_data: bool,
+    /// `dynamic/instance-identity/{pkcs7,signature,rsa2048}`: proofs signed by AWS that this
+    /// caller is the instance, with which Vault's or SPIRE's AWS auth logs in as the instance.
+    pub identity_signatures: bool,
+}
+
+/// The signed forms of the instance identity document.
+const IDENTITY_SIGNATURES: [&str; 3] = ["pkcs7", "signature", "rsa2048"];
+
+fn route(path: &str, exposure: Exposure) -> Route<'_> {
     // Every version of the API (`latest`, `2021-03-23`, ...) leads to the same data: the rules
     // apply to what follows the version.
     let rest = path[1..]
@@ -102,11 +124,17 @@ fn route(path: &str, allow_user_data: bool) -> Route<'_> {
     let latest = path.starts_with("/latest/");
     let rest_trimmed = rest.strip_suffix('/').unwrap_or(rest);
     if rest_trimmed == "user-data" || rest.starts_with("user-data/") {
-        return if allow_user_data {
+        return if exposure.user_data {
             Route::PassThrough
         } else {
             Route::Denied
         };
+    }
+    if let Some(doc) = rest.strip_prefix("dynamic/instance-identity/") {
+        let doc = doc.split('/').next().unwrap_or_default();
+        if IDENTITY_SIGNATURES.contains(&doc) && !exposure.identity_signatures {
+            return Route::Denied;
+        }
     }
     if rest_trimmed == "meta-data/identity-credentials"
         || rest.starts_with("meta-data/identity-credentials/")
@@ -221,6 +249,18 @@ async fn handle(
         app.metrics.request("unattested", 403);
         return text(StatusCode::FORBIDDEN, "Forbidden");
     };
+    // One caller's burst spends its own budget only (IMDS answers 429 when throttled too). Keyed
+    // by container, not address: a container that gets a throttled one's address starts afresh.
+    let key = match &caller.container_id {
+        Some(id) => crate::serve::CallerKey::Container(id.as_str().into()),
+        None => crate::serve::CallerKey::Cgroup(caller.cgroup_id),
+    };
+    if !app.rate.allow(&key, std::time::Instant::now()) {
+        app.metrics.throttled("per_caller");
+        app.metrics.request("throttled", 429);
+        tracing::debug!(caller = ?key, %method, path = uri.path(), "throttled");
+        return text(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
+    }
     let span = tracing::info_span!(
         "request",
         container_id = caller.container_id.as_deref().unwrap_or("-"),
@@ -263,6 +303,18 @@ impl App {
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     "Request Header Fields Too Large",
                 ),
+            );
+        }
+        let body_bytes = headers
+            .get(header::CONTENT_LENGTH)
+            .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+        if headers.contains_key(header::TRANSFER_ENCODING)
+            || body_bytes.is_some_and(|n| n.is_none_or(|n| n > MAX_BODY_BYTES))
+        {
+            tracing::warn!(?body_bytes, "refused: request body");
+            return (
+                "bad-request",
+                text(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"),
             );
         }
         let Some(path) = checked(path) else {
@@ -327,7 +379,12 @@ impl App {
                 tracing::info!(%err, "token refused");
                 Some(text(StatusCode::UNAUTHORIZED, "Unauthorized"))
             }
-            None if self.require_imdsv2 => Some(text(StatusCode::UNAUTHORIZED, "Unauthorized")),
+            None if self
+                .require_imdsv2
+                .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                Some(text(StatusCode::UNAUTHORIZED, "Unauthorized"))
+            }
             None => None,
         }
     }
@@ -373,7 +430,7 @@ impl App {
 
     async fn get(&self, caller: &Caller, method: &Method, path: &str) -> (&'static str, Response) {
         let not_found = || text(StatusCode::NOT_FOUND, "Not Found");
-        match route(path, self.allow_user_data) {
+        match route(path, self.exposure) {
             Route::Denied => ("denied", not_found()),
             Route::IamListing => match self.role(caller).await {
                 Some(_) => ("iam", text(StatusCode::OK, "info\nsecurity-credentials/")),
@@ -412,7 +469,10 @@ impl App {
                 None => ("credentials", not_found()),
             },
             Route::PassThrough => match self.upstream.fetch(method, path).await {
-                Ok(answer) => {
+                Ok((answer, cached)) => {
+                    if cached {
+                        self.metrics.metadata_cache_hit();
+                    }
                     let mut response = Response::new(Body::from(answer.body));
                     *response.status_mut() = answer.status;
                     let headers = response.headers_mut();
@@ -424,6 +484,17 @@ impl App {
                     );
                     headers.insert(header::SERVER, HeaderValue::from_static("imds-proxy"));
                     ("passthrough", response)
+                }
+                Err(crate::upstream::Error::Busy) => {
+                    self.metrics.throttled("upstream");
+                    tracing::warn!(
+                        path,
+                        "pass-through refused: the upstream's places are all taken"
+                    );
+                    (
+                        "passthrough",
+                        text(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests"),
+                    )
                 }
                 Err(err) => {
                     tracing::warn!(%err, path, "upstream unavailable");
@@ -466,6 +537,35 @@ impl App {
     }
 }
 
+/// Mirror the upstream's IMDSv2 setting into `app.require_imdsv2` now and every `every`: what the
+/// instance's owner chose for the instance holds for its containers. While the upstream cannot be
+/// asked, tokens stay required (the safe side).
+pub async fn follow_upstream_imdsv2(app: Arc<App>, every: Duration) {
+    use std::sync::atomic::Ordering;
+    let mut known: Option<bool> = None;
+    loop {
+        let required = match app.upstream.requires_tokens().await {
+            Ok(required) => required,
+            Err(err) => {
+                if known != Some(true) {
+                    tracing::warn!(%err, "cannot tell whether the instance requires IMDSv2; requiring it");
+                }
+                true
+            }
+        };
+        if known != Some(required) {
+            tracing::info!(
+                require_imdsv2 = required,
+                "IMDSv2 tokens {} as on the instance's own IMDS",
+                if required { "required" } else { "optional" }
+            );
+        }
+        known = Some(required);
+        app.require_imdsv2.store(required, Ordering::Relaxed);
+        tokio::time::sleep(every).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,7 +595,7 @@ mod tests {
 
     #[test]
     fn routes() {
-        let r = |p| route(p, false);
+        let r = |p| route(p, Exposure::default());
         assert_eq!(
             r("/latest/meta-data/iam/security-credentials/"),
             Route::RoleList
@@ -535,7 +635,25 @@ mod tests {
         );
         assert_eq!(r("/latest/user-data"), Route::Denied);
         assert_eq!(r("/2021-03-23/user-data/"), Route::Denied);
-        assert_eq!(route("/latest/user-data", true), Route::PassThrough);
+        let user_data = Exposure {
+            user_data: true,
+            ..Exposure::default()
+        };
+        assert_eq!(route("/latest/user-data", user_data), Route::PassThrough);
+        for signed in [
+            "/latest/dynamic/instance-identity/pkcs7",
+            "/latest/dynamic/instance-identity/signature",
+            "/latest/dynamic/instance-identity/rsa2048",
+            "/latest/dynamic/instance-identity/rsa2048/",
+            "/2021-03-23/dynamic/instance-identity/pkcs7",
+        ] {
+            assert_eq!(r(signed), Route::Denied, "{signed}");
+            let signatures = Exposure {
+                identity_signatures: true,
+                ..Exposure::default()
+            };
+            assert_eq!(route(signed, signatures), Route::PassThrough, "{signed}");
+        }
         assert_eq!(r("/latest/meta-data/instance-id"), Route::PassThrough);
         assert_eq!(
             r("/latest/dynamic/instance-identity/document"),

@@ -14,7 +14,7 @@ use imds_proxy::{
     config::{Config, LogFormat, Mode, RunArgs},
     credentials, docker,
     ebpf::{self, Redirect, Spec},
-    identity::{self, AttestedListener, Cgroups, Peer},
+    identity::{self, AttestedListener, Cgroups},
     imds,
     metrics::Metrics,
     netdev, roles,
@@ -165,6 +165,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let own_path = identity::own_cgroup_path()?;
 
+    // Every connection is a descriptor: as many as the hard limit allows.
+    match imds_proxy::serve::raise_fd_limit() {
+        Ok(limit) => {
+            if (limit as usize) < args.max_connections + 256 {
+                tracing::warn!(
+                    fd_limit = limit,
+                    max_connections = args.max_connections,
+                    "the file-descriptor limit is below --max-connections plus headroom; accepts \
+                     will fail (and back off) before the connection cap is reached"
+                );
+            } else {
+                tracing::info!(fd_limit = limit, "file-descriptor limit");
+            }
+        }
+        Err(err) => tracing::warn!(%err, "could not raise the file-descriptor limit"),
+    }
     // Everything that can fail for reasons outside the kernel, before anything is attached.
     let metrics = Arc::new(Metrics::default());
     let docker = docker::Index::connect(&args.docker_host, args.trust_image_role).await?;
@@ -306,23 +322,55 @@ async fn run(config: Config) -> anyhow::Result<()> {
         roles: config.roles.clone(),
         docker: docker.clone(),
         credentials: cache.clone(),
-        upstream: Upstream::new(&args.upstream),
+        upstream: Upstream::new(
+            &args.upstream,
+            args.upstream_concurrency,
+            args.metadata_cache_ttl,
+        ),
+        rate: imds_proxy::limits::PerKey::new(args.requests_per_second, args.request_burst, 65_536),
         metrics: metrics.clone(),
-        require_imdsv2: args.require_imdsv2,
-        allow_user_data: args.allow_user_data,
+        // Until the upstream is asked (when not configured): required.
+        require_imdsv2: AtomicBool::new(args.require_imdsv2.unwrap_or(true)),
+        exposure: imds::Exposure {
+            user_data: args.allow_user_data,
+            identity_signatures: args.allow_identity_signatures,
+        },
         identify_by_address: tc_mode,
     });
+    match args.require_imdsv2 {
+        Some(required) => tracing::info!(require_imdsv2 = required, "IMDSv2 tokens as configured"),
+        None => {
+            tokio::spawn(imds::follow_upstream_imdsv2(
+                app.clone(),
+                Duration::from_secs(300),
+            ));
+        }
+    }
     // Run as a container itself, the proxy is one of Docker's containers: it never asks itself.
     let own_container = identity::container_id(&own_path);
     tokio::spawn(follow_containers(app.clone(), own_container));
     tokio::spawn(docker.clone().run());
 
-    let service = imds::router(app.clone()).into_make_service_with_connect_info::<Peer>();
+    let router = imds::router(app.clone());
+    let limits = imds_proxy::serve::Limits {
+        header_timeout: args.header_timeout,
+        max_connections: args.max_connections,
+        max_connections_per_caller: args.max_connections_per_caller,
+    };
+    let admission = imds_proxy::serve::Admission::new(
+        limits.max_connections,
+        limits.max_connections_per_caller,
+    );
     let mut servers = tokio::task::JoinSet::new();
     for listener in [Some(listener_v4), listener_v6].into_iter().flatten() {
         let listener = AttestedListener::new(listener, redirect.clone(), resolver.clone());
-        let service = service.clone();
-        servers.spawn(async move { axum::serve(listener, service).await });
+        servers.spawn(imds_proxy::serve::serve(
+            listener,
+            router.clone(),
+            limits,
+            admission.clone(),
+            metrics.clone(),
+        ));
     }
     let ops_app = ops_router(app.clone(), attached.clone(), redirect.clone(), tc.clone());
     servers.spawn(async move { axum::serve(ops, ops_app).await });

@@ -19,6 +19,11 @@ pub struct Metrics {
     sts_errors: AtomicU64,
     sts_seconds_micros: AtomicU64,
     containers: AtomicU64,
+    refused_connections: Mutex<BTreeMap<&'static str, u64>>,
+    sts_calls_avoided: AtomicU64,
+    throttled: Mutex<BTreeMap<&'static str, u64>>,
+    metadata_cache_hits: AtomicU64,
+    open_connections: AtomicU64,
 }
 
 impl Metrics {
@@ -59,6 +64,40 @@ impl Metrics {
 
     pub fn set_containers(&self, n: usize) {
         self.containers.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// A connection closed without being served (`reason`: a cap, a header timeout, an accept
+    /// error).
+    pub fn refused_connection(&self, reason: &'static str) {
+        *self
+            .refused_connections
+            .lock()
+            .expect("metrics poisoned")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// A request answered with an STS failure remembered from a call just before.
+    pub fn sts_call_avoided(&self) {
+        self.sts_calls_avoided.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request refused with 429 (`limit`: the caller's own, or the upstream's in all).
+    pub fn throttled(&self, limit: &'static str) {
+        *self
+            .throttled
+            .lock()
+            .expect("metrics poisoned")
+            .entry(limit)
+            .or_default() += 1;
+    }
+
+    pub fn metadata_cache_hit(&self) {
+        self.metadata_cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_open_connections(&self, n: usize) {
+        self.open_connections.store(n as u64, Ordering::Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -119,6 +158,45 @@ impl Metrics {
             out,
             "# HELP imds_proxy_containers Containers in the Docker index.\n# TYPE imds_proxy_containers gauge\nimds_proxy_containers {}",
             load(&self.containers)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP imds_proxy_connections_refused_total Connections closed unserved, by reason.\n# TYPE imds_proxy_connections_refused_total counter"
+        );
+        for (reason, n) in self
+            .refused_connections
+            .lock()
+            .expect("metrics poisoned")
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "imds_proxy_connections_refused_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        counter(
+            &mut out,
+            "imds_proxy_sts_calls_avoided_total",
+            "Requests answered with an STS failure remembered from a call just before (back-off).",
+            load(&self.sts_calls_avoided),
+        );
+        counter(
+            &mut out,
+            "imds_proxy_metadata_cache_hits_total",
+            "Pass-through requests answered from the short metadata cache.",
+            load(&self.metadata_cache_hits),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP imds_proxy_throttled_total Requests answered 429, by the limit they hit.\n# TYPE imds_proxy_throttled_total counter"
+        );
+        for (limit, n) in self.throttled.lock().expect("metrics poisoned").iter() {
+            let _ = writeln!(out, "imds_proxy_throttled_total{{limit=\"{limit}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP imds_proxy_connections_open Connections being served.\n# TYPE imds_proxy_connections_open gauge\nimds_proxy_connections_open {}",
+            load(&self.open_connections)
         );
         out
     }

@@ -61,26 +61,87 @@ pub enum RoleName {
     Arn(String),
 }
 
+/// IAM's limits: a role name is 1–64 of `[A-Za-z0-9+=,.@_-]`; a path is at most 512 characters.
+const MAX_NAME: usize = 64;
+const MAX_PATH: usize = 512;
+
+/// `[path/]name` as IAM spells a role after `role/`: path segments of visible ASCII, never empty,
+/// `.` or `..`; a name in IAM's alphabet.
+fn check_path_and_name(value: &str) -> Result<(), String> {
+    let (path, name) = value.rsplit_once('/').unwrap_or(("", value));
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
+    {
+        return Err(format!(
+            "{value:?}: a role name is 1–{MAX_NAME} letters, digits or +=,.@_-"
+        ));
+    }
+    if path.len() + 2 > MAX_PATH {
+        return Err(format!(
+            "{value:?}: the role path is over {MAX_PATH} characters"
+        ));
+    }
+    if !path.is_empty()
+        && path.split('/').any(|seg| {
+            seg.is_empty()
+                || seg == "."
+                || seg == ".."
+                || !seg.bytes().all(|b| b.is_ascii_graphic())
+        })
+    {
+        return Err(format!(
+            "{value:?}: the role path has an empty, `.` or `..` segment or a character outside visible ASCII"
+        ));
+    }
+    Ok(())
+}
+
 impl RoleName {
+    /// A container's, or the operator's, role value. Surrounding white space is ignored; anything
+    /// else outside IAM's grammar is refused before any use.
     pub fn parse(value: &str) -> Result<Self, String> {
-        let value = value.trim();
-        if value.starts_with("arn:") {
-            if !value.contains(":role/") || value.ends_with('/') {
-                return Err(format!("{value:?} is not a role ARN"));
+        // Spaces around a value are a typo; any other white space or control character is refused.
+        let value = value.trim_matches(' ');
+        if value.len() > 2048 {
+            return Err(format!("a role value of {} characters", value.len()));
+        }
+        if let Some(rest) = value.strip_prefix("arn:") {
+            // arn:<partition>:iam::<account>:role/<path/>name
+            let mut parts = rest.splitn(5, ':');
+            let (partition, service, region, account, resource) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
+            let role = resource.strip_prefix("role/");
+            if partition.is_empty()
+                || partition.len() > 32
+                || !partition
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'-')
+                || service != "iam"
+                || !region.is_empty()
+                || account.len() != 12
+                || !account.bytes().all(|b| b.is_ascii_digit())
+                || role.is_none()
+            {
+                return Err(format!(
+                    "{value:?} is not a role ARN (arn:<partition>:iam::<12 digits>:role/<name>)"
+                ));
             }
+            check_path_and_name(role.unwrap_or_default())?;
             Ok(Self::Arn(value.to_owned()))
-        } else if !value.is_empty()
-            && value.len() <= 64
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b))
-            && !value.starts_with('/')
-            && !value.ends_with('/')
-            && !value.contains("//")
-        {
-            Ok(Self::Name(value.to_owned()))
         } else {
-            Err(format!("{value:?} is not a role name"))
+            if value.starts_with('/') {
+                return Err(format!("{value:?} is not a role name (no leading /)"));
+            }
+            check_path_and_name(value)?;
+            Ok(Self::Name(value.to_owned()))
         }
     }
 }
@@ -247,17 +308,37 @@ impl Policy {
                 None => return Ok(None),
             },
         };
+        let external_id = match labels.get(EXTERNAL_ID_LABEL).filter(|v| !v.is_empty()) {
+            Some(id) => Some(check_external_id(id).map_err(|reason| RoleError::Invalid {
+                source_name: "label iam.amazonaws.com/external-id",
+                reason,
+            })?),
+            None => None,
+        };
         let arn = self.arn_for(&role)?;
         let name = arn.rsplit('/').next().unwrap_or(&arn).to_owned();
         Ok(Some(Resolved {
             name,
             arn,
             source,
-            external_id: labels
-                .get(EXTERNAL_ID_LABEL)
-                .filter(|v| !v.is_empty())
-                .cloned(),
+            external_id,
         }))
+    }
+}
+
+/// STS's ExternalId: 2–1224 characters of `[\w+=,.@:/-]`.
+fn check_external_id(id: &str) -> Result<String, String> {
+    if (2..=1224).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b))
+    {
+        Ok(id.to_owned())
+    } else {
+        Err(format!(
+            "an external id is 2–1224 letters, digits or _+=,.@:/- ({} characters given)",
+            id.len()
+        ))
     }
 }
 
@@ -389,6 +470,63 @@ mod tests {
             (r.name.as_str(), r.external_id.as_deref()),
             ("Web", Some("xyz"))
         );
+    }
+
+    #[test]
+    fn role_values_follow_iams_grammar() {
+        for good in [
+            "Web",
+            "team/Web",
+            "a/b/c/Web+=,.@_-",
+            "arn:aws:iam::123456789012:role/containers/Web",
+            "arn:aws-us-gov:iam::123456789012:role/Web",
+            "  Web  ",
+        ] {
+            assert!(RoleName::parse(good).is_ok(), "{good}");
+        }
+        let long_name = "a".repeat(65);
+        let long_path = format!("{}/Web", "p".repeat(512));
+        for bad in [
+            "",
+            "/Web",
+            "Web/",
+            "team//Web",
+            "../Admin",
+            "team/../Admin",
+            "./Web",
+            "team/./Web",
+            "Web\n",
+            "We\u{1b}[31mb",
+            "We b",
+            "Wéb",
+            long_name.as_str(),
+            long_path.as_str(),
+            "arn:aws:iam::123456789012:role/",
+            "arn:aws:iam::123456789012:role/containers/../Admin",
+            "arn:aws:iam::123456789012:role/a//b",
+            "arn:aws:iam::123456789012:user/Web",
+            "arn:aws:iam::12345678901:role/Web",
+            "arn:aws:iam:us-east-1:123456789012:role/Web",
+            "arn:aws:sts::123456789012:role/Web",
+            "arn::iam::123456789012:role/Web",
+            "arn:AWS:iam::123456789012:role/Web",
+            "arn:aws:iam::123456789012:role/Web\u{0}",
+        ] {
+            assert!(RoleName::parse(bad).is_err(), "{bad:?}");
+        }
+        let p = policy(None, &[]);
+        for bad in ["x", "a b", "id\n", &"e".repeat(1225)] {
+            assert!(
+                matches!(
+                    p.resolve(
+                        &labels(&[(ROLE_LABEL, "Web"), (EXTERNAL_ID_LABEL, bad)]),
+                        &[]
+                    ),
+                    Err(RoleError::Invalid { .. })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

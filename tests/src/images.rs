@@ -35,6 +35,14 @@ pub fn bench_image(binary: &Path) -> anyhow::Result<&'static str> {
     binary_image(binary, BENCH_IMAGE)
 }
 
+/// The attacker (`imds-attack`).
+pub const ATTACK_IMAGE: &str = "imds-proxy/attack:latest";
+
+/// Build [`ATTACK_IMAGE`] from the `imds-attack` binary at `binary`; returns its name.
+pub fn attack_image(binary: &Path) -> anyhow::Result<&'static str> {
+    binary_image(binary, ATTACK_IMAGE)
+}
+
 /// An image holding one program (as `/program`, its command), the libraries it links and the CA
 /// bundle (the SDK's TLS client loads it at start, whatever the endpoint).
 /// Built once per test process (the binary does not change under a running test); the image the

@@ -5,6 +5,7 @@ use std::{process::Command, time::Duration};
 
 use imds_proxy::netdev;
 use imds_tests::{
+    containers::{answers, in_container, rand_suffix},
     http::Request,
     images::{bench_image, curl_image, docker, docker_ok},
     proxy::{MODES, Mode, PREFIX, Proxy, TEST_IF, proxy_bin},
@@ -20,38 +21,6 @@ fn scene() -> Scene {
         .expect("the simulated EC2 host starts")
 }
 
-/// Run `script` with busybox sh in a fresh container; (container id, name, its output).
-fn in_container(docker_args: &[&str], script: &str) -> (String, String, String) {
-    ensure_imds_is_simulated().expect("IMDS is the simulator before a container talks to it");
-    let name = format!("imds-test-{}", rand_suffix());
-    let mut args = vec!["run", "-d", "--name", &name];
-    args.extend_from_slice(docker_args);
-    let image = curl_image().unwrap();
-    args.extend_from_slice(&[image, "sh", "-c", script]);
-    let id = docker_ok(&args).unwrap().trim().to_owned();
-    docker_ok(&["wait", &id]).unwrap();
-    let logs = docker(&["logs", &id]).unwrap();
-    docker_ok(&["rm", "-f", &id]).unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&logs.stdout),
-        String::from_utf8_lossy(&logs.stderr)
-    );
-    (id, name, out)
-}
-
-fn rand_suffix() -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    format!(
-        "{:x}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-            & 0xffff_ffff
-    )
-}
-
 /// The seed's flow: PUT a token, GET the role name, GET the credentials. Prints each status and
 /// body as `== <status>` lines.
 const SDK_FLOW: &str = r#"
@@ -60,22 +29,6 @@ R=$(curl -s -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta
 curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/
 curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-data/iam/security-credentials/$R"
 "#;
-
-/// (status, body) pairs from `== <status>` separated output.
-fn answers(out: &str) -> Vec<(u16, String)> {
-    let mut result = Vec::new();
-    let mut body = String::new();
-    for line in out.lines() {
-        if let Some(status) = line.strip_prefix("== ") {
-            result.push((status.trim().parse().unwrap(), body.trim_end().to_owned()));
-            body.clear();
-        } else {
-            body.push_str(line);
-            body.push('\n');
-        }
-    }
-    result
-}
 
 /// Who STS says these credentials are (the AWS CLI on the host, against the scene's STS).
 fn caller_arn(scene: &Scene, creds: &serde_json::Value) -> String {
@@ -442,6 +395,50 @@ fn a_program_that_asks_before_docker_reports_it_running_in(mode: Mode) {
         let docker = proxy.metric("imds_proxy_tc_address_confirmations_total{by=\"docker\"}");
         assert_eq!(kernel + docker, 30, "kernel {kernel}, docker {docker}");
         assert!(kernel >= 20, "kernel {kernel}, docker {docker}");
+    }
+}
+
+/// By default a container needs a token exactly when the instance does (its HttpTokens
+/// setting); `--require-imdsv2=true|false` overrides it either way.
+#[test]
+fn imdsv2_is_required_as_the_instance_requires_it() {
+    let plain_get = "curl -s -w '\\n== %{http_code}\\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/";
+    let role = ["--label", "iam.amazonaws.com/role=Web"];
+    for (tokens, flags, expected, log) in [
+        (
+            HttpTokens::Required,
+            &[][..],
+            401,
+            "required as on the instance",
+        ),
+        (
+            HttpTokens::Optional,
+            &[][..],
+            200,
+            "optional as on the instance",
+        ),
+        (
+            HttpTokens::Required,
+            &["--require-imdsv2=false"][..],
+            200,
+            "as configured",
+        ),
+        (
+            HttpTokens::Optional,
+            &["--require-imdsv2"][..],
+            401,
+            "as configured",
+        ),
+    ] {
+        let scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
+            .http_tokens(tokens)
+            .with_sts()
+            .start()
+            .unwrap();
+        let proxy = Proxy::start(&scene, flags);
+        proxy.wait_for_log(&["IMDSv2 tokens", log]);
+        let (_, _, out) = in_container(&role, plain_get);
+        assert_eq!(answers(&out)[0].0, expected, "{tokens:?} {flags:?}: {out}");
     }
 }
 

@@ -1,0 +1,245 @@
+//! What a hostile process in a container does to the IMDS endpoint, byte by byte; run by
+//! `tests/tests/attacks.rs` inside real containers. Each command prints `key=value` lines the test
+//! reads, and exits 0 whatever the server did.
+//!
+//! - `raw ADDR REQUEST`: send REQUEST (`\r`, `\n`, `\t`, `\\` and `\xNN` escapes understood;
+//!   `{TOKEN}` replaced by a token PUT for first), read until the server closes or 20 s pass;
+//!   print the first status line, how many responses began, and whether it closed.
+//! - `slow ADDR`: send half a request head and nothing more; print whether the server closed the
+//!   connection (and answered anything) within 60 s.
+//! - `idle ADDR`: one complete keep-alive request, then silence; print the answer's status and
+//!   whether the server closed the idle connection within 60 s.
+//! - `hold ADDR N SECS`: open N connections each with half a request head; print how many the
+//!   server closed within 10 s and how many it holds open, then hold them SECS.
+//! - `burst ADDR N PATH`: a token, then N sequential GETs of PATH with it (one connection each);
+//!   print how many got each status.
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+fn unescape(s: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 1 < bytes.len() {
+            match bytes[i + 1] {
+                b'r' => out.push(b'\r'),
+                b'n' => out.push(b'\n'),
+                b't' => out.push(b'\t'),
+                b'\\' => out.push(b'\\'),
+                b'x' if i + 3 < bytes.len() => {
+                    let hex = std::str::from_utf8(&bytes[i + 2..i + 4]).expect("hex digits");
+                    out.push(u8::from_str_radix(hex, 16).expect("hex digits"));
+                    i += 2;
+                }
+                other => {
+                    out.push(b'\\');
+                    out.push(other);
+                }
+            }
+            i += 2;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Read until EOF, an error, or `limit`; (bytes, whether the server closed).
+fn read_all(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let deadline = std::time::Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return (got, false);
+        }
+        stream.set_read_timeout(Some(left)).expect("a timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return (got, false);
+            }
+            // A reset is the server closing too.
+            Err(_) => return (got, true),
+        }
+    }
+}
+
+fn status_of(response: &[u8]) -> String {
+    let text = String::from_utf8_lossy(response);
+    text.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("none")
+        .to_owned()
+}
+
+/// Read exactly one response (head + Content-Length body) from a keep-alive connection.
+fn read_one(stream: &mut TcpStream) -> Option<String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while got.len() < end + 4 + length {
+                let n = stream.read(&mut buf).ok()?;
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            return Some(status_of(&got));
+        }
+    }
+}
+
+/// An IMDSv2 token for this container.
+fn token(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .expect("a connection for the token");
+    s.write_all(b"PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n")
+        .expect("a token request sent");
+    let (response, _) = read_all(&mut s, Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&response);
+    text.split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+const HALF_HEAD: &[u8] = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addr: SocketAddr = args
+        .get(1)
+        .and_then(|a| a.parse().ok())
+        .expect("usage: imds-attack COMMAND ADDR ...");
+    let open = || TcpStream::connect_timeout(&addr, Duration::from_secs(10));
+    match args[0].as_str() {
+        "raw" => {
+            let mut request = args.get(2).expect("a request").clone();
+            if request.contains("{TOKEN}") {
+                request = request.replace("{TOKEN}", &token(addr));
+            }
+            let request = unescape(&request);
+            let mut stream = match open() {
+                Ok(s) => s,
+                Err(e) => return println!("error={e}"),
+            };
+            let _ = stream.write_all(&request);
+            let (response, closed) = read_all(&mut stream, Duration::from_secs(20));
+            println!("status={}", status_of(&response));
+            println!(
+                "responses={}",
+                response.windows(9).filter(|w| w == b"HTTP/1.1 ").count()
+            );
+            println!("closed={closed}");
+            println!("--");
+            println!("{}", String::from_utf8_lossy(&response));
+        }
+        "slow" => {
+            let mut stream = open().expect("a connection");
+            stream.write_all(HALF_HEAD).expect("half a head sent");
+            let (response, closed) = read_all(&mut stream, Duration::from_secs(60));
+            println!("closed={closed}");
+            println!("status={}", status_of(&response));
+        }
+        "idle" => {
+            let mut stream = open().expect("a connection");
+            stream
+                .write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
+                .expect("a request sent");
+            let first = read_one(&mut stream).unwrap_or_else(|| "none".into());
+            println!("first={first}");
+            let (_, closed) = read_all(&mut stream, Duration::from_secs(60));
+            println!("closed={closed}");
+        }
+        "hold" => {
+            let n: usize = args[2].parse().expect("N");
+            let secs: u64 = args[3].parse().expect("SECS");
+            let mut conns = Vec::new();
+            for _ in 0..n {
+                match open() {
+                    Ok(mut s) => {
+                        let _ = s.write_all(HALF_HEAD);
+                        s.set_nonblocking(true).expect("non-blocking");
+                        conns.push(s);
+                    }
+                    Err(e) => println!("open_error={e}"),
+                }
+            }
+            // Those the server closes (unserved: over a cap) see EOF; the others stay open.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut closed = vec![false; conns.len()];
+            while std::time::Instant::now() < deadline {
+                for (conn, closed) in conns.iter().zip(closed.iter_mut()) {
+                    let mut byte = [0u8; 1];
+                    match conn.peek(&mut byte) {
+                        Ok(0) => *closed = true,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Ok(_) | Err(_) => *closed = true,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let closed = closed.iter().filter(|c| **c).count();
+            println!("closed={closed}");
+            println!("held={}", conns.len() - closed);
+            std::thread::sleep(Duration::from_secs(secs));
+        }
+        "burst" => {
+            let n: usize = args[2].parse().expect("N");
+            let path = &args[3];
+            let token = token(addr);
+            let mut counts = BTreeMap::<String, usize>::new();
+            for _ in 0..n {
+                let status = match open() {
+                    Ok(mut s) => {
+                        let _ = s.write_all(
+                            format!(
+                                "GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token: {token}\r\nConnection: close\r\n\r\n"
+                            )
+                            .as_bytes(),
+                        );
+                        let (response, _) = read_all(&mut s, Duration::from_secs(20));
+                        status_of(&response)
+                    }
+                    Err(_) => "error".to_owned(),
+                };
+                *counts.entry(status).or_default() += 1;
+            }
+            for (status, n) in counts {
+                println!("status_{status}={n}");
+            }
+        }
+        other => panic!("unknown command {other}"),
+    }
+}

@@ -1,0 +1,70 @@
+//! Running a test's client inside a fresh Docker container and reading what it printed.
+use crate::{
+    images::{curl_image, docker, docker_ok},
+    scene::ensure_imds_is_simulated,
+};
+
+/// Run `command` in a fresh container of `image` (after `docker_args`), wait for it to end;
+/// (container id, name, its stdout and stderr). The container is removed.
+pub fn run_in(image: &str, docker_args: &[&str], command: &[&str]) -> (String, String, String) {
+    ensure_imds_is_simulated().expect("IMDS is the simulator before a container talks to it");
+    let name = format!("imds-test-{}", rand_suffix());
+    let mut args = vec!["run", "-d", "--name", &name];
+    args.extend_from_slice(docker_args);
+    args.push(image);
+    args.extend_from_slice(command);
+    let id = docker_ok(&args).unwrap().trim().to_owned();
+    docker_ok(&["wait", &id]).unwrap();
+    let logs = docker(&["logs", &id]).unwrap();
+    docker_ok(&["rm", "-f", &id]).unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&logs.stdout),
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    (id, name, out)
+}
+
+/// Run `script` with busybox sh in a fresh container of the curl image; (container id, name, its
+/// output).
+pub fn in_container(docker_args: &[&str], script: &str) -> (String, String, String) {
+    run_in(curl_image().unwrap(), docker_args, &["sh", "-c", script])
+}
+
+/// A suffix for names that do not collide between runs.
+pub fn rand_suffix() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    format!(
+        "{:x}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            & 0xffff_ffff
+    )
+}
+
+/// (status, body) pairs from output where each answer's body is followed by a `== <status>` line
+/// (curl `-w '\n== %{http_code}\n'`).
+pub fn answers(out: &str) -> Vec<(u16, String)> {
+    let mut result = Vec::new();
+    let mut body = String::new();
+    for line in out.lines() {
+        if let Some(status) = line.strip_prefix("== ") {
+            result.push((status.trim().parse().unwrap(), body.trim_end().to_owned()));
+            body.clear();
+        } else {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    result
+}
+
+/// `key=value` lines of a client's output, as a map (the last value of a key wins).
+pub fn fields(out: &str) -> std::collections::HashMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}

@@ -1,0 +1,525 @@
+//! The standing attack suite: what a hostile process inside a real container tries against the
+//! proxy, in both modes, from a bridged container and from a host-network one. Each attack states
+//! the answer a correct proxy gives; none of them may ever see the instance role.
+//!
+//! The attacker is `imds-attack` (raw bytes on a socket) or curl, inside containers of locally
+//! built images; the proxy is the real binary on the simulated EC2 host, with moto as STS.
+use imds_tests::{
+    containers::{answers, fields, in_container, run_in},
+    images::{attack_image, docker, docker_ok},
+    proxy::{Mode, Proxy},
+    scene::{INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
+    sim::HttpTokens,
+};
+
+fn scene() -> Scene {
+    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
+        .http_tokens(HttpTokens::Required)
+        .with_sts()
+        .start()
+        .expect("the simulated EC2 host starts")
+}
+
+/// The two ways a container reaches IMDS: across a container interface, and from the host's own
+/// network namespace.
+const NETWORKS: [(&str, &[&str]); 2] = [("bridged", &[]), ("host-network", &["--network", "host"])];
+
+const ROLE: &str = "Web";
+const ROLE_LABEL: &str = "iam.amazonaws.com/role=Web";
+
+fn with_role<'a>(network: &'a [&'a str]) -> Vec<&'a str> {
+    let mut args = network.to_vec();
+    args.extend_from_slice(&["--label", ROLE_LABEL]);
+    args
+}
+
+/// `imds-attack` in a fresh container; its `key=value` lines and its whole output.
+fn attack(
+    docker_args: &[&str],
+    command: &[&str],
+) -> (std::collections::HashMap<String, String>, String) {
+    let image = attack_image(env!("CARGO_BIN_EXE_imds-attack").as_ref()).unwrap();
+    let mut cmd = vec!["/program"];
+    cmd.extend_from_slice(command);
+    let (_, _, out) = run_in(image, docker_args, &cmd);
+    assert!(!out.contains(INSTANCE_ROLE), "{out}");
+    (fields(&out), out)
+}
+
+const IMDS: &str = "169.254.169.254:80";
+
+/// A token, then the instance id with it.
+const TOKEN_AND_INSTANCE_ID: &str = r#"
+T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/instance-id
+"#;
+
+/// Every way to spell the IMDS address in a URL reaches the proxy (the container's own role),
+/// never the instance's. IPv6 forms may also fail to connect where the network has no IPv6; they
+/// never reach the real IMDS.
+fn address_forms_in(mode: Mode) {
+    let scene = scene();
+    let _proxy = Proxy::start_in(&scene, mode, &[]);
+    let v4_forms = [
+        "169.254.169.254",
+        "2852039166",
+        "0xa9fea9fe",
+        "0251.0376.0251.0376",
+        "169.254.43518",
+        "0xA9.0xFE.0xA9.0xFE",
+        "[::ffff:169.254.169.254]",
+        "[::ffff:a9fe:a9fe]",
+    ];
+    let v6_forms = ["[fd00:ec2::254]", "[fd00:ec2:0:0:0:0:0:254]"];
+    let mut script = String::from(
+        "T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)\n",
+    );
+    for form in v4_forms.iter().chain(&v6_forms) {
+        script.push_str(&format!(
+            "curl -g -s -m 10 -w '\\n== %{{http_code}}\\n' -H \"X-aws-ec2-metadata-token: $T\" http://{form}/latest/meta-data/iam/security-credentials/\n"
+        ));
+    }
+    for (network, args) in NETWORKS {
+        let (_, _, out) = in_container(&with_role(args), &script);
+        let got = answers(&out);
+        assert_eq!(
+            got.len(),
+            v4_forms.len() + v6_forms.len(),
+            "{network}: {out}"
+        );
+        for (form, answer) in v4_forms.iter().zip(&got) {
+            assert_eq!(answer, &(200, ROLE.to_owned()), "{network} {form}: {out}");
+        }
+        for (form, answer) in v6_forms.iter().zip(&got[v4_forms.len()..]) {
+            assert!(
+                *answer == (200, ROLE.to_owned()) || answer.0 == 0,
+                "{network} {form}: {answer:?}: {out}"
+            );
+        }
+        assert!(!out.contains(INSTANCE_ROLE), "{network}: {out}");
+    }
+}
+
+#[test]
+fn address_forms_in_cgroup_mode() {
+    address_forms_in(Mode::Cgroup);
+}
+
+#[test]
+fn address_forms_in_tc_mode() {
+    address_forms_in(Mode::Tc);
+}
+
+/// Spellings of denied paths: each is refused as malformed (400) or not found (404); the
+/// container's own role is the control.
+fn deny_path_spellings_in(mode: Mode) {
+    let scene = scene();
+    let _proxy = Proxy::start_in(&scene, mode, &[]);
+    let cases: &[(&str, u16)] = &[
+        ("/latest/meta-data/iam/security-credentials/Web", 200),
+        (
+            "/latest/meta-data/iam/security-credentials/InstanceRole",
+            404,
+        ),
+        (
+            "/latest/meta-data/iam/security-credentials/InstanceRole/",
+            404,
+        ),
+        (
+            "/latest/meta-data/iam/security-credentials/InstanceRole?x=1",
+            404,
+        ),
+        (
+            "/latest/meta-data/iam/security-credentials/../security-credentials/InstanceRole",
+            400,
+        ),
+        (
+            "/latest/meta-data/iam/security-credentials/./InstanceRole",
+            400,
+        ),
+        (
+            "/latest/meta-data/iam//security-credentials/InstanceRole",
+            400,
+        ),
+        (
+            "/latest//meta-data/iam/security-credentials/InstanceRole",
+            400,
+        ),
+        (
+            "/latest/meta-data/iam/security-credentials/%49nstanceRole",
+            400,
+        ),
+        ("/latest/meta-data/%69am/security-credentials/", 400),
+        (
+            "/latest/meta-data/iam/security-credentials%2fInstanceRole",
+            400,
+        ),
+        (
+            "/latest/meta-data/IAM/security-credentials/InstanceRole",
+            404,
+        ),
+        (
+            "/LATEST/meta-data/iam/security-credentials/InstanceRole",
+            404,
+        ),
+        (
+            "/2021-03-23/meta-data/iam/security-credentials/InstanceRole",
+            404,
+        ),
+        ("/1.0/meta-data/iam/security-credentials/", 404),
+        (
+            "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            404,
+        ),
+        ("/latest/meta-data/identity-credentials/", 404),
+        ("/latest/user-data", 404),
+        ("/latest/user-data/", 404),
+        ("/latest/dynamic/instance-identity/pkcs7", 404),
+        ("/latest/dynamic/instance-identity/signature", 404),
+        ("/latest/dynamic/instance-identity/rsa2048", 404),
+        ("/2021-03-23/dynamic/instance-identity/pkcs7", 404),
+    ];
+    let mut script = String::from(
+        "T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)\n",
+    );
+    for (path, _) in cases {
+        script.push_str(&format!(
+            "curl --path-as-is -s -o /dev/null -w '\\n== %{{http_code}}\\n' -H \"X-aws-ec2-metadata-token: $T\" 'http://169.254.169.254{path}'\n"
+        ));
+    }
+    // Host tricks change nothing: the caller is who the kernel says.
+    for host in ["127.0.0.1", "169.254.169.254:8080", "localhost"] {
+        script.push_str(&format!(
+            "curl -s -w '\\n== %{{http_code}}\\n' -H 'Host: {host}' -H \"X-aws-ec2-metadata-token: $T\" http://169.254.169.254/latest/meta-data/iam/security-credentials/\n"
+        ));
+    }
+    for (network, args) in NETWORKS {
+        let (_, _, out) = in_container(&with_role(args), &script);
+        let got = answers(&out);
+        assert_eq!(got.len(), cases.len() + 3, "{network}: {out}");
+        for ((path, status), (got_status, _)) in cases.iter().zip(&got) {
+            assert_eq!(got_status, status, "{network} {path}: {out}");
+        }
+        for answer in &got[cases.len()..] {
+            assert_eq!(answer, &(200, ROLE.to_owned()), "{network}: {out}");
+        }
+    }
+}
+
+#[test]
+fn deny_path_spellings_in_cgroup_mode() {
+    deny_path_spellings_in(Mode::Cgroup);
+}
+
+#[test]
+fn deny_path_spellings_in_tc_mode() {
+    deny_path_spellings_in(Mode::Tc);
+}
+
+/// A token is good only for the container it was minted for: another container replaying it, or
+/// anyone forging one, gets 401. Out-of-range TTLs and forwarded token requests are refused.
+fn tokens_cannot_be_forged_or_replayed_in(mode: Mode) {
+    let scene = scene();
+    let _proxy = Proxy::start_in(&scene, mode, &[]);
+    for (network, args) in NETWORKS {
+        let (_, _, out) = in_container(
+            &with_role(args),
+            "curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token",
+        );
+        let stolen = out.trim().to_owned();
+        assert!(stolen.len() > 20, "{network}: a token: {out}");
+        let mut forged = stolen.clone().into_bytes();
+        let last = forged.len() - 3;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        let script = format!(
+            r#"
+for t in '{stolen}' '{forged}' 'AAAA' ''; do
+  curl -s -o /dev/null -w '\n== %{{http_code}}\n' -H "X-aws-ec2-metadata-token: $t" http://169.254.169.254/latest/meta-data/iam/security-credentials/
+done
+for ttl in 0 21601 -1 abc; do
+  curl -s -o /dev/null -w '\n== %{{http_code}}\n' -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: $ttl" http://169.254.169.254/latest/api/token
+done
+curl -s -o /dev/null -w '\n== %{{http_code}}\n' -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' -H 'X-Forwarded-For: 10.0.0.1' http://169.254.169.254/latest/api/token
+"#
+        );
+        // Another container with the same role: the token is still not its own.
+        let (_, _, out) = in_container(&with_role(args), &script);
+        let statuses: Vec<u16> = answers(&out).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(
+            statuses,
+            [401, 401, 401, 401, 400, 400, 400, 400, 403],
+            "{network}: {out}"
+        );
+    }
+}
+
+#[test]
+fn tokens_cannot_be_forged_or_replayed_in_cgroup_mode() {
+    tokens_cannot_be_forged_or_replayed_in(Mode::Cgroup);
+}
+
+#[test]
+fn tokens_cannot_be_forged_or_replayed_in_tc_mode() {
+    tokens_cannot_be_forged_or_replayed_in(Mode::Tc);
+}
+
+/// Requests no client sends: each gets the answer stated, and never more than one response for
+/// one request (nothing smuggled through).
+fn malformed_and_smuggled_requests_in(mode: Mode) {
+    let scene = scene();
+    let _proxy = Proxy::start_in(&scene, mode, &["--require-imdsv2", "true"]);
+    let big = "a".repeat(20_000);
+    let oversized =
+        format!("GET /latest/meta-data/ HTTP/1.1\\r\\nHost: x\\r\\nX-Big: {big}\\r\\n\\r\\n");
+    // (what, request, the statuses a correct proxy may answer)
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        (
+            "absolute-form target for the instance role",
+            "GET http://169.254.169.254/latest/meta-data/iam/security-credentials/InstanceRole HTTP/1.1\\r\\nHost: 169.254.169.254\\r\\nX-aws-ec2-metadata-token: {TOKEN}\\r\\nConnection: close\\r\\n\\r\\n".into(),
+            &["404"],
+        ),
+        (
+            "Content-Length and Transfer-Encoding together, a request smuggled in the body",
+            "GET /latest/meta-data/ HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token: {TOKEN}\\r\\nContent-Length: 4\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\nGET /latest/meta-data/iam/security-credentials/InstanceRole HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token: {TOKEN}\\r\\n\\r\\n".into(),
+            &["400", "413"],
+        ),
+        (
+            "two different Content-Lengths",
+            "GET /latest/meta-data/ HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 0\\r\\nContent-Length: 70\\r\\n\\r\\n".into(),
+            &["400"],
+        ),
+        (
+            "a body on a token request",
+            "PUT /latest/api/token HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token-ttl-seconds: 60\\r\\nContent-Length: 5000\\r\\n\\r\\n".into(),
+            &["413"],
+        ),
+        (
+            "a chunked body",
+            "PUT /latest/api/token HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token-ttl-seconds: 60\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n5\\r\\nhello\\r\\n0\\r\\n\\r\\n".into(),
+            &["413"],
+        ),
+        (
+            "an obsolete folded header",
+            "GET /latest/meta-data/ HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token: {TOKEN}\\r\\n continued\\r\\n\\r\\n".into(),
+            &["400"],
+        ),
+        ("a 20 KB header", oversized, &["431", "400"]),
+        (
+            "a byte outside ASCII in the path",
+            "GET /latest/meta-data/\\xff HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token: {TOKEN}\\r\\n\\r\\n".into(),
+            &["400"],
+        ),
+        (
+            "an asterisk target",
+            "GET * HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token: {TOKEN}\\r\\n\\r\\n".into(),
+            &["400"],
+        ),
+        (
+            "HTTP/2 with prior knowledge (h2c)",
+            "PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n".into(),
+            &["none", "400", "505"],
+        ),
+        (
+            "an upgrade to h2c",
+            "GET /latest/meta-data/ HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token: {TOKEN}\\r\\nConnection: Upgrade, HTTP2-Settings\\r\\nUpgrade: h2c\\r\\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\\r\\n\\r\\n".into(),
+            &["200"],
+        ),
+        (
+            "a method IMDS does not serve",
+            "POST /latest/api/token HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token-ttl-seconds: 60\\r\\nContent-Length: 0\\r\\n\\r\\n".into(),
+            &["405"],
+        ),
+        (
+            "no token where IMDSv2 is required",
+            "GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n".into(),
+            &["401"],
+        ),
+    ];
+    for (network, args) in NETWORKS {
+        for (what, request, allowed) in &cases {
+            let (got, out) = attack(&with_role(args), &["raw", IMDS, request]);
+            assert!(
+                allowed.contains(&got["status"].as_str()),
+                "{network}, {what}: {out}"
+            );
+            assert!(
+                got["responses"].parse::<u32>().unwrap() <= 1,
+                "{network}, {what}: one response at most: {out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn malformed_and_smuggled_requests_in_cgroup_mode() {
+    malformed_and_smuggled_requests_in(Mode::Cgroup);
+}
+
+#[test]
+fn malformed_and_smuggled_requests_in_tc_mode() {
+    malformed_and_smuggled_requests_in(Mode::Tc);
+}
+
+/// Slowloris: a request head that never completes, and a keep-alive connection left idle, are
+/// closed by the server (header timeout 1 s here), and counted.
+fn slow_and_idle_connections_are_closed_in(mode: Mode) {
+    let scene = scene();
+    let proxy = Proxy::start_in(&scene, mode, &["--header-timeout", "1s"]);
+    for (network, args) in NETWORKS {
+        let (got, out) = attack(&with_role(args), &["slow", IMDS]);
+        assert_eq!(got["closed"], "true", "{network}: {out}");
+        assert_ne!(got["status"], "200", "{network}: {out}");
+        let (got, out) = attack(&with_role(args), &["idle", IMDS]);
+        assert_eq!(
+            got["first"], "401",
+            "{network}: answered first (no token): {out}"
+        );
+        assert_eq!(got["closed"], "true", "{network}: then closed: {out}");
+    }
+    assert!(
+        proxy.metric("imds_proxy_connections_refused_total{reason=\"header_timeout\"}") >= 4,
+        "counted"
+    );
+}
+
+#[test]
+fn slow_and_idle_connections_are_closed_in_cgroup_mode() {
+    slow_and_idle_connections_are_closed_in(Mode::Cgroup);
+}
+
+#[test]
+fn slow_and_idle_connections_are_closed_in_tc_mode() {
+    slow_and_idle_connections_are_closed_in(Mode::Tc);
+}
+
+/// One container holding connections open cannot take them from the others: of 12 half-sent
+/// requests it holds 8 (its cap), the other 4 are closed unserved, and another container is
+/// served meanwhile.
+fn one_container_cannot_take_every_connection_in(mode: Mode) {
+    let scene = scene();
+    let proxy = Proxy::start_in(
+        &scene,
+        mode,
+        &[
+            "--max-connections-per-caller",
+            "8",
+            "--header-timeout",
+            "120s",
+        ],
+    );
+    ensure_imds_is_simulated().unwrap();
+    let image = attack_image(env!("CARGO_BIN_EXE_imds-attack").as_ref()).unwrap();
+    for (network, args) in NETWORKS {
+        let name = format!("imds-test-hold-{}", imds_tests::containers::rand_suffix());
+        let mut run = vec!["run", "-d", "--name", &name];
+        run.extend_from_slice(args);
+        run.extend_from_slice(&[image, "/program", "hold", IMDS, "12", "300"]);
+        docker_ok(&run).unwrap();
+        // Until the attacker says it holds its connections (bounded).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let out = loop {
+            let logs = docker(&["logs", &name]).unwrap();
+            let out = String::from_utf8_lossy(&logs.stdout).into_owned();
+            if out.contains("held=") {
+                break out;
+            }
+            assert!(std::time::Instant::now() < deadline, "{network}: {out}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        let got = fields(&out);
+        assert_eq!(got["held"], "8", "{network}: its cap: {out}");
+        assert_eq!(
+            got["closed"], "4",
+            "{network}: the rest closed unserved: {out}"
+        );
+        // Meanwhile another container is served.
+        let (_, _, other) = in_container(&with_role(args), TOKEN_AND_INSTANCE_ID);
+        assert_eq!(answers(&other)[0].0, 200, "{network}: {other}");
+        docker_ok(&["rm", "-f", &name]).unwrap();
+    }
+    assert!(proxy.metric("imds_proxy_connections_refused_total{reason=\"per_caller_limit\"}") == 8);
+}
+
+#[test]
+fn one_container_cannot_take_every_connection_in_cgroup_mode() {
+    one_container_cannot_take_every_connection_in(Mode::Cgroup);
+}
+
+#[test]
+fn one_container_cannot_take_every_connection_in_tc_mode() {
+    one_container_cannot_take_every_connection_in(Mode::Tc);
+}
+
+/// A burst from one container is throttled (429, as IMDS answers) by its own budget, and
+/// another container is still served.
+fn bursts_are_throttled_per_container_in(mode: Mode) {
+    let scene = scene();
+    let proxy = Proxy::start_in(
+        &scene,
+        mode,
+        &["--requests-per-second", "1", "--request-burst", "5"],
+    );
+    for (network, args) in NETWORKS {
+        let (got, out) = attack(
+            &with_role(args),
+            &["burst", IMDS, "30", "/latest/meta-data/instance-id"],
+        );
+        let count = |status: &str| {
+            got.get(&format!("status_{status}"))
+                .map_or(0, |n| n.parse::<u32>().unwrap())
+        };
+        assert!(count("429") >= 10, "{network}: throttled: {out}");
+        assert!(
+            count("200") >= 1,
+            "{network}: served within its budget: {out}"
+        );
+        assert_eq!(count("200") + count("429"), 30, "{network}: {out}");
+        let (_, _, other) = in_container(&with_role(args), TOKEN_AND_INSTANCE_ID);
+        assert_eq!(
+            answers(&other)[0].0,
+            200,
+            "{network}: another container: {other}"
+        );
+    }
+    assert!(proxy.metric("imds_proxy_throttled_total{limit=\"per_caller\"}") >= 20);
+}
+
+#[test]
+fn bursts_are_throttled_per_container_in_cgroup_mode() {
+    bursts_are_throttled_per_container_in(Mode::Cgroup);
+}
+
+#[test]
+fn bursts_are_throttled_per_container_in_tc_mode() {
+    bursts_are_throttled_per_container_in(Mode::Tc);
+}
+
+/// A role STS refuses does not turn every request into an STS call: the failure is remembered
+/// with a back-off (1 s, doubling), so ten quick requests make a few calls at most.
+#[test]
+fn a_failing_role_does_not_make_an_sts_call_per_request() {
+    let mut scene = scene();
+    let proxy = Proxy::start(&scene, &[]);
+    scene.stop_sts().unwrap();
+    let script = r#"
+T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  curl -s -o /dev/null -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/Web
+done
+"#;
+    let (_, _, out) = in_container(&with_role(&[]), script);
+    let statuses: Vec<u16> = answers(&out).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(statuses, [503; 10], "{out}");
+    let calls = proxy.metric("imds_proxy_sts_calls_total");
+    let avoided = proxy.metric("imds_proxy_sts_calls_avoided_total");
+    assert!(
+        calls <= 4,
+        "{calls} STS calls for 10 requests (and a prefetch)"
+    );
+    assert!(
+        avoided >= 7,
+        "{avoided} answered from the remembered failure"
+    );
+    proxy.wait_for_log(&["not asking again", "Web"]);
+}

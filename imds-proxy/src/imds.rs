@@ -23,6 +23,9 @@ use axum::{
 };
 use tracing::Instrument as _;
 
+pub use imds_policy::paths::Exposure;
+use imds_policy::paths::{Route, checked, route};
+
 use crate::{
     credentials::{self, Key},
     docker,
@@ -62,100 +65,6 @@ pub struct App {
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new().fallback(handle).with_state(app)
-}
-
-/// What a path is, after checking it.
-#[derive(Debug, PartialEq, Eq)]
-enum Route<'a> {
-    /// `iam/security-credentials/` listing.
-    RoleList,
-    /// `iam/security-credentials/<name>`.
-    RoleCredentials(&'a str),
-    IamInfo,
-    IamListing,
-    /// Never served to a container.
-    Denied,
-    /// Served from the upstream.
-    PassThrough,
-}
-
-/// Refuse what must never reach the upstream as it is: dot segments, empty segments, escapes,
-/// anything outside visible ASCII. The path is used upstream only after this.
-fn checked(path: &str) -> Option<&str> {
-    if !path.starts_with('/')
-        || path.len() > 512
-        || !path.bytes().all(|b| b.is_ascii_graphic())
-        || path.contains('%')
-        || path.contains('\\')
-    {
-        return None;
-    }
-    let inner = path.strip_suffix('/').unwrap_or(path);
-    if inner.len() > 1
-        && inner[1..]
-            .split('/')
-            .any(|s| s.is_empty() || s == "." || s == "..")
-    {
-        return None;
-    }
-    Some(path)
-}
-
-/// What the operator chose to pass through beyond the defaults.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Exposure {
-    /// `user-data`: often holds secrets.
-    pub user_data: bool,
-    /// `dynamic/instance-identity/{pkcs7,signature,rsa2048}`: proofs signed by AWS that this
-    /// caller is the instance, with which Vault's or SPIRE's AWS auth logs in as the instance.
-    pub identity_signatures: bool,
-}
-
-/// The signed forms of the instance identity document.
-const IDENTITY_SIGNATURES: [&str; 3] = ["pkcs7", "signature", "rsa2048"];
-
-fn route(path: &str, exposure: Exposure) -> Route<'_> {
-    // Every version of the API (`latest`, `2021-03-23`, ...) leads to the same data: the rules
-    // apply to what follows the version.
-    let rest = path[1..]
-        .split_once('/')
-        .map(|(_, rest)| rest)
-        .unwrap_or("");
-    let latest = path.starts_with("/latest/");
-    let rest_trimmed = rest.strip_suffix('/').unwrap_or(rest);
-    if rest_trimmed == "user-data" || rest.starts_with("user-data/") {
-        return if exposure.user_data {
-            Route::PassThrough
-        } else {
-            Route::Denied
-        };
-    }
-    if let Some(doc) = rest.strip_prefix("dynamic/instance-identity/") {
-        let doc = doc.split('/').next().unwrap_or_default();
-        if IDENTITY_SIGNATURES.contains(&doc) && !exposure.identity_signatures {
-            return Route::Denied;
-        }
-    }
-    if rest_trimmed == "meta-data/identity-credentials"
-        || rest.starts_with("meta-data/identity-credentials/")
-    {
-        return Route::Denied;
-    }
-    if rest_trimmed == "meta-data/iam" || rest.starts_with("meta-data/iam/") {
-        if !latest {
-            return Route::Denied;
-        }
-        return match rest_trimmed {
-            "meta-data/iam" => Route::IamListing,
-            "meta-data/iam/info" if !rest.ends_with('/') => Route::IamInfo,
-            "meta-data/iam/security-credentials" => Route::RoleList,
-            other => match other.strip_prefix("meta-data/iam/security-credentials/") {
-                Some(name) if !name.contains('/') => Route::RoleCredentials(name),
-                _ => Route::Denied,
-            },
-        };
-    }
-    Route::PassThrough
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response {
@@ -569,98 +478,6 @@ pub async fn follow_upstream_imdsv2(app: Arc<App>, every: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn paths_are_checked_before_anything_else() {
-        for bad in [
-            "/latest/meta-data/../meta-data/iam/",
-            "/latest/meta-data/./iam",
-            "/latest//meta-data",
-            "/latest/meta-data/%2e%2e/",
-            "/latest/meta-data/iam\\x",
-            "latest/meta-data",
-        ] {
-            assert_eq!(checked(bad), None, "{bad}");
-        }
-        for good in [
-            "/",
-            "/latest",
-            "/latest/",
-            "/latest/meta-data/",
-            "/latest/meta-data/ami-id",
-        ] {
-            assert_eq!(checked(good), Some(good));
-        }
-    }
-
-    #[test]
-    fn routes() {
-        let r = |p| route(p, Exposure::default());
-        assert_eq!(
-            r("/latest/meta-data/iam/security-credentials/"),
-            Route::RoleList
-        );
-        assert_eq!(
-            r("/latest/meta-data/iam/security-credentials"),
-            Route::RoleList
-        );
-        assert_eq!(
-            r("/latest/meta-data/iam/security-credentials/Web"),
-            Route::RoleCredentials("Web")
-        );
-        assert_eq!(
-            r("/latest/meta-data/iam/security-credentials/Web/"),
-            Route::RoleCredentials("Web")
-        );
-        assert_eq!(
-            r("/latest/meta-data/iam/security-credentials/a/b"),
-            Route::Denied
-        );
-        assert_eq!(r("/latest/meta-data/iam/info"), Route::IamInfo);
-        assert_eq!(r("/latest/meta-data/iam/"), Route::IamListing);
-        assert_eq!(r("/latest/meta-data/iam/other"), Route::Denied);
-        // Other API versions never reach the instance role.
-        assert_eq!(
-            r("/2021-03-23/meta-data/iam/security-credentials/InstanceRole"),
-            Route::Denied
-        );
-        assert_eq!(r("/1.0/meta-data/iam/info"), Route::Denied);
-        assert_eq!(
-            r("/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"),
-            Route::Denied
-        );
-        assert_eq!(
-            r("/2021-03-23/meta-data/identity-credentials/"),
-            Route::Denied
-        );
-        assert_eq!(r("/latest/user-data"), Route::Denied);
-        assert_eq!(r("/2021-03-23/user-data/"), Route::Denied);
-        let user_data = Exposure {
-            user_data: true,
-            ..Exposure::default()
-        };
-        assert_eq!(route("/latest/user-data", user_data), Route::PassThrough);
-        for signed in [
-            "/latest/dynamic/instance-identity/pkcs7",
-            "/latest/dynamic/instance-identity/signature",
-            "/latest/dynamic/instance-identity/rsa2048",
-            "/latest/dynamic/instance-identity/rsa2048/",
-            "/2021-03-23/dynamic/instance-identity/pkcs7",
-        ] {
-            assert_eq!(r(signed), Route::Denied, "{signed}");
-            let signatures = Exposure {
-                identity_signatures: true,
-                ..Exposure::default()
-            };
-            assert_eq!(route(signed, signatures), Route::PassThrough, "{signed}");
-        }
-        assert_eq!(r("/latest/meta-data/instance-id"), Route::PassThrough);
-        assert_eq!(
-            r("/latest/dynamic/instance-identity/document"),
-            Route::PassThrough
-        );
-        assert_eq!(r("/"), Route::PassThrough);
-    }
 
     #[test]
     fn credentials_document_format() {

@@ -8,11 +8,10 @@ pub mod ebpf;
 pub mod filter;
 pub mod identity;
 pub mod imds;
-pub mod limits;
 pub mod metrics;
 pub mod netdev;
-pub mod roles;
 pub mod serve;
 pub mod tc;
-pub mod tokens;
 pub mod upstream;
+
+pub use imds_policy::{limits, paths, roles, tokens};

@@ -182,7 +182,13 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
             ],
         )
     })?;
-    step("integration and end-to-end tests", || {
+    // The fuzz targets run beside the integration tests (those mostly wait on the kernel, Docker
+    // and the network); their output goes to a log, shown if they fail.
+    let fuzzing = {
+        let root = root.to_owned();
+        std::thread::spawn(move || fuzz(&root))
+    };
+    let integration = step("integration and end-to-end tests", || {
         // The tests run the daemon binary itself (kill it, restart it, detach with it), and its
         // image, as users build it.
         cargo(root, &["build", "--package", "imds-proxy", "--bins"])?;
@@ -193,9 +199,67 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
             .args(test_args)
             .env("IMDS_VENV", &env.venv);
         run(&mut cmd)
-    })?;
+    });
+    let fuzzed = fuzzing
+        .join()
+        .map_err(|_| anyhow::anyhow!("the fuzzing thread panicked"))?;
+    integration?;
+    fuzzed?;
     println!("xtask test: everything passed in {:.0?}", started.elapsed());
     Ok(())
+}
+
+/// The cargo-fuzz targets (`fuzz/fuzz_targets`) and how long each runs in `cargo xtask test`.
+const FUZZ_TARGETS: [&str; 4] = ["paths", "tokens", "roles", "glob"];
+const FUZZ_SECONDS: u32 = 30;
+
+/// Each fuzz target for [`FUZZ_SECONDS`], starting from the inputs kept in
+/// `fuzz/regressions/<target>` (every crash found so far, replayed first) and a working corpus
+/// under `target/`. A crash stops the run and leaves its input in `fuzz/artifacts/<target>/`.
+fn fuzz(root: &Path) -> anyhow::Result<()> {
+    step("fuzzing (beside the integration tests)", || {
+        let log_path = root.join("target/fuzz.log");
+        std::fs::create_dir_all(root.join("target"))?;
+        let log = std::fs::File::create(&log_path)?;
+        for target in FUZZ_TARGETS {
+            let corpus = root.join("target/fuzz-corpus").join(target);
+            std::fs::create_dir_all(&corpus)?;
+            let regressions = root.join("fuzz/regressions").join(target);
+            std::fs::create_dir_all(&regressions)?;
+            let started = Instant::now();
+            let status = Command::new("cargo")
+                .current_dir(root.join("fuzz"))
+                .args(["+nightly", "fuzz", "run", target])
+                .arg(&corpus)
+                .arg(&regressions)
+                .args([
+                    "--",
+                    &format!("-max_total_time={FUZZ_SECONDS}"),
+                    "-max_len=4096",
+                    "-print_final_stats=1",
+                ])
+                .env("CARGO_TARGET_DIR", root.join("target/fuzz"))
+                .stdout(log.try_clone()?)
+                .stderr(log.try_clone()?)
+                .status()
+                .context("running cargo fuzz (cargo xtask setup installs it)")?;
+            if !status.success() {
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                for line in tail.into_iter().rev() {
+                    println!("fuzz: {line}");
+                }
+                bail!(
+                    "fuzz target {target} failed (whole log: {}); its input is in \
+                     fuzz/artifacts/{target}/: fix the bug and keep the input in \
+                     fuzz/regressions/{target}/",
+                    log_path.display()
+                );
+            }
+            println!("fuzz: {target}: no failure in {:.0?}", started.elapsed());
+        }
+        Ok(())
+    })
 }
 
 fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {

@@ -12,6 +12,8 @@ use anyhow::{Context as _, ensure};
 
 /// Versions of the Python tools in the venv, pinned so every machine tests against the same peers.
 const PYTHON_PACKAGES: &[&str] = &["moto[server]==5.2.5", "awscli==1.46.3", "boto3==1.44.5"];
+/// The cargo-fuzz release that runs the fuzz targets (`fuzz/`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// The bpf-linker release that links aya 0.14 programs.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Where the Docker engine's output goes when setup starts it.
@@ -39,6 +41,7 @@ pub fn run(root: &Path) -> anyhow::Result<Env> {
         "musl-tools",
     ])?;
     bpf_linker(llvm)?;
+    cargo_fuzz()?;
     musl_target()?;
     docker()?;
     bpffs()?;
@@ -198,6 +201,28 @@ fn bpf_linker(llvm: u32) -> anyhow::Result<()> {
         "bpf-linker",
         format!("{BPF_LINKER_VERSION} built against LLVM {llvm}"),
     );
+    Ok(())
+}
+
+/// cargo-fuzz, for the bounded fuzzing run of `cargo xtask test`.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let present = output(Command::new("cargo").args(["fuzz", "--version"]))
+        .ok()
+        .is_some_and(|v| v.trim() == format!("cargo-fuzz {CARGO_FUZZ_VERSION}"));
+    if present {
+        say("cargo-fuzz", format!("{CARGO_FUZZ_VERSION} present"));
+        return Ok(());
+    }
+    exec(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+        "--force",
+    ]))
+    .with_context(|| format!("installing cargo-fuzz {CARGO_FUZZ_VERSION}"))?;
+    say("cargo-fuzz", format!("{CARGO_FUZZ_VERSION} installed"));
     Ok(())
 }
 

@@ -70,6 +70,8 @@ const MAX_PATH: usize = 512;
 fn check_path_and_name(value: &str) -> Result<(), String> {
     let (path, name) = value.rsplit_once('/').unwrap_or(("", value));
     if name.is_empty()
+        || name == "."
+        || name == ".."
         || name.len() > MAX_NAME
         || !name
             .bytes()
@@ -494,6 +496,9 @@ mod tests {
             "../Admin",
             "team/../Admin",
             "./Web",
+            ".",
+            "..",
+            "team/..",
             "team/./Web",
             "Web\n",
             "We\u{1b}[31mb",

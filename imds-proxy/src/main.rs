@@ -118,25 +118,12 @@ async fn detach(pin: Option<PathBuf>, interface: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where containers' cgroups live on the v2 hierarchy, by Docker's cgroup driver, and whether
-/// that parent also holds host services (filter mode).
-fn docker_parent_cgroup(root: &std::path::Path, driver: &str) -> anyhow::Result<(PathBuf, bool)> {
-    if driver == "systemd" {
-        // docker-<id>.scope under system.slice, beside the host's services.
-        let slice = root.join("system.slice");
-        if !slice.is_dir() {
-            bail!(
-                "Docker uses the systemd cgroup driver but {} does not exist; pass --cgroup",
-                slice.display()
-            );
-        }
-        return Ok((slice, true));
-    }
-    let parent = root.join("docker");
-    // runc creates it with the first container; creating it first is what runc would do.
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("creating Docker's parent cgroup {}", parent.display()))?;
-    Ok((parent, false))
+/// Whether a container whose cgroup is `cgroup` (relative to the v2 root, as Docker placed it) is
+/// below one of the attach points `attached` (relative too).
+fn covered(cgroup: &str, attached: &[String]) -> bool {
+    attached
+        .iter()
+        .any(|parent| parent == "/" || identity::within(cgroup, parent))
 }
 
 #[tokio::main]
@@ -188,9 +175,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("the proxy's own cgroup {own_path}"))?;
     let (cgroups, filter) = if args.cgroups.is_empty() {
         let driver = docker.cgroup_driver().await?;
-        let (parent, filter) = docker_parent_cgroup(&root, &driver)?;
-        tracing::info!(driver, parent = %parent.display(), filter, "Docker's cgroups");
-        (vec![parent], filter)
+        // A container's cgroup is wherever its runner put it (`--cgroup-parent`, a daemon-wide
+        // cgroup-parent, BuildKit's steps), not only under Docker's default parent: attach at the
+        // v2 root, and let the filter tell containers' cgroups from the host's.
+        tracing::info!(
+            driver,
+            root = %root.display(),
+            "attaching at the cgroup v2 root in filter mode: containers are redirected wherever \
+             their cgroup is; host cgroups pass"
+        );
+        (vec![root.clone()], true)
     } else {
         (args.cgroups.clone(), args.cgroup_filter)
     };
@@ -348,7 +342,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     // Run as a container itself, the proxy is one of Docker's containers: it never asks itself.
     let own_container = identity::container_id(&own_path);
-    tokio::spawn(follow_containers(app.clone(), own_container));
+    let attach_points: Vec<String> = cgroups
+        .iter()
+        .filter_map(|c| c.strip_prefix(&root).ok())
+        .map(|rel| format!("/{}", rel.display()).replace("//", "/"))
+        .collect();
+    tokio::spawn(follow_containers(app.clone(), own_container, attach_points));
     tokio::spawn(docker.clone().run());
 
     let router = imds::router(app.clone());
@@ -406,7 +405,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Prefetch the credentials of containers that start with a role; forget those destroyed.
-async fn follow_containers(app: Arc<imds::App>, own_container: Option<String>) {
+/// A container that starts outside every attach point is reported: its IMDS traffic is not
+/// redirected (only the egress guard's attach points, if any, stop it).
+async fn follow_containers(
+    app: Arc<imds::App>,
+    own_container: Option<String>,
+    attached: Vec<String>,
+) {
     let mut events = app.docker.subscribe();
     loop {
         let event = match events.recv().await {
@@ -421,6 +426,18 @@ async fn follow_containers(app: Arc<imds::App>, own_container: Option<String>) {
         match event {
             docker::Event::Started(container) if Some(&container.id) == own_container.as_ref() => {}
             docker::Event::Started(container) => {
+                if !covered(&container.cgroup, &attached) {
+                    app.metrics.uncovered_container();
+                    tracing::error!(
+                        container_id = %container.id,
+                        container = %container.name,
+                        cgroup = %container.cgroup,
+                        attach_points = ?attached,
+                        "a container started outside every attach point: its IMDS connects are \
+                         not redirected (attach higher with --cgroup, or drop --cgroup to attach \
+                         at the v2 root)"
+                    );
+                }
                 match app.roles.resolve(&container.labels, &container.env) {
                     Ok(Some(role)) => app.credentials.prefetch(credentials::Key {
                         session_name: roles::session_name(Some(&container.name), &container.id),

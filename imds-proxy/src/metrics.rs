@@ -21,6 +21,7 @@ pub struct Metrics {
     containers: AtomicU64,
     refused_connections: Mutex<BTreeMap<&'static str, u64>>,
     sts_calls_avoided: AtomicU64,
+    uncovered_containers: AtomicU64,
     throttled: Mutex<BTreeMap<&'static str, u64>>,
     metadata_cache_hits: AtomicU64,
     open_connections: AtomicU64,
@@ -90,6 +91,11 @@ impl Metrics {
             .expect("metrics poisoned")
             .entry(limit)
             .or_default() += 1;
+    }
+
+    /// A container started whose cgroup is below no attach point.
+    pub fn uncovered_container(&self) {
+        self.uncovered_containers.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn metadata_cache_hit(&self) {
@@ -179,6 +185,12 @@ impl Metrics {
             "imds_proxy_sts_calls_avoided_total",
             "Requests answered with an STS failure remembered from a call just before (back-off).",
             load(&self.sts_calls_avoided),
+        );
+        counter(
+            &mut out,
+            "imds_proxy_uncovered_containers_total",
+            "Containers that started with a cgroup below no attach point (not redirected).",
+            load(&self.uncovered_containers),
         );
         counter(
             &mut out,

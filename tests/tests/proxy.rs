@@ -217,6 +217,38 @@ fn flow_in_image(image: &str, docker_args: &[&str]) -> (String, Vec<(u16, String
     (name, answers(&String::from_utf8_lossy(&logs.stdout)))
 }
 
+/// A container whose runner put its cgroup outside Docker's default parent
+/// (`--cgroup-parent=/elsewhere`) is still redirected and gets its own role: by default the
+/// programs attach at the v2 root. With a narrower attach point given by hand, such a container
+/// is reported (an error and a count) as soon as it starts.
+#[test]
+fn a_container_outside_dockers_parent_cgroup_is_covered() {
+    let scene = scene();
+    let elsewhere = [
+        "--cgroup-parent",
+        "/imds-test-elsewhere",
+        "--label",
+        "iam.amazonaws.com/role=Elsewhere",
+    ];
+    {
+        let proxy = Proxy::start(&scene, &[]);
+        assert_gets_role(&scene, &elsewhere, "Elsewhere");
+        assert_eq!(proxy.metric("imds_proxy_uncovered_containers_total"), 0);
+    }
+    let root = imds_tests::kernel::cgroup2_root().unwrap();
+    let docker_parent = root.join("docker");
+    std::fs::create_dir_all(&docker_parent).unwrap();
+    let proxy = Proxy::start(&scene, &["--cgroup", docker_parent.to_str().unwrap()]);
+    let name = format!("imds-test-{}", rand_suffix());
+    let mut run = vec!["run", "-d", "--name", &name];
+    run.extend_from_slice(&elsewhere);
+    run.extend_from_slice(&[curl_image().unwrap(), "sleep", "60"]);
+    docker_ok(&run).unwrap();
+    proxy.wait_for_log(&["outside every attach point", "imds-test-elsewhere"]);
+    assert_eq!(proxy.metric("imds_proxy_uncovered_containers_total"), 1);
+    docker_ok(&["rm", "-f", &name]).unwrap();
+}
+
 #[test]
 fn an_image_does_not_choose_its_own_role() {
     let scene = scene();

@@ -230,11 +230,19 @@ pub enum TcStat {
     DroppedNotLocal,
     /// IPv6 packets to IMDS while the proxy has no IPv6 listen address: dropped.
     DroppedNoListener,
+    /// Packets to IMDS (or the listen address) arriving on a container's host-side interface
+    /// with a source address that container does not own (spoofed with a raw socket): dropped
+    /// by `imds_tc_source_guard`.
+    DroppedSpoofed,
+    /// Packets to IMDS reaching a container interface (the bridge) without having passed a
+    /// guarded container port (its guard not attached yet, or not a bridge port at all):
+    /// dropped, since their source address is not vouched for.
+    DroppedUnvalidated,
 }
 
 impl TcStat {
     /// Every counter, in slot order.
-    pub const ALL: [TcStat; 11] = [
+    pub const ALL: [TcStat; 13] = [
         TcStat::Redirected,
         TcStat::Reversed,
         TcStat::ReversedWithoutState,
@@ -246,6 +254,8 @@ impl TcStat {
         TcStat::NatClosed,
         TcStat::DroppedNotLocal,
         TcStat::DroppedNoListener,
+        TcStat::DroppedSpoofed,
+        TcStat::DroppedUnvalidated,
     ];
 
     /// Its name in metrics and logs.
@@ -262,8 +272,32 @@ impl TcStat {
             TcStat::NatClosed => "nat_closed",
             TcStat::DroppedNotLocal => "dropped_not_local",
             TcStat::DroppedNoListener => "dropped_no_listener",
+            TcStat::DroppedSpoofed => "dropped_spoofed",
+            TcStat::DroppedUnvalidated => "dropped_unvalidated",
         }
     }
+}
+
+/// tc mode: the addresses each container port may send to IMDS from, in `IMDS_TC_SOURCES`.
+pub const MAP_TC_SOURCES: &str = "IMDS_TC_SOURCES";
+pub const MAX_TC_SOURCES: u32 = 16_384;
+
+/// tc mode: the `skb->mark` bit `imds_tc_source_guard` sets on a packet to IMDS whose source
+/// address its container port owns; the bridge's program redirects only packets carrying it (and
+/// clears it). A container cannot set it: the mark is cleared when a packet leaves a network
+/// namespace through a veth.
+pub const SOURCE_VALIDATED_MARK: u32 = 1 << 29;
+
+/// A container port (the host-side interface of its veth, by index) and an address its container
+/// owns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub ifindex: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// Raw form; IPv4 in the first word, the rest zero.
+    pub addr: RawAddr,
 }
 
 /// Slots in `IMDS_TC_STATS`.
@@ -276,6 +310,7 @@ mod user {
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::SourceKey {}
 }
 
 #[cfg(test)]
@@ -332,6 +367,7 @@ mod tests {
         assert_eq!(size_of::<RedirectConfig>(), 4 + 16 + 4 + 4 + 4 + 8 + 8);
         assert_eq!(align_of::<RedirectConfig>(), 8);
         assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<SourceKey>(), 4 + 4 + 16);
     }
 
     #[test]

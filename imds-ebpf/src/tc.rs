@@ -11,6 +11,14 @@
 //!   address and port gets the original destination back as its source, so the client sees the
 //!   address it connected to.
 //!
+//! - `imds_tc_source_guard` sits on each container's own port of the bridge (the host side of its
+//!   veth), where the port a packet came in on is still known. A packet to IMDS (or the listen
+//!   address) whose source address is not one the port's container owns (`IMDS_TC_SOURCES`, filled
+//!   from Docker) is dropped: a container with NET_RAW could otherwise send with a neighbour's
+//!   address and be served the neighbour's role. One that passes gets
+//!   [`SOURCE_VALIDATED_MARK`]; `imds_tc_ingress` redirects only packets that carry it, so a port
+//!   the guard is not attached to yet fails closed.
+//!
 //! Checksums are updated incrementally by the kernel's helpers, which handle both a full checksum
 //! and CHECKSUM_PARTIAL (where only the pseudo-header part is in the field). IPv4 headers of any
 //! length (options included) are rewritten. What cannot be rewritten is dropped and counted in
@@ -28,12 +36,13 @@ use aya_ebpf::{
         generated::{bpf_csum_diff, bpf_fib_lookup},
     },
     macros::{classifier, map},
-    maps::{LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use imds_common::{
     AF_INET, AF_INET6, ConnKey, FIN_FROM_CLIENT, FIN_FROM_PROXY, IMDS_PORT, IMDS_V4_OCTETS,
-    IMDS_V6_OCTETS, MAX_NAT, NatEntry, RawAddr, RedirectConfig, TC_STATS, TcStat, raw_v4, raw_v6,
+    IMDS_V6_OCTETS, MAX_NAT, MAX_TC_SOURCES, NatEntry, RawAddr, RedirectConfig,
+    SOURCE_VALIDATED_MARK, SourceKey, TC_STATS, TcStat, raw_v4, raw_v6,
 };
 
 use crate::programs::config;
@@ -41,6 +50,10 @@ use crate::programs::config;
 /// Connections redirected by `imds_tc_ingress`, by the client's address and port.
 #[map(name = "IMDS_NAT")]
 static NAT: LruHashMap<ConnKey, NatEntry> = LruHashMap::with_max_entries(MAX_NAT, 0);
+
+/// The addresses each container port may send to IMDS from; filled by userspace from Docker.
+#[map(name = "IMDS_TC_SOURCES")]
+static SOURCES: HashMap<SourceKey, u8> = HashMap::with_max_entries(MAX_TC_SOURCES, 0);
 
 /// One counter per [`TcStat`], per CPU; userspace sums them.
 #[map(name = "IMDS_TC_STATS")]
@@ -135,6 +148,47 @@ pub fn imds_tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn imds_tc_egress(ctx: TcContext) -> i32 {
     handle(&ctx, Way::Egress)
+}
+
+/// On a container's port (ingress: what the container sends): packets to the redirect addresses
+/// must come from an address of this port's container.
+#[classifier]
+pub fn imds_tc_source_guard(ctx: TcContext) -> i32 {
+    let config = config();
+    let Ok(proto) = ctx.load::<u16>(ETH_PROTO) else {
+        return PASS;
+    };
+    let (family, src, dst) = match u16::from_be(proto) {
+        ETH_P_IP => match (ctx.load::<u32>(IP4_SRC), ctx.load::<u32>(IP4_DST)) {
+            (Ok(src), Ok(dst)) => (AF_INET, [src, 0, 0, 0], [dst, 0, 0, 0]),
+            // Too short to hold the addresses: the IP stack drops it; the bridge program too.
+            _ => return PASS,
+        },
+        ETH_P_IPV6 => match (ctx.load::<RawAddr>(IP6_SRC), ctx.load::<RawAddr>(IP6_DST)) {
+            (Ok(src), Ok(dst)) => (AF_INET6, src, dst),
+            _ => return PASS,
+        },
+        // ARP and the rest: not addressed to IMDS.
+        _ => return PASS,
+    };
+    if !ours(config, Way::Ingress, family, &src, &dst) {
+        // Not to the redirect addresses: not this program's business.
+        return PASS;
+    }
+    let key = SourceKey {
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        family: family as u32,
+        addr: src,
+    };
+    if unsafe { SOURCES.get(&key) }.is_none() {
+        // Not an address of this port's container (spoofed), or the container is not known yet:
+        // its IMDS traffic waits until it is (SYNs are retried).
+        count(TcStat::DroppedSpoofed);
+        return DROP;
+    }
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | SOURCE_VALIDATED_MARK);
+    PASS
 }
 
 #[inline(always)]
@@ -287,6 +341,13 @@ fn segment(
 /// Ingress: a client's segment to IMDS goes to the proxy.
 #[inline(always)]
 fn redirect(ctx: &TcContext, config: &RedirectConfig, s: &Segment) -> Result<i32, ()> {
+    // Only what a container's port vouched for: its source is that container's own address.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & SOURCE_VALIDATED_MARK == 0 {
+        count(TcStat::DroppedUnvalidated);
+        return Ok(DROP);
+    }
+    ctx.set_mark(mark & !SOURCE_VALIDATED_MARK);
     if is_proxy(Some(config), s.family, &s.dst) {
         // Addressed to the listen address directly. It is reserved for redirected traffic: a
         // direct connection could collide with a redirected one from the same client port.

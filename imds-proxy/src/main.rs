@@ -348,6 +348,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .map(|rel| format!("/{}", rel.display()).replace("//", "/"))
         .collect();
     tokio::spawn(follow_containers(app.clone(), own_container, attach_points));
+    if let Some(tc) = &tc {
+        // Subscribed before the index starts: every container, those running now included.
+        tokio::spawn(follow_sources(tc.clone(), docker.subscribe()));
+    }
     tokio::spawn(docker.clone().run());
 
     let router = imds::router(app.clone());
@@ -402,6 +406,53 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("stopped; programs detached and dummy interface removed");
     }
     Ok(())
+}
+
+/// tc mode: keep, for each container, the addresses its own ports may send to IMDS from.
+async fn follow_sources(
+    tc: Arc<TcRedirect>,
+    mut events: tokio::sync::broadcast::Receiver<docker::Event>,
+) {
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "container events missed (source addresses)");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        match event {
+            docker::Event::Started(container) if container.running && container.pid != 0 => {
+                let pid = container.pid;
+                let ports = tokio::task::spawn_blocking(move || TcRedirect::ports_of(pid)).await;
+                let ports = match ports {
+                    Ok(Ok(ports)) => ports,
+                    Ok(Err(err)) => {
+                        tracing::warn!(container_id = %container.id, %err, "cannot read the container's interfaces; its IMDS traffic stays dropped");
+                        continue;
+                    }
+                    Err(err) => {
+                        tracing::error!(%err, "interface lookup failed");
+                        continue;
+                    }
+                };
+                match tc.set_sources(&container.id, &ports, &container.addresses) {
+                    Ok(()) => tracing::debug!(
+                        container_id = %container.id,
+                        ?ports,
+                        addresses = ?container.addresses,
+                        "container's source addresses vouched for on its ports"
+                    ),
+                    Err(err) => {
+                        tracing::error!(container_id = %container.id, %err, "recording source addresses failed; its IMDS traffic stays dropped")
+                    }
+                }
+            }
+            docker::Event::Started(_) => {}
+            docker::Event::Destroyed(container) => tc.forget_sources(&container.id),
+        }
+    }
 }
 
 /// Prefetch the credentials of containers that start with a role; forget those destroyed.

@@ -9,7 +9,12 @@
 //! instance's IMDS; a restarted proxy adopts the pinned links.
 //!
 //! tc mode has no kernel record of who connected: the proxy identifies a caller by its source
-//! address through Docker. cgroup mode is the stronger of the two.
+//! address through Docker. So that a source address cannot be borrowed (a container has NET_RAW
+//! by default and can send with its neighbour's address), `imds_tc_source_guard` is attached to
+//! every port of a matching bridge (the host side of each container's veth) and checks packets to
+//! IMDS against the addresses of the container behind that port ([`TcRedirect::set_sources`], fed
+//! from Docker and the container's network namespace); the bridge's program redirects only what a
+//! port vouched for. cgroup mode is still the stronger of the two.
 use std::{
     collections::BTreeMap,
     net::{SocketAddrV4, SocketAddrV6},
@@ -31,14 +36,27 @@ use aya::{
     },
     util::KernelVersion,
 };
-use imds_common::{ConnKey, MAP_CONFIG, MAP_NAT, MAP_TC_STATS, NatEntry, TcStat};
+use imds_common::{
+    AF_INET, AF_INET6, ConnKey, MAP_CONFIG, MAP_NAT, MAP_TC_SOURCES, MAP_TC_STATS, NatEntry,
+    SourceKey, TcStat, raw_v6,
+};
 
 use crate::ebpf::{Error, listen_config, load_configured};
 
 pub const INGRESS_PROGRAM: &str = "imds_tc_ingress";
 pub const EGRESS_PROGRAM: &str = "imds_tc_egress";
+pub const GUARD_PROGRAM: &str = "imds_tc_source_guard";
 /// Maps pinned with `--pin` in tc mode.
-pub const MAPS: [&str; 3] = [MAP_CONFIG, MAP_NAT, MAP_TC_STATS];
+pub const MAPS: [&str; 4] = [MAP_CONFIG, MAP_NAT, MAP_TC_STATS, MAP_TC_SOURCES];
+
+/// The programs on a container interface (the bridge), egress first: replies must be rewritten
+/// back before any request is redirected.
+const BRIDGE_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (EGRESS_PROGRAM, TcAttachType::Egress),
+    (INGRESS_PROGRAM, TcAttachType::Ingress),
+];
+/// The program on each port of such a bridge.
+const PORT_PROGRAMS: [(&str, TcAttachType); 1] = [(GUARD_PROGRAM, TcAttachType::Ingress)];
 
 /// How an interface's programs are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -97,14 +115,23 @@ struct Interface {
 
 struct Inner {
     ebpf: Ebpf,
-    /// By interface index.
+    /// Container interfaces (bridges), by interface index.
     attached: BTreeMap<u32, Interface>,
+    /// Their ports (containers' veths), by interface index.
+    ports: BTreeMap<u32, Interface>,
+}
+
+/// `IMDS_TC_SOURCES`, and what each container put in it (by container id).
+struct Sources {
+    map: HashMap<MapData, SourceKey, u8>,
+    by_container: BTreeMap<String, Vec<SourceKey>>,
 }
 
 /// The tc programs and their attachments. Dropping it detaches what is not pinned.
 pub struct TcRedirect {
     inner: Mutex<Inner>,
     nat: Mutex<HashMap<MapData, ConnKey, NatEntry>>,
+    sources: Mutex<Sources>,
     stats: PerCpuArray<MapData, u64>,
     spec: TcSpec,
     attach: TcAttach,
@@ -132,7 +159,7 @@ impl TcRedirect {
             &MAPS,
             listen_config(spec.listen_v4, spec.listen_v6),
         )?;
-        for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
+        for name in [EGRESS_PROGRAM, INGRESS_PROGRAM, GUARD_PROGRAM] {
             let prog: &mut SchedClassifier = crate::ebpf::program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| Error::Program { name, source })?;
@@ -144,6 +171,12 @@ impl TcRedirect {
                     source,
                 }
             })?;
+        let sources = HashMap::try_from(ebpf.take_map(MAP_TC_SOURCES).expect("defined")).map_err(
+            |source| Error::Map {
+                name: MAP_TC_SOURCES,
+                source,
+            },
+        )?;
         let stats = PerCpuArray::try_from(ebpf.take_map(MAP_TC_STATS).expect("defined")).map_err(
             |source| Error::Map {
                 name: MAP_TC_STATS,
@@ -154,8 +187,13 @@ impl TcRedirect {
             inner: Mutex::new(Inner {
                 ebpf,
                 attached: BTreeMap::new(),
+                ports: BTreeMap::new(),
             }),
             nat: Mutex::new(nat),
+            sources: Mutex::new(Sources {
+                map: sources,
+                by_container: BTreeMap::new(),
+            }),
             stats,
             spec: spec.clone(),
             attach,
@@ -206,7 +244,7 @@ impl TcRedirect {
             {
                 continue;
             }
-            match self.attach_interface(&mut inner.ebpf, &name, index) {
+            match self.attach_interface(&mut inner.ebpf, &name, index, &BRIDGE_PROGRAMS) {
                 Ok(interface) => {
                     tracing::info!(interface = %name, mode = ?self.attach, "redirect attached to container interface");
                     inner.attached.insert(index, interface);
@@ -217,7 +255,102 @@ impl TcRedirect {
                 }
             }
         }
+        // The ports of those bridges: each container's own interface.
+        let bridges: Vec<String> = inner.attached.values().map(|i| i.name.clone()).collect();
+        let ports: BTreeMap<u32, String> = present_interfaces()
+            .into_iter()
+            .filter(|(_, name)| master(name).is_some_and(|m| bridges.contains(&m)))
+            .collect();
+        let gone: Vec<u32> = inner
+            .ports
+            .iter()
+            .filter(|(index, i)| ports.get(index) != Some(&i.name))
+            .map(|(index, _)| *index)
+            .collect();
+        for index in gone {
+            let port = inner.ports.remove(&index).expect("listed");
+            tracing::debug!(interface = %port.name, "container port gone");
+            detach_interface(&mut inner.ebpf, port, true);
+            changed = true;
+        }
+        for (index, name) in ports {
+            if inner.ports.contains_key(&index) {
+                continue;
+            }
+            match self.attach_interface(&mut inner.ebpf, &name, index, &PORT_PROGRAMS) {
+                Ok(port) => {
+                    tracing::debug!(interface = %name, "source guard attached to container port");
+                    inner.ports.insert(index, port);
+                    changed = true;
+                }
+                Err(err) => tracing::error!(
+                    interface = %name,
+                    %err,
+                    "attaching the source guard to a container port failed; its container's IMDS \
+                     traffic is dropped"
+                ),
+            }
+        }
         changed
+    }
+
+    /// Ports (containers' interfaces) the source guard is attached to now.
+    pub fn ports(&self) -> usize {
+        self.inner.lock().expect("tc lock poisoned").ports.len()
+    }
+
+    /// The addresses container `id` may send to IMDS from, on each of its ports (host-side
+    /// interface indexes); replaces what it had. Empty `ports` or `addresses`: it has none.
+    pub fn set_sources(
+        &self,
+        id: &str,
+        ports: &[u32],
+        addresses: &[std::net::IpAddr],
+    ) -> Result<(), Error> {
+        let keys: Vec<SourceKey> = ports
+            .iter()
+            .flat_map(|&ifindex| {
+                addresses.iter().map(move |addr| match addr {
+                    std::net::IpAddr::V4(v4) => SourceKey {
+                        ifindex,
+                        family: AF_INET as u32,
+                        addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+                    },
+                    std::net::IpAddr::V6(v6) => SourceKey {
+                        ifindex,
+                        family: AF_INET6 as u32,
+                        addr: raw_v6(v6.octets()),
+                    },
+                })
+            })
+            .collect();
+        let mut sources = self.sources.lock().expect("sources poisoned");
+        let Sources { map, by_container } = &mut *sources;
+        for old in by_container.remove(id).unwrap_or_default() {
+            if !keys.contains(&old) {
+                let _ = map.remove(&old);
+            }
+        }
+        for key in &keys {
+            map.insert(key, 1, 0).map_err(|source| Error::Map {
+                name: MAP_TC_SOURCES,
+                source,
+            })?;
+        }
+        if !keys.is_empty() {
+            by_container.insert(id.to_owned(), keys);
+        }
+        Ok(())
+    }
+
+    /// [`container_ports`] of process `pid`.
+    pub fn ports_of(pid: u32) -> std::io::Result<Vec<u32>> {
+        container_ports(pid)
+    }
+
+    /// Container `id` is gone: its addresses are nobody's on its ports any more.
+    pub fn forget_sources(&self, id: &str) {
+        let _ = self.set_sources(id, &[], &[]);
     }
 
     fn attach_interface(
@@ -225,6 +358,7 @@ impl TcRedirect {
         ebpf: &mut Ebpf,
         name: &str,
         index: u32,
+        programs: &[(&'static str, TcAttachType)],
     ) -> Result<Interface, Error> {
         let mut interface = Interface {
             name: name.to_owned(),
@@ -245,11 +379,7 @@ impl TcRedirect {
                 }
             }
         }
-        // Egress first: replies must be rewritten back before any request is redirected.
-        for (program, kind) in [
-            (EGRESS_PROGRAM, TcAttachType::Egress),
-            (INGRESS_PROGRAM, TcAttachType::Ingress),
-        ] {
+        for &(program, kind) in programs {
             let pin_path = self
                 .spec
                 .pin
@@ -359,7 +489,8 @@ impl TcRedirect {
     pub fn detach_all(&self) {
         let mut inner = self.inner.lock().expect("tc lock poisoned");
         let attached = std::mem::take(&mut inner.attached);
-        for (_, interface) in attached {
+        let ports = std::mem::take(&mut inner.ports);
+        for (_, interface) in attached.into_iter().chain(ports) {
             detach_interface(&mut inner.ebpf, interface, false);
         }
     }
@@ -414,6 +545,52 @@ fn remove_clsact(name: &str) -> std::io::Result<()> {
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("qdisc removal panicked")))
     })
+}
+
+/// The bridge an interface is a port of, if any (`/sys/class/net/<name>/master`).
+fn master(name: &str) -> Option<String> {
+    let link = std::fs::read_link(format!("/sys/class/net/{name}/master")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// The host-side interface indexes of the veths of the process `pid`'s network namespace: for
+/// each interface there whose link partner is in another namespace, its partner's index (as the
+/// host numbers it). Read over rtnetlink from a thread that enters that namespace; blocking.
+pub fn container_ports(pid: u32) -> std::io::Result<Vec<u32>> {
+    use futures_util::TryStreamExt as _;
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::spawn(move || -> std::io::Result<Vec<u32>> {
+        // Only this thread changes namespace; it ends with the lookup.
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let (connection, handle, _) = rtnetlink::new_connection()?;
+            tokio::spawn(connection);
+            let mut links = handle.link().get().execute();
+            let mut ports = Vec::new();
+            while let Some(link) = links.try_next().await.map_err(std::io::Error::other)? {
+                let mut partner = None;
+                let mut elsewhere = false;
+                for attribute in &link.attributes {
+                    match attribute {
+                        LinkAttribute::Link(index) => partner = Some(*index),
+                        LinkAttribute::LinkNetNsId(_) => elsewhere = true,
+                        _ => {}
+                    }
+                }
+                if let (Some(index), true) = (partner, elsewhere) {
+                    ports.push(index);
+                }
+            }
+            Ok(ports)
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("the namespace lookup panicked")))
 }
 
 /// Interfaces present now: index → name.

@@ -68,3 +68,48 @@ pub fn fields(out: &str) -> std::collections::HashMap<String, String> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect()
 }
+
+/// A container of the curl image running `sleep`, to run scripts in with `docker exec`; removed
+/// on drop.
+pub struct Running(pub String);
+
+impl Running {
+    pub fn start(docker_args: &[&str]) -> Self {
+        ensure_imds_is_simulated().unwrap();
+        let mut args = vec!["run", "-d"];
+        args.extend_from_slice(docker_args);
+        args.extend_from_slice(&[curl_image().unwrap(), "sleep", "600"]);
+        Self(docker_ok(&args).unwrap().trim().to_owned())
+    }
+
+    pub fn exec(&self, script: &str) -> String {
+        ensure_imds_is_simulated().unwrap();
+        let out = docker(&["exec", &self.0, "sh", "-c", script]).unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// Its IPv4 address on its (first) network.
+    pub fn address(&self) -> String {
+        docker_ok(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+            &self.0,
+        ])
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("an address")
+        .to_owned()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.0]);
+    }
+}

@@ -523,3 +523,29 @@ done
     );
     proxy.wait_for_log(&["not asking again", "Web"]);
 }
+
+/// tc mode identifies a caller by its source address, and a container has NET_RAW by default:
+/// it can send a SYN with its neighbour's address. The guard on its own bridge port drops it
+/// (counted), so nothing spoofed is ever redirected to the proxy.
+#[test]
+fn a_spoofed_source_address_is_dropped_in_tc_mode() {
+    let scene = scene();
+    let proxy = Proxy::start_in(&scene, Mode::Tc, &[]);
+    let victim =
+        imds_tests::containers::Running::start(&["--label", "iam.amazonaws.com/role=Victim"]);
+    let victim_ip = victim.address();
+    let spoofed = || proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_spoofed\"}");
+    let redirected = || proxy.metric("imds_proxy_tc_packets_total{event=\"redirected\"}");
+    let (spoofed_before, redirected_before) = (spoofed(), redirected());
+    let (got, out) = attack(&[], &["spoof", IMDS, &victim_ip, "3"]);
+    assert_eq!(got["sent"], "3", "{out}");
+    assert_eq!(
+        spoofed() - spoofed_before,
+        3,
+        "each spoofed SYN dropped at the attacker's port"
+    );
+    assert_eq!(redirected(), redirected_before, "none of them redirected");
+    // The victim itself is served as ever, from its own port.
+    let out = victim.exec(TOKEN_AND_INSTANCE_ID);
+    assert_eq!(answers(&out)[0].0, 200, "{out}");
+}

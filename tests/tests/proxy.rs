@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 
 use imds_proxy::netdev;
 use imds_tests::{
-    containers::{answers, in_container, rand_suffix},
+    containers::{Running, answers, in_container, rand_suffix},
     http::Request,
     images::{bench_image, curl_image, docker, docker_ok},
     proxy::{MODES, Mode, PREFIX, Proxy, TEST_IF, proxy_bin},
@@ -608,35 +608,6 @@ fn invalid_configuration_exits_before_attaching() {
     assert!(!netdev::exists(TEST_IF), "nothing was set up");
 }
 
-/// A long-running container to `docker exec` into (its processes are in its cgroup).
-struct Running(String);
-
-impl Running {
-    fn start(docker_args: &[&str]) -> Self {
-        ensure_imds_is_simulated().unwrap();
-        let mut args = vec!["run", "-d"];
-        args.extend_from_slice(docker_args);
-        args.extend_from_slice(&[curl_image().unwrap(), "sleep", "600"]);
-        Self(docker_ok(&args).unwrap().trim().to_owned())
-    }
-
-    fn exec(&self, script: &str) -> String {
-        ensure_imds_is_simulated().unwrap();
-        let out = docker(&["exec", &self.0, "sh", "-c", script]).unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = docker(&["rm", "-f", &self.0]);
-    }
-}
-
 /// `docker run --cgroup-parent=/docker/<victim>` puts a new container's cgroup inside the
 /// victim's (`/docker/<victim>/<new>`): it is identified as itself, never as the victim. And a
 /// container cannot pass for another by its cgroup's name alone: the id must be where Docker put
@@ -782,8 +753,21 @@ fn an_sts_outage_serves_cached_credentials_and_recovers() {
     assert!(error["Message"].as_str().unwrap().contains("retry"));
 
     scene.start_sts().unwrap();
-    let (status, body) = get_credentials(&fresh, "Fresh");
-    assert_eq!(status, 200, "recovered: {body}");
+    // The failure is remembered for a back-off (1 s doubling, at most a minute) so that a
+    // failing role is not an STS call per request: asked again, as an SDK retries, until served.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let (status, body) = get_credentials(&fresh, "Fresh");
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not recovered: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 #[test]

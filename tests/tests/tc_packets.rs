@@ -19,8 +19,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use imds_common::{
-    ConnKey, MAP_CONFIG, MAP_NAT, MAP_TC_STATS, NatEntry, RedirectConfig, TcStat, raw_port, raw_v4,
-    raw_v6,
+    AF_INET, AF_INET6, ConnKey, MAP_CONFIG, MAP_NAT, MAP_TC_SOURCES, MAP_TC_STATS, NatEntry,
+    RedirectConfig, SOURCE_VALIDATED_MARK, SourceKey, TcStat, raw_port, raw_v4, raw_v6,
 };
 
 const PASS: u32 = 0; // TC_ACT_OK
@@ -32,6 +32,10 @@ const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 2);
 const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xd0c, 0, 0, 0, 0, 0, 2);
+
+/// `struct __sk_buff` (uapi/linux/bpf.h): its size and where `mark` is.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_MARK: usize = 8;
 
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
@@ -119,7 +123,7 @@ impl Programs {
                 )
                 .unwrap();
         }
-        for name in ["imds_tc_ingress", "imds_tc_egress"] {
+        for name in ["imds_tc_ingress", "imds_tc_egress", "imds_tc_source_guard"] {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             prog.load()
                 .unwrap_or_else(|e| panic!("{name} loads: {e:?}"));
@@ -131,38 +135,78 @@ impl Programs {
     }
 
     /// Run a program on a frame inside the test's namespace (the kernel runs it on that
-    /// namespace's `lo`); (verdict, the frame as it left).
-    fn run(&self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+    /// namespace's `lo`, index 1), the packet carrying `mark`; (verdict, the frame as it left,
+    /// its mark then).
+    fn run_marked(&self, program: &str, frame: &[u8], mark: u32) -> (u32, Vec<u8>, u32) {
         let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        // A `struct __sk_buff` for the test run: all zero but `mark` (offset 8).
+        let mut ctx_in = [0u8; SK_BUFF_SIZE];
+        ctx_in[SK_BUFF_MARK..SK_BUFF_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
                     nix::sched::setns(&self.netns, nix::sched::CloneFlags::CLONE_NEWNET)
                         .expect("setns");
                     let mut out = vec![0u8; frame.len() + 64];
+                    let mut ctx_out = [0u8; SK_BUFF_SIZE];
                     let result = prog
                         .test_run(TestRunOptions {
                             data_in: Some(frame),
                             data_out: Some(&mut out),
+                            ctx_in: Some(&ctx_in),
+                            ctx_out: Some(&mut ctx_out),
                             ..Default::default()
                         })
                         .unwrap_or_else(|e| {
                             panic!("test run of {program} on {} bytes: {e:?}", frame.len())
                         });
                     out.truncate(result.data_size_out as usize);
-                    (result.return_value, out)
+                    let mark = u32::from_ne_bytes(
+                        ctx_out[SK_BUFF_MARK..SK_BUFF_MARK + 4].try_into().unwrap(),
+                    );
+                    (result.return_value, out, mark)
                 })
                 .join()
         })
         .expect("the test run's thread")
     }
 
+    fn run(&self, program: &str, frame: &[u8], mark: u32) -> (u32, Vec<u8>) {
+        let (verdict, out, _) = self.run_marked(program, frame, mark);
+        (verdict, out)
+    }
+
+    /// The bridge's ingress program on a packet a guarded container port vouched for.
     fn ingress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.run("imds_tc_ingress", frame)
+        self.run("imds_tc_ingress", frame, SOURCE_VALIDATED_MARK)
     }
 
     fn egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.run("imds_tc_egress", frame)
+        self.run("imds_tc_egress", frame, 0)
+    }
+
+    /// The source guard of a container port (here `lo`, index 1), on what the container sends.
+    fn guard(&self, frame: &[u8]) -> (u32, Vec<u8>, u32) {
+        self.run_marked("imds_tc_source_guard", frame, 0)
+    }
+
+    /// The container behind port `ifindex` owns `addr`.
+    fn own(&mut self, ifindex: u32, addr: std::net::IpAddr) {
+        let mut sources: HashMap<&mut MapData, SourceKey, u8> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_TC_SOURCES).unwrap()).unwrap();
+        let key = match addr {
+            std::net::IpAddr::V4(v4) => SourceKey {
+                ifindex,
+                family: AF_INET as u32,
+                addr: [raw_v4(v4.octets()), 0, 0, 0],
+            },
+            std::net::IpAddr::V6(v6) => SourceKey {
+                ifindex,
+                family: AF_INET6 as u32,
+                addr: raw_v6(v6.octets()),
+            },
+        };
+        sources.insert(key, 1, 0).unwrap();
     }
 
     fn stat(&self, stat: TcStat) -> u64 {
@@ -618,4 +662,55 @@ fn nothing_rewritten_leaves_the_host_when_the_listen_address_is_gone() {
     assert_eq!(verdict, PASS);
     assert_eq!(read_v4(&out), (CLIENT_V4, 40000, PROXY_V4, PROXY_PORT));
     assert_eq!(p.stat(TcStat::DroppedNotLocal), 0);
+}
+
+/// A container port's guard: a packet to IMDS from an address of the port's own container is
+/// vouched for (the mark set, nothing else touched); from any other address (a neighbour's,
+/// spoofed with a raw socket) it is dropped and counted; what is not addressed to the redirect
+/// addresses passes as it is. The bridge's program redirects only what carries the mark.
+#[test]
+fn a_container_port_vouches_only_for_its_own_addresses() {
+    let mut p = Programs::load(true);
+    const LO: u32 = 1;
+    p.own(LO, CLIENT_V4.into());
+    p.own(LO, CLIENT_V6.into());
+    let neighbour_v4 = Ipv4Addr::new(172, 17, 0, 3);
+    let neighbour_v6 = Ipv6Addr::new(0xfd00, 0xd0c, 0, 0, 0, 0, 0, 3);
+
+    for own in [
+        v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN),
+        v6_tcp((CLIENT_V6, 40000), (IMDS_V6, 80), SYN),
+    ] {
+        let (verdict, out, mark) = p.guard(&own);
+        assert_eq!((verdict, mark), (PASS, SOURCE_VALIDATED_MARK));
+        assert_eq!(out, own, "not rewritten here");
+    }
+    for spoofed in [
+        v4_tcp((neighbour_v4, 40000), (IMDS_V4, 80), SYN),
+        v6_tcp((neighbour_v6, 40000), (IMDS_V6, 80), SYN),
+        // Straight to the listen address with a neighbour's source: dropped too.
+        v4_tcp((neighbour_v4, 40000), (PROXY_V4, PROXY_PORT), SYN),
+    ] {
+        let (verdict, _, _) = p.guard(&spoofed);
+        assert_eq!(verdict, DROP);
+    }
+    assert_eq!(p.stat(TcStat::DroppedSpoofed), 3);
+    // Elsewhere, from any address: not the guard's business.
+    let elsewhere = v4_tcp(
+        (neighbour_v4, 40000),
+        (Ipv4Addr::new(10, 1, 2, 3), 443),
+        SYN,
+    );
+    assert_eq!(p.guard(&elsewhere), (PASS, elsewhere.clone(), 0));
+
+    // The bridge's program: without the mark a packet to IMDS is dropped; with it, redirected
+    // and the mark taken off again.
+    let syn = v4_tcp((CLIENT_V4, 40001), (IMDS_V4, 80), SYN);
+    let (verdict, _) = p.run("imds_tc_ingress", &syn, 0);
+    assert_eq!(verdict, DROP);
+    assert_eq!(p.stat(TcStat::DroppedUnvalidated), 1);
+    let (verdict, out, mark) = p.run_marked("imds_tc_ingress", &syn, SOURCE_VALIDATED_MARK | 0x7);
+    assert_eq!(verdict, PASS);
+    assert_eq!(read_v4(&out), (CLIENT_V4, 40001, PROXY_V4, PROXY_PORT));
+    assert_eq!(mark, 0x7, "the vouching bit removed, other bits kept");
 }

@@ -11,6 +11,8 @@
 //!   whether the server closed the idle connection within 60 s.
 //! - `hold ADDR N SECS`: open N connections each with half a request head; print how many the
 //!   server closed within 10 s and how many it holds open, then hold them SECS.
+//! - `spoof ADDR SOURCE N`: N TCP SYNs to ADDR (IPv4) with SOURCE as their source address,
+//!   written whole on a raw socket (NET_RAW, which Docker grants by default); prints `sent=N`.
 //! - `burst ADDR N PATH`: a token, then N sequential GETs of PATH with it (one connection each);
 //!   print how many got each status.
 use std::{
@@ -134,6 +136,53 @@ fn token(addr: SocketAddr) -> String {
         .to_owned()
 }
 
+/// An IPv4 TCP SYN from `src:sport` to `dst:dport`, checksums included.
+fn syn(src: std::net::Ipv4Addr, sport: u16, dst: std::net::Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let sum = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    ip
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Send a whole IPv4 packet (header included) on a raw socket.
+fn send_raw(packet: &[u8], dst: std::net::Ipv4Addr) -> std::io::Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+    )?;
+    let to = SocketAddr::from((dst, 0));
+    socket.send_to(packet, &to.into()).map(|_| ())
+}
+
 const HALF_HEAD: &[u8] = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n";
 
 fn main() {
@@ -239,6 +288,21 @@ fn main() {
             for (status, n) in counts {
                 println!("status_{status}={n}");
             }
+        }
+        "spoof" => {
+            let SocketAddr::V4(dst) = addr else {
+                panic!("spoof: IPv4 only")
+            };
+            let src: std::net::Ipv4Addr = args[2].parse().expect("SOURCE");
+            let n: usize = args[3].parse().expect("N");
+            let mut sent = 0;
+            for i in 0..n {
+                let packet = syn(src, 40_000 + i as u16, *dst.ip(), dst.port());
+                if send_raw(&packet, *dst.ip()).is_ok() {
+                    sent += 1;
+                }
+            }
+            println!("sent={sent}");
         }
         other => panic!("unknown command {other}"),
     }

@@ -180,7 +180,7 @@ pub fn imds_tc_source_guard(ctx: TcContext) -> i32 {
         family: family as u32,
         addr: src,
     };
-    if unsafe { SOURCES.get(&key) }.is_none() {
+    if unsafe { SOURCES.get(key) }.is_none() {
         // Not an address of this port's container (spoofed), or the container is not known yet:
         // its IMDS traffic waits until it is (SYNs are retried).
         count(TcStat::DroppedSpoofed);

@@ -168,6 +168,15 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub container_ifaces: Vec<String>,
+    /// tc mode: an address a bridge port (by interface name) may send to IMDS from, for clients
+    /// that are not Docker containers (VMs, namespaces of your own): `IFACE=ADDR`, repeatable.
+    /// Docker containers' ports and addresses are found by themselves.
+    #[arg(
+        long = "tc-static-source",
+        env = "IMDS_PROXY_TC_STATIC_SOURCE",
+        value_delimiter = ','
+    )]
+    pub tc_static_sources: Vec<String>,
     /// tc mode: attach with TCX links (kernel 6.6+, pinnable) or netlink clsact filters.
     #[arg(long, env = "IMDS_PROXY_TC_ATTACH", value_enum, default_value_t = crate::tc::TcAttach::Auto)]
     pub tc_attach: crate::tc::TcAttach,
@@ -240,6 +249,9 @@ impl RunArgs {
                 if !self.container_ifaces.is_empty() {
                     return Err(invalid("container-iface", "applies to --mode tc only"));
                 }
+                if !self.tc_static_sources.is_empty() {
+                    return Err(invalid("tc-static-source", "applies to --mode tc only"));
+                }
             }
             Mode::Tc => {
                 if !self.cgroups.is_empty() || self.cgroup_filter {
@@ -263,6 +275,10 @@ impl RunArgs {
                             "{bad:?} is not an interface name or pattern (at most 15 characters, no spaces, '/' or ':')"
                         ),
                     ));
+                }
+                for source in &self.tc_static_sources {
+                    crate::tc::parse_static_source(source)
+                        .map_err(|reason| invalid("tc-static-source", reason))?;
                 }
                 if self.pin.is_some() && self.tc_attach == crate::tc::TcAttach::Netlink {
                     return Err(invalid(

@@ -267,12 +267,18 @@ impl Index {
             .find(|c| c.addresses.contains(&ip))
             .cloned();
         // The kernel can confirm it without a round trip to Docker: the container's first process
-        // is alive in its cgroup, and its network namespace holds the address now.
-        if let Some(c) = &candidate
-            && crate::identity::process_holds(c.pid, &c.id, ip)
-        {
-            self.confirmed_by_kernel.fetch_add(1, Ordering::Relaxed);
-            return Some(c.clone());
+        // is alive in its cgroup, and its network namespace holds the address now. (Reading /proc
+        // blocks: off the async workers.)
+        if let Some(c) = &candidate {
+            let (pid, id) = (c.pid, c.id.clone());
+            let held =
+                tokio::task::spawn_blocking(move || crate::identity::process_holds(pid, &id, ip))
+                    .await
+                    .unwrap_or(false);
+            if held {
+                self.confirmed_by_kernel.fetch_add(1, Ordering::Relaxed);
+                return Some(c.clone());
+            }
         }
         self.confirmed_by_docker.fetch_add(1, Ordering::Relaxed);
         let lookup = async {

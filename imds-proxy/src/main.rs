@@ -242,6 +242,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             interfaces: interfaces.clone(),
             attach: args.tc_attach,
             pin: args.pin.clone(),
+            static_sources: args
+                .tc_static_sources
+                .iter()
+                .map(|s| imds_proxy::tc::parse_static_source(s).expect("validated"))
+                .collect(),
         };
         let tc = Arc::new(TcRedirect::attach(&spec)?);
         tracing::info!(
@@ -424,12 +429,13 @@ async fn follow_sources(
         };
         match event {
             docker::Event::Started(container) if container.running && container.pid != 0 => {
-                let pid = container.pid;
-                let ports = tokio::task::spawn_blocking(move || TcRedirect::ports_of(pid)).await;
+                let (id, pid) = (container.id.clone(), container.pid);
+                let ports =
+                    tokio::task::spawn_blocking(move || TcRedirect::ports_of(&id, pid)).await;
                 let ports = match ports {
                     Ok(Ok(ports)) => ports,
                     Ok(Err(err)) => {
-                        tracing::warn!(container_id = %container.id, %err, "cannot read the container's interfaces; its IMDS traffic stays dropped");
+                        tracing::error!(container_id = %container.id, %err, "cannot read the container's interfaces; its IMDS traffic stays dropped");
                         continue;
                     }
                     Err(err) => {

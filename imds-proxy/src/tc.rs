@@ -78,6 +78,22 @@ pub struct TcSpec {
     pub interfaces: Vec<String>,
     pub attach: TcAttach,
     pub pin: Option<PathBuf>,
+    /// Addresses bridge ports (by interface name) may send from, besides Docker containers'.
+    pub static_sources: Vec<(String, std::net::IpAddr)>,
+}
+
+/// `IFACE=ADDR` of `--tc-static-source`.
+pub fn parse_static_source(text: &str) -> Result<(String, std::net::IpAddr), String> {
+    let (iface, addr) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not IFACE=ADDR"))?;
+    if iface.is_empty() || iface.len() > 15 || !valid_pattern(iface) || iface.contains(['*', '?']) {
+        return Err(format!("{iface:?} is not an interface name"));
+    }
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IP address"))?;
+    Ok((iface.to_owned(), addr))
 }
 
 impl TcAttach {
@@ -282,6 +298,23 @@ impl TcRedirect {
                     tracing::debug!(interface = %name, "source guard attached to container port");
                     inner.ports.insert(index, port);
                     changed = true;
+                    let statics: Vec<std::net::IpAddr> = self
+                        .spec
+                        .static_sources
+                        .iter()
+                        .filter(|(iface, _)| *iface == name)
+                        .map(|(_, addr)| *addr)
+                        .collect();
+                    if !statics.is_empty() {
+                        match self.set_sources(&format!("static:{name}"), &[index], &statics) {
+                            Ok(()) => {
+                                tracing::info!(interface = %name, addresses = ?statics, "static source addresses vouched for")
+                            }
+                            Err(err) => {
+                                tracing::error!(interface = %name, %err, "recording static source addresses failed")
+                            }
+                        }
+                    }
                 }
                 Err(err) => tracing::error!(
                     interface = %name,
@@ -343,8 +376,17 @@ impl TcRedirect {
         Ok(())
     }
 
-    /// [`container_ports`] of process `pid`.
-    pub fn ports_of(pid: u32) -> std::io::Result<Vec<u32>> {
+    /// [`container_ports`] of container `id`, whose first process Docker says is `pid` (in the
+    /// host's pid namespace, which the proxy must share).
+    pub fn ports_of(id: &str, pid: u32) -> std::io::Result<Vec<u32>> {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if !cgroup.contains(id) {
+            return Err(std::io::Error::other(format!(
+                "process {pid} is not in container {id}'s cgroup: the proxy does not see the \
+                 host's processes (tc mode needs the host's pid namespace: run its container \
+                 with --pid host)"
+            )));
+        }
         container_ports(pid)
     }
 

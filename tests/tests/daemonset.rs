@@ -79,6 +79,9 @@ fn daemonset(mode: Mode) {
             "host",
             "--cgroupns",
             "host",
+            // tc mode reads each container's interfaces through its first process.
+            "--pid",
+            "host",
             "-v",
             "/sys/fs/cgroup:/sys/fs/cgroup",
             "-v",

@@ -93,6 +93,23 @@ impl Bridge {
         this
     }
 
+    /// The proxy's flags vouching for the clients' addresses on their ports: they are not Docker
+    /// containers, whose ports and addresses the proxy finds by itself.
+    fn static_sources(&self) -> Vec<String> {
+        let k = &self.name["imds-tcbr".len()..];
+        let mut flags = Vec::new();
+        for (i, ns) in self.clients.iter().enumerate() {
+            for addr in [
+                format!("10.214.{k}.{}", i + 2),
+                format!("fd00:ec2:214:{k}::{}", i + 2),
+            ] {
+                flags.push("--tc-static-source".to_owned());
+                flags.push(format!("{ns}h={addr}"));
+            }
+        }
+        flags
+    }
+
     fn remove(&self) {
         for ns in &self.clients {
             let _ = ip(&["netns", "del", ns]);
@@ -156,28 +173,35 @@ fn bridge_clients_are_redirected_with_tcx_and_with_netlink() {
     let scene = scene();
     for attach in ["tcx", "netlink"] {
         let bridge = Bridge::new(0, 2);
-        let proxy = tc_proxy(
-            &scene,
-            &["--container-iface", &bridge.name, "--tc-attach", attach],
-        );
+        let sources = bridge.static_sources();
+        let mut args = vec!["--container-iface", &bridge.name, "--tc-attach", attach];
+        args.extend(sources.iter().map(String::as_str));
+        let proxy = tc_proxy(&scene, &args);
         let attached = proxy.wait_for_log(&["redirect attached to container interface"]);
         assert!(attached.contains(&bridge.name), "{attached}");
-        let before = scene.sim_requests().len();
         for ns in &bridge.clients {
             assert_redirected(&probe(ns, IMDS_V4, 3), IMDS_V4);
             assert_redirected(&probe(ns, IMDS_V6, 3), IMDS_V6);
         }
-        assert_eq!(
-            scene.sim_requests().len(),
-            before,
-            "{attach}: IMDS saw nothing"
-        );
+        // The simulator hears from the proxy (its own token, region, IMDSv2 setting), never from
+        // a client.
+        let from_clients: Vec<String> = scene
+            .sim_requests()
+            .into_iter()
+            .filter(|l| l.contains("peer=10.214.") || l.contains("peer=[fd00:ec2:214:"))
+            .collect();
+        assert!(from_clients.is_empty(), "{attach}: {from_clients:#?}");
         proxy.wait_for_log(&["no running container has this source address", "10.214.0.2"]);
         proxy.wait_for_log(&[
             "no running container has this source address",
             "fd00:ec2:214::3",
         ]);
         assert!(proxy.metric("imds_proxy_tc_packets_total{event=\"redirected\"}") >= 24);
+        assert_eq!(
+            proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_spoofed\"}"),
+            0,
+            "{attach}: every client vouched for on its own port"
+        );
         assert_eq!(
             proxy.metric("imds_proxy_tc_packets_total{event=\"reversed_without_state\"}"),
             0,
@@ -209,7 +233,16 @@ fn bridge_clients_are_redirected_with_tcx_and_with_netlink() {
 #[test]
 fn interfaces_that_come_later_are_attached_and_forgotten_when_gone() {
     let scene = scene();
-    let proxy = tc_proxy(&scene, &["--container-iface", "imds-tcbr*"]);
+    // The bridge and its client come later; the client's address on its port is declared now.
+    let proxy = tc_proxy(
+        &scene,
+        &[
+            "--container-iface",
+            "imds-tcbr*",
+            "--tc-static-source",
+            "imds-tc1c1h=10.214.1.2",
+        ],
+    );
     // Nothing to attach to yet: not ready.
     let ready = Request::get("/readyz").send(proxy.ops).unwrap();
     assert_eq!(ready.status, 503, "{}", ready.text());
@@ -238,12 +271,14 @@ fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     let _pins = Pins(pin.clone());
     let bridge = Bridge::new(2, 1);
     let ns = &bridge.clients[0];
-    let args = [
+    let sources = bridge.static_sources();
+    let mut args = vec![
         "--container-iface",
         "imds-tcbr2",
         "--pin",
         "/sys/fs/bpf/imds-test-tc",
     ];
+    args.extend(sources.iter().map(String::as_str));
     let mut first = tc_proxy(&scene, &args);
     assert_redirected(&probe(ns, IMDS_V4, 1), IMDS_V4);
     first.kill(); // SIGKILL: no cleanup of any kind
@@ -259,7 +294,8 @@ fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     );
 
     let mut second = tc_proxy(&scene, &args);
-    second.wait_for_log(&["tc programs attached", "adopted_links=2"]);
+    // The bridge's two links and its port's source guard.
+    second.wait_for_log(&["tc programs attached", "adopted_links=3"]);
     assert_redirected(&probe(ns, IMDS_V4, 2), IMDS_V4);
     second.stop(); // graceful, pinned: stays attached
     for answer in probe(ns, IMDS_V4, 1) {
@@ -276,7 +312,10 @@ fn ten_thousand_sequential_connections_without_resets_or_retransmits() {
     let scene = scene();
     let bridge = Bridge::new(3, 1);
     let ns = &bridge.clients[0];
-    let proxy = tc_proxy(&scene, &["--container-iface", "imds-tcbr3"]);
+    let sources = bridge.static_sources();
+    let mut args = vec!["--container-iface", "imds-tcbr3"];
+    args.extend(sources.iter().map(String::as_str));
+    let proxy = tc_proxy(&scene, &args);
     let before = nstat(ns);
     let answers = probe(ns, IMDS_V4, 10_000);
     assert_eq!(answers.len(), 10_000);

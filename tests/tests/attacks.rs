@@ -79,13 +79,22 @@ fn address_forms_in(mode: Mode) {
             "curl -g -s -m 10 -w '\\n== %{{http_code}}\\n' -H \"X-aws-ec2-metadata-token: $T\" http://{form}/latest/meta-data/iam/security-credentials/\n"
         ));
     }
+    // TCP fast open: the request rides on the SYN (`sendto(MSG_FASTOPEN)`), no connect(2).
+    script.push_str(
+        "curl --tcp-fastopen -s -m 10 -w '\\n== %{http_code}\\n' -H \"X-aws-ec2-metadata-token: $T\" http://169.254.169.254/latest/meta-data/iam/security-credentials/\n",
+    );
     for (network, args) in NETWORKS {
         let (_, _, out) = in_container(&with_role(args), &script);
         let got = answers(&out);
         assert_eq!(
             got.len(),
-            v4_forms.len() + v6_forms.len(),
+            v4_forms.len() + v6_forms.len() + 1,
             "{network}: {out}"
+        );
+        assert_eq!(
+            got.last(),
+            Some(&(200, ROLE.to_owned())),
+            "{network}: fast open: {out}"
         );
         for (form, answer) in v4_forms.iter().zip(&got) {
             assert_eq!(answer, &(200, ROLE.to_owned()), "{network} {form}: {out}");

@@ -28,6 +28,18 @@ pub struct Key {
     pub external_id: Option<String>,
 }
 
+impl Key {
+    /// The one key a container's credentials for `role` are cached under: the handler and the
+    /// prefetch at container start both use it, so they cannot drift apart.
+    pub fn session(container: &crate::docker::Container, role: &crate::roles::Resolved) -> Self {
+        Key {
+            role_arn: role.arn.clone(),
+            session_name: crate::roles::session_name(Some(&container.name), &container.id),
+            external_id: role.external_id.clone(),
+        }
+    }
+}
+
 /// A role session.
 #[derive(Clone, Debug)]
 pub struct Session {

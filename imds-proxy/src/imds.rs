@@ -414,11 +414,7 @@ impl App {
     }
 
     async fn credentials(&self, container: &docker::Container, role: &Resolved) -> Response {
-        let key = Key {
-            role_arn: role.arn.clone(),
-            session_name: roles::session_name(Some(&container.name), &container.id),
-            external_id: role.external_id.clone(),
-        };
+        let key = Key::session(container, role);
         match self.credentials.get(&key).await {
             Ok(session) => {
                 self.metrics.vend();

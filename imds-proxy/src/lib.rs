@@ -10,6 +10,7 @@ pub mod identity;
 pub mod imds;
 pub mod metrics;
 pub mod netdev;
+pub mod ops;
 pub mod serve;
 pub mod tc;
 pub mod upstream;

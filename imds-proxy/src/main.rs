@@ -380,7 +380,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             metrics.clone(),
         ));
     }
-    let ops_app = ops_router(app.clone(), attached.clone(), redirect.clone(), tc.clone());
+    let ops_app =
+        imds_proxy::ops::router(app.clone(), attached.clone(), redirect.clone(), tc.clone());
     servers.spawn(async move { axum::serve(ops, ops_app).await });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -496,11 +497,9 @@ async fn follow_containers(
                     );
                 }
                 match app.roles.resolve(&container.labels, &container.env) {
-                    Ok(Some(role)) => app.credentials.prefetch(credentials::Key {
-                        session_name: roles::session_name(Some(&container.name), &container.id),
-                        role_arn: role.arn,
-                        external_id: role.external_id,
-                    }),
+                    Ok(Some(role)) => app
+                        .credentials
+                        .prefetch(credentials::Key::session(&container, &role)),
                     Ok(None) => {}
                     Err(err) => tracing::warn!(
                         container_id = %container.id,
@@ -515,77 +514,4 @@ async fn follow_containers(
                 .forget_session(&roles::session_name(Some(&container.name), &container.id)),
         }
     }
-}
-
-fn ops_router(
-    app: Arc<imds::App>,
-    attached: Arc<AtomicBool>,
-    redirect: Option<Arc<Redirect>>,
-    tc: Option<Arc<TcRedirect>>,
-) -> axum::Router {
-    use axum::{http::StatusCode, routing::get};
-    let metrics = app.metrics.clone();
-    let tc_metrics = tc.clone();
-    let docker = app.docker.clone();
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let app = app.clone();
-                let attached = attached.clone();
-                let tc = tc.clone();
-                async move {
-                    // tc mode: attached means attached to at least one container interface.
-                    let programs = attached.load(Ordering::Relaxed)
-                        && tc.as_ref().is_none_or(|tc| !tc.interfaces().is_empty());
-                    let (upstream, docker) = tokio::join!(app.upstream.ready(), app.docker.ping());
-                    let body = format!(
-                        "programs attached: {programs}\nupstream IMDS: {}\ndocker: {}\n",
-                        if upstream {
-                            "answering"
-                        } else {
-                            "not answering"
-                        },
-                        if docker { "answering" } else { "not answering" },
-                    );
-                    let status = if programs && upstream && docker {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    (status, body)
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                let tc = tc_metrics.clone();
-                let docker = docker.clone();
-                let redirect = redirect.clone();
-                async move {
-                    let mut body = metrics.render();
-                    if let Some(redirect) = redirect {
-                        body.push_str(&imds_proxy::metrics::render_guard(&redirect.guard_stats()));
-                    }
-                    if let Some(tc) = tc {
-                        body.push_str(&imds_proxy::metrics::render_tc(
-                            &tc.stats(),
-                            tc.nat_entries(),
-                            tc.interfaces().len(),
-                            docker.address_confirmations(),
-                        ));
-                    }
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4",
-                        )],
-                        body,
-                    )
-                }
-            }),
-        )
 }

@@ -50,13 +50,18 @@ pub struct Exposure {
 /// The signed forms of the instance identity document.
 const IDENTITY_SIGNATURES: [&str; 3] = ["pkcs7", "signature", "rsa2048"];
 
+/// What follows the API version in a checked path (`/latest/meta-data/x` → `meta-data/x`); empty
+/// for the version alone.
+pub fn after_version(path: &str) -> &str {
+    path.get(1..)
+        .and_then(|p| p.split_once('/'))
+        .map_or("", |(_, rest)| rest)
+}
+
 pub fn route(path: &str, exposure: Exposure) -> Route<'_> {
     // Every version of the API (`latest`, `2021-03-23`, ...) leads to the same data: the rules
     // apply to what follows the version.
-    let rest = path[1..]
-        .split_once('/')
-        .map(|(_, rest)| rest)
-        .unwrap_or("");
+    let rest = after_version(path);
     let latest = path.starts_with("/latest/");
     let rest_trimmed = rest.strip_suffix('/').unwrap_or(rest);
     // Denials are decided blind to case and on prefixes, not whole segments: an upstream that

@@ -14,6 +14,14 @@ pub const EXTERNAL_ID_LABEL: &str = "iam.amazonaws.com/external-id";
 /// Container environment variable naming the role.
 pub const ROLE_ENV: &str = "IAM_ROLE";
 
+/// What follows `arn:` in its five fields: partition, service, region, account, resource (the
+/// resource keeps any further `:`); missing fields are empty.
+fn arn_fields(rest: &str) -> (&str, &str, &str, &str, &str) {
+    let mut parts = rest.splitn(5, ':');
+    let mut next = || parts.next().unwrap_or_default();
+    (next(), next(), next(), next(), next())
+}
+
 /// `arn:<partition>:iam::<12 digits>:role/<path>`, ending in `/`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArnPrefix(String);
@@ -23,14 +31,7 @@ impl ArnPrefix {
         let rest = prefix
             .strip_prefix("arn:")
             .ok_or_else(|| format!("{prefix:?} does not start with arn:"))?;
-        let mut parts = rest.splitn(5, ':');
-        let (partition, service, region, account, resource) = (
-            parts.next().unwrap_or_default(),
-            parts.next().unwrap_or_default(),
-            parts.next().unwrap_or_default(),
-            parts.next().unwrap_or_default(),
-            parts.next().unwrap_or_default(),
-        );
+        let (partition, service, region, account, resource) = arn_fields(rest);
         if partition.is_empty() || service != "iam" || !region.is_empty() {
             return Err(format!(
                 "{prefix:?} is not an IAM role ARN prefix (arn:aws:iam::<account>:role/...)"
@@ -112,14 +113,7 @@ impl RoleName {
         }
         if let Some(rest) = value.strip_prefix("arn:") {
             // arn:<partition>:iam::<account>:role/<path/>name
-            let mut parts = rest.splitn(5, ':');
-            let (partition, service, region, account, resource) = (
-                parts.next().unwrap_or_default(),
-                parts.next().unwrap_or_default(),
-                parts.next().unwrap_or_default(),
-                parts.next().unwrap_or_default(),
-                parts.next().unwrap_or_default(),
-            );
+            let (partition, service, region, account, resource) = arn_fields(rest);
             let role = resource.strip_prefix("role/");
             if partition.is_empty()
                 || partition.len() > 32

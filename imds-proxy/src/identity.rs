@@ -40,22 +40,26 @@ pub struct Caller {
 /// be read or does not match (the process is gone, its pid went to another process, the proxy does
 /// not share the host's pid namespace, the address was taken off it): the caller then asks Docker.
 pub fn process_holds(pid: u32, container_id: &str, ip: std::net::IpAddr) -> bool {
-    if pid == 0 || container_id.len() < 12 {
+    if !process_in_container(pid, container_id) {
         return false;
     }
     let proc_dir = Path::new("/proc").join(pid.to_string());
-    // Its cgroup names the container (cgroupfs `/docker/<id>`, systemd `docker-<id>.scope`).
-    let in_container = std::fs::read_to_string(proc_dir.join("cgroup"))
-        .is_ok_and(|cgroups| cgroups.contains(container_id));
-    if !in_container {
-        return false;
-    }
     match ip {
         std::net::IpAddr::V4(ip) => std::fs::read_to_string(proc_dir.join("net/fib_trie"))
             .is_ok_and(|trie| local_v4(&trie, ip)),
         std::net::IpAddr::V6(ip) => std::fs::read_to_string(proc_dir.join("net/if_inet6"))
             .is_ok_and(|list| local_v6(&list, ip)),
     }
+}
+
+/// Whether process `pid`, as the proxy sees it in `/proc`, is in container `container_id`'s cgroup
+/// (cgroupfs `/docker/<id>`, systemd `docker-<id>.scope`): false when it is gone, its pid went to
+/// another process, or the proxy does not share the host's pid namespace. Blocking.
+pub fn process_in_container(pid: u32, container_id: &str) -> bool {
+    pid != 0
+        && container_id.len() >= 12
+        && std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|cgroups| cgroups.contains(container_id))
 }
 
 /// Whether `/proc/net/fib_trie` lists `ip` as a local (host) address: a `|-- <ip>` leaf with a

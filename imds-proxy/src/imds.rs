@@ -38,8 +38,9 @@ use crate::{
 
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
-/// Header bytes a request may carry; SDK requests carry a few hundred.
-const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Header bytes a request may carry; SDK requests carry a few hundred. The server loop enforces
+/// the same bound on the whole head while reading it; this holds for the router however served.
+const MAX_HEADER_BYTES: usize = crate::serve::MAX_HEAD_BYTES;
 /// Body bytes a request may announce. No IMDS request has a body; clients send none or an empty
 /// one. A body is never read, and a connection whose body is left unread is closed after the
 /// answer.
@@ -160,10 +161,7 @@ async fn handle(
     };
     // One caller's burst spends its own budget only (IMDS answers 429 when throttled too). Keyed
     // by container, not address: a container that gets a throttled one's address starts afresh.
-    let key = match &caller.container_id {
-        Some(id) => crate::serve::CallerKey::Container(id.as_str().into()),
-        None => crate::serve::CallerKey::Cgroup(caller.cgroup_id),
-    };
+    let key = crate::serve::CallerKey::of_caller(&caller);
     if !app.rate.allow(&key, std::time::Instant::now()) {
         app.metrics.throttled("per_caller");
         app.metrics.request("throttled", 429);

@@ -350,7 +350,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let attach_points: Vec<String> = cgroups
         .iter()
         .filter_map(|c| c.strip_prefix(&root).ok())
-        .map(|rel| format!("/{}", rel.display()).replace("//", "/"))
+        .map(|rel| format!("/{}", rel.display()))
         .collect();
     tokio::spawn(follow_containers(app.clone(), own_container, attach_points));
     if let Some(tc) = &tc {
@@ -414,25 +414,34 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The next container event; missed ones are logged (for `who`), `None` when the index is gone.
+async fn next_event(
+    events: &mut tokio::sync::broadcast::Receiver<docker::Event>,
+    who: &str,
+) -> Option<docker::Event> {
+    loop {
+        match events.recv().await {
+            Ok(event) => return Some(event),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, who, "container events missed");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
 /// tc mode: keep, for each container, the addresses its own ports may send to IMDS from.
 async fn follow_sources(
     tc: Arc<TcRedirect>,
     mut events: tokio::sync::broadcast::Receiver<docker::Event>,
 ) {
-    loop {
-        let event = match events.recv().await {
-            Ok(event) => event,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "container events missed (source addresses)");
-                continue;
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        };
+    while let Some(event) = next_event(&mut events, "source addresses").await {
         match event {
             docker::Event::Started(container) if container.running && container.pid != 0 => {
                 let (id, pid) = (container.id.clone(), container.pid);
                 let ports =
-                    tokio::task::spawn_blocking(move || TcRedirect::ports_of(&id, pid)).await;
+                    tokio::task::spawn_blocking(move || imds_proxy::tc::container_ports(&id, pid))
+                        .await;
                 let ports = match ports {
                     Ok(Ok(ports)) => ports,
                     Ok(Err(err)) => {
@@ -471,15 +480,7 @@ async fn follow_containers(
     attached: Vec<String>,
 ) {
     let mut events = app.docker.subscribe();
-    loop {
-        let event = match events.recv().await {
-            Ok(event) => event,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "container events missed");
-                continue;
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        };
+    while let Some(event) = next_event(&mut events, "roles").await {
         app.metrics.set_containers(app.docker.len());
         match event {
             docker::Event::Started(container) if Some(&container.id) == own_container.as_ref() => {}

@@ -9,6 +9,28 @@ use std::{
     time::Duration,
 };
 
+/// A counter with one label whose values are fixed strings.
+#[derive(Default)]
+struct Labelled(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Labelled {
+    fn add(&self, value: &'static str) {
+        *self
+            .0
+            .lock()
+            .expect("metrics poisoned")
+            .entry(value)
+            .or_default() += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, label: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (value, n) in self.0.lock().expect("metrics poisoned").iter() {
+            let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -19,10 +41,10 @@ pub struct Metrics {
     sts_errors: AtomicU64,
     sts_seconds_micros: AtomicU64,
     containers: AtomicU64,
-    refused_connections: Mutex<BTreeMap<&'static str, u64>>,
+    refused_connections: Labelled,
     sts_calls_avoided: AtomicU64,
     uncovered_containers: AtomicU64,
-    throttled: Mutex<BTreeMap<&'static str, u64>>,
+    throttled: Labelled,
     metadata_cache_hits: AtomicU64,
     open_connections: AtomicU64,
 }
@@ -70,12 +92,7 @@ impl Metrics {
     /// A connection closed without being served (`reason`: a cap, a header timeout, an accept
     /// error).
     pub fn refused_connection(&self, reason: &'static str) {
-        *self
-            .refused_connections
-            .lock()
-            .expect("metrics poisoned")
-            .entry(reason)
-            .or_default() += 1;
+        self.refused_connections.add(reason);
     }
 
     /// A request answered with an STS failure remembered from a call just before.
@@ -85,12 +102,7 @@ impl Metrics {
 
     /// A request refused with 429 (`limit`: the caller's own, or the upstream's in all).
     pub fn throttled(&self, limit: &'static str) {
-        *self
-            .throttled
-            .lock()
-            .expect("metrics poisoned")
-            .entry(limit)
-            .or_default() += 1;
+        self.throttled.add(limit);
     }
 
     /// A container started whose cgroup is below no attach point.
@@ -165,21 +177,12 @@ impl Metrics {
             "# HELP imds_proxy_containers Containers in the Docker index.\n# TYPE imds_proxy_containers gauge\nimds_proxy_containers {}",
             load(&self.containers)
         );
-        let _ = writeln!(
-            out,
-            "# HELP imds_proxy_connections_refused_total Connections closed unserved, by reason.\n# TYPE imds_proxy_connections_refused_total counter"
+        self.refused_connections.render(
+            &mut out,
+            "imds_proxy_connections_refused_total",
+            "Connections closed unserved, by reason.",
+            "reason",
         );
-        for (reason, n) in self
-            .refused_connections
-            .lock()
-            .expect("metrics poisoned")
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "imds_proxy_connections_refused_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
         counter(
             &mut out,
             "imds_proxy_sts_calls_avoided_total",
@@ -198,13 +201,12 @@ impl Metrics {
             "Pass-through requests answered from the short metadata cache.",
             load(&self.metadata_cache_hits),
         );
-        let _ = writeln!(
-            out,
-            "# HELP imds_proxy_throttled_total Requests answered 429, by the limit they hit.\n# TYPE imds_proxy_throttled_total counter"
+        self.throttled.render(
+            &mut out,
+            "imds_proxy_throttled_total",
+            "Requests answered 429, by the limit they hit.",
+            "limit",
         );
-        for (limit, n) in self.throttled.lock().expect("metrics poisoned").iter() {
-            let _ = writeln!(out, "imds_proxy_throttled_total{{limit=\"{limit}\"}} {n}");
-        }
         let _ = writeln!(
             out,
             "# HELP imds_proxy_connections_open Connections being served.\n# TYPE imds_proxy_connections_open gauge\nimds_proxy_connections_open {}",
@@ -285,5 +287,14 @@ mod tests {
         assert!(text.contains("imds_proxy_sts_errors_total 1\n"));
         assert!(text.contains("imds_proxy_sts_seconds_total 1.500000\n"));
         assert!(text.contains("imds_proxy_containers 3\n"));
+        m.refused_connection("per_caller_limit");
+        m.refused_connection("per_caller_limit");
+        m.throttled("upstream");
+        let text = m.render();
+        assert!(
+            text.contains("imds_proxy_connections_refused_total{reason=\"per_caller_limit\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("imds_proxy_throttled_total{limit=\"upstream\"} 1\n"));
     }
 }

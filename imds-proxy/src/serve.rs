@@ -54,11 +54,16 @@ pub enum CallerKey {
 impl CallerKey {
     pub fn of(peer: &Peer) -> Self {
         match &peer.caller {
-            Some(caller) => match &caller.container_id {
-                Some(id) => CallerKey::Container(id.as_str().into()),
-                None => CallerKey::Cgroup(caller.cgroup_id),
-            },
+            Some(caller) => Self::of_caller(caller),
             None => CallerKey::Address(peer.addr.ip()),
+        }
+    }
+
+    /// An identified caller: its container, else its cgroup.
+    pub fn of_caller(caller: &crate::identity::Caller) -> Self {
+        match &caller.container_id {
+            Some(id) => CallerKey::Container(id.as_str().into()),
+            None => CallerKey::Cgroup(caller.cgroup_id),
         }
     }
 }

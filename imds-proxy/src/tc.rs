@@ -87,7 +87,7 @@ pub fn parse_static_source(text: &str) -> Result<(String, std::net::IpAddr), Str
     let (iface, addr) = text
         .split_once('=')
         .ok_or_else(|| format!("{text:?} is not IFACE=ADDR"))?;
-    if iface.is_empty() || iface.len() > 15 || !valid_pattern(iface) || iface.contains(['*', '?']) {
+    if !valid_pattern(iface) || iface.contains(['*', '?']) {
         return Err(format!("{iface:?} is not an interface name"));
     }
     let addr = addr
@@ -241,29 +241,26 @@ impl TcRedirect {
     pub fn reconcile(&self) -> bool {
         let present = present_interfaces();
         let mut inner = self.inner.lock().expect("tc lock poisoned");
-        let mut changed = false;
-        let gone: Vec<u32> = inner
-            .attached
-            .iter()
-            .filter(|(index, i)| present.get(index) != Some(&i.name))
-            .map(|(index, _)| *index)
-            .collect();
-        for index in gone {
-            let interface = inner.attached.remove(&index).expect("listed");
-            tracing::info!(interface = %interface.name, "container interface gone; programs detached");
-            detach_interface(&mut inner.ebpf, interface, true);
-            changed = true;
+        let Inner {
+            ebpf,
+            attached,
+            ports,
+        } = &mut *inner;
+        let gone = detach_gone(ebpf, attached, &present);
+        for name in &gone {
+            tracing::info!(interface = %name, "container interface gone; programs detached");
         }
-        for (index, name) in present {
-            if inner.attached.contains_key(&index)
-                || !self.spec.interfaces.iter().any(|p| matches(p, &name))
+        let mut changed = !gone.is_empty();
+        for (&index, name) in &present {
+            if attached.contains_key(&index)
+                || !self.spec.interfaces.iter().any(|p| matches(p, name))
             {
                 continue;
             }
-            match self.attach_interface(&mut inner.ebpf, &name, index, &BRIDGE_PROGRAMS) {
+            match self.attach_interface(ebpf, name, index, &BRIDGE_PROGRAMS) {
                 Ok(interface) => {
                     tracing::info!(interface = %name, mode = ?self.attach, "redirect attached to container interface");
-                    inner.attached.insert(index, interface);
+                    attached.insert(index, interface);
                     changed = true;
                 }
                 Err(err) => {
@@ -272,31 +269,24 @@ impl TcRedirect {
             }
         }
         // The ports of those bridges: each container's own interface.
-        let bridges: Vec<String> = inner.attached.values().map(|i| i.name.clone()).collect();
-        let ports: BTreeMap<u32, String> = present_interfaces()
+        let bridges: Vec<&String> = attached.values().map(|i| &i.name).collect();
+        let present_ports: BTreeMap<u32, String> = present
             .into_iter()
-            .filter(|(_, name)| master(name).is_some_and(|m| bridges.contains(&m)))
+            .filter(|(_, name)| master(name).is_some_and(|m| bridges.contains(&&m)))
             .collect();
-        let gone: Vec<u32> = inner
-            .ports
-            .iter()
-            .filter(|(index, i)| ports.get(index) != Some(&i.name))
-            .map(|(index, _)| *index)
-            .collect();
-        for index in gone {
-            let port = inner.ports.remove(&index).expect("listed");
-            tracing::debug!(interface = %port.name, "container port gone");
-            detach_interface(&mut inner.ebpf, port, true);
-            changed = true;
+        let gone = detach_gone(ebpf, ports, &present_ports);
+        for name in &gone {
+            tracing::debug!(interface = %name, "container port gone");
         }
-        for (index, name) in ports {
-            if inner.ports.contains_key(&index) {
+        changed |= !gone.is_empty();
+        for (index, name) in present_ports {
+            if ports.contains_key(&index) {
                 continue;
             }
-            match self.attach_interface(&mut inner.ebpf, &name, index, &PORT_PROGRAMS) {
+            match self.attach_interface(ebpf, &name, index, &PORT_PROGRAMS) {
                 Ok(port) => {
                     tracing::debug!(interface = %name, "source guard attached to container port");
-                    inner.ports.insert(index, port);
+                    ports.insert(index, port);
                     changed = true;
                     let statics: Vec<std::net::IpAddr> = self
                         .spec
@@ -325,11 +315,6 @@ impl TcRedirect {
             }
         }
         changed
-    }
-
-    /// Ports (containers' interfaces) the source guard is attached to now.
-    pub fn ports(&self) -> usize {
-        self.inner.lock().expect("tc lock poisoned").ports.len()
     }
 
     /// The addresses container `id` may send to IMDS from, on each of its ports (host-side
@@ -374,20 +359,6 @@ impl TcRedirect {
             by_container.insert(id.to_owned(), keys);
         }
         Ok(())
-    }
-
-    /// [`container_ports`] of container `id`, whose first process Docker says is `pid` (in the
-    /// host's pid namespace, which the proxy must share).
-    pub fn ports_of(id: &str, pid: u32) -> std::io::Result<Vec<u32>> {
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        if !cgroup.contains(id) {
-            return Err(std::io::Error::other(format!(
-                "process {pid} is not in container {id}'s cgroup: the proxy does not see the \
-                 host's processes (tc mode needs the host's pid namespace: run its container \
-                 with --pid host)"
-            )));
-        }
-        container_ports(pid)
     }
 
     /// Container `id` is gone: its addresses are nobody's on its ports any more.
@@ -538,6 +509,28 @@ impl TcRedirect {
     }
 }
 
+/// Detach and forget what `attached` holds for interfaces no longer `present` (by index and
+/// name: an index taken by another interface counts as gone); their names.
+fn detach_gone(
+    ebpf: &mut Ebpf,
+    attached: &mut BTreeMap<u32, Interface>,
+    present: &BTreeMap<u32, String>,
+) -> Vec<String> {
+    let gone: Vec<u32> = attached
+        .iter()
+        .filter(|(index, i)| present.get(index) != Some(&i.name))
+        .map(|(index, _)| *index)
+        .collect();
+    gone.into_iter()
+        .filter_map(|index| attached.remove(&index))
+        .map(|interface| {
+            let name = interface.name.clone();
+            detach_interface(ebpf, interface, true);
+            name
+        })
+        .collect()
+}
+
 /// Detach one interface's links. `remove_pins`: the interface is gone, so are its pins' reasons.
 fn detach_interface(ebpf: &mut Ebpf, interface: Interface, remove_pins: bool) {
     for link in interface.links {
@@ -595,12 +588,20 @@ fn master(name: &str) -> Option<String> {
     Some(link.file_name()?.to_string_lossy().into_owned())
 }
 
-/// The host-side interface indexes of the veths of the process `pid`'s network namespace: for
-/// each interface there whose link partner is in another namespace, its partner's index (as the
-/// host numbers it). Read over rtnetlink from a thread that enters that namespace; blocking.
-pub fn container_ports(pid: u32) -> std::io::Result<Vec<u32>> {
+/// The ports of container `id` (whose first process Docker says is `pid`, in the host's pid
+/// namespace, which the proxy must share): the host-side interface indexes of the veths of that
+/// process's network namespace, i.e. for each interface there whose link partner is in another
+/// namespace, its partner's index (as the host numbers it). Read over rtnetlink from a thread
+/// that enters that namespace; blocking.
+pub fn container_ports(id: &str, pid: u32) -> std::io::Result<Vec<u32>> {
     use futures_util::TryStreamExt as _;
     use rtnetlink::packet_route::link::LinkAttribute;
+    if !crate::identity::process_in_container(pid, id) {
+        return Err(std::io::Error::other(format!(
+            "process {pid} is not in container {id}'s cgroup: the proxy does not see the host's \
+             processes (tc mode needs the host's pid namespace: run its container with --pid host)"
+        )));
+    }
     let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
     std::thread::spawn(move || -> std::io::Result<Vec<u32>> {
         // Only this thread changes namespace; it ends with the lookup.

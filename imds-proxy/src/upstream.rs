@@ -67,7 +67,7 @@ impl MetadataCache {
     }
 
     fn cacheable(path: &str) -> bool {
-        let rest = path[1..].split_once('/').map_or("", |(_, rest)| rest);
+        let rest = imds_policy::paths::after_version(path);
         !VOLATILE.iter().any(|v| rest.starts_with(v))
     }
 

@@ -11,7 +11,9 @@ pub mod imds;
 pub mod metrics;
 pub mod netdev;
 pub mod ops;
+pub mod peer_addresses;
 pub mod serve;
+pub mod sources;
 pub mod tc;
 pub mod upstream;
 

@@ -259,15 +259,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
         let follow = tc.clone();
         tokio::spawn(async move { follow.follow_interfaces().await });
+        tokio::spawn(tc.clone().follow_peer_addresses());
         let reaper = tc.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
                 let reaped = reaper.reap(imds_proxy::tc::NAT_IDLE);
                 if reaped > 0 {
                     tracing::debug!(reaped, "idle NAT entries removed");
                 }
+                reaper.expire_sources();
             }
         });
         Some(tc)

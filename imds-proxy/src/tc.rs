@@ -41,7 +41,10 @@ use imds_common::{
     SourceKey, TcStat, raw_v6,
 };
 
-use crate::ebpf::{Error, listen_config, load_configured};
+use crate::{
+    ebpf::{Error, listen_config, load_configured},
+    sources::{Refusal, Source, SourceBook},
+};
 
 pub const INGRESS_PROGRAM: &str = "imds_tc_ingress";
 pub const EGRESS_PROGRAM: &str = "imds_tc_egress";
@@ -135,12 +138,47 @@ struct Inner {
     attached: BTreeMap<u32, Interface>,
     /// Their ports (containers' veths), by interface index.
     ports: BTreeMap<u32, Interface>,
+    /// Detached for good ([`TcRedirect::detach_all`]): the interface watch attaches nothing more.
+    stopped: bool,
 }
 
-/// `IMDS_TC_SOURCES`, and what each container put in it (by container id).
+/// `IMDS_TC_SOURCES`, and the book it is kept from.
 struct Sources {
     map: HashMap<MapData, SourceKey, u8>,
-    by_container: BTreeMap<String, Vec<SourceKey>>,
+    book: SourceBook,
+}
+
+impl Sources {
+    /// Make the map say what the book says for each of `touched`.
+    fn apply(&mut self, touched: std::collections::BTreeSet<Source>) -> Result<(), Error> {
+        for source in touched {
+            let key = source_key(source);
+            if self.book.vouched(source) {
+                self.map.insert(key, 1, 0).map_err(|source| Error::Map {
+                    name: MAP_TC_SOURCES,
+                    source,
+                })?;
+            } else {
+                let _ = self.map.remove(&key);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn source_key((ifindex, addr): Source) -> SourceKey {
+    match addr {
+        std::net::IpAddr::V4(v4) => SourceKey {
+            ifindex,
+            family: AF_INET as u32,
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        },
+        std::net::IpAddr::V6(v6) => SourceKey {
+            ifindex,
+            family: AF_INET6 as u32,
+            addr: raw_v6(v6.octets()),
+        },
+    }
 }
 
 /// The tc programs and their attachments. Dropping it detaches what is not pinned.
@@ -204,11 +242,12 @@ impl TcRedirect {
                 ebpf,
                 attached: BTreeMap::new(),
                 ports: BTreeMap::new(),
+                stopped: false,
             }),
             nat: Mutex::new(nat),
             sources: Mutex::new(Sources {
                 map: sources,
-                by_container: BTreeMap::new(),
+                book: SourceBook::default(),
             }),
             stats,
             spec: spec.clone(),
@@ -245,9 +284,13 @@ impl TcRedirect {
             ebpf,
             attached,
             ports,
+            stopped,
         } = &mut *inner;
+        if *stopped {
+            return false;
+        }
         let gone = detach_gone(ebpf, attached, &present);
-        for name in &gone {
+        for (_, name) in &gone {
             tracing::info!(interface = %name, "container interface gone; programs detached");
         }
         let mut changed = !gone.is_empty();
@@ -275,8 +318,13 @@ impl TcRedirect {
             .filter(|(_, name)| master(name).is_some_and(|m| bridges.contains(&&m)))
             .collect();
         let gone = detach_gone(ebpf, ports, &present_ports);
-        for name in &gone {
+        for (index, name) in &gone {
             tracing::debug!(interface = %name, "container port gone");
+            let mut state = self.sources.lock().expect("sources poisoned");
+            let touched = state.book.port_gone(*index);
+            if let Err(err) = state.apply(touched) {
+                tracing::error!(interface = %name, %err, "forgetting a gone port's source addresses failed");
+            }
         }
         changed |= !gone.is_empty();
         for (index, name) in present_ports {
@@ -325,40 +373,58 @@ impl TcRedirect {
         ports: &[u32],
         addresses: &[std::net::IpAddr],
     ) -> Result<(), Error> {
-        let keys: Vec<SourceKey> = ports
+        let sources: Vec<Source> = ports
             .iter()
-            .flat_map(|&ifindex| {
-                addresses.iter().map(move |addr| match addr {
-                    std::net::IpAddr::V4(v4) => SourceKey {
-                        ifindex,
-                        family: AF_INET as u32,
-                        addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-                    },
-                    std::net::IpAddr::V6(v6) => SourceKey {
-                        ifindex,
-                        family: AF_INET6 as u32,
-                        addr: raw_v6(v6.octets()),
-                    },
-                })
-            })
+            .flat_map(|&port| addresses.iter().map(move |&addr| (port, addr)))
             .collect();
-        let mut sources = self.sources.lock().expect("sources poisoned");
-        let Sources { map, by_container } = &mut *sources;
-        for old in by_container.remove(id).unwrap_or_default() {
-            if !keys.contains(&old) {
-                let _ = map.remove(&old);
+        let mut state = self.sources.lock().expect("sources poisoned");
+        let touched = state.book.set(id, sources);
+        state.apply(touched)
+    }
+
+    /// The kernel reports `addr` configured (`added`) or removed in the network namespace behind
+    /// container port `port`: a provisional source until Docker says whose the port is (see
+    /// [`crate::sources`]).
+    pub fn observe_source(
+        &self,
+        port: u32,
+        addr: std::net::IpAddr,
+        added: bool,
+    ) -> Result<(), Error> {
+        let mut state = self.sources.lock().expect("sources poisoned");
+        let touched = if added {
+            match state.book.observe((port, addr), std::time::Instant::now()) {
+                Ok(touched) => {
+                    tracing::debug!(port, %addr, "address behind a container port vouched for until Docker reports its container");
+                    touched
+                }
+                Err(Refusal::PortVouched) => return Ok(()),
+                Err(refusal @ Refusal::OwnedElsewhere) => {
+                    tracing::warn!(port, %addr, %refusal, "address configured behind a container port not vouched for");
+                    return Ok(());
+                }
             }
+        } else {
+            state.book.unobserve((port, addr))
+        };
+        state.apply(touched)
+    }
+
+    /// Drop provisional sources Docker never confirmed in time; how many are left.
+    pub fn expire_sources(&self) -> usize {
+        let mut state = self.sources.lock().expect("sources poisoned");
+        let touched = state.book.expire(std::time::Instant::now());
+        if let Err(err) = state.apply(touched) {
+            tracing::error!(%err, "removing expired source addresses failed");
         }
-        for key in &keys {
-            map.insert(key, 1, 0).map_err(|source| Error::Map {
-                name: MAP_TC_SOURCES,
-                source,
-            })?;
-        }
-        if !keys.is_empty() {
-            by_container.insert(id.to_owned(), keys);
-        }
-        Ok(())
+        state.book.provisional()
+    }
+
+    /// Whether `index` is a port of a bridge the programs are attached to (by the interface's
+    /// master's index).
+    pub fn is_bridge(&self, index: u32) -> bool {
+        let inner = self.inner.lock().expect("tc lock poisoned");
+        inner.attached.contains_key(&index)
     }
 
     /// Container `id` is gone: its addresses are nobody's on its ports any more.
@@ -473,6 +539,51 @@ impl TcRedirect {
         tracing::error!("interface watch ended; new container interfaces will not be attached");
     }
 
+    /// Vouch for addresses as the kernel announces them behind container ports (provisional
+    /// sources, [`crate::sources`]) until the task is dropped. The announcements are read on a
+    /// thread of their own.
+    pub async fn follow_peer_addresses(self: std::sync::Arc<Self>) {
+        use crate::peer_addresses::{Event, host_side, watch};
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            if let Err(err) = watch(|event| tx.send(event).is_ok()) {
+                tracing::error!(%err, "cannot hear containers' addresses as they are configured; a container's first connection to IMDS waits for Docker's report and a TCP retransmission");
+            }
+        });
+        let handle = match rtnetlink::new_connection() {
+            Ok((connection, handle, _)) => {
+                tokio::spawn(connection);
+                handle
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot read interfaces; containers' addresses are vouched for when Docker reports them");
+                return;
+            }
+        };
+        while let Some(event) = rx.recv().await {
+            let address = match event {
+                Event::Address(address) => address,
+                Event::Lost => {
+                    tracing::warn!(
+                        "address announcements lost (socket buffer full); those containers' addresses are vouched for when Docker reports them"
+                    );
+                    continue;
+                }
+            };
+            let port = match host_side(&handle, address.nsid, address.ifindex).await {
+                Ok(Some((port, Some(master)))) if self.is_bridge(master) => port,
+                Ok(_) => continue, // not behind a port of a bridge we guard
+                Err(err) => {
+                    tracing::warn!(%err, ?address, "cannot find the host side of an announced address");
+                    continue;
+                }
+            };
+            if let Err(err) = self.observe_source(port, address.addr, address.added) {
+                tracing::error!(port, %err, "recording a provisional source address failed");
+            }
+        }
+    }
+
     /// Remove NAT entries idle for longer than `idle`; returns how many.
     pub fn reap(&self, idle: Duration) -> usize {
         let now = monotonic_ns();
@@ -501,6 +612,7 @@ impl TcRedirect {
     /// process created. (With pins, links stay: dropping `self` keeps them.)
     pub fn detach_all(&self) {
         let mut inner = self.inner.lock().expect("tc lock poisoned");
+        inner.stopped = true;
         let attached = std::mem::take(&mut inner.attached);
         let ports = std::mem::take(&mut inner.ports);
         for (_, interface) in attached.into_iter().chain(ports) {
@@ -515,18 +627,18 @@ fn detach_gone(
     ebpf: &mut Ebpf,
     attached: &mut BTreeMap<u32, Interface>,
     present: &BTreeMap<u32, String>,
-) -> Vec<String> {
+) -> Vec<(u32, String)> {
     let gone: Vec<u32> = attached
         .iter()
         .filter(|(index, i)| present.get(index) != Some(&i.name))
         .map(|(index, _)| *index)
         .collect();
     gone.into_iter()
-        .filter_map(|index| attached.remove(&index))
-        .map(|interface| {
+        .filter_map(|index| Some((index, attached.remove(&index)?)))
+        .map(|(index, interface)| {
             let name = interface.name.clone();
             detach_interface(ebpf, interface, true);
-            name
+            (index, name)
         })
         .collect()
 }

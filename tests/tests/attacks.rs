@@ -558,3 +558,22 @@ fn a_spoofed_source_address_is_dropped_in_tc_mode() {
     let out = victim.exec(TOKEN_AND_INSTANCE_ID);
     assert_eq!(answers(&out)[0].0, 200, "{out}");
 }
+
+/// The guard must not cost a starting container its first connection. Docker reports a container
+/// only once its process runs; a SYN dropped for want of a vouched address is retried a second
+/// later, as long as an SDK waits for IMDS (the AWS CLI then finds no credentials). The proxy
+/// vouches for the address as Docker configures it, before the process starts: nothing a fresh
+/// container sends first is dropped.
+#[test]
+fn a_starting_container_is_served_from_its_first_packet_in_tc_mode() {
+    let scene = scene();
+    let proxy = Proxy::start_in(&scene, Mode::Tc, &[]);
+    let dropped = || proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_spoofed\"}");
+    let before = dropped();
+    for _ in 0..3 {
+        let (_, _, out) = in_container(&with_role(&[]), TOKEN_AND_INSTANCE_ID);
+        assert_eq!(answers(&out).first().map(|a| a.0), Some(200), "{out}");
+    }
+    assert_eq!(dropped() - before, 0, "no first SYN dropped at its port");
+    proxy.wait_for_log(&["vouched for until Docker reports its container"]);
+}

@@ -58,7 +58,8 @@ pub fn watch(mut each: impl FnMut(Event) -> bool) -> io::Result<()> {
         header.msg_iov = &mut iov;
         header.msg_iovlen = 1;
         header.msg_control = control.as_mut_ptr().cast();
-        header.msg_controllen = std::mem::size_of_val(&control);
+        // (usize on glibc, u32 on musl)
+        header.msg_controllen = std::mem::size_of_val(&control) as _;
         // SAFETY: fd is open for the socket's lifetime; header points at live buffers.
         let n = unsafe { libc::recvmsg(fd, &mut header, 0) };
         if n < 0 {

@@ -21,6 +21,18 @@ pub const IMDS_PORT: u16 = 80;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
+/// Names of the programs: their function names in `imds-ebpf`, which the loader looks up in the
+/// object (and part of their links' pin names under `--pin DIR`).
+pub const PROG_CONNECT4: &str = "imds_connect4";
+pub const PROG_CONNECT6: &str = "imds_connect6";
+pub const PROG_GETPEERNAME4: &str = "imds_getpeername4";
+pub const PROG_GETPEERNAME6: &str = "imds_getpeername6";
+pub const PROG_SOCK_OPS: &str = "imds_sock_ops";
+pub const PROG_EGRESS_GUARD: &str = "imds_egress_guard";
+pub const PROG_TC_INGRESS: &str = "imds_tc_ingress";
+pub const PROG_TC_EGRESS: &str = "imds_tc_egress";
+pub const PROG_TC_SOURCE_GUARD: &str = "imds_tc_source_guard";
+
 /// Names of the maps, which are also their pin names under `--pin DIR`.
 pub const MAP_CONFIG: &str = "IMDS_CONFIG";
 pub const MAP_PENDING: &str = "IMDS_PENDING";
@@ -164,6 +176,25 @@ pub struct ConnKey {
     pub port: u32,
     /// `AF_INET` or `AF_INET6`.
     pub family: u32,
+}
+
+impl From<core::net::SocketAddr> for ConnKey {
+    /// The key of the connection whose client is this address and port (the proxy's accepted
+    /// peer).
+    fn from(peer: core::net::SocketAddr) -> Self {
+        match peer {
+            core::net::SocketAddr::V4(a) => ConnKey {
+                addr: [raw_v4(a.ip().octets()), 0, 0, 0],
+                port: a.port() as u32,
+                family: AF_INET as u32,
+            },
+            core::net::SocketAddr::V6(a) => ConnKey {
+                addr: raw_v6(a.ip().octets()),
+                port: a.port() as u32,
+                family: AF_INET6 as u32,
+            },
+        }
+    }
 }
 
 /// tc mode: names of its maps (also their pin names).
@@ -318,6 +349,21 @@ mod tests {
     extern crate std;
     use super::*;
     use core::mem::{align_of, size_of};
+
+    #[test]
+    fn a_peer_address_is_the_key_sock_ops_writes() {
+        let v4: core::net::SocketAddr = "172.17.0.2:40000".parse().unwrap();
+        let key = ConnKey::from(v4);
+        assert_eq!(key.addr, [raw_v4([172, 17, 0, 2]), 0, 0, 0]);
+        assert_eq!((key.port, key.family), (40000, AF_INET as u32));
+        let v6: core::net::SocketAddr = "[fd00::2]:40001".parse().unwrap();
+        let key = ConnKey::from(v6);
+        assert_eq!(
+            v6_octets(key.addr),
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+        );
+        assert_eq!((key.port, key.family), (40001, AF_INET6 as u32));
+    }
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]

@@ -45,7 +45,7 @@ use imds_common::{
     SOURCE_VALIDATED_MARK, SourceKey, TC_STATS, TcStat, raw_v4, raw_v6,
 };
 
-use crate::programs::config;
+use crate::cgroup::config;
 
 /// Connections redirected by `imds_tc_ingress`, by the client's address and port.
 #[map(name = "IMDS_NAT")]

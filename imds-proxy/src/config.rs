@@ -4,7 +4,7 @@
 //! naming the key and the reason, raised before anything is attached.
 use std::{
     ffi::OsString,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -27,9 +27,9 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// How containers' IMDS traffic is intercepted.
+/// `--mode`: how containers' IMDS traffic is intercepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
+pub enum ModeName {
     /// Socket hooks on the containers' cgroups; the kernel records who connected. The default,
     /// and the stronger: identity cannot be spoofed.
     Cgroup,
@@ -55,6 +55,33 @@ pub struct RunArgs {
     /// TOML file with any of these settings (keys spelled like the flags, e.g. `default-role`).
     #[arg(long, env = "IMDS_PROXY_CONFIG")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+    #[command(flatten)]
+    pub redirect: RedirectArgs,
+    #[command(flatten)]
+    pub roles: RoleArgs,
+    #[command(flatten)]
+    pub sts: StsArgs,
+    #[command(flatten)]
+    pub imds: ImdsArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Docker API socket.
+    #[arg(
+        long,
+        env = "IMDS_PROXY_DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub docker_host: String,
+    #[arg(long, env = "IMDS_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Where the proxy listens.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Listening")]
+pub struct NetworkArgs {
     /// Listen address for redirected connections: one IPv4, optionally one IPv6. Dedicated to
     /// redirected traffic; it lives on the dummy interface.
     #[arg(long = "listen", env = "IMDS_PROXY_LISTEN", value_delimiter = ',',
@@ -63,19 +90,57 @@ pub struct RunArgs {
     /// Operations listener: /healthz, /readyz, /metrics.
     #[arg(long, env = "IMDS_PROXY_OPS_LISTEN", default_value = "127.0.0.1:9181")]
     pub ops_listen: SocketAddr,
-    /// The instance metadata service the proxy itself uses.
+    /// The dummy interface that carries the listen addresses.
+    #[arg(long, env = "IMDS_PROXY_INTERFACE", default_value = crate::netdev::DEFAULT_INTERFACE)]
+    pub interface: String,
+}
+
+/// How containers' IMDS traffic reaches the proxy.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Redirect")]
+pub struct RedirectArgs {
+    /// Interception mode: `cgroup` (kernel-attested identity; the stronger) or `tc` (packet
+    /// rewrite on container interfaces; identity by source address).
+    #[arg(long, env = "IMDS_PROXY_MODE", value_enum, default_value_t = ModeName::Cgroup)]
+    pub mode: ModeName,
+    /// cgroup v2 directory whose sockets are redirected (repeatable). Default: the v2 root, in
+    /// filter mode (every container, wherever its cgroup is).
+    #[arg(long = "cgroup", env = "IMDS_PROXY_CGROUP", value_delimiter = ',')]
+    pub cgroups: Vec<PathBuf>,
+    /// With --cgroup: the attach points also hold host services; redirect only container cgroups
+    /// (docker-<id>.scope, docker/<id>), pass the others, refuse those not classified yet.
+    /// Automatic with Docker's systemd cgroup driver.
+    #[arg(long, env = "IMDS_PROXY_CGROUP_FILTER")]
+    pub cgroup_filter: bool,
+    /// tc mode: container interface to attach to (repeatable or comma-separated; `*` and `?`
+    /// wildcards, e.g. `br-*`). Default: docker0. Interfaces that appear later are attached too.
     #[arg(
-        long,
-        env = "IMDS_PROXY_UPSTREAM",
-        default_value = "http://169.254.169.254"
+        long = "container-iface",
+        env = "IMDS_PROXY_CONTAINER_IFACE",
+        value_delimiter = ','
     )]
-    pub upstream: String,
-    /// STS endpoint URL (default: the regional endpoint).
-    #[arg(long, env = "IMDS_PROXY_STS_ENDPOINT")]
-    pub sts_endpoint: Option<String>,
-    /// AWS region for STS (default: the instance's, from IMDS).
-    #[arg(long, env = "IMDS_PROXY_REGION")]
-    pub region: Option<String>,
+    pub container_ifaces: Vec<String>,
+    /// tc mode: an address a bridge port (by interface name) may send to IMDS from, for clients
+    /// that are not Docker containers (VMs, namespaces of your own): `IFACE=ADDR`, repeatable.
+    /// Docker containers' ports and addresses are found by themselves.
+    #[arg(
+        long = "tc-static-source",
+        env = "IMDS_PROXY_TC_STATIC_SOURCE",
+        value_delimiter = ','
+    )]
+    pub tc_static_sources: Vec<String>,
+    /// tc mode: attach with TCX links (kernel 6.6+, pinnable) or netlink clsact filters.
+    #[arg(long, env = "IMDS_PROXY_TC_ATTACH", value_enum, default_value_t = crate::redirect::tc::TcAttach::Auto)]
+    pub tc_attach: crate::redirect::tc::TcAttach,
+    /// bpffs directory to pin links and maps in: if the proxy dies, containers fail closed.
+    #[arg(long, env = "IMDS_PROXY_PIN")]
+    pub pin: Option<PathBuf>,
+}
+
+/// Which role a container gets.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Roles")]
+pub struct RoleArgs {
     /// Role for containers that name none (a role name under --role-arn-prefix, or an ARN).
     #[arg(long, env = "IMDS_PROXY_DEFAULT_ROLE")]
     pub default_role: Option<String>,
@@ -86,18 +151,70 @@ pub struct RunArgs {
     /// Globs on role ARNs a container may assume (comma-separated or repeated); all when empty.
     #[arg(long, env = "IMDS_PROXY_ALLOWED_ROLES", value_delimiter = ',')]
     pub allowed_roles: Vec<String>,
+    /// Let a container's image choose its role: role labels and IAM_ROLE set by the image's own
+    /// LABEL/ENV count. By default only those set on the container itself do (an image's value is
+    /// ignored and logged), so that running an image never grants a role its runner did not give.
+    #[arg(long, env = "IMDS_PROXY_TRUST_IMAGE_ROLE")]
+    pub trust_image_role: bool,
+}
+
+/// How roles are assumed.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "STS")]
+pub struct StsArgs {
+    /// STS endpoint URL (default: the regional endpoint).
+    #[arg(long, env = "IMDS_PROXY_STS_ENDPOINT")]
+    pub sts_endpoint: Option<String>,
+    /// AWS region for STS (default: the instance's, from IMDS).
+    #[arg(long, env = "IMDS_PROXY_REGION")]
+    pub region: Option<String>,
     /// Lifetime of assumed-role sessions, seconds (900–43200).
     #[arg(long, env = "IMDS_PROXY_SESSION_DURATION", default_value_t = 3600)]
     pub session_duration: u32,
     /// Refresh credentials in the background when less than this remains (e.g. 5m, 300s).
     #[arg(long, env = "IMDS_PROXY_REFRESH_BEFORE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub refresh_before: Duration,
+}
+
+/// The upstream IMDS and what of it containers see.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "IMDS")]
+pub struct ImdsArgs {
+    /// The instance metadata service the proxy itself uses.
+    #[arg(
+        long,
+        env = "IMDS_PROXY_UPSTREAM",
+        default_value = "http://169.254.169.254"
+    )]
+    pub upstream: String,
     /// Answer 401 to requests without an IMDSv2 token: `true`, `false`, or (the default) as the
     /// instance's own IMDS does (its HttpTokens setting, checked at start and every few minutes;
     /// required while it cannot be checked). `--require-imdsv2` alone means `true`.
     #[arg(long, env = "IMDS_PROXY_REQUIRE_IMDSV2", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub require_imdsv2: Option<bool>,
+    /// Containers' pass-through calls to the upstream IMDS at once (the proxy's own calls do not
+    /// count against it); beyond, a call waits up to a second, then gets 429.
+    #[arg(long, env = "IMDS_PROXY_UPSTREAM_CONCURRENCY", default_value_t = 16)]
+    pub upstream_concurrency: usize,
+    /// How long pass-through answers are kept (0s: not at all); spot, events, rebalance,
+    /// autoscaling and tags are never kept.
+    #[arg(long, env = "IMDS_PROXY_METADATA_CACHE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub metadata_cache_ttl: Duration,
+    /// Pass /latest/user-data through (denied by default: it often holds secrets).
+    #[arg(long, env = "IMDS_PROXY_ALLOW_USER_DATA")]
+    pub allow_user_data: bool,
+    /// Pass the signed instance identity documents through (`dynamic/instance-identity/pkcs7`,
+    /// `signature`, `rsa2048`). Denied by default: they prove to Vault, SPIRE and the like that
+    /// the caller is the instance itself.
+    #[arg(long, env = "IMDS_PROXY_ALLOW_IDENTITY_SIGNATURES")]
+    pub allow_identity_signatures: bool,
+}
+
+/// What one caller may take.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Limits")]
+pub struct LimitArgs {
     /// Longest wait for a request head, on a new connection or an idle keep-alive one; then the
     /// connection is closed (e.g. 5s, 500ms).
     #[arg(long, env = "IMDS_PROXY_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -118,81 +235,45 @@ pub struct RunArgs {
     /// Requests one container may make at once before --requests-per-second applies.
     #[arg(long, env = "IMDS_PROXY_REQUEST_BURST", default_value_t = 100.0)]
     pub request_burst: f64,
-    /// Containers' pass-through calls to the upstream IMDS at once (the proxy's own calls do not
-    /// count against it); beyond, a call waits up to a second, then gets 429.
-    #[arg(long, env = "IMDS_PROXY_UPSTREAM_CONCURRENCY", default_value_t = 16)]
-    pub upstream_concurrency: usize,
-    /// How long pass-through answers are kept (0s: not at all); spot, events, rebalance,
-    /// autoscaling and tags are never kept.
-    #[arg(long, env = "IMDS_PROXY_METADATA_CACHE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub metadata_cache_ttl: Duration,
-    /// Let a container's image choose its role: role labels and IAM_ROLE set by the image's own
-    /// LABEL/ENV count. By default only those set on the container itself do (an image's value is
-    /// ignored and logged), so that running an image never grants a role its runner did not give.
-    #[arg(long, env = "IMDS_PROXY_TRUST_IMAGE_ROLE")]
-    pub trust_image_role: bool,
-    /// Pass /latest/user-data through (denied by default: it often holds secrets).
-    #[arg(long, env = "IMDS_PROXY_ALLOW_USER_DATA")]
-    pub allow_user_data: bool,
-    /// Pass the signed instance identity documents through (`dynamic/instance-identity/pkcs7`,
-    /// `signature`, `rsa2048`). Denied by default: they prove to Vault, SPIRE and the like that
-    /// the caller is the instance itself.
-    #[arg(long, env = "IMDS_PROXY_ALLOW_IDENTITY_SIGNATURES")]
-    pub allow_identity_signatures: bool,
-    /// Docker API socket.
-    #[arg(
-        long,
-        env = "IMDS_PROXY_DOCKER_HOST",
-        default_value = "unix:///var/run/docker.sock"
-    )]
-    pub docker_host: String,
-    #[arg(long, env = "IMDS_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-    /// cgroup v2 directory whose sockets are redirected (repeatable). Default: Docker's parent.
-    #[arg(long = "cgroup", env = "IMDS_PROXY_CGROUP", value_delimiter = ',')]
-    pub cgroups: Vec<PathBuf>,
-    /// With --cgroup: the attach points also hold host services; redirect only container cgroups
-    /// (docker-<id>.scope, docker/<id>), pass the others, refuse those not classified yet.
-    /// Automatic with Docker's systemd cgroup driver.
-    #[arg(long, env = "IMDS_PROXY_CGROUP_FILTER")]
-    pub cgroup_filter: bool,
-    /// Interception mode: `cgroup` (kernel-attested identity; the stronger) or `tc` (packet
-    /// rewrite on container interfaces; identity by source address).
-    #[arg(long, env = "IMDS_PROXY_MODE", value_enum, default_value_t = Mode::Cgroup)]
-    pub mode: Mode,
-    /// tc mode: container interface to attach to (repeatable or comma-separated; `*` and `?`
-    /// wildcards, e.g. `br-*`). Default: docker0. Interfaces that appear later are attached too.
-    #[arg(
-        long = "container-iface",
-        env = "IMDS_PROXY_CONTAINER_IFACE",
-        value_delimiter = ','
-    )]
-    pub container_ifaces: Vec<String>,
-    /// tc mode: an address a bridge port (by interface name) may send to IMDS from, for clients
-    /// that are not Docker containers (VMs, namespaces of your own): `IFACE=ADDR`, repeatable.
-    /// Docker containers' ports and addresses are found by themselves.
-    #[arg(
-        long = "tc-static-source",
-        env = "IMDS_PROXY_TC_STATIC_SOURCE",
-        value_delimiter = ','
-    )]
-    pub tc_static_sources: Vec<String>,
-    /// tc mode: attach with TCX links (kernel 6.6+, pinnable) or netlink clsact filters.
-    #[arg(long, env = "IMDS_PROXY_TC_ATTACH", value_enum, default_value_t = crate::tc::TcAttach::Auto)]
-    pub tc_attach: crate::tc::TcAttach,
-    /// bpffs directory to pin links and maps in: if the proxy dies, containers fail closed.
-    #[arg(long, env = "IMDS_PROXY_PIN")]
-    pub pin: Option<PathBuf>,
-    /// The dummy interface that carries the listen addresses.
-    #[arg(long, env = "IMDS_PROXY_INTERFACE", default_value = crate::netdev::DEFAULT_INTERFACE)]
-    pub interface: String,
 }
 
-/// The validated configuration.
+/// The validated configuration: what the flags said, and what they mean, typed.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub args: RunArgs,
     pub roles: roles::Policy,
+    pub listen: Listen,
+    pub mode: Mode,
+}
+
+/// The dedicated listen addresses: one IPv4, at most one IPv6.
+#[derive(Clone, Copy, Debug)]
+pub struct Listen {
+    pub v4: SocketAddrV4,
+    pub v6: Option<SocketAddrV6>,
+}
+
+impl Listen {
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let mut addresses = vec![IpAddr::V4(*self.v4.ip())];
+        addresses.extend(self.v6.map(|a| IpAddr::V6(*a.ip())));
+        addresses
+    }
+}
+
+/// The mode and its settings.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// Socket hooks at `cgroups` (empty: the v2 root, in filter mode); `filter`: classify the
+    /// cgroups below them and redirect containers' only.
+    Cgroup { cgroups: Vec<PathBuf>, filter: bool },
+    /// Packet rewrite on the interfaces matching `interfaces` (default docker0), with the
+    /// operator's static sources for clients that are not Docker containers.
+    Tc {
+        interfaces: Vec<String>,
+        attach: crate::redirect::tc::TcAttach,
+        static_sources: Vec<(String, IpAddr)>,
+    },
 }
 
 impl RunArgs {
@@ -226,15 +307,27 @@ impl RunArgs {
 
     /// Check every setting; the first problem, naming its key.
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let v4 = self.listen.iter().filter(|a| a.is_ipv4()).count();
-        let v6 = self.listen.len() - v4;
-        if v4 != 1 || v6 > 1 {
-            return Err(invalid(
-                "listen",
-                "give exactly one IPv4 and at most one IPv6 address",
-            ));
+        let (mut v4, mut v6): (Vec<SocketAddrV4>, Vec<SocketAddrV6>) = (Vec::new(), Vec::new());
+        for addr in &self.network.listen {
+            match addr {
+                SocketAddr::V4(a) => v4.push(*a),
+                SocketAddr::V6(a) => v6.push(*a),
+            }
         }
-        for addr in &self.listen {
+        let listen = match (v4.as_slice(), v6.as_slice()) {
+            ([v4], []) => Listen { v4: *v4, v6: None },
+            ([v4], [v6]) => Listen {
+                v4: *v4,
+                v6: Some(*v6),
+            },
+            _ => {
+                return Err(invalid(
+                    "listen",
+                    "give exactly one IPv4 and at most one IPv6 address",
+                ));
+            }
+        };
+        for addr in &self.network.listen {
             if addr.ip().is_unspecified() || addr.ip().is_loopback() {
                 return Err(invalid(
                     "listen",
@@ -244,19 +337,23 @@ impl RunArgs {
                 ));
             }
         }
-        match self.mode {
-            Mode::Cgroup => {
-                if !self.container_ifaces.is_empty() {
+        let mode = match self.redirect.mode {
+            ModeName::Cgroup => {
+                if !self.redirect.container_ifaces.is_empty() {
                     return Err(invalid("container-iface", "applies to --mode tc only"));
                 }
-                if !self.tc_static_sources.is_empty() {
+                if !self.redirect.tc_static_sources.is_empty() {
                     return Err(invalid("tc-static-source", "applies to --mode tc only"));
                 }
+                Mode::Cgroup {
+                    cgroups: self.redirect.cgroups.clone(),
+                    filter: self.redirect.cgroup_filter,
+                }
             }
-            Mode::Tc => {
-                if !self.cgroups.is_empty() || self.cgroup_filter {
+            ModeName::Tc => {
+                if !self.redirect.cgroups.is_empty() || self.redirect.cgroup_filter {
                     return Err(invalid(
-                        if self.cgroup_filter {
+                        if self.redirect.cgroup_filter {
                             "cgroup-filter"
                         } else {
                             "cgroup"
@@ -265,9 +362,10 @@ impl RunArgs {
                     ));
                 }
                 if let Some(bad) = self
+                    .redirect
                     .container_ifaces
                     .iter()
-                    .find(|p| !crate::tc::valid_pattern(p))
+                    .find(|p| !crate::redirect::tc::valid_pattern(p))
                 {
                     return Err(invalid(
                         "container-iface",
@@ -276,23 +374,36 @@ impl RunArgs {
                         ),
                     ));
                 }
-                for source in &self.tc_static_sources {
-                    crate::tc::parse_static_source(source)
-                        .map_err(|reason| invalid("tc-static-source", reason))?;
-                }
-                if self.pin.is_some() && self.tc_attach == crate::tc::TcAttach::Netlink {
+                let static_sources = self
+                    .redirect
+                    .tc_static_sources
+                    .iter()
+                    .map(|source| crate::redirect::tc::parse_static_source(source))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|reason| invalid("tc-static-source", reason))?;
+                let attach = self.redirect.tc_attach.resolve();
+                if self.redirect.pin.is_some() && attach != crate::redirect::tc::TcAttach::Tcx {
                     return Err(invalid(
                         "pin",
-                        "pinning in tc mode needs TCX links (--tc-attach tcx or auto on kernel 6.6+)",
+                        "pinning in tc mode needs TCX links (--tc-attach tcx, or auto on kernel 6.6+)",
                     ));
                 }
+                Mode::Tc {
+                    interfaces: if self.redirect.container_ifaces.is_empty() {
+                        vec!["docker0".to_owned()]
+                    } else {
+                        self.redirect.container_ifaces.clone()
+                    },
+                    attach,
+                    static_sources,
+                }
             }
-        }
-        check_http_url("upstream", &self.upstream)?;
-        if let Some(endpoint) = &self.sts_endpoint {
+        };
+        check_http_url("upstream", &self.imds.upstream)?;
+        if let Some(endpoint) = &self.sts.sts_endpoint {
             check_url("sts-endpoint", endpoint)?;
         }
-        if let Some(region) = &self.region
+        if let Some(region) = &self.sts.region
             && (region.is_empty()
                 || !region
                     .bytes()
@@ -303,38 +414,41 @@ impl RunArgs {
                 format!("{region:?} is not a region name"),
             ));
         }
-        if !(900..=43_200).contains(&self.session_duration) {
+        if !(900..=43_200).contains(&self.sts.session_duration) {
             return Err(invalid(
                 "session-duration",
                 format!(
                     "{} is outside 900–43200 seconds (STS limits)",
-                    self.session_duration
+                    self.sts.session_duration
                 ),
             ));
         }
-        if self.refresh_before >= Duration::from_secs(self.session_duration.into()) {
+        if self.sts.refresh_before >= Duration::from_secs(self.sts.session_duration.into()) {
             return Err(invalid(
                 "refresh-before",
                 format!(
                     "{} is not shorter than the session duration ({} s)",
-                    humantime::format_duration(self.refresh_before),
-                    self.session_duration
+                    humantime::format_duration(self.sts.refresh_before),
+                    self.sts.session_duration
                 ),
             ));
         }
         let prefix = self
+            .roles
             .role_arn_prefix
             .as_deref()
             .map(roles::ArnPrefix::parse)
             .transpose()
             .map_err(|reason| invalid("role-arn-prefix", reason))?;
         let allowed = self
+            .roles
             .allowed_roles
             .iter()
             .map(|g| Glob::parse(g))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|reason| invalid("allowed-roles", reason))?;
         let default_role = self
+            .roles
             .default_role
             .as_deref()
             .map(RoleName::parse)
@@ -356,39 +470,44 @@ impl RunArgs {
                 format!("{:?}: only unix:// sockets are supported", self.docker_host),
             ));
         }
-        if self.header_timeout < Duration::from_millis(100)
-            || self.header_timeout > Duration::from_secs(300)
+        if self.limits.header_timeout < Duration::from_millis(100)
+            || self.limits.header_timeout > Duration::from_secs(300)
         {
             return Err(invalid("header-timeout", "give 100ms–300s"));
         }
-        if !(self.requests_per_second.is_finite() && self.requests_per_second > 0.0) {
+        if !(self.limits.requests_per_second.is_finite() && self.limits.requests_per_second > 0.0) {
             return Err(invalid("requests-per-second", "must be a positive number"));
         }
-        if !(self.request_burst.is_finite() && self.request_burst >= 1.0) {
+        if !(self.limits.request_burst.is_finite() && self.limits.request_burst >= 1.0) {
             return Err(invalid("request-burst", "must be at least 1"));
         }
-        if self.upstream_concurrency == 0 {
+        if self.imds.upstream_concurrency == 0 {
             return Err(invalid("upstream-concurrency", "must be at least 1"));
         }
-        if self.metadata_cache_ttl > Duration::from_secs(3600) {
+        if self.imds.metadata_cache_ttl > Duration::from_secs(3600) {
             return Err(invalid("metadata-cache-ttl", "at most 1h"));
         }
-        if self.max_connections == 0 {
+        if self.limits.max_connections == 0 {
             return Err(invalid("max-connections", "must be at least 1"));
         }
-        if self.max_connections_per_caller == 0
-            || self.max_connections_per_caller > self.max_connections
+        if self.limits.max_connections_per_caller == 0
+            || self.limits.max_connections_per_caller > self.limits.max_connections
         {
             return Err(invalid(
                 "max-connections-per-caller",
-                format!("must be 1–{} (--max-connections)", self.max_connections),
+                format!(
+                    "must be 1–{} (--max-connections)",
+                    self.limits.max_connections
+                ),
             ));
         }
-        if self.interface.is_empty() || self.interface.len() > 15 {
+        if self.network.interface.is_empty() || self.network.interface.len() > 15 {
             return Err(invalid("interface", "interface names are 1–15 characters"));
         }
         Ok(Config {
             roles: policy,
+            listen,
+            mode,
             args: self,
         })
     }
@@ -515,15 +634,15 @@ mod tests {
     fn defaults_are_documented_values() {
         let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         let c = parse(&[]).unwrap().args;
-        assert_eq!(c.ops_listen.to_string(), "127.0.0.1:9181");
-        assert_eq!(c.upstream, "http://169.254.169.254");
-        assert_eq!(c.session_duration, 3600);
-        assert_eq!(c.refresh_before, Duration::from_secs(300));
+        assert_eq!(c.network.ops_listen.to_string(), "127.0.0.1:9181");
+        assert_eq!(c.imds.upstream, "http://169.254.169.254");
+        assert_eq!(c.sts.session_duration, 3600);
+        assert_eq!(c.sts.refresh_before, Duration::from_secs(300));
         assert!(
-            c.require_imdsv2.is_none() && !c.allow_user_data,
+            c.imds.require_imdsv2.is_none() && !c.imds.allow_user_data,
             "IMDSv2 as upstream"
         );
-        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.network.listen.len(), 2);
     }
 
     #[test]
@@ -578,26 +697,35 @@ mod tests {
             std::env::remove_var("IMDS_PROXY_SESSION_DURATION");
         }
         let c = c.unwrap().args;
-        assert_eq!(c.default_role.as_deref(), Some("FromFile"), "file only");
-        assert_eq!(c.region.as_deref(), Some("us-west-2"), "env over file");
-        assert_eq!(c.session_duration, 1200, "flag over env and file");
-        assert_eq!(c.require_imdsv2, Some(true));
-        assert_eq!(c.allowed_roles.len(), 2);
+        assert_eq!(
+            c.roles.default_role.as_deref(),
+            Some("FromFile"),
+            "file only"
+        );
+        assert_eq!(c.sts.region.as_deref(), Some("us-west-2"), "env over file");
+        assert_eq!(c.sts.session_duration, 1200, "flag over env and file");
+        assert_eq!(c.imds.require_imdsv2, Some(true));
+        assert_eq!(c.roles.allowed_roles.len(), 2);
         std::fs::write(&file, "require-imdsv2 = false\n").unwrap();
         let c = parse(&["--config", file_arg]).unwrap().args;
         assert_eq!(
-            c.require_imdsv2,
+            c.imds.require_imdsv2,
             Some(false),
             "false in a file is not the default"
         );
         assert_eq!(
-            parse(&["--require-imdsv2"]).unwrap().args.require_imdsv2,
+            parse(&["--require-imdsv2"])
+                .unwrap()
+                .args
+                .imds
+                .require_imdsv2,
             Some(true)
         );
         assert_eq!(
             parse(&["--require-imdsv2", "false"])
                 .unwrap()
                 .args
+                .imds
                 .require_imdsv2,
             Some(false)
         );

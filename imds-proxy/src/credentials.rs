@@ -9,8 +9,13 @@
 //! - A failed call is remembered: until a back-off (1 s, doubling to 60 s) has passed, callers of
 //!   that key get the same error without another STS call, so a container asking for a role STS
 //!   refuses cannot turn each of its requests into an STS call.
+//!
+//! STS and the clock are behind [`AssumeRole`] and [`Clock`], so all of this is unit-tested
+//! without a network (see the tests below).
 use std::{
     collections::HashMap,
+    future::Future,
+    pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -56,6 +61,77 @@ pub enum Error {
     Sts { role_arn: String, message: String },
 }
 
+/// A future an [`AssumeRole`] returns.
+pub type Assumed<'a> = Pin<Box<dyn Future<Output = Result<Assumption, Error>> + Send + 'a>>;
+
+/// What STS answered: the session's secrets and when it expires.
+#[derive(Clone, Debug)]
+pub struct Assumption {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub expiration: SystemTime,
+}
+
+/// Turns a key into a session: STS AssumeRole in the daemon ([`Sts`]), a fake in unit tests.
+pub trait AssumeRole: Send + Sync + 'static {
+    fn assume<'a>(&'a self, key: &'a Key, duration: Duration) -> Assumed<'a>;
+}
+
+/// Wall-clock time (sessions' expirations) and monotonic time (back-offs), injected so that
+/// refresh and expiry are tested without waiting.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> SystemTime;
+    fn instant(&self) -> Instant;
+}
+
+/// The real clocks.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// STS AssumeRole through the SDK.
+pub struct Sts(pub aws_sdk_sts::Client);
+
+impl AssumeRole for Sts {
+    fn assume<'a>(&'a self, key: &'a Key, duration: Duration) -> Assumed<'a> {
+        Box::pin(async move {
+            let sts_error = |message: String| Error::Sts {
+                role_arn: key.role_arn.clone(),
+                message,
+            };
+            let output = self
+                .0
+                .assume_role()
+                .role_arn(&key.role_arn)
+                .role_session_name(&key.session_name)
+                .duration_seconds(duration.as_secs() as i32)
+                .set_external_id(key.external_id.clone())
+                .send()
+                .await
+                .map_err(|e| sts_error(aws_sdk_sts::error::DisplayErrorContext(&e).to_string()))?;
+            let creds = output
+                .credentials()
+                .ok_or_else(|| sts_error("answer without credentials".into()))?;
+            let expiration = SystemTime::try_from(*creds.expiration())
+                .map_err(|e| sts_error(format!("bad expiration: {e}")))?;
+            Ok(Assumption {
+                access_key_id: creds.access_key_id().to_owned(),
+                secret_access_key: creds.secret_access_key().to_owned(),
+                session_token: creds.session_token().to_owned(),
+                expiration,
+            })
+        })
+    }
+}
+
 #[derive(Default)]
 struct Entry {
     session: Mutex<Option<Session>>,
@@ -70,7 +146,8 @@ const FAILURE_FIRST: Duration = Duration::from_secs(1);
 const FAILURE_CAP: Duration = Duration::from_secs(60);
 
 pub struct Cache {
-    sts: aws_sdk_sts::Client,
+    sts: Arc<dyn AssumeRole>,
+    clock: Arc<dyn Clock>,
     duration: Duration,
     refresh_before: Duration,
     entries: Mutex<HashMap<Key, Arc<Entry>>>,
@@ -113,13 +190,15 @@ pub async fn sts_client(
 
 impl Cache {
     pub fn new(
-        sts: aws_sdk_sts::Client,
+        sts: Arc<dyn AssumeRole>,
+        clock: Arc<dyn Clock>,
         duration: Duration,
         refresh_before: Duration,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             sts,
+            clock,
             duration,
             refresh_before,
             entries: Mutex::new(HashMap::new()),
@@ -148,7 +227,7 @@ impl Cache {
     /// A valid session for `key`: cached, or fetched (once, whoever else is asking).
     pub async fn get(self: &Arc<Self>, key: &Key) -> Result<Session, Error> {
         let entry = self.entry(key);
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let cached = entry.session.lock().expect("entry poisoned").clone();
         if let Some(session) = &cached
             && session.expiration > now
@@ -166,7 +245,7 @@ impl Cache {
     /// Fetch unless someone else just did; single flight per key.
     async fn fetch(&self, entry: &Entry, key: &Key) -> Result<Session, Error> {
         let _flight = entry.flight.lock().await;
-        let now = SystemTime::now();
+        let now = self.clock.now();
         if let Some(session) = entry.session.lock().expect("entry poisoned").clone()
             && session.expiration > now
             && !self.due(&session, now)
@@ -177,7 +256,7 @@ impl Cache {
             let failure = entry.failure.lock().expect("entry poisoned");
             failure
                 .0
-                .waiting(Instant::now())
+                .waiting(self.clock.instant())
                 .then(|| failure.1.clone())
                 .flatten()
         };
@@ -192,7 +271,10 @@ impl Cache {
                 match &result {
                     Ok(_) => *failure = (Backoff::default(), None),
                     Err(err) => {
-                        let retry_in = failure.0.failed(Instant::now(), FAILURE_FIRST, FAILURE_CAP);
+                        let retry_in =
+                            failure
+                                .0
+                                .failed(self.clock.instant(), FAILURE_FIRST, FAILURE_CAP);
                         tracing::warn!(
                             %err,
                             role_arn = %key.role_arn,
@@ -215,7 +297,7 @@ impl Cache {
                 // An outage: the current session, while it lasts, is better than nothing.
                 let current = entry.session.lock().expect("entry poisoned").clone();
                 match current {
-                    Some(session) if session.expiration > SystemTime::now() => {
+                    Some(session) if session.expiration > self.clock.now() => {
                         tracing::warn!(%err, role_arn = %key.role_arn, "serving the cached session");
                         Ok(session)
                     }
@@ -246,6 +328,39 @@ impl Cache {
         });
     }
 
+    /// Until the events end: fetch ahead the session of every container that starts with a role
+    /// (under the same key the handler uses), forget destroyed containers' sessions. The proxy's
+    /// own container (when it runs as one) is never asked for.
+    pub async fn follow_containers(
+        self: Arc<Self>,
+        policy: crate::roles::Policy,
+        mut events: tokio::sync::broadcast::Receiver<crate::docker::Event>,
+        own_container: Option<String>,
+    ) {
+        use crate::docker::{Event, next_event};
+        while let Some(event) = next_event(&mut events, "roles").await {
+            match event {
+                Event::Started(container) if Some(&container.id) == own_container.as_ref() => {}
+                Event::Started(container) => {
+                    match policy.resolve(&container.labels, &container.env) {
+                        Ok(Some(role)) => self.prefetch(Key::session(&container, &role)),
+                        Ok(None) => {}
+                        Err(err) => tracing::warn!(
+                            container_id = %container.id,
+                            container = %container.name,
+                            %err,
+                            "role refused; no STS call made"
+                        ),
+                    }
+                }
+                Event::Destroyed(container) => self.forget_session(&crate::roles::session_name(
+                    Some(&container.name),
+                    &container.id,
+                )),
+            }
+        }
+    }
+
     /// Forget every session with this session name (its container was destroyed).
     pub fn forget_session(&self, session_name: &str) {
         self.entries
@@ -256,35 +371,241 @@ impl Cache {
 
     async fn assume(&self, key: &Key) -> Result<Session, Error> {
         let started = Instant::now();
-        let result = self
-            .sts
-            .assume_role()
-            .role_arn(&key.role_arn)
-            .role_session_name(&key.session_name)
-            .duration_seconds(self.duration.as_secs() as i32)
-            .set_external_id(key.external_id.clone())
-            .send()
-            .await;
+        let result = self.sts.assume(key, self.duration).await;
         self.metrics.sts_call(started.elapsed(), result.is_ok());
-        let output = result.map_err(|e| Error::Sts {
-            role_arn: key.role_arn.clone(),
-            message: aws_sdk_sts::error::DisplayErrorContext(&e).to_string(),
-        })?;
-        let creds = output.credentials().ok_or_else(|| Error::Sts {
-            role_arn: key.role_arn.clone(),
-            message: "answer without credentials".into(),
-        })?;
-        let expiration = SystemTime::try_from(*creds.expiration()).map_err(|e| Error::Sts {
-            role_arn: key.role_arn.clone(),
-            message: format!("bad expiration: {e}"),
-        })?;
+        let assumed = result?;
         tracing::info!(role_arn = %key.role_arn, session = %key.session_name, "assumed role");
         Ok(Session {
-            access_key_id: creds.access_key_id().to_owned(),
-            secret_access_key: creds.secret_access_key().to_owned(),
-            session_token: creds.session_token().to_owned(),
-            expiration,
-            last_updated: SystemTime::now(),
+            access_key_id: assumed.access_key_id,
+            secret_access_key: assumed.secret_access_key,
+            session_token: assumed.session_token,
+            expiration: assumed.expiration,
+            last_updated: self.clock.now(),
         })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A clock that moves only when told.
+    pub struct FakeClock {
+        wall: SystemTime,
+        mono: Instant,
+        offset: Mutex<Duration>,
+    }
+
+    impl FakeClock {
+        pub fn new() -> Arc<Self> {
+            Arc::new(Self {
+                wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+                mono: Instant::now(),
+                offset: Mutex::new(Duration::ZERO),
+            })
+        }
+        fn advance(&self, by: Duration) {
+            *self.offset.lock().unwrap() += by;
+        }
+    }
+
+    impl Clock for FakeClock {
+        fn now(&self) -> SystemTime {
+            self.wall + *self.offset.lock().unwrap()
+        }
+        fn instant(&self) -> Instant {
+            self.mono + *self.offset.lock().unwrap()
+        }
+    }
+
+    /// STS as a counter: each call answers a fresh key id (`AKID<n>`) valid for the asked
+    /// duration from the fake clock's now, or fails while `failing`; calls wait for `gate` when
+    /// one is set.
+    pub struct FakeSts {
+        clock: Arc<FakeClock>,
+        calls: AtomicUsize,
+        failing: AtomicBool,
+        gate: Option<Arc<tokio::sync::Semaphore>>,
+    }
+
+    impl FakeSts {
+        pub fn new(clock: &Arc<FakeClock>) -> Arc<Self> {
+            Self::gated(clock, None)
+        }
+        fn gated(clock: &Arc<FakeClock>, gate: Option<Arc<tokio::sync::Semaphore>>) -> Arc<Self> {
+            Arc::new(Self {
+                clock: clock.clone(),
+                calls: AtomicUsize::new(0),
+                failing: AtomicBool::new(false),
+                gate,
+            })
+        }
+        pub fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl AssumeRole for FakeSts {
+        fn assume<'a>(&'a self, key: &'a Key, duration: Duration) -> Assumed<'a> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                if let Some(gate) = &self.gate {
+                    let _permit = gate.acquire().await.unwrap();
+                }
+                if self.failing.load(Ordering::SeqCst) {
+                    return Err(Error::Sts {
+                        role_arn: key.role_arn.clone(),
+                        message: "AccessDenied".into(),
+                    });
+                }
+                Ok(Assumption {
+                    access_key_id: format!("AKID{n}"),
+                    secret_access_key: "secret".into(),
+                    session_token: "token".into(),
+                    expiration: self.clock.now() + duration,
+                })
+            })
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const REFRESH_BEFORE: Duration = Duration::from_secs(15 * 60);
+
+    pub fn cache(sts: &Arc<FakeSts>, clock: &Arc<FakeClock>) -> Arc<Cache> {
+        Cache::new(
+            sts.clone(),
+            clock.clone(),
+            HOUR,
+            REFRESH_BEFORE,
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    fn key(role: &str) -> Key {
+        Key {
+            role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
+            session_name: "web-1".into(),
+            external_id: None,
+        }
+    }
+
+    /// Let spawned tasks run until `done`, at most a bounded number of turns.
+    async fn until(done: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the condition never held");
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_for_one_key_make_one_sts_call() {
+        let clock = FakeClock::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let sts = FakeSts::gated(&clock, Some(gate.clone()));
+        let cache = cache(&sts, &clock);
+        let waiting: Vec<_> = (0..20)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&key("Web")).await })
+            })
+            .collect();
+        until(|| sts.calls() == 1).await;
+        gate.add_permits(100);
+        for task in waiting {
+            assert_eq!(task.await.unwrap().unwrap().access_key_id, "AKID1");
+        }
+        assert_eq!(sts.calls(), 1);
+        // Another key is another session.
+        assert_eq!(
+            cache.get(&key("Batch")).await.unwrap().access_key_id,
+            "AKID2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_is_refreshed_ahead_of_expiry_while_the_old_one_is_served() {
+        let clock = FakeClock::new();
+        let sts = FakeSts::new(&clock);
+        let cache = cache(&sts, &clock);
+        assert_eq!(cache.get(&key("Web")).await.unwrap().access_key_id, "AKID1");
+        // Not due yet: cached, no call.
+        clock.advance(HOUR - REFRESH_BEFORE - Duration::from_secs(1));
+        assert_eq!(cache.get(&key("Web")).await.unwrap().access_key_id, "AKID1");
+        assert_eq!(sts.calls(), 1);
+        // Due: the current session is answered at once, the new one fetched behind it.
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(cache.get(&key("Web")).await.unwrap().access_key_id, "AKID1");
+        until(|| sts.calls() == 2).await;
+        until(|| {
+            cache
+                .entry(&key("Web"))
+                .session
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|s| s.access_key_id == "AKID2")
+        })
+        .await;
+        assert_eq!(cache.get(&key("Web")).await.unwrap().access_key_id, "AKID2");
+        assert_eq!(sts.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn through_an_sts_outage_the_cached_session_is_served_until_it_expires() {
+        let clock = FakeClock::new();
+        let sts = FakeSts::new(&clock);
+        let cache = cache(&sts, &clock);
+        cache.get(&key("Web")).await.unwrap();
+        sts.failing.store(true, Ordering::SeqCst);
+        clock.advance(HOUR - Duration::from_secs(60));
+        // Due and STS fails: still the cached session (the refresh failed behind it).
+        assert_eq!(cache.get(&key("Web")).await.unwrap().access_key_id, "AKID1");
+        until(|| sts.calls() == 2).await;
+        // Expired: an error, never a stale session.
+        clock.advance(Duration::from_secs(61));
+        let err = cache.get(&key("Web")).await.unwrap_err();
+        assert!(err.to_string().contains("AccessDenied"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_remembered_for_a_back_off_then_retried() {
+        let clock = FakeClock::new();
+        let sts = FakeSts::new(&clock);
+        sts.failing.store(true, Ordering::SeqCst);
+        let cache = cache(&sts, &clock);
+        for _ in 0..5 {
+            assert!(cache.get(&key("Admin")).await.is_err());
+        }
+        assert_eq!(sts.calls(), 1, "the failure answered four of them");
+        clock.advance(FAILURE_FIRST);
+        assert!(cache.get(&key("Admin")).await.is_err());
+        assert_eq!(sts.calls(), 2, "asked again after the back-off");
+        // The back-off doubles: one second later is not enough.
+        clock.advance(FAILURE_FIRST);
+        assert!(cache.get(&key("Admin")).await.is_err());
+        assert_eq!(sts.calls(), 2);
+        clock.advance(FAILURE_FIRST);
+        sts.failing.store(false, Ordering::SeqCst);
+        assert_eq!(
+            cache.get(&key("Admin")).await.unwrap().access_key_id,
+            "AKID3"
+        );
+        // Another key was never affected.
+        assert!(cache.get(&key("Web")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_destroyed_containers_sessions_are_forgotten() {
+        let clock = FakeClock::new();
+        let sts = FakeSts::new(&clock);
+        let cache = cache(&sts, &clock);
+        cache.get(&key("Web")).await.unwrap();
+        cache.forget_session("web-1");
+        assert_eq!(cache.get(&key("Web")).await.unwrap().access_key_id, "AKID2");
     }
 }

@@ -13,7 +13,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -23,10 +23,11 @@ use bollard::{
     query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions},
 };
 use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
 use tokio::sync::broadcast;
 
 /// What the proxy needs to know about a container.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Container {
     pub id: String,
     /// Without the leading `/`.
@@ -105,9 +106,6 @@ pub struct Index {
     containers: RwLock<HashMap<String, Arc<Container>>>,
     connected: AtomicBool,
     events: broadcast::Sender<Event>,
-    /// tc mode: source addresses confirmed by the kernel (`/proc`), and by asking Docker.
-    confirmed_by_kernel: AtomicU64,
-    confirmed_by_docker: AtomicU64,
     /// `--trust-image-role`: role settings an image carries count as the container's own.
     trust_image_role: bool,
     /// Images' own labels and environment, by image id (immutable for an id).
@@ -155,20 +153,10 @@ impl Index {
             containers: RwLock::new(HashMap::new()),
             connected: AtomicBool::new(false),
             events,
-            confirmed_by_kernel: AtomicU64::new(0),
-            confirmed_by_docker: AtomicU64::new(0),
             trust_image_role,
             images: RwLock::new(HashMap::new()),
             driver: tokio::sync::OnceCell::new(),
         }))
-    }
-
-    /// tc mode: how many source addresses the kernel confirmed, and how many needed Docker.
-    pub fn address_confirmations(&self) -> (u64, u64) {
-        (
-            self.confirmed_by_kernel.load(Ordering::Relaxed),
-            self.confirmed_by_docker.load(Ordering::Relaxed),
-        )
     }
 
     /// Container events, for prefetching and dropping credentials.
@@ -251,39 +239,28 @@ impl Index {
         }
     }
 
-    /// The running container that has this address now (tc mode: a caller is its source
-    /// address). The index only suggests a candidate, because an address is reused as soon as its
-    /// container is gone and a stale entry must never hand one container's role to another. The
-    /// candidate is confirmed at the time of the call: by the kernel when the proxy sees the
-    /// host's processes (the container's first process alive in its cgroup, the address local in
-    /// its network namespace), else by Docker (inspect: running, with this address). Bounded by
-    /// the same budget as [`Index::get`].
-    pub async fn by_address(&self, ip: IpAddr) -> Option<Arc<Container>> {
-        let candidate = self
-            .containers
+    /// The indexed container that has this address, unconfirmed: an address is reused as soon
+    /// as its container is gone, and a stale entry must never hand one container's role to
+    /// another ([`crate::identity`] confirms it).
+    pub fn indexed_with_address(&self, ip: IpAddr) -> Option<Arc<Container>> {
+        self.containers
             .read()
             .expect("index poisoned")
             .values()
             .find(|c| c.addresses.contains(&ip))
-            .cloned();
-        // The kernel can confirm it without a round trip to Docker: the container's first process
-        // is alive in its cgroup, and its network namespace holds the address now. (Reading /proc
-        // blocks: off the async workers.)
-        if let Some(c) = &candidate {
-            let (pid, id) = (c.pid, c.id.clone());
-            let held =
-                tokio::task::spawn_blocking(move || crate::identity::process_holds(pid, &id, ip))
-                    .await
-                    .unwrap_or(false);
-            if held {
-                self.confirmed_by_kernel.fetch_add(1, Ordering::Relaxed);
-                return Some(c.clone());
-            }
-        }
-        self.confirmed_by_docker.fetch_add(1, Ordering::Relaxed);
+            .cloned()
+    }
+
+    /// Ask Docker which running container has this address now (`candidate`, the index's guess,
+    /// first); the index is refreshed on the way. Bounded by the same budget as [`Index::get`].
+    pub async fn ask_by_address(
+        &self,
+        ip: IpAddr,
+        candidate: Option<&str>,
+    ) -> Option<Arc<Container>> {
         let lookup = async {
-            if let Some(id) = candidate.map(|c| c.id.clone())
-                && let Some(found) = self.confirm(&id, ip).await?
+            if let Some(id) = candidate
+                && let Some(found) = self.confirm(id, ip).await?
             {
                 return Ok(Some(found));
             }
@@ -403,7 +380,7 @@ impl Index {
                     .and_then(|h| h.cgroup_parent)
                     .unwrap_or_default();
                 let cgroup =
-                    crate::identity::expected_cgroup(self.driver().await?, &cgroup_parent, &id);
+                    crate::cgroup::expected_cgroup(self.driver().await?, &cgroup_parent, &id);
                 Ok(Some(Container {
                     addresses,
                     running,
@@ -535,6 +512,35 @@ impl Index {
             }
         }
         Ok(())
+    }
+}
+
+/// The next container event; missed ones are logged (for `who`), `None` when the index is gone.
+pub async fn next_event(events: &mut broadcast::Receiver<Event>, who: &str) -> Option<Event> {
+    loop {
+        match events.recv().await {
+            Ok(event) => return Some(event),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, who, "container events missed");
+            }
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
+impl crate::identity::Containers for Index {
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<Container>>> {
+        Box::pin(Index::get(self, id))
+    }
+    fn indexed_with_address(&self, ip: IpAddr) -> Option<Arc<Container>> {
+        Index::indexed_with_address(self, ip)
+    }
+    fn ask_by_address<'a>(
+        &'a self,
+        ip: IpAddr,
+        candidate: Option<&'a str>,
+    ) -> BoxFuture<'a, Option<Arc<Container>>> {
+        Box::pin(Index::ask_by_address(self, ip, candidate))
     }
 }
 

@@ -1,8 +1,9 @@
 //! The IMDS API as a container sees it.
 //!
-//! Every connection is attested at accept time ([`crate::identity::AttestedListener`]). One that
-//! arrives without a kernel record (someone connecting to the listen address directly, from the
-//! host or the network) is refused with 403 and never gets anything else.
+//! Every connection is attested at accept time ([`crate::identity::Attestor`]); the handler reads
+//! the answer. A connection with no caller (someone connecting to the listen address directly,
+//! from the host or the network; in tc mode, a source address no running container has) is
+//! refused with 403 and never gets anything else.
 //!
 //! - `PUT /latest/api/token`: a token of the proxy's own, bound to the caller's container.
 //! - The container's role under `iam/`; never the instance's.
@@ -49,7 +50,6 @@ const MAX_BODY_BYTES: u64 = 1024;
 pub struct App {
     pub tokens: Tokens,
     pub roles: roles::Policy,
-    pub docker: Arc<docker::Index>,
     pub credentials: Arc<credentials::Cache>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
@@ -59,9 +59,6 @@ pub struct App {
     pub exposure: Exposure,
     /// Requests a second per caller (a container, else a cgroup or source address).
     pub rate: crate::limits::PerKey<crate::serve::CallerKey>,
-    /// tc mode: there is no kernel record; a caller is the running container that has the
-    /// connection's source address (the listen address takes redirected traffic only).
-    pub identify_by_address: bool,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -116,15 +113,6 @@ pub fn credentials_document(session: &credentials::Session) -> String {
     )
 }
 
-/// Where a redirected client of this family was connecting: the IMDS address, port 80.
-fn imds_address(peer: std::net::SocketAddr) -> std::net::SocketAddr {
-    use imds_common::{IMDS_PORT, IMDS_V4_OCTETS, IMDS_V6_OCTETS};
-    match peer {
-        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::from(IMDS_V4_OCTETS), IMDS_PORT).into(),
-        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::from(IMDS_V6_OCTETS), IMDS_PORT).into(),
-    }
-}
-
 async fn handle(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -132,36 +120,22 @@ async fn handle(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match peer.caller {
-        Some(caller) => Some(caller),
-        None if app.identify_by_address => match app.docker.by_address(peer.addr.ip()).await {
-            Some(container) => Some(Caller::by_address(&container.id, imds_address(peer.addr))),
-            None => {
-                tracing::warn!(
-                    peer = %peer.addr,
-                    %method,
-                    path = uri.path(),
-                    "refused: no running container has this source address"
-                );
-                app.metrics.request("unattested", 403);
-                return text(StatusCode::FORBIDDEN, "Forbidden");
-            }
-        },
-        None => None,
-    };
-    let Some(caller) = caller else {
-        tracing::warn!(
-            peer = %peer.addr,
-            %method,
-            path = uri.path(),
-            "refused: connection without a kernel record (not redirected from a container)"
-        );
-        app.metrics.request("unattested", 403);
-        return text(StatusCode::FORBIDDEN, "Forbidden");
+    let caller = match &peer.caller {
+        Ok(caller) => caller,
+        Err(refusal) => {
+            tracing::warn!(
+                peer = %peer.addr,
+                %method,
+                path = uri.path(),
+                "refused: {refusal}"
+            );
+            app.metrics.request("unattested", 403);
+            return text(StatusCode::FORBIDDEN, "Forbidden");
+        }
     };
     // One caller's burst spends its own budget only (IMDS answers 429 when throttled too). Keyed
     // by container, not address: a container that gets a throttled one's address starts afresh.
-    let key = crate::serve::CallerKey::of_caller(&caller);
+    let key = crate::serve::CallerKey::of_caller(caller);
     if !app.rate.allow(&key, std::time::Instant::now()) {
         app.metrics.throttled("per_caller");
         app.metrics.request("throttled", 429);
@@ -170,12 +144,12 @@ async fn handle(
     }
     let span = tracing::info_span!(
         "request",
-        container_id = caller.container_id.as_deref().unwrap_or("-"),
-        cgroup = caller.cgroup.as_deref().unwrap_or("?"),
+        container_id = caller.container_id().unwrap_or("-"),
+        cgroup = caller.cgroup().unwrap_or("?"),
         role = tracing::field::Empty,
     );
     let (route, response) = app
-        .serve(&caller, &method, uri.path(), &headers)
+        .serve(caller, &method, uri.path(), &headers)
         .instrument(span.clone())
         .await;
     let status = response.status().as_u16();
@@ -262,11 +236,9 @@ impl App {
         else {
             return text(StatusCode::BAD_REQUEST, "Bad Request");
         };
-        let token = self.tokens.mint(
-            caller.token_subject,
-            Duration::from_secs(ttl),
-            SystemTime::now(),
-        );
+        let token = self
+            .tokens
+            .mint(caller.subject, Duration::from_secs(ttl), SystemTime::now());
         let mut response = text(StatusCode::OK, token);
         response
             .headers_mut()
@@ -281,7 +253,7 @@ impl App {
                 let token = token.to_str().unwrap_or_default();
                 let err = self
                     .tokens
-                    .verify(token, caller.token_subject, SystemTime::now())
+                    .verify(token, caller.subject, SystemTime::now())
                     .err()?;
                 tracing::info!(%err, "token refused");
                 Some(text(StatusCode::UNAUTHORIZED, "Unauthorized"))
@@ -298,24 +270,7 @@ impl App {
 
     /// The caller's container and role, if any. A role the rules refuse is logged and is none.
     async fn role(&self, caller: &Caller) -> Option<(Arc<docker::Container>, Resolved)> {
-        let id = caller.container_id.as_deref()?;
-        let Some(container) = self.docker.get(id).await else {
-            tracing::warn!(container_id = id, "container unknown to Docker: no role");
-            return None;
-        };
-        // The kernel's record names a cgroup; the id in its path is only a claim until it matches
-        // where Docker put that container (a cgroup can be named after another container).
-        if let Some(cgroup) = caller.cgroup.as_deref()
-            && !crate::identity::within(cgroup, &container.cgroup)
-        {
-            tracing::warn!(
-                container_id = id,
-                caller_cgroup = cgroup,
-                docker_cgroup = %container.cgroup,
-                "refused: the caller's cgroup is not where Docker put the container it names; no role"
-            );
-            return None;
-        }
+        let container = caller.container.clone()?;
         match self.roles.resolve(&container.labels, &container.env) {
             Ok(Some(role)) => {
                 tracing::Span::current().record("role", role.arn.as_str());
@@ -490,5 +445,186 @@ mod tests {
         assert_eq!(v["LastUpdated"], "2026-11-18T11:06:40Z");
         assert_eq!(v["Expiration"], "2026-11-18T12:06:40Z", "seconds precision");
         assert_eq!(v.as_object().unwrap().len(), 7);
+    }
+
+    /// The API as a container sees it, without a network: the router driven directly, callers
+    /// as the attestor would hand them over, STS a fake.
+    mod routing {
+        use axum::body::Body;
+        use tower::ServiceExt as _;
+
+        use super::*;
+        use crate::{
+            credentials::tests::{FakeClock, FakeSts, cache},
+            identity::{Caller, Peer, Refusal},
+        };
+
+        const WEB: &str = "aaaaaaaaaaaaaaaa0000000000000000aaaaaaaaaaaaaaaa0000000000000000";
+        const PLAIN: &str = "bbbbbbbbbbbbbbbb0000000000000000bbbbbbbbbbbbbbbb0000000000000000";
+
+        fn app(sts: &Arc<FakeSts>, clock: &Arc<FakeClock>) -> Arc<App> {
+            Arc::new(App {
+                tokens: Tokens::new(),
+                roles: roles::Policy {
+                    prefix: Some(
+                        roles::ArnPrefix::parse("arn:aws:iam::123456789012:role/containers/")
+                            .unwrap(),
+                    ),
+                    allowed: vec![],
+                    default_role: None,
+                },
+                credentials: cache(sts, clock),
+                // Never reached by these routes; nothing listens there.
+                upstream: Upstream::new("http://127.0.0.1:9", 1, Duration::ZERO),
+                metrics: Arc::new(Metrics::default()),
+                require_imdsv2: std::sync::atomic::AtomicBool::new(true),
+                exposure: Exposure::default(),
+                rate: crate::limits::PerKey::new(1000.0, 1000.0, 16),
+            })
+        }
+
+        fn caller(id: &str, labels: &[(&str, &str)], last: u8) -> Peer {
+            let container = docker::Container {
+                id: id.to_owned(),
+                name: format!("c{last}"),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                running: true,
+                ..Default::default()
+            };
+            let addr = std::net::SocketAddr::from(([172, 17, 0, last], 40000));
+            Peer {
+                addr,
+                caller: Ok(Caller::at_address(Arc::new(container), addr)),
+            }
+        }
+
+        async fn ask(
+            app: &Arc<App>,
+            peer: &Peer,
+            method: &str,
+            path: &str,
+            token: Option<&str>,
+        ) -> (u16, String) {
+            let mut request = axum::http::Request::builder().method(method).uri(path);
+            if method == "PUT" {
+                request = request.header(TTL_HEADER, "60");
+            }
+            if let Some(token) = token {
+                request = request.header(TOKEN_HEADER, token);
+            }
+            let mut request = request.body(Body::empty()).unwrap();
+            request.extensions_mut().insert(ConnectInfo(peer.clone()));
+            let response = router(app.clone()).oneshot(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+
+        #[tokio::test]
+        async fn a_container_gets_its_own_role_and_nothing_else() {
+            let clock = FakeClock::new();
+            let sts = FakeSts::new(&clock);
+            let app = app(&sts, &clock);
+            let web = caller(WEB, &[("iam.amazonaws.com/role", "Web")], 2);
+            let (status, token) = ask(&app, &web, "PUT", "/latest/api/token", None).await;
+            assert_eq!(status, 200);
+            let get = |path: &'static str| {
+                let (app, web, token) = (app.clone(), web.clone(), token.clone());
+                async move { ask(&app, &web, "GET", path, Some(&token)).await }
+            };
+            assert_eq!(
+                get("/latest/meta-data/iam/security-credentials/").await,
+                (200, "Web".to_owned())
+            );
+            let (status, doc) = get("/latest/meta-data/iam/security-credentials/Web").await;
+            assert_eq!(status, 200, "{doc}");
+            let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+            assert_eq!(doc["AccessKeyId"], "AKID1");
+            // Another role, the instance's, user-data: not found. Without a token: 401.
+            for path in [
+                "/latest/meta-data/iam/security-credentials/Admin",
+                "/latest/meta-data/iam/security-credentials/InstanceRole",
+                "/latest/user-data",
+                "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            ] {
+                assert_eq!(get(path).await.0, 404, "{path}");
+            }
+            let (status, _) = ask(
+                &app,
+                &web,
+                "GET",
+                "/latest/meta-data/iam/security-credentials/Web",
+                None,
+            )
+            .await;
+            assert_eq!(status, 401);
+            assert_eq!(sts.calls(), 1);
+        }
+
+        #[tokio::test]
+        async fn tokens_and_roles_do_not_cross_containers() {
+            let clock = FakeClock::new();
+            let sts = FakeSts::new(&clock);
+            let app = app(&sts, &clock);
+            let web = caller(WEB, &[("iam.amazonaws.com/role", "Web")], 2);
+            let plain = caller(PLAIN, &[], 3);
+            let (_, web_token) = ask(&app, &web, "PUT", "/latest/api/token", None).await;
+            // Web's token is no good from another container.
+            let (status, _) = ask(
+                &app,
+                &plain,
+                "GET",
+                "/latest/meta-data/iam/security-credentials/",
+                Some(&web_token),
+            )
+            .await;
+            assert_eq!(status, 401);
+            // A container without a role (and no default) has none, never anyone else's.
+            let (_, token) = ask(&app, &plain, "PUT", "/latest/api/token", None).await;
+            for path in [
+                "/latest/meta-data/iam/security-credentials/",
+                "/latest/meta-data/iam/security-credentials/Web",
+                "/latest/meta-data/iam/info",
+            ] {
+                assert_eq!(
+                    ask(&app, &plain, "GET", path, Some(&token)).await.0,
+                    404,
+                    "{path}"
+                );
+            }
+            assert_eq!(sts.calls(), 0);
+        }
+
+        #[tokio::test]
+        async fn a_connection_without_a_caller_gets_403_for_everything() {
+            let clock = FakeClock::new();
+            let sts = FakeSts::new(&clock);
+            let app = app(&sts, &clock);
+            let nobody = Peer {
+                addr: "10.0.0.9:5000".parse().unwrap(),
+                caller: Err(Refusal::NoRecord),
+            };
+            assert_eq!(
+                ask(&app, &nobody, "PUT", "/latest/api/token", None).await.0,
+                403
+            );
+            assert_eq!(
+                ask(
+                    &app,
+                    &nobody,
+                    "GET",
+                    "/latest/meta-data/iam/security-credentials/",
+                    None
+                )
+                .await
+                .0,
+                403
+            );
+        }
     }
 }

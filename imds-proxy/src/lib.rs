@@ -1,20 +1,27 @@
 //! imds-proxy: per-container IAM credentials on EC2 hosts.
 //!
-//! One module per concern; the binary in `main.rs` wires them together.
+//! One module per concern; [`daemon`] wires them together for `imds-proxy run`. A request's path:
+//! [`serve`] accepts, [`identity`] decides who is calling (the kernel's record from
+//! [`redirect`], or the source address), [`imds`] routes it, [`roles`] names the role and
+//! [`credentials`] assumes it.
+//!
+//! The public modules are what the binary and the integration tests use: the configuration, the
+//! daemon, and the kernel-facing parts the tests drive directly (the redirect, cgroups, the
+//! attestor and the Docker index it asks, the listen interface). The HTTP service is reached
+//! through the binary only.
+pub mod cgroup;
 pub mod config;
-pub mod credentials;
+pub(crate) mod credentials;
+pub mod daemon;
 pub mod docker;
-pub mod ebpf;
-pub mod filter;
 pub mod identity;
-pub mod imds;
-pub mod metrics;
+pub(crate) mod imds;
+pub(crate) mod metrics;
 pub mod netdev;
-pub mod ops;
-pub mod peer_addresses;
-pub mod serve;
-pub mod sources;
-pub mod tc;
-pub mod upstream;
+pub(crate) mod ops;
+pub mod redirect;
+pub(crate) mod serve;
+pub(crate) mod upstream;
 
-pub use imds_policy::{limits, paths, roles, tokens};
+pub use imds_policy::roles;
+pub(crate) use imds_policy::{limits, tokens};

@@ -5,31 +5,33 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use crate::{ebpf::Redirect, imds, tc::TcRedirect};
+use crate::{docker, identity::Attestor, imds, redirect::Redirect};
 
-pub fn router(
-    app: Arc<imds::App>,
-    attached: Arc<AtomicBool>,
-    redirect: Option<Arc<Redirect>>,
-    tc: Option<Arc<TcRedirect>>,
-) -> axum::Router {
+/// What the ops endpoints look at.
+pub struct Ops {
+    pub app: Arc<imds::App>,
+    pub docker: Arc<docker::Index>,
+    pub redirect: Arc<Redirect>,
+    pub attestor: Arc<Attestor>,
+    /// Cleared when the proxy starts to stop.
+    pub attached: Arc<AtomicBool>,
+}
+
+pub fn router(ops: Ops) -> axum::Router {
     use axum::{http::StatusCode, routing::get};
-    let metrics = app.metrics.clone();
-    let tc_metrics = tc.clone();
-    let docker = app.docker.clone();
+    let ops = Arc::new(ops);
+    let metrics_ops = ops.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
-                let app = app.clone();
-                let attached = attached.clone();
-                let tc = tc.clone();
+                let ops = ops.clone();
                 async move {
                     // tc mode: attached means attached to at least one container interface.
-                    let programs = attached.load(Ordering::Relaxed)
-                        && tc.as_ref().is_none_or(|tc| !tc.interfaces().is_empty());
-                    let (upstream, docker) = tokio::join!(app.upstream.ready(), app.docker.ping());
+                    let programs = ops.attached.load(Ordering::Relaxed) && ops.redirect.ready();
+                    let (upstream, docker) =
+                        tokio::join!(ops.app.upstream.ready(), ops.docker.ping());
                     let body = format!(
                         "programs attached: {programs}\nupstream IMDS: {}\ndocker: {}\n",
                         if upstream {
@@ -51,23 +53,13 @@ pub fn router(
         .route(
             "/metrics",
             get(move || {
-                let metrics = metrics.clone();
-                let tc = tc_metrics.clone();
-                let docker = docker.clone();
-                let redirect = redirect.clone();
+                let ops = metrics_ops.clone();
                 async move {
-                    let mut body = metrics.render();
-                    if let Some(redirect) = redirect {
-                        body.push_str(&crate::metrics::render_guard(&redirect.guard_stats()));
-                    }
-                    if let Some(tc) = tc {
-                        body.push_str(&crate::metrics::render_tc(
-                            &tc.stats(),
-                            tc.nat_entries(),
-                            tc.interfaces().len(),
-                            docker.address_confirmations(),
-                        ));
-                    }
+                    let mut body = ops.app.metrics.render();
+                    body.push_str(
+                        &ops.redirect
+                            .render_metrics(ops.attestor.address_confirmations()),
+                    );
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,

@@ -42,8 +42,8 @@ pub struct Limits {
     pub max_connections_per_caller: usize,
 }
 
-/// Who a connection counts against: the container the kernel vouched for, else its cgroup, else
-/// (tc mode, or no record) its source address.
+/// Who a connection counts against: its container, else its cgroup, else (no caller) its source
+/// address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CallerKey {
     Container(Arc<str>),
@@ -54,16 +54,18 @@ pub enum CallerKey {
 impl CallerKey {
     pub fn of(peer: &Peer) -> Self {
         match &peer.caller {
-            Some(caller) => Self::of_caller(caller),
-            None => CallerKey::Address(peer.addr.ip()),
+            Ok(caller) => Self::of_caller(caller),
+            Err(_) => CallerKey::Address(peer.addr.ip()),
         }
     }
 
-    /// An identified caller: its container, else its cgroup.
+    /// An identified caller: its container, else its cgroup (else its address).
     pub fn of_caller(caller: &crate::identity::Caller) -> Self {
-        match &caller.container_id {
-            Some(id) => CallerKey::Container(id.as_str().into()),
-            None => CallerKey::Cgroup(caller.cgroup_id),
+        use crate::identity::Evidence;
+        match (caller.container_id(), &caller.evidence) {
+            (Some(id), _) => CallerKey::Container(id.into()),
+            (None, Evidence::Kernel { cgroup_id, .. }) => CallerKey::Cgroup(*cgroup_id),
+            (None, Evidence::Address(ip)) => CallerKey::Address(*ip),
         }
     }
 }
@@ -216,15 +218,8 @@ pub async fn serve(
         let metrics = metrics.clone();
         let http = http.clone();
         tokio::spawn(async move {
-            // Resolving the caller's cgroup may read /proc and walk the cgroup tree: off the
-            // async workers.
-            let peer = match tokio::task::spawn_blocking(move || pending.attest()).await {
-                Ok(peer) => peer,
-                Err(err) => {
-                    tracing::error!(%err, "attesting a connection failed");
-                    return;
-                }
-            };
+            // Who it is, once for the connection (the kernel's record was taken at accept).
+            let peer = pending.attest().await;
             let key = CallerKey::of(&peer);
             let ticket = match admission.admit(key.clone()) {
                 Ok(ticket) => ticket,
@@ -296,23 +291,37 @@ mod tests {
 
     #[test]
     fn callers_are_keyed_by_container_then_cgroup_then_address() {
+        use crate::identity::{Caller, Evidence, Refusal};
         let addr: std::net::SocketAddr = "10.0.0.1:5000".parse().unwrap();
-        let unattested = Peer { addr, caller: None };
-        assert_eq!(CallerKey::of(&unattested), address(1));
-        let mut caller = crate::identity::Caller::by_address("ab".repeat(32).as_str(), addr);
-        let container = Peer {
+        let unattested = Peer {
             addr,
-            caller: Some(caller.clone()),
+            caller: Err(Refusal::NoRecord),
+        };
+        assert_eq!(CallerKey::of(&unattested), address(1));
+        let container = crate::docker::Container {
+            id: "ab".repeat(32),
+            ..Default::default()
+        };
+        let caller = Caller::at_address(Arc::new(container), addr);
+        let in_container = Peer {
+            addr,
+            caller: Ok(caller.clone()),
         };
         assert_eq!(
-            CallerKey::of(&container),
+            CallerKey::of(&in_container),
             CallerKey::Container("ab".repeat(32).into())
         );
-        caller.container_id = None;
-        caller.cgroup_id = 77;
         let host = Peer {
             addr,
-            caller: Some(caller),
+            caller: Ok(Caller {
+                container: None,
+                evidence: Evidence::Kernel {
+                    cgroup_id: 77,
+                    tgid: 1,
+                    cgroup: None,
+                },
+                ..caller
+            }),
         };
         assert_eq!(CallerKey::of(&host), CallerKey::Cgroup(77));
     }

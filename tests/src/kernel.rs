@@ -13,18 +13,9 @@ use anyhow::{Context as _, ensure};
 
 use crate::scene::ip;
 
-/// The cgroup v2 mount point.
+/// The cgroup v2 mount point, found as the proxy finds it.
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split(' ');
-            let _ = f.next()?;
-            let at = f.next()?;
-            (f.next()? == "cgroup2").then(|| PathBuf::from(at))
-        })
-        .context("no cgroup v2 hierarchy mounted: run `cargo xtask setup`")
+    imds_proxy::cgroup::cgroup2_root().context("run `cargo xtask setup`")
 }
 
 /// A cgroup v2 directory that is removed (after killing what is left in it) on drop.
@@ -69,8 +60,7 @@ impl TestCgroup {
 
     /// The cgroup id (the directory's inode number).
     pub fn id(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt as _;
-        fs::metadata(&self.path).expect("cgroup exists").ino()
+        imds_proxy::cgroup::id(&self.path).expect("cgroup exists")
     }
 }
 

@@ -1,9 +1,8 @@
-//! Test support for imds-proxy: the simulated EC2 host ([`scene`], [`sim`]), locally built
-//! container images ([`images`]) and a byte-exact HTTP client ([`http`]).
+//! Test support for imds-proxy: the simulated EC2 host, images and HTTP client come from
+//! [`ec2sim`] (re-exported here); hand-made containers ([`kernel`]), Docker containers
+//! ([`containers`]) and the proxy binary under test ([`proxy`]) are the tests' own.
 pub mod containers;
-pub mod http;
-pub mod images;
 pub mod kernel;
 pub mod proxy;
-pub mod scene;
-pub mod sim;
+
+pub use ec2sim::{http, images, scene, sim};

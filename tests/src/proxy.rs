@@ -60,14 +60,7 @@ impl Mode {
     }
 }
 
-/// The value of the sample `name` (with its labels, e.g. `x_total{by="kernel"}`) in a Prometheus
-/// text exposition.
-pub fn metric_value(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
-        .parse()
-        .ok()
-}
+pub use ec2sim::http::metric_value;
 
 /// `imds-proxy detach --pin <pin>` for a test proxy's interface; panics with its stderr when it
 /// fails.

@@ -11,9 +11,11 @@ use std::{
 };
 
 use imds_proxy::{
-    ebpf::{Redirect, Spec},
-    identity::{AttestedListener, Caller, Cgroups},
+    cgroup::Cgroups,
+    docker,
+    identity::{AttestedListener, Attestor, Caller, Evidence, Proc},
     netdev,
+    redirect::cgroup::{CgroupRedirect as Redirect, Scope, Spec},
 };
 use imds_tests::{
     http::Request,
@@ -33,17 +35,32 @@ fn scene() -> Scene {
         .expect("the simulated EC2 host starts")
 }
 
-/// What the test proxy answers: the container id, else the cgroup path, of the kernel's record.
-fn identity_of(caller: &Caller) -> String {
+/// The container a caller is: Docker's, else the one its cgroup path names (hand-made
+/// "containers" are not Docker's).
+fn named_container(caller: &Caller) -> Option<String> {
     caller
-        .container_id
-        .clone()
-        .or_else(|| caller.cgroup.clone())
-        .unwrap_or_else(|| format!("cgroup-id:{}", caller.cgroup_id))
+        .container_id()
+        .map(str::to_owned)
+        .or_else(|| caller.cgroup().and_then(imds_proxy::cgroup::container_id))
 }
 
-/// The library's redirect and attested listener, in this process, answering every connection
-/// with the identity the kernel's record resolved to (403 "unattested" without one).
+fn cgroup_id(caller: &Caller) -> u64 {
+    match caller.evidence {
+        Evidence::Kernel { cgroup_id, .. } => cgroup_id,
+        Evidence::Address(_) => 0,
+    }
+}
+
+/// What the test proxy answers: the container, else the cgroup path, of the kernel's record.
+fn identity_of(caller: &Caller) -> String {
+    named_container(caller)
+        .or_else(|| caller.cgroup().map(str::to_owned))
+        .unwrap_or_else(|| format!("cgroup-id:{}", cgroup_id(caller)))
+}
+
+/// The library's redirect, attestor (with the real Docker behind it) and attested listener, in
+/// this process, answering every connection with the identity the kernel's record resolved to
+/// (403 "unattested" without one).
 struct TestProxy {
     runtime: Option<tokio::runtime::Runtime>,
     redirect: Option<Arc<Redirect>>,
@@ -59,8 +76,9 @@ impl TestProxy {
     fn start_filtered(parent: &Path, feed: bool) -> Self {
         let proxy = Self::start_with(vec![parent.to_owned()], 0, true);
         if feed {
-            let feed = imds_proxy::filter::Feed::start(proxy.redirect.clone().unwrap(), parent)
-                .expect("the cgroups are classified");
+            let feed =
+                imds_proxy::cgroup::filter::Feed::start(proxy.redirect.clone().unwrap(), parent)
+                    .expect("the cgroups are classified");
             // Ends when the parent cgroup is removed at the end of the test.
             std::thread::spawn(move || feed.run());
         }
@@ -86,7 +104,7 @@ impl TestProxy {
             filter,
             own_cgroup,
             pin: None,
-            scope: imds_proxy::ebpf::Scope::AllNamespaces,
+            scope: Scope::AllNamespaces,
         };
         let callers = Arc::new(Mutex::new(Vec::new()));
         let redirect = runtime.block_on(async {
@@ -95,16 +113,26 @@ impl TestProxy {
                 tokio::net::TcpListener::bind(LISTEN_V6).await.unwrap(),
             ];
             let redirect = Arc::new(Redirect::attach(&spec).expect("the redirect attaches"));
-            let cgroups = Arc::new(Cgroups::new(cgroup2_root().unwrap()));
+            let docker = docker::Index::connect("unix:///var/run/docker.sock", false)
+                .await
+                .expect("Docker answers");
+            let attestor = Arc::new(Attestor::new(
+                Some(redirect.clone()),
+                Arc::new(Cgroups::new(cgroup2_root().unwrap())),
+                docker,
+                Proc::default(),
+                false,
+            ));
             for listener in listeners {
-                let mut listener =
-                    AttestedListener::new(listener, Some(redirect.clone()), cgroups.clone());
+                let mut listener = AttestedListener::new(listener, attestor.clone());
                 let callers = callers.clone();
                 tokio::spawn(async move {
                     loop {
-                        let (stream, peer) = listener.accept_attested().await.unwrap();
-                        callers.lock().unwrap().push(peer.caller.clone());
-                        tokio::task::spawn_blocking(move || answer(stream, peer.caller));
+                        let (stream, pending) = listener.accept_pending().await.unwrap();
+                        let peer = pending.attest().await;
+                        let caller = peer.caller.ok();
+                        callers.lock().unwrap().push(caller.clone());
+                        tokio::task::spawn_blocking(move || answer(stream, caller));
                     }
                 });
             }
@@ -235,9 +263,9 @@ fn a_container_cgroup_is_redirected_identified_and_sees_imds_as_its_peer() {
     assert_eq!(callers.len(), 3);
     for caller in callers {
         let caller = caller.expect("every connection had a kernel record");
-        assert_eq!(caller.cgroup_id, container.id());
+        assert_eq!(cgroup_id(&caller), container.id());
         assert_eq!(caller.original_destination, imds_v4());
-        assert_eq!(caller.container_id, None);
+        assert_eq!(named_container(&caller), None);
     }
     assert_eq!(
         scene.sim_requests(),
@@ -435,7 +463,7 @@ fn every_tcp_address_form_is_redirected(netns: Option<&TestNetns>, name: &str) {
     assert!(
         callers
             .iter()
-            .all(|c| c.as_ref().is_some_and(|c| c.cgroup_id == container.id())),
+            .all(|c| c.as_ref().is_some_and(|c| cgroup_id(c) == container.id())),
         "every connection had the container's kernel record: {callers:?}"
     );
     assert_eq!(
@@ -635,7 +663,7 @@ fn docker_containers_on_docker0_a_user_network_and_the_host_network_are_identifi
     let identified: Vec<Option<String>> = proxy
         .callers()
         .into_iter()
-        .map(|c| c.and_then(|c| c.container_id))
+        .map(|c| c.and_then(|c| c.container_id().map(str::to_owned)))
         .collect();
     let expected: Vec<Option<String>> = results.iter().map(|(_, id, _)| Some(id.clone())).collect();
     assert_eq!(identified, expected);
@@ -871,7 +899,7 @@ fn filter_mode_redirects_container_scopes_and_passes_host_services() {
     let identified: Vec<Option<String>> = proxy
         .callers()
         .into_iter()
-        .map(|c| c.and_then(|c| c.container_id))
+        .map(|c| c.as_ref().and_then(named_container))
         .collect();
     assert_eq!(
         identified,

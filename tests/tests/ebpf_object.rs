@@ -4,7 +4,7 @@ use aya::programs::CgroupSockAddr;
 
 #[test]
 fn embedded_programs_load_into_the_kernel() {
-    let mut bpf = imds_proxy::ebpf::load().expect("the embedded object parses");
+    let mut bpf = imds_proxy::redirect::load().expect("the embedded object parses");
     let names: Vec<String> = bpf.programs().map(|(name, _)| name.to_owned()).collect();
     assert!(!names.is_empty(), "the object has programs");
     let program: &mut CgroupSockAddr = bpf

@@ -103,7 +103,7 @@ impl Programs {
     }
 
     fn load_on(configured: bool, host: Host) -> Self {
-        let mut ebpf = Ebpf::load(imds_proxy::ebpf::OBJECT).expect("the object loads");
+        let mut ebpf = Ebpf::load(imds_proxy::redirect::OBJECT).expect("the object loads");
         if configured {
             let mut config: Array<_, RedirectConfig> =
                 Array::try_from(ebpf.map_mut(MAP_CONFIG).unwrap()).unwrap();

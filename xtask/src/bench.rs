@@ -14,7 +14,7 @@
 use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
-use imds_tests::{
+use ec2sim::{
     http::{Request, Response},
     images::{self, docker, docker_ok},
     scene::{SceneConfig, ensure_imds_is_simulated},
@@ -233,7 +233,7 @@ fn metric(name: &str) -> Option<u64> {
         .send(OPS.parse().ok()?)
         .ok()?
         .text();
-    imds_tests::proxy::metric_value(&body, name)
+    ec2sim::http::metric_value(&body, name)
 }
 
 fn measure(

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use imds_tests::{
+use ec2sim::{
     http::{Request, Response},
     images,
     scene::{ACCOUNT_ID, SceneConfig},

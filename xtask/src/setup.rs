@@ -17,7 +17,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// The bpf-linker release that links aya 0.14 programs.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Where the Docker engine's output goes when setup starts it.
-use imds_tests::images::DOCKERD_LOG;
+use ec2sim::images::DOCKERD_LOG;
 
 /// What later steps need to know about the set-up machine.
 pub struct Env {
@@ -263,7 +263,7 @@ fn docker() -> anyhow::Result<()> {
         which("dockerd").is_some(),
         "no dockerd on PATH although docker.io is installed"
     );
-    let version = imds_tests::images::start_dockerd(true)?;
+    let version = ec2sim::images::start_dockerd(true)?;
     say(
         "docker",
         format!("started dockerd {version} (log: {DOCKERD_LOG})"),

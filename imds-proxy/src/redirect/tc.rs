@@ -41,14 +41,19 @@ use imds_common::{
     SourceKey, TcStat, raw_v6,
 };
 
-use crate::{
-    ebpf::{Error, listen_config, load_configured},
-    sources::{Refusal, Source, SourceBook},
+mod peer_addresses;
+mod sources;
+
+use sources::{Refusal, Source, SourceBook};
+
+use super::{
+    object::{Error, listen_config, load_configured, per_cpu_totals, program},
+    pin::{Fresh, attach_or_adopt, link_pin_name},
 };
 
-pub const INGRESS_PROGRAM: &str = "imds_tc_ingress";
-pub const EGRESS_PROGRAM: &str = "imds_tc_egress";
-pub const GUARD_PROGRAM: &str = "imds_tc_source_guard";
+pub const INGRESS_PROGRAM: &str = imds_common::PROG_TC_INGRESS;
+pub const EGRESS_PROGRAM: &str = imds_common::PROG_TC_EGRESS;
+pub const GUARD_PROGRAM: &str = imds_common::PROG_TC_SOURCE_GUARD;
 /// Maps pinned with `--pin` in tc mode.
 pub const MAPS: [&str; 4] = [MAP_CONFIG, MAP_NAT, MAP_TC_STATS, MAP_TC_SOURCES];
 
@@ -198,15 +203,8 @@ pub const NAT_IDLE: Duration = Duration::from_secs(120);
 impl TcRedirect {
     /// Load and configure the programs; attach them to every matching interface present now.
     pub fn attach(spec: &TcSpec) -> Result<Self, Error> {
+        // Resolved, and checked against pinning, by the configuration.
         let attach = spec.attach.resolve();
-        if spec.pin.is_some() && attach != TcAttach::Tcx {
-            return Err(Error::PinDir {
-                path: spec.pin.clone().unwrap_or_default(),
-                reason: "pinning in tc mode needs TCX links (kernel 6.6 or later); netlink \
-                         filters cannot be adopted by a restarted proxy"
-                    .into(),
-            });
-        }
         // Configured before anything is attached: unconfigured, the ingress program drops.
         let mut ebpf = load_configured(
             spec.pin.as_deref(),
@@ -214,7 +212,7 @@ impl TcRedirect {
             listen_config(spec.listen_v4, spec.listen_v6),
         )?;
         for name in [EGRESS_PROGRAM, INGRESS_PROGRAM, GUARD_PROGRAM] {
-            let prog: &mut SchedClassifier = crate::ebpf::program(&mut ebpf, name)?;
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| Error::Program { name, source })?;
         }
@@ -384,7 +382,7 @@ impl TcRedirect {
 
     /// The kernel reports `addr` configured (`added`) or removed in the network namespace behind
     /// container port `port`: a provisional source until Docker says whose the port is (see
-    /// [`crate::sources`]).
+    /// [`sources`]).
     pub fn observe_source(
         &self,
         port: u32,
@@ -458,56 +456,53 @@ impl TcRedirect {
                 }
             }
         }
-        for &(program, kind) in programs {
+        for &(name_of_program, kind) in programs {
             let pin_path = self
                 .spec
                 .pin
                 .as_ref()
-                .map(|dir| dir.join(format!("link_{program}_if{index}")));
-            if let Some(path) = pin_path.as_ref().filter(|p| p.exists()) {
-                let link = PinnedLink::from_pin(path).map_err(|source| Error::Adopt {
-                    path: path.clone(),
+                .map(|dir| dir.join(link_pin_name(name_of_program, &format!("if{index}"))));
+            let mut adopted = 0;
+            let mut owned = None;
+            let attached = attach_or_adopt(pin_path.as_deref(), &mut adopted, |pinning| {
+                let prog: &mut SchedClassifier = program(ebpf, name_of_program)?;
+                let options = match self.attach {
+                    TcAttach::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
+                    _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
+                };
+                let program_error = |source| Error::Program {
+                    name: name_of_program,
                     source,
-                })?;
-                self.adopted.fetch_add(1, Ordering::Relaxed);
-                interface.links.push(Link::Pinned {
-                    _link: link,
-                    path: path.clone(),
-                });
-                continue;
-            }
-            let prog: &mut SchedClassifier = crate::ebpf::program(ebpf, program)?;
-            let options = match self.attach {
-                TcAttach::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
-                _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
-            };
-            let id = match prog.attach_with_options(name, kind, options) {
-                Ok(id) => id,
-                Err(source) => {
-                    detach_interface(ebpf, interface, false);
-                    return Err(Error::Program {
-                        name: program,
-                        source,
-                    });
+                };
+                let id = prog
+                    .attach_with_options(name, kind, options)
+                    .map_err(program_error)?;
+                if pinning.is_none() {
+                    owned = Some(id);
+                    return Ok(Fresh::Unpinned);
                 }
-            };
-            match pin_path {
-                Some(path) => {
-                    let link = prog.take_link(id).map_err(|source| Error::Program {
-                        name: program,
+                let link = prog.take_link(id).map_err(program_error)?;
+                FdLink::try_from(link)
+                    .map(Fresh::Link)
+                    .map_err(|source| Error::Link {
+                        name: name_of_program,
                         source,
-                    })?;
-                    let link = FdLink::try_from(link).map_err(|source| Error::Adopt {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    let link = link.pin(&path).map_err(|source| Error::Pin {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    })
+            });
+            self.adopted.fetch_add(adopted, Ordering::Relaxed);
+            match (attached, pin_path) {
+                (Ok(Some(link)), Some(path)) => {
                     interface.links.push(Link::Pinned { _link: link, path });
                 }
-                None => interface.links.push(Link::Owned { program, id }),
+                (Ok(_), _) => interface.links.push(Link::Owned {
+                    program: name_of_program,
+                    id: owned.expect("attached without pinning"),
+                }),
+                (Err(err), _) => {
+                    // What this interface got so far goes too: all of its programs or none.
+                    detach_interface(ebpf, interface, false);
+                    return Err(err);
+                }
             }
         }
         Ok(interface)
@@ -540,10 +535,10 @@ impl TcRedirect {
     }
 
     /// Vouch for addresses as the kernel announces them behind container ports (provisional
-    /// sources, [`crate::sources`]) until the task is dropped. The announcements are read on a
+    /// sources, [`sources`]) until the task is dropped. The announcements are read on a
     /// thread of their own.
     pub async fn follow_peer_addresses(self: std::sync::Arc<Self>) {
-        use crate::peer_addresses::{Event, host_side, watch};
+        use peer_addresses::{Event, host_side, watch};
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         std::thread::spawn(move || {
             if let Err(err) = watch(|event| tx.send(event).is_ok()) {
@@ -584,6 +579,49 @@ impl TcRedirect {
         }
     }
 
+    /// Keep, for each container Docker reports, the addresses its own ports may send to IMDS
+    /// from (its ports read from its network namespace, through `proc`), until the events end.
+    pub async fn follow_sources(
+        self: std::sync::Arc<Self>,
+        mut events: tokio::sync::broadcast::Receiver<crate::docker::Event>,
+        proc: crate::identity::Proc,
+    ) {
+        use crate::docker::{Event, next_event};
+        while let Some(event) = next_event(&mut events, "source addresses").await {
+            let container = match event {
+                Event::Started(container) if container.running && container.pid != 0 => container,
+                Event::Started(_) => continue,
+                Event::Destroyed(container) => {
+                    self.forget_sources(&container.id);
+                    continue;
+                }
+            };
+            let (id, pid, proc) = (container.id.clone(), container.pid, proc.clone());
+            let ports = tokio::task::spawn_blocking(move || container_ports(&proc, &id, pid))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|ports| ports);
+            let ports = match ports {
+                Ok(ports) => ports,
+                Err(err) => {
+                    tracing::error!(container_id = %container.id, %err, "cannot read the container's interfaces; its IMDS traffic stays dropped");
+                    continue;
+                }
+            };
+            match self.set_sources(&container.id, &ports, &container.addresses) {
+                Ok(()) => tracing::debug!(
+                    container_id = %container.id,
+                    ?ports,
+                    addresses = ?container.addresses,
+                    "container's source addresses vouched for on its ports"
+                ),
+                Err(err) => {
+                    tracing::error!(container_id = %container.id, %err, "recording source addresses failed; its IMDS traffic stays dropped")
+                }
+            }
+        }
+    }
+
     /// Remove NAT entries idle for longer than `idle`; returns how many.
     pub fn reap(&self, idle: Duration) -> usize {
         let now = monotonic_ns();
@@ -605,7 +643,7 @@ impl TcRedirect {
 
     /// The programs' counters, summed over CPUs.
     pub fn stats(&self) -> Vec<(TcStat, u64)> {
-        crate::ebpf::per_cpu_totals(&self.stats, &TcStat::ALL, |stat| stat as u32)
+        per_cpu_totals(&self.stats, &TcStat::ALL, |stat| stat as u32)
     }
 
     /// Graceful shutdown without pins: detach from every interface and remove the qdiscs this
@@ -647,12 +685,12 @@ fn detach_gone(
 fn detach_interface(ebpf: &mut Ebpf, interface: Interface, remove_pins: bool) {
     for link in interface.links {
         match link {
-            Link::Owned { program, id } => {
-                if let Ok(prog) = crate::ebpf::program::<SchedClassifier>(ebpf, program)
+            Link::Owned { program: name, id } => {
+                if let Ok(prog) = program::<SchedClassifier>(ebpf, name)
                     && let Err(err) = prog.detach(id)
                 {
                     // The interface may be gone already, taking its attachments with it.
-                    tracing::debug!(interface = %interface.name, program, %err, "detach");
+                    tracing::debug!(interface = %interface.name, program = name, %err, "detach");
                 }
             }
             Link::Pinned { path, .. } if remove_pins => {
@@ -705,16 +743,20 @@ fn master(name: &str) -> Option<String> {
 /// process's network namespace, i.e. for each interface there whose link partner is in another
 /// namespace, its partner's index (as the host numbers it). Read over rtnetlink from a thread
 /// that enters that namespace; blocking.
-pub fn container_ports(id: &str, pid: u32) -> std::io::Result<Vec<u32>> {
+pub fn container_ports(
+    proc: &crate::identity::Proc,
+    id: &str,
+    pid: u32,
+) -> std::io::Result<Vec<u32>> {
     use futures_util::TryStreamExt as _;
     use rtnetlink::packet_route::link::LinkAttribute;
-    if !crate::identity::process_in_container(pid, id) {
+    if !proc.in_container(pid, id) {
         return Err(std::io::Error::other(format!(
             "process {pid} is not in container {id}'s cgroup: the proxy does not see the host's \
              processes (tc mode needs the host's pid namespace: run its container with --pid host)"
         )));
     }
-    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    let netns = std::fs::File::open(proc.netns(pid))?;
     std::thread::spawn(move || -> std::io::Result<Vec<u32>> {
         // Only this thread changes namespace; it ends with the lookup.
         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)

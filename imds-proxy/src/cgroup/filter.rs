@@ -13,11 +13,11 @@ use std::{
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
-use crate::{ebpf::Redirect, identity};
+use crate::redirect::cgroup::CgroupRedirect as Redirect;
 
 /// Whether the cgroup at `path` (relative to anything) belongs to a container.
 pub fn is_container(path: &Path) -> bool {
-    identity::container_id(&path.to_string_lossy()).is_some()
+    super::container_id(&path.to_string_lossy()).is_some()
 }
 
 pub struct Feed {

@@ -1,0 +1,292 @@
+//! cgroup v2, as the proxy needs it: where the hierarchy is, a cgroup's id (the inode number of
+//! its directory) and path both ways, which Docker container a path names and where Docker puts
+//! a container, and ([`filter`]) the classification of cgroups as containers' or the host's.
+//!
+//! Ids are not reused while the machine is up, so a resolved id → path pair stays true. A path is
+//! found from the recorded process (`/proc/<tgid>/cgroup`, checked against the id, since the
+//! process may be gone and its pid reused) or, failing that, by a walk of the hierarchy.
+pub mod filter;
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+/// `statfs` magic of cgroup2.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Open a cgroup v2 directory; its file and its cgroup id (the directory's inode number).
+pub fn open(path: &Path) -> std::io::Result<(File, u64)> {
+    let fs = nix::sys::statfs::statfs(path)?.filesystem_type().0 as i64;
+    if fs != CGROUP2_SUPER_MAGIC {
+        return Err(std::io::Error::other(
+            "not on a cgroup v2 hierarchy (programs attach to cgroup v2 only; on a hybrid host \
+             it is usually mounted at /sys/fs/cgroup/unified)",
+        ));
+    }
+    let file = File::open(path)?;
+    let id = file.metadata()?.ino();
+    Ok((file, id))
+}
+
+/// The cgroup id of a cgroup v2 directory.
+pub fn id(path: &Path) -> std::io::Result<u64> {
+    open(path).map(|(_, id)| id)
+}
+
+/// Resolves cgroup ids to paths, with a cache.
+pub struct Cgroups {
+    root: PathBuf,
+    /// Where `/proc` is (another directory in unit tests).
+    proc: PathBuf,
+    cache: Mutex<HashMap<u64, String>>,
+}
+
+/// Entries kept before the cache starts over (ids of removed cgroups are never asked again).
+const CACHE_LIMIT: usize = 65_536;
+/// How deep a walk of the hierarchy goes looking for an id.
+const WALK_DEPTH: usize = 8;
+
+impl Cgroups {
+    /// A resolver under the v2 root `root`, reading processes' cgroups from `/proc`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self::with_proc(root, "/proc")
+    }
+
+    /// The same, with `/proc` at `proc`.
+    pub fn with_proc(root: impl Into<PathBuf>, proc: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            proc: proc.into(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The v2 root this resolver works under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The path (relative to the v2 root, starting with `/`) of the cgroup with this id.
+    pub fn resolve(&self, cgroup_id: u64, tgid: u32) -> Option<String> {
+        if let Some(path) = self.cache.lock().expect("cache poisoned").get(&cgroup_id) {
+            return Some(path.clone());
+        }
+        let path = self
+            .via_proc(cgroup_id, tgid)
+            .or_else(|| self.walk(&self.root, cgroup_id, WALK_DEPTH))?;
+        let mut cache = self.cache.lock().expect("cache poisoned");
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(cgroup_id, path.clone());
+        Some(path)
+    }
+
+    fn id_of(&self, relative: &str) -> Option<u64> {
+        let full = self.root.join(relative.trim_start_matches('/'));
+        std::fs::metadata(full).ok().map(|m| m.ino())
+    }
+
+    fn via_proc(&self, cgroup_id: u64, tgid: u32) -> Option<String> {
+        let text = std::fs::read_to_string(self.proc.join(tgid.to_string()).join("cgroup")).ok()?;
+        let path = v2_path(&text)?;
+        // The pid may have been reused by then: believe the path only if it is that cgroup.
+        (self.id_of(path) == Some(cgroup_id)).then(|| path.to_owned())
+    }
+
+    fn walk(&self, dir: &Path, cgroup_id: u64, depth: usize) -> Option<String> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        let mut subdirs = Vec::new();
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_dir() {
+                continue;
+            }
+            if meta.ino() == cgroup_id {
+                let rel = entry.path();
+                let rel = rel.strip_prefix(&self.root).ok()?;
+                return Some(format!("/{}", rel.display()));
+            }
+            subdirs.push(entry.path());
+        }
+        if depth == 0 {
+            return None;
+        }
+        subdirs
+            .iter()
+            .find_map(|sub| self.walk(sub, cgroup_id, depth - 1))
+    }
+}
+
+/// The cgroup v2 path in the text of a `/proc/<pid>/cgroup` file (the `0::` line).
+pub fn v2_path(proc_cgroup: &str) -> Option<&str> {
+    proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+/// The Docker container id a cgroup path names, for both cgroup drivers: cgroupfs
+/// (`<parent>/<64 hex>`, `/docker/<id>` by default) and systemd (`.../docker-<64 hex>.scope`).
+/// The deepest such segment counts: a container started with `--cgroup-parent` inside another
+/// container's cgroup (`/docker/<a>/<b>`) is `b`, not `a`, and cgroups nested inside a
+/// container's (`/docker/<id>/init.scope`) belong to it. The id alone is only a claim: the caller
+/// checks it against the cgroup Docker reports for that container ([`expected_cgroup`]), so a
+/// directory named after another container inside one's own cgroup proves nothing.
+pub fn container_id(cgroup_path: &str) -> Option<String> {
+    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    cgroup_path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            if is_id(s) {
+                return Some(s);
+            }
+            s.strip_prefix("docker-")
+                .and_then(|rest| rest.strip_suffix(".scope"))
+                .filter(|id| is_id(id))
+        })
+        .next_back()
+        .map(str::to_owned)
+}
+
+/// The cgroup (relative to the v2 root) Docker puts container `id` in, for its cgroup `driver`
+/// and the container's `--cgroup-parent` (empty: Docker's default).
+pub fn expected_cgroup(driver: &str, cgroup_parent: &str, id: &str) -> String {
+    if driver == "systemd" {
+        // A slice name; `a-b.slice` lives at /a.slice/a-b.slice.
+        let slice = if cgroup_parent.is_empty() {
+            "system.slice"
+        } else {
+            cgroup_parent
+        };
+        let mut path = String::new();
+        if let Some(name) = slice.strip_suffix(".slice") {
+            let parts: Vec<&str> = name.split('-').collect();
+            for end in 1..=parts.len() {
+                path.push('/');
+                path.push_str(&parts[..end].join("-"));
+                path.push_str(".slice");
+            }
+        } else {
+            path = format!("/{}", slice.trim_matches('/'));
+        }
+        return format!("{path}/docker-{id}.scope");
+    }
+    let parent = if cgroup_parent.is_empty() {
+        "/docker"
+    } else {
+        cgroup_parent
+    };
+    format!("/{}/{id}", parent.trim_matches('/'))
+}
+
+/// Whether `caller_cgroup` is the container's cgroup `expected`, or nested inside it.
+pub fn within(caller_cgroup: &str, expected: &str) -> bool {
+    caller_cgroup == expected
+        || caller_cgroup
+            .strip_prefix(expected)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The cgroup v2 path of this process, relative to the v2 root.
+pub fn own_cgroup_path() -> std::io::Result<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    v2_path(&text)
+        .map(str::to_owned)
+        .ok_or_else(|| std::io::Error::other("no cgroup v2 line in /proc/self/cgroup"))
+}
+
+/// Where the cgroup v2 hierarchy is mounted (the first `cgroup2` mount).
+pub fn cgroup2_root() -> std::io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(' ');
+            let _source = f.next()?;
+            let at = f.next()?;
+            (f.next()? == "cgroup2").then(|| PathBuf::from(at))
+        })
+        .ok_or_else(|| {
+            std::io::Error::other(
+                "no cgroup v2 hierarchy is mounted (mount one: mount -t cgroup2 none /sys/fs/cgroup/unified)",
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "5a2ba51e7b118ff00bfbb27ae5cea5ccd19c073019eba99867022d6424f472ab";
+
+    #[test]
+    fn container_ids_from_both_cgroup_drivers() {
+        assert_eq!(container_id(&format!("/docker/{ID}")).as_deref(), Some(ID));
+        assert_eq!(
+            container_id(&format!("/system.slice/docker-{ID}.scope")).as_deref(),
+            Some(ID)
+        );
+        // A cgroup nested inside the container's belongs to the container.
+        assert_eq!(
+            container_id(&format!("/docker/{ID}/init.scope")).as_deref(),
+            Some(ID)
+        );
+        assert_eq!(container_id("/docker"), None);
+        assert_eq!(container_id("/system.slice/docker.service"), None);
+        assert_eq!(container_id("/docker/not-an-id"), None);
+        assert_eq!(container_id(&format!("/docker/{}", &ID[..63])), None);
+        assert_eq!(container_id("/user.slice/user-0.slice"), None);
+        // The deepest id counts: a container whose --cgroup-parent is another's cgroup.
+        let other = "1".repeat(64);
+        assert_eq!(
+            container_id(&format!("/docker/{ID}/{other}")).as_deref(),
+            Some(other.as_str())
+        );
+        assert_eq!(
+            container_id(&format!("/docker/{ID}/docker-{other}.scope/x")).as_deref(),
+            Some(other.as_str())
+        );
+        // With a parent of its own choosing.
+        assert_eq!(
+            container_id(&format!("/elsewhere/{ID}")).as_deref(),
+            Some(ID)
+        );
+    }
+
+    #[test]
+    fn expected_cgroups_for_both_drivers_and_custom_parents() {
+        assert_eq!(expected_cgroup("cgroupfs", "", ID), format!("/docker/{ID}"));
+        assert_eq!(
+            expected_cgroup("cgroupfs", "/docker/abc", ID),
+            format!("/docker/abc/{ID}")
+        );
+        assert_eq!(
+            expected_cgroup("systemd", "", ID),
+            format!("/system.slice/docker-{ID}.scope")
+        );
+        assert_eq!(
+            expected_cgroup("systemd", "a-b.slice", ID),
+            format!("/a.slice/a-b.slice/docker-{ID}.scope")
+        );
+        let expected = format!("/docker/{ID}");
+        assert!(within(&expected, &expected));
+        assert!(within(&format!("{expected}/init.scope"), &expected));
+        assert!(!within(&format!("{expected}0"), &expected));
+        assert!(!within("/docker", &expected));
+        // A directory named after another container inside one's own cgroup.
+        let other = "1".repeat(64);
+        let forged = format!("/docker/{ID}/{other}");
+        let claimed = container_id(&forged).unwrap();
+        assert!(!within(&forged, &expected_cgroup("cgroupfs", "", &claimed)));
+    }
+
+    #[test]
+    fn v2_line_of_proc_cgroup() {
+        let hybrid = format!("9:name=systemd:/docker/{ID}\n1:cpu:/docker/{ID}\n0::/docker/{ID}\n");
+        assert_eq!(v2_path(&hybrid), Some(format!("/docker/{ID}").as_str()));
+        assert_eq!(v2_path("1:cpu:/\n"), None);
+    }
+}

@@ -1,0 +1,200 @@
+//! `imds-proxy run`: build the parts from the validated configuration, attach, serve, stop.
+//! Everything that can fail for reasons outside the kernel (Docker, the upstream, the listeners)
+//! fails before anything is attached.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    cgroup::{self, Cgroups},
+    config::Config,
+    credentials, docker,
+    identity::{AttestedListener, Attestor, Proc},
+    imds,
+    metrics::Metrics,
+    netdev,
+    redirect::{self, Place, Redirect},
+    serve,
+    tokens::Tokens,
+    upstream::Upstream,
+};
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let args = &config.args;
+    // Both modes attach the cgroup programs (tc mode for host-network containers): both need the
+    // v2 hierarchy and the proxy's place in it.
+    let root = cgroup::cgroup2_root().context("the cgroup v2 hierarchy")?;
+    let own_path = cgroup::own_cgroup_path()?;
+    let place = Place {
+        own_cgroup: cgroup::id(&root.join(own_path.trim_start_matches('/')))
+            .with_context(|| format!("the proxy's own cgroup {own_path}"))?,
+        own_path: own_path.clone(),
+        root: root.clone(),
+    };
+    fd_limit(args.limits.max_connections);
+
+    let metrics = Arc::new(Metrics::default());
+    let docker = docker::Index::connect(&args.docker_host, args.roles.trust_image_role).await?;
+    let driver = docker.cgroup_driver().await?;
+    let sts = credentials::sts_client(
+        &args.imds.upstream,
+        args.sts.region.as_deref(),
+        args.sts.sts_endpoint.as_deref(),
+    )
+    .await?;
+    let cache = credentials::Cache::new(
+        Arc::new(credentials::Sts(sts)),
+        Arc::new(credentials::SystemClock),
+        Duration::from_secs(args.sts.session_duration.into()),
+        args.sts.refresh_before,
+        metrics.clone(),
+    );
+    let ops_listener = tokio::net::TcpListener::bind(args.network.ops_listen)
+        .await
+        .with_context(|| format!("binding the ops listener {}", args.network.ops_listen))?;
+    netdev::ensure(&args.network.interface, &config.listen.addresses()).await?;
+    // Listen before attaching: a redirected connect must find a listener.
+    let mut listeners = Vec::new();
+    for addr in [
+        Some(SocketAddr::V4(config.listen.v4)),
+        config.listen.v6.map(SocketAddr::V6),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        listeners.push(listener);
+    }
+
+    let redirect = Arc::new(Redirect::attach(&config, &place, &driver)?);
+    let proc = Proc::default();
+    redirect.start(&docker, proc.clone())?;
+    let attestor = Arc::new(Attestor::new(
+        Some(redirect.hooks().clone()),
+        Arc::new(Cgroups::new(root.clone())),
+        docker.clone(),
+        proc,
+        redirect.identifies_by_address(),
+    ));
+    let app = Arc::new(imds::App {
+        tokens: Tokens::new(),
+        roles: config.roles.clone(),
+        credentials: cache.clone(),
+        upstream: Upstream::new(
+            &args.imds.upstream,
+            args.imds.upstream_concurrency,
+            args.imds.metadata_cache_ttl,
+        ),
+        rate: crate::limits::PerKey::new(
+            args.limits.requests_per_second,
+            args.limits.request_burst,
+            65_536,
+        ),
+        metrics: metrics.clone(),
+        // Until the upstream is asked (when not configured): required.
+        require_imdsv2: AtomicBool::new(args.imds.require_imdsv2.unwrap_or(true)),
+        exposure: imds::Exposure {
+            user_data: args.imds.allow_user_data,
+            identity_signatures: args.imds.allow_identity_signatures,
+        },
+    });
+    match args.imds.require_imdsv2 {
+        Some(required) => tracing::info!(require_imdsv2 = required, "IMDSv2 tokens as configured"),
+        None => {
+            tokio::spawn(imds::follow_upstream_imdsv2(
+                app.clone(),
+                Duration::from_secs(300),
+            ));
+        }
+    }
+    // Run as a container itself, the proxy is one of Docker's containers: it never asks itself.
+    let own_container = cgroup::container_id(&own_path);
+    tokio::spawn(cache.clone().follow_containers(
+        config.roles.clone(),
+        docker.subscribe(),
+        own_container.clone(),
+    ));
+    tokio::spawn(redirect::watch_coverage(
+        docker.subscribe(),
+        docker.clone(),
+        metrics.clone(),
+        redirect.attach_points(&root),
+        own_container,
+    ));
+    // Subscribed before the index starts: every container, those running now included.
+    tokio::spawn(docker.clone().run());
+
+    let router = imds::router(app.clone());
+    let limits = serve::Limits {
+        header_timeout: args.limits.header_timeout,
+        max_connections: args.limits.max_connections,
+        max_connections_per_caller: args.limits.max_connections_per_caller,
+    };
+    let admission =
+        serve::Admission::new(limits.max_connections, limits.max_connections_per_caller);
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in listeners {
+        servers.spawn(serve::serve(
+            AttestedListener::new(listener, attestor.clone()),
+            router.clone(),
+            limits,
+            admission.clone(),
+            metrics.clone(),
+        ));
+    }
+    let attached = Arc::new(AtomicBool::new(true));
+    let ops = crate::ops::router(crate::ops::Ops {
+        app,
+        docker,
+        redirect: redirect.clone(),
+        attestor,
+        attached: attached.clone(),
+    });
+    servers.spawn(async move { axum::serve(ops_listener, ops).await });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        Some(result) = servers.join_next() => {
+            result??;
+            bail!("a listener stopped");
+        }
+    }
+    servers.abort_all();
+    attached.store(false, Ordering::Relaxed);
+    redirect.stop(args.redirect.pin.is_some());
+    if args.redirect.pin.is_some() {
+        tracing::info!(
+            "stopping; the pinned redirect stays attached (containers fail closed until a proxy \
+             runs again; `imds-proxy detach --pin DIR` removes it)"
+        );
+    } else {
+        netdev::remove(&args.network.interface).await?;
+        tracing::info!("stopped; programs detached and dummy interface removed");
+    }
+    Ok(())
+}
+
+/// Every connection is a descriptor: as many as the hard limit allows.
+fn fd_limit(max_connections: usize) {
+    match serve::raise_fd_limit() {
+        Ok(limit) if (limit as usize) < max_connections + 256 => tracing::warn!(
+            fd_limit = limit,
+            max_connections,
+            "the file-descriptor limit is below --max-connections plus headroom; accepts will \
+             fail (and back off) before the connection cap is reached"
+        ),
+        Ok(limit) => tracing::info!(fd_limit = limit, "file-descriptor limit"),
+        Err(err) => tracing::warn!(%err, "could not raise the file-descriptor limit"),
+    }
+}

@@ -1,0 +1,163 @@
+//! The eBPF object built from `imds-ebpf`: loading it, configuring it before anything is
+//! attached, and the pieces both modes share (errors, map keys, per-CPU counters).
+use std::{
+    net::{SocketAddrV4, SocketAddrV6},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray},
+};
+use imds_common::{MAP_CONFIG, RedirectConfig, raw_port, raw_v4, raw_v6};
+
+/// The eBPF object built from `imds-ebpf` by build.rs, embedded at compile time.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
+
+/// `statfs` magic numbers.
+pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
+    #[error("pin directory {path}: {reason}")]
+    PinDir { path: PathBuf, reason: String },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("link of program {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("adopting pinned link {path}: {source}")]
+    Adopt {
+        path: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .expect("the object defines every program this module names")
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+/// The counters of a per-CPU array, one per slot of `stats`, summed over CPUs (0 when unreadable).
+pub(crate) fn per_cpu_totals<S: Copy>(
+    map: &PerCpuArray<MapData, u64>,
+    stats: &[S],
+    slot: impl Fn(S) -> u32,
+) -> Vec<(S, u64)> {
+    stats
+        .iter()
+        .map(|&stat| {
+            let total = map
+                .get(&slot(stat), 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0);
+            (stat, total)
+        })
+        .collect()
+}
+
+/// The configuration slot with the proxy's listen addresses (and no filter, no own cgroup).
+pub(crate) fn listen_config(v4: SocketAddrV4, v6: Option<SocketAddrV6>) -> RedirectConfig {
+    RedirectConfig {
+        proxy_v4: raw_v4(v4.ip().octets()),
+        proxy_v6: v6.map(|a| raw_v6(a.ip().octets())).unwrap_or_default(),
+        proxy_port_v4: raw_port(v4.port()),
+        proxy_port_v6: v6.map(|a| raw_port(a.port())).unwrap_or(0),
+        filter: 0,
+        proxy_cgroup: 0,
+        netns_cookie: 0,
+    }
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+), as
+/// `bpf_get_netns_cookie` reports it for sockets in the same namespace.
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a u64 buffer of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Load the object with `maps` pinned under `pin` (opened when a previous run pinned them, else
+/// created and pinned), and write `config` into `IMDS_CONFIG` before any program is attached.
+pub(crate) fn load_configured(
+    pin: Option<&Path>,
+    maps: &[&str],
+    config: RedirectConfig,
+) -> Result<Ebpf, Error> {
+    let mut loader = EbpfLoader::new();
+    let map_pins: Vec<(&str, PathBuf)> = match pin {
+        Some(dir) => {
+            super::pin::prepare_pin_dir(dir)?;
+            maps.iter().map(|name| (*name, dir.join(name))).collect()
+        }
+        None => Vec::new(),
+    };
+    for (name, path) in &map_pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT)?;
+    let err = |source| Error::Map {
+        name: MAP_CONFIG,
+        source,
+    };
+    // Borrowed, not taken: the map must stay in `ebpf` (its fd open) for the programs loaded
+    // after this to refer to it.
+    let mut slot: Array<_, RedirectConfig> = Array::try_from(
+        ebpf.map_mut(MAP_CONFIG)
+            .expect("the object defines IMDS_CONFIG"),
+    )
+    .map_err(err)?;
+    slot.set(0, config, 0).map_err(err)?;
+    Ok(ebpf)
+}
+
+pub(crate) fn statfs_type(path: &Path) -> std::io::Result<i64> {
+    let stat = nix::sys::statfs::statfs(path)?;
+    Ok(stat.filesystem_type().0 as i64)
+}
+
+/// Parse the embedded object and load its programs into the kernel, without attaching them.
+pub fn load() -> Result<Ebpf, aya::EbpfError> {
+    Ebpf::load(OBJECT)
+}

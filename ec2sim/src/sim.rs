@@ -105,6 +105,7 @@ pub struct Config {
 }
 
 /// What a path names: a directory (listing) or an item.
+#[derive(Clone)]
 enum Node {
     Dir(BTreeMap<String, Node>),
     Item(String),
@@ -465,8 +466,17 @@ fn build_tree(config: &Config, credentials: &Credentials) -> Node {
     if !config.user_data.is_empty() {
         latest.insert("user-data".to_owned(), item(config.user_data.clone()));
     }
-    dir([("latest", Node::Dir(latest))])
+    // IMDS serves the same tree under each dated API version as under `latest`.
+    let mut versions: BTreeMap<String, Node> = API_VERSIONS
+        .iter()
+        .map(|v| (v.to_string(), Node::Dir(latest.clone())))
+        .collect();
+    versions.insert("latest".to_owned(), Node::Dir(latest));
+    Node::Dir(versions)
 }
+
+/// Dated API versions the simulator serves besides `latest` (a few of IMDS's).
+pub const API_VERSIONS: [&str; 3] = ["2016-09-02", "2021-03-23", "2022-09-24"];
 
 fn iam_info_identity(config: &Config, now: &str) -> String {
     serde_json::to_string_pretty(&serde_json::json!({
@@ -546,6 +556,11 @@ mod tests {
             Some("i-0123456789abcdef0")
         );
         assert_eq!(lookup(&tree, "/latest/meta-data/instance-id/"), None);
+        assert_eq!(
+            lookup(&tree, "/2021-03-23/meta-data/instance-id"),
+            lookup(&tree, "/latest/meta-data/instance-id"),
+            "a dated version serves the same tree"
+        );
         assert_eq!(lookup(&tree, "/latest/meta-data/nope"), None);
         assert_eq!(lookup(&tree, "/latest/meta-data/../meta-data/ami-id"), None);
         assert_eq!(lookup(&tree, "/latest//meta-data"), None);

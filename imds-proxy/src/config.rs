@@ -662,6 +662,24 @@ mod tests {
         assert_eq!(err(&["--region", "US East"]).key, "region");
         assert_eq!(err(&["--docker-host", "tcp://x:2375"]).key, "docker-host");
         assert_eq!(err(&["--no-such-flag"]).key, "no-such-flag");
+        // Netlink filters cannot be adopted by a restarted proxy: pinning needs TCX.
+        let netlink_pin = err(&[
+            "--mode",
+            "tc",
+            "--tc-attach",
+            "netlink",
+            "--pin",
+            "/sys/fs/bpf/x",
+        ]);
+        assert_eq!(netlink_pin.key, "pin", "{netlink_pin}");
+        assert_eq!(
+            err(&["--mode", "tc", "--cgroup", "/sys/fs/cgroup"]).key,
+            "cgroup"
+        );
+        assert_eq!(
+            err(&["--container-iface", "docker0"]).key,
+            "container-iface"
+        );
         let outside = err(&[
             "--role-arn-prefix",
             "arn:aws:iam::123456789012:role/containers/",

@@ -426,6 +426,8 @@ pub(crate) mod tests {
     pub struct FakeSts {
         clock: Arc<FakeClock>,
         calls: AtomicUsize,
+        /// Every key asked for, in order.
+        pub asked: Mutex<Vec<Key>>,
         failing: AtomicBool,
         gate: Option<Arc<tokio::sync::Semaphore>>,
     }
@@ -438,6 +440,7 @@ pub(crate) mod tests {
             Arc::new(Self {
                 clock: clock.clone(),
                 calls: AtomicUsize::new(0),
+                asked: Mutex::new(Vec::new()),
                 failing: AtomicBool::new(false),
                 gate,
             })
@@ -451,6 +454,7 @@ pub(crate) mod tests {
         fn assume<'a>(&'a self, key: &'a Key, duration: Duration) -> Assumed<'a> {
             Box::pin(async move {
                 let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                self.asked.lock().unwrap().push(key.clone());
                 if let Some(gate) = &self.gate {
                     let _permit = gate.acquire().await.unwrap();
                 }
@@ -597,6 +601,23 @@ pub(crate) mod tests {
         );
         // Another key was never affected.
         assert!(cache.get(&key("Web")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_external_id_reaches_sts_and_is_part_of_the_key() {
+        let clock = FakeClock::new();
+        let sts = FakeSts::new(&clock);
+        let cache = cache(&sts, &clock);
+        let with = Key {
+            external_id: Some("tenant-7".into()),
+            ..key("Web")
+        };
+        assert_eq!(cache.get(&with).await.unwrap().access_key_id, "AKID1");
+        // The same role and session without the id is another session, never the cached one.
+        assert_eq!(cache.get(&key("Web")).await.unwrap().access_key_id, "AKID2");
+        let asked = sts.asked.lock().unwrap().clone();
+        assert_eq!(asked[0].external_id.as_deref(), Some("tenant-7"));
+        assert_eq!(asked[1].external_id, None);
     }
 
     #[tokio::test]

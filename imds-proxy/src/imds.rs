@@ -567,6 +567,39 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn a_containers_external_id_reaches_sts() {
+            let clock = FakeClock::new();
+            let sts = FakeSts::new(&clock);
+            let app = app(&sts, &clock);
+            let web = caller(
+                WEB,
+                &[
+                    ("iam.amazonaws.com/role", "Web"),
+                    ("iam.amazonaws.com/external-id", "tenant-7"),
+                ],
+                2,
+            );
+            let (_, token) = ask(&app, &web, "PUT", "/latest/api/token", None).await;
+            let (status, doc) = ask(
+                &app,
+                &web,
+                "GET",
+                "/latest/meta-data/iam/security-credentials/Web",
+                Some(&token),
+            )
+            .await;
+            assert_eq!(status, 200, "{doc}");
+            let asked = sts.asked.lock().unwrap().clone();
+            assert_eq!(asked.len(), 1);
+            assert_eq!(asked[0].external_id.as_deref(), Some("tenant-7"));
+            assert_eq!(
+                asked[0].role_arn,
+                "arn:aws:iam::123456789012:role/containers/Web"
+            );
+            assert_eq!(asked[0].session_name, "c2", "the container's name");
+        }
+
+        #[tokio::test]
         async fn tokens_and_roles_do_not_cross_containers() {
             let clock = FakeClock::new();
             let sts = FakeSts::new(&clock);

@@ -42,6 +42,24 @@ pub enum Mode {
 
 pub const MODES: [Mode; 2] = [Mode::Cgroup, Mode::Tc];
 
+/// One `#[test]` per mode, each running `helper(mode)`, so that a failure in one mode does not
+/// hide the other's result: `per_mode! { name => helper; }` makes `name::cgroup` and `name::tc`.
+#[macro_export]
+macro_rules! per_mode {
+    ($($name:ident => $helper:ident;)+) => {$(
+        mod $name {
+            #[test]
+            fn cgroup() {
+                super::$helper($crate::proxy::Mode::Cgroup)
+            }
+            #[test]
+            fn tc() {
+                super::$helper($crate::proxy::Mode::Tc)
+            }
+        }
+    )+};
+}
+
 impl Mode {
     /// The proxy's flags for this mode. tc mode takes docker0 and every user-defined network's
     /// bridge, including those created after the proxy started.
@@ -156,11 +174,13 @@ impl Proxy {
     /// SIGTERM and wait: the proxy's own graceful stop. The test's cleanup of the interface
     /// waits for drop.
     pub fn stop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        self.stop_with(nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// `signal` (SIGTERM, SIGINT) and wait; its exit status.
+    pub fn stop_with(&mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal);
+        self.child.wait().expect("the proxy is our child")
     }
 
     /// SIGKILL: the proxy gets no chance to clean anything up.

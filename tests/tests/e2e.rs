@@ -5,7 +5,7 @@
 //! - a Rust SDK client (aws-config's default credential chain + STS, `imds-whoami`).
 use imds_tests::{
     images::{awscli_image, docker, docker_ok, whoami_image},
-    proxy::{MODES, Mode, Proxy},
+    proxy::{Mode, Proxy},
     scene::{
         ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, default_venv, ensure_imds_is_simulated,
     },
@@ -129,12 +129,7 @@ fn without_imds_proxy_a_client_in_a_container_finds_no_credentials() {
     assert!(answered >= CLIENTS.len(), "{:#?}", scene.sim_requests());
 }
 
-#[test]
-fn with_imds_proxy_each_container_gets_its_own_role() {
-    for mode in MODES {
-        with_imds_proxy_each_container_gets_its_own_role_in(mode);
-    }
-}
+imds_tests::per_mode! { with_imds_proxy_each_container_gets_its_own_role => with_imds_proxy_each_container_gets_its_own_role_in; }
 
 fn with_imds_proxy_each_container_gets_its_own_role_in(mode: Mode) {
     let scene = scene();
@@ -166,12 +161,7 @@ fn with_imds_proxy_each_container_gets_its_own_role_in(mode: Mode) {
     }
 }
 
-#[test]
-fn no_role_and_no_default_means_no_credentials_never_the_instance_role() {
-    for mode in MODES {
-        no_role_and_no_default_means_no_credentials_never_the_instance_role_in(mode);
-    }
-}
+imds_tests::per_mode! { no_role_and_no_default_means_no_credentials_never_the_instance_role => no_role_and_no_default_means_no_credentials_never_the_instance_role_in; }
 
 fn no_role_and_no_default_means_no_credentials_never_the_instance_role_in(mode: Mode) {
     let scene = scene();

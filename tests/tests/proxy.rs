@@ -8,7 +8,7 @@ use imds_tests::{
     containers::{Running, answers, in_container, rand_suffix},
     http::Request,
     images::{bench_image, curl_image, docker, docker_ok},
-    proxy::{MODES, Mode, PREFIX, Proxy, TEST_IF, proxy_bin},
+    proxy::{Mode, PREFIX, Proxy, TEST_IF, proxy_bin},
     scene::{ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
     sim::HttpTokens,
 };
@@ -106,12 +106,7 @@ fn assert_gets_role_with(
     creds
 }
 
-#[test]
-fn label_env_and_default_roles() {
-    for mode in MODES {
-        label_env_and_default_roles_in(mode);
-    }
-}
+imds_tests::per_mode! { label_env_and_default_roles => label_env_and_default_roles_in; }
 
 fn label_env_and_default_roles_in(mode: Mode) {
     let scene = scene();
@@ -275,12 +270,7 @@ fn an_image_does_not_choose_its_own_role() {
     assert_eq!(got[0], (200, "Admin".to_owned()), "{got:?}");
 }
 
-#[test]
-fn no_role_means_404_and_never_the_instance_role() {
-    for mode in MODES {
-        no_role_means_404_and_never_the_instance_role_in(mode);
-    }
-}
+imds_tests::per_mode! { no_role_means_404_and_never_the_instance_role => no_role_means_404_and_never_the_instance_role_in; }
 
 fn no_role_means_404_and_never_the_instance_role_in(mode: Mode) {
     let scene = scene();
@@ -307,6 +297,16 @@ curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.25
         "passed through"
     );
     assert!(!out.contains(INSTANCE_ROLE), "{out}");
+    // Denied by the proxy, not by a simulator that lacks the path: it serves the dated tree too,
+    // and heard none of these.
+    let asked: Vec<String> = scene
+        .sim_requests()
+        .into_iter()
+        .filter(|l| {
+            l.contains("/iam/") || l.contains("user-data") || l.contains("identity-credentials")
+        })
+        .collect();
+    assert!(asked.is_empty(), "{mode:?}: {asked:#?}");
     assert!(
         proxy.log().iter().any(|l| l.contains("no role: no label")),
         "the log says why: {:#?}",
@@ -365,12 +365,7 @@ fn roles_outside_the_prefix_or_the_allow_list_are_refused_without_sts() {
     );
 }
 
-#[test]
-fn the_first_milliseconds_of_a_container_and_ip_reuse() {
-    for mode in MODES {
-        the_first_milliseconds_of_a_container_and_ip_reuse_in(mode);
-    }
-}
+imds_tests::per_mode! { the_first_milliseconds_of_a_container_and_ip_reuse => the_first_milliseconds_of_a_container_and_ip_reuse_in; }
 
 fn the_first_milliseconds_of_a_container_and_ip_reuse_in(mode: Mode) {
     let scene = scene();
@@ -389,12 +384,7 @@ fn the_first_milliseconds_of_a_container_and_ip_reuse_in(mode: Mode) {
     );
 }
 
-#[test]
-fn a_program_that_asks_before_docker_reports_it_running() {
-    for mode in MODES {
-        a_program_that_asks_before_docker_reports_it_running_in(mode);
-    }
-}
+imds_tests::per_mode! { a_program_that_asks_before_docker_reports_it_running => a_program_that_asks_before_docker_reports_it_running_in; }
 
 /// A static binary as the container's first process asks at once: sooner than a shell and curl,
 /// and before Docker has finished marking the container running (its list still says "created",
@@ -477,12 +467,7 @@ fn imdsv2_is_required_as_the_instance_requires_it() {
     }
 }
 
-#[test]
-fn tokens_are_bound_to_their_container_and_v2_can_be_required() {
-    for mode in MODES {
-        tokens_are_bound_to_their_container_and_v2_can_be_required_in(mode);
-    }
-}
+imds_tests::per_mode! { tokens_are_bound_to_their_container_and_v2_can_be_required => tokens_are_bound_to_their_container_and_v2_can_be_required_in; }
 
 fn tokens_are_bound_to_their_container_and_v2_can_be_required_in(mode: Mode) {
     let scene = scene();
@@ -655,12 +640,7 @@ fn get_credentials(container: &Running, role: &str) -> (u16, String) {
     answers(&out).pop().unwrap_or_else(|| panic!("{out}"))
 }
 
-#[test]
-fn a_reused_ip_never_carries_the_previous_owners_role() {
-    for mode in MODES {
-        a_reused_ip_never_carries_the_previous_owners_role_in(mode);
-    }
-}
+imds_tests::per_mode! { a_reused_ip_never_carries_the_previous_owners_role => a_reused_ip_never_carries_the_previous_owners_role_in; }
 
 fn a_reused_ip_never_carries_the_previous_owners_role_in(mode: Mode) {
     let scene = scene();
@@ -690,12 +670,7 @@ fn a_reused_ip_never_carries_the_previous_owners_role_in(mode: Mode) {
     docker_ok(&["network", "rm", "imds-test-reuse"]).unwrap();
 }
 
-#[test]
-fn an_address_taken_from_a_running_container_is_not_its_identity_any_more() {
-    for mode in MODES {
-        an_address_taken_from_a_running_container_is_not_its_identity_any_more_in(mode);
-    }
-}
+imds_tests::per_mode! { an_address_taken_from_a_running_container_is_not_its_identity_any_more => an_address_taken_from_a_running_container_is_not_its_identity_any_more_in; }
 
 /// A keeps running but is disconnected from the network; B gets A's address there. B's requests
 /// are B's, although A's first process is alive in A's cgroup: the address left A's namespace.
@@ -794,4 +769,48 @@ fn the_docker_index_recovers_from_a_daemon_restart() {
     );
     let ready = Request::get("/readyz").send(proxy.ops).unwrap();
     assert_eq!(ready.status, 200, "{}", ready.text());
+}
+
+imds_tests::per_mode! { a_stopped_proxy_leaves_nothing_behind => a_stopped_proxy_leaves_nothing_behind_in; }
+
+/// The proxy's own cleanup, checked before the harness removes anything: SIGTERM and SIGINT
+/// detach every program and remove the listen interface, and the exit is clean; SIGKILL (no
+/// `--pin`) leaves no program attached either, since the links die with the process.
+fn a_stopped_proxy_leaves_nothing_behind_in(mode: Mode) {
+    use imds_tests::kernel::{kernel_objects, wait_kernel_objects_gone};
+    use nix::sys::signal::Signal;
+    let scene = scene();
+    let interface = std::path::Path::new("/sys/class/net").join(TEST_IF);
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut proxy = Proxy::start_in(&scene, mode, &[]);
+        assert!(!kernel_objects().is_empty(), "{mode:?}: attached");
+        assert!(interface.exists(), "{mode:?}: the listen interface is up");
+        let status = proxy.stop_with(signal);
+        assert!(status.success(), "{mode:?} {signal}: {status}");
+        assert_eq!(
+            wait_kernel_objects_gone(),
+            Vec::<String>::new(),
+            "{mode:?} {signal}: every program and map is gone"
+        );
+        assert!(
+            !interface.exists(),
+            "{mode:?} {signal}: the proxy removed its interface"
+        );
+        assert!(
+            proxy
+                .log()
+                .iter()
+                .any(|l| l.contains("stopped; programs detached and dummy interface removed")),
+            "{mode:?} {signal}: {:#?}",
+            proxy.log()
+        );
+    }
+    let mut proxy = Proxy::start_in(&scene, mode, &[]);
+    assert!(!kernel_objects().is_empty(), "{mode:?}: attached");
+    proxy.kill();
+    assert_eq!(
+        wait_kernel_objects_gone(),
+        Vec::<String>::new(),
+        "{mode:?}: after SIGKILL without --pin, nothing stays attached"
+    );
 }

@@ -609,28 +609,40 @@ fn nat_entries_end_with_rst_and_after_both_fins() {
     let p = Programs::load(true);
     let client = |port, flags| v4_tcp((CLIENT_V4, port), (IMDS_V4, 80), flags);
     let proxy = |port, flags| v4_tcp((PROXY_V4, PROXY_PORT), (CLIENT_V4, port), flags);
+    // Every segment of these connections is rewritten and passed: the state is the only thing
+    // under test, so a dropped segment must fail here, not go unnoticed.
+    let ingress = |frame: Vec<u8>| {
+        let (verdict, out) = p.ingress(&frame);
+        assert_eq!(verdict, PASS);
+        assert_eq!(read_v4(&out).2, PROXY_V4, "redirected");
+    };
+    let egress = |frame: Vec<u8>| {
+        let (verdict, out) = p.egress(&frame);
+        assert_eq!(verdict, PASS);
+        assert_eq!(read_v4(&out).0, IMDS_V4, "restored");
+    };
     // Reset by the client.
-    p.ingress(&client(40000, SYN));
+    ingress(client(40000, SYN));
     assert_eq!(p.nat().len(), 1);
-    p.ingress(&client(40000, RST));
+    ingress(client(40000, RST));
     assert!(p.nat().is_empty());
     // Reset by the proxy (nobody listening).
-    p.ingress(&client(40001, SYN));
-    p.egress(&proxy(40001, RST | ACK));
+    ingress(client(40001, SYN));
+    egress(proxy(40001, RST | ACK));
     assert!(p.nat().is_empty());
     // Client closes first: FIN, FIN+ACK, then the last ACK ends it.
-    p.ingress(&client(40002, SYN));
-    p.egress(&proxy(40002, SYN | ACK));
-    p.ingress(&client(40002, FIN | ACK));
-    p.egress(&proxy(40002, FIN | ACK));
+    ingress(client(40002, SYN));
+    egress(proxy(40002, SYN | ACK));
+    ingress(client(40002, FIN | ACK));
+    egress(proxy(40002, FIN | ACK));
     assert_eq!(p.nat().len(), 1, "still there until the last ACK");
-    p.ingress(&client(40002, ACK));
+    ingress(client(40002, ACK));
     assert!(p.nat().is_empty());
     // Proxy closes first.
-    p.ingress(&client(40003, SYN));
-    p.egress(&proxy(40003, FIN | ACK));
-    p.ingress(&client(40003, FIN | ACK));
-    p.egress(&proxy(40003, ACK));
+    ingress(client(40003, SYN));
+    egress(proxy(40003, FIN | ACK));
+    ingress(client(40003, FIN | ACK));
+    egress(proxy(40003, ACK));
     assert!(p.nat().is_empty());
     assert_eq!(p.stat(TcStat::NatClosed), 4);
 }

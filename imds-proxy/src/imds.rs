@@ -633,6 +633,38 @@ mod tests {
             assert_eq!(sts.calls(), 0);
         }
 
+        /// An upstream that takes the connection and never answers: 502 once the upstream
+        /// timeout has passed (on the test's paused clock, so exactly then, however loaded the
+        /// machine), never a request left hanging.
+        #[tokio::test(start_paused = true)]
+        async fn a_silent_upstream_is_a_502_after_the_upstream_timeout() {
+            let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let clock = FakeClock::new();
+            let sts = FakeSts::new(&clock);
+            let mut app = Arc::into_inner(app(&sts, &clock)).unwrap();
+            app.upstream = Upstream::new(
+                &format!("http://{}", silent.local_addr().unwrap()),
+                1,
+                Duration::ZERO,
+            );
+            app.require_imdsv2 = std::sync::atomic::AtomicBool::new(false);
+            let app = Arc::new(app);
+            let web = caller(WEB, &[], 2);
+            let started = tokio::time::Instant::now();
+            let answered = tokio::time::timeout(
+                Duration::from_secs(60),
+                ask(&app, &web, "GET", "/latest/meta-data/instance-id", None),
+            )
+            .await;
+            let (status, _) = answered.expect("answered, not left hanging");
+            assert_eq!(status, 502);
+            let waited = started.elapsed();
+            assert!(
+                waited >= crate::upstream::TIMEOUT && waited < 2 * crate::upstream::TIMEOUT,
+                "{waited:?}"
+            );
+        }
+
         #[tokio::test]
         async fn a_connection_without_a_caller_gets_403_for_everything() {
             let clock = FakeClock::new();

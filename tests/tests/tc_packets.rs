@@ -647,6 +647,29 @@ fn nat_entries_end_with_rst_and_after_both_fins() {
     assert_eq!(p.stat(TcStat::NatClosed), 4);
 }
 
+/// NAT entries of connections that never closed are reaped once idle for `NAT_IDLE` (120 s): the
+/// proxy's own reaper, on this map, with the time injected instead of waited for.
+#[test]
+fn idle_nat_entries_are_reaped_after_two_minutes() {
+    use imds_proxy::redirect::tc::{NAT_IDLE, monotonic_ns, reap_idle};
+    let mut p = Programs::load(true);
+    let (verdict, _) = p.ingress(&v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN));
+    assert_eq!(verdict, PASS);
+    let now = monotonic_ns();
+    let mut nat: HashMap<&mut MapData, ConnKey, NatEntry> =
+        HashMap::try_from(p.ebpf.map_mut(MAP_NAT).unwrap()).unwrap();
+    assert_eq!(reap_idle(&mut nat, now, NAT_IDLE), 0, "fresh");
+    let almost = now + NAT_IDLE.as_nanos() as u64 - 1_000_000_000;
+    assert_eq!(
+        reap_idle(&mut nat, almost, NAT_IDLE),
+        0,
+        "idle for less than two minutes"
+    );
+    let later = now + NAT_IDLE.as_nanos() as u64 + 1_000_000_000;
+    assert_eq!(reap_idle(&mut nat, later, NAT_IDLE), 1, "idle for longer");
+    assert!(p.nat().is_empty());
+}
+
 #[test]
 fn nothing_rewritten_leaves_the_host_when_the_listen_address_is_gone() {
     // The proxy's interface was deleted under pinned programs: rewritten, the packets would follow

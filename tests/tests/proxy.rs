@@ -856,3 +856,34 @@ curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.25
         scene.sim_requests()
     );
 }
+
+/// A container that starts with a role has its session fetched before it asks (the start event's
+/// prefetch): its first request is served from the cache, with no STS call of its own.
+#[test]
+fn a_role_is_fetched_when_its_container_starts() {
+    let scene = scene();
+    let proxy = Proxy::start(&scene, &[]);
+    let container = Running::start(&["--label", "iam.amazonaws.com/role=Early"]);
+    proxy.wait_for_log(&["assumed role", "role/containers/Early"]);
+    assert_eq!(proxy.metric("imds_proxy_sts_calls_total"), 1, "prefetched");
+    assert_eq!(
+        proxy.metric("imds_proxy_cache_hits_total"),
+        0,
+        "nothing asked yet"
+    );
+    let out = container.exec(
+        r#"T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+curl -s -o /dev/null -w '== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/Early"#,
+    );
+    assert_eq!(answers(&out).first().map(|a| a.0), Some(200), "{out}");
+    assert_eq!(
+        proxy.metric("imds_proxy_sts_calls_total"),
+        1,
+        "no call of its own"
+    );
+    assert_eq!(
+        proxy.metric("imds_proxy_cache_hits_total"),
+        1,
+        "served from the prefetch"
+    );
+}

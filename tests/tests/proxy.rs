@@ -887,3 +887,29 @@ curl -s -o /dev/null -w '== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" ht
         "served from the prefetch"
     );
 }
+
+/// `/readyz` is 503 while the upstream IMDS does not answer, and 200 once everything does.
+#[test]
+fn readyz_is_503_while_the_upstream_does_not_answer() {
+    let scene = scene();
+    let silent = Proxy::start(
+        &scene,
+        &["--upstream", "http://127.0.0.1:9", "--require-imdsv2"],
+    );
+    let ready = Request::get("/readyz").send(silent.ops).unwrap();
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(
+        ready.text().contains("upstream IMDS: not answering"),
+        "{}",
+        ready.text()
+    );
+    assert!(
+        ready.text().contains("docker: answering"),
+        "{}",
+        ready.text()
+    );
+    drop(silent);
+    let proxy = Proxy::start(&scene, &[]);
+    let ready = Request::get("/readyz").send(proxy.ops).unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.text());
+}

@@ -913,3 +913,56 @@ fn readyz_is_503_while_the_upstream_does_not_answer() {
     let ready = Request::get("/readyz").send(proxy.ops).unwrap();
     assert_eq!(ready.status, 200, "{}", ready.text());
 }
+
+imds_tests::per_mode! { ipv6_credentials_end_to_end => ipv6_credentials_end_to_end_in; }
+
+/// IPv6 through the binary: a container on an IPv6 network gets its role's credentials from
+/// [fd00:ec2::254], and nothing of it reaches the simulated IMDS.
+fn ipv6_credentials_end_to_end_in(mode: Mode) {
+    let scene = scene();
+    let _proxy = Proxy::start_in(&scene, mode, &[]);
+    /// A Docker network removed on drop, whatever happens in between.
+    struct Network(String);
+    impl Drop for Network {
+        fn drop(&mut self) {
+            let _ = docker(&["network", "rm", &self.0]);
+        }
+    }
+    let network = Network(format!("imds-test-v6-{}", rand_suffix()));
+    docker_ok(&[
+        "network",
+        "create",
+        "--ipv6",
+        "--subnet",
+        "fd00:dead:beef::/64",
+        &network.0,
+    ])
+    .unwrap();
+    let script = r#"
+T=$(curl -s -g -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' 'http://[fd00:ec2::254]/latest/api/token')
+curl -s -g -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" 'http://[fd00:ec2::254]/latest/meta-data/iam/security-credentials/'
+curl -s -g -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" 'http://[fd00:ec2::254]/latest/meta-data/iam/security-credentials/Six'
+"#;
+    let (_, _, out) = in_container(
+        &[
+            "--network",
+            &network.0,
+            "--label",
+            "iam.amazonaws.com/role=Six",
+        ],
+        script,
+    );
+    drop(network);
+    let got = answers(&out);
+    assert_eq!(got.len(), 2, "{mode:?}: {out}");
+    assert_eq!(got[0], (200, "Six".to_owned()), "{mode:?}: {out}");
+    assert_eq!(got[1].0, 200, "{mode:?}: {out}");
+    let doc: serde_json::Value = serde_json::from_str(&got[1].1).expect("a credentials document");
+    assert!(doc["AccessKeyId"].is_string(), "{mode:?}: {doc}");
+    let from_containers: Vec<String> = scene
+        .sim_requests()
+        .into_iter()
+        .filter(|l| l.contains("peer=[fd00:dead:beef"))
+        .collect();
+    assert!(from_containers.is_empty(), "{mode:?}: {from_containers:#?}");
+}

@@ -13,6 +13,8 @@ use imds_tests::{
 
 const IMAGE: &str = "imds-proxy:latest";
 const NAME: &str = "imds-proxy-daemonset-test";
+/// Pinned as the README runs it (`--pin /sys/fs/bpf/imds-proxy`), in a directory of the test's.
+const PIN: &str = "/sys/fs/bpf/imds-test-daemonset";
 
 /// The proxy container; stopped (SIGTERM: it detaches) and removed on drop.
 struct Daemon;
@@ -26,6 +28,10 @@ impl Drop for Daemon {
         }
         let _ = docker(&["stop", "-t", "10", NAME]);
         let _ = docker(&["rm", "-f", NAME]);
+        // Pinned: the links outlive the container until detached.
+        let _ = std::process::Command::new(imds_tests::proxy::proxy_bin())
+            .args(["detach", "--pin", PIN, "--interface", TEST_IF])
+            .output();
         let _ = imds_tests::scene::ip(&["link", "del", TEST_IF]);
     }
 }
@@ -90,6 +96,8 @@ fn daemonset(mode: Mode) {
             "/var/run/docker.sock:/var/run/docker.sock",
             IMAGE,
             "run",
+            "--pin",
+            PIN,
             "--listen",
             TEST_LISTEN[0],
             "--listen",
@@ -183,5 +191,26 @@ curl -s -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-da
     assert!(
         creds["AccessKeyId"].as_str().unwrap().starts_with("ASIA"),
         "{text}"
+    );
+    // Stopped, the pinned redirect stays: containers fail closed until a proxy runs again. The
+    // host's `imds-proxy detach --pin` removes it all.
+    docker_ok(&["stop", "-t", "10", NAME]).unwrap();
+    assert!(
+        std::fs::read_dir(PIN).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("link_")),
+        "links pinned in {PIN}"
+    );
+    assert!(
+        !imds_tests::kernel::kernel_objects().is_empty(),
+        "still attached"
+    );
+    imds_tests::proxy::detach(PIN.as_ref());
+    assert_eq!(
+        imds_tests::kernel::wait_kernel_objects_gone(),
+        Vec::<String>::new(),
+        "detached"
     );
 }

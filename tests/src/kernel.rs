@@ -211,8 +211,16 @@ pub fn place(cmd: &mut Command, cgroup: &Path, netns: Option<&str>) -> anyhow::R
         .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
     let netns = netns
         .map(|name| {
-            File::open(Path::new("/run/netns").join(name))
-                .with_context(|| format!("opening network namespace {name}"))
+            File::open(Path::new("/run/netns").join(name)).with_context(|| {
+                let present: Vec<String> = fs::read_dir("/run/netns")
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!("opening network namespace {name} (/run/netns holds {present:?})")
+            })
         })
         .transpose()?;
     let procs_fd = procs.as_raw_fd();

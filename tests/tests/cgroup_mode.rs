@@ -386,8 +386,12 @@ fn imds_v4_mapped() -> SocketAddr {
 /// Each is redirected, identified by its cgroup, and sees the address it used as its peer; none
 /// reaches the simulated IMDS. From a container with a network namespace of its own (bridged) and
 /// from one in the host's (host network).
-fn every_tcp_address_form_is_redirected(netns: Option<&TestNetns>, name: &str) {
+/// `netns`: the number of a hand-made network namespace to run in (made after the scene, as in
+/// every other test), or the host's network.
+fn every_tcp_address_form_is_redirected(netns: Option<u8>, name: &str) {
     let scene = scene();
+    let netns = netns.map(|n| TestNetns::new(n).unwrap());
+    let netns = netns.as_ref();
     let parent = TestCgroup::new(name).unwrap();
     let container = parent.child("c1").unwrap();
     let proxy = TestProxy::start(vec![parent.path().to_owned()], 0);
@@ -480,8 +484,7 @@ fn every_tcp_address_form_is_redirected(netns: Option<&TestNetns>, name: &str) {
 
 #[test]
 fn every_tcp_address_form_is_redirected_from_a_network_namespace() {
-    let netns = TestNetns::new(5).unwrap();
-    every_tcp_address_form_is_redirected(Some(&netns), "imds-test-forms-ns");
+    every_tcp_address_form_is_redirected(Some(5), "imds-test-forms-ns");
 }
 
 #[test]
@@ -533,8 +536,11 @@ fn sim_arrivals() -> (u64, u64) {
 /// IMDS address on the wire: the egress guard drops it at the container's socket, counted, and
 /// nothing arrives at the simulated IMDS. The host (outside the attach point) is not affected:
 /// its datagram arrives, which shows the counters see what arrives.
-fn around_the_connect_hooks(netns: Option<&TestNetns>, name: &str) {
+/// `netns` as in [`every_tcp_address_form_is_redirected`].
+fn around_the_connect_hooks(netns: Option<u8>, name: &str) {
     let _scene = scene();
+    let netns = netns.map(|n| TestNetns::new(n).unwrap());
+    let netns = netns.as_ref();
     let parent = TestCgroup::new(name).unwrap();
     let container = parent.child("c1").unwrap();
     let proxy = TestProxy::start(vec![parent.path().to_owned()], 0);
@@ -592,8 +598,7 @@ fn around_the_connect_hooks(netns: Option<&TestNetns>, name: &str) {
 
 #[test]
 fn what_goes_around_the_connect_hooks_is_dropped_from_a_network_namespace() {
-    let netns = TestNetns::new(6).unwrap();
-    around_the_connect_hooks(Some(&netns), "imds-test-guard-ns");
+    around_the_connect_hooks(Some(6), "imds-test-guard-ns");
 }
 
 #[test]

@@ -402,6 +402,15 @@ fn running(pid: i32) -> bool {
 /// Stop the Docker engine (SIGTERM, as systemd would) and start it again; returns once it answers.
 /// Containers are left as the engine leaves them (`--live-restore` is not set here: they stop).
 pub fn restart_docker() -> anyhow::Result<()> {
+    stop_docker()?;
+    // A killed daemon leaves its pid file; a new one refuses to start over a live pid only.
+    start_dockerd(false)?;
+    Ok(())
+}
+
+/// Stop the Docker engine (SIGTERM, SIGKILL after 30 s) and wait until it is gone. Start it again
+/// with [`start_dockerd`].
+pub fn stop_docker() -> anyhow::Result<()> {
     use std::time::{Duration, Instant};
     // The pid file names the live daemon; `pidof` would also list zombies of earlier ones.
     let pid: i32 = fs::read_to_string("/var/run/docker.pid")
@@ -422,7 +431,7 @@ pub fn restart_docker() -> anyhow::Result<()> {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
             eprintln!(
-                "restart_docker: dockerd {pid} still running 30 s after SIGTERM \
+                "stop_docker: dockerd {pid} still running 30 s after SIGTERM \
                  (stat: {stat:.80} wchan: {wchan}); sending SIGKILL"
             );
             nix::sys::signal::kill(
@@ -438,8 +447,6 @@ pub fn restart_docker() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // A killed daemon leaves its pid file; a new one refuses to start over a live pid only.
-    start_dockerd(false)?;
     Ok(())
 }
 

@@ -760,7 +760,17 @@ fn an_sts_outage_serves_cached_credentials_and_recovers() {
 fn the_docker_index_recovers_from_a_daemon_restart() {
     let scene = scene();
     let proxy = Proxy::start(&scene, &[]);
-    imds_tests::images::restart_docker().unwrap();
+    // While the engine is down the proxy is not ready, and says why.
+    imds_tests::images::stop_docker().unwrap();
+    let down = Request::get("/readyz").send(proxy.ops);
+    imds_tests::images::start_dockerd(false).unwrap();
+    let down = down.unwrap();
+    assert_eq!(down.status, 503, "{}", down.text());
+    assert!(
+        down.text().contains("docker: not answering"),
+        "{}",
+        down.text()
+    );
     // The proxy notices and lists again (bounded wait for its own log line).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while proxy

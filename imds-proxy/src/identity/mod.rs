@@ -376,21 +376,23 @@ pub(crate) mod tests {
         }
     }
 
-    fn attestor(table: Arc<Table>, proc: Proc, root: &std::path::Path) -> Attestor {
+    /// An attestor in address mode over `table`, reading the fake `/proc` in `dir` (also its
+    /// cgroup root: no kernel records here).
+    fn address_attestor(table: Arc<Table>, dir: &TempDir) -> Attestor {
         Attestor::new(
             None,
-            Arc::new(Cgroups::with_proc(root, "/nonexistent")),
+            Arc::new(Cgroups::with_proc(&dir.0, "/nonexistent")),
             table,
-            proc,
+            Proc::at(&dir.0),
             true,
         )
     }
 
     #[tokio::test]
     async fn an_address_the_kernel_confirms_needs_no_docker_call() {
-        let (proc, dir) = fake_proc(4242, ID);
+        let (_, dir) = fake_proc(4242, ID);
         let table = Table::with(&[container(ID, 4242, "172.17.0.2")]);
-        let attestor = attestor(table.clone(), proc, &dir.0);
+        let attestor = address_attestor(table.clone(), &dir);
         let caller = attestor
             .identify("172.17.0.2:40000".parse().unwrap(), None)
             .await
@@ -412,9 +414,9 @@ pub(crate) mod tests {
     async fn an_address_the_kernel_does_not_confirm_is_docker_s_to_decide() {
         // The index says ID has the address, but its process does not hold it (gone, or the
         // address moved): Docker decides, and here nobody has it.
-        let (proc, dir) = fake_proc(4242, ID);
+        let (_, dir) = fake_proc(4242, ID);
         let table = Table::with(&[container(ID, 4242, "172.17.0.9")]);
-        let attestor = attestor(table.clone(), proc, &dir.0);
+        let attestor = address_attestor(table.clone(), &dir);
         let refused = attestor
             .identify("172.17.0.7:40000".parse().unwrap(), None)
             .await;
@@ -422,7 +424,7 @@ pub(crate) mod tests {
         let mut stale = container(ID, 4242, "172.17.0.9");
         stale.running = false;
         let table = Table::with(&[stale]);
-        let attestor = attestor_for(table.clone(), &dir);
+        let attestor = address_attestor(table.clone(), &dir);
         assert_eq!(
             attestor
                 .identify("172.17.0.9:40000".parse().unwrap(), None)
@@ -433,10 +435,6 @@ pub(crate) mod tests {
         );
         assert_eq!(attestor.address_confirmations(), (0, 1));
         assert_eq!(table.asked.load(Ordering::Relaxed), 1);
-    }
-
-    fn attestor_for(table: Arc<Table>, dir: &TempDir) -> Attestor {
-        attestor(table, Proc::at(&dir.0), &dir.0)
     }
 
     #[tokio::test]

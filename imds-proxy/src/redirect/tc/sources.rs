@@ -58,13 +58,9 @@ impl SourceBook {
             .into_iter()
             .collect();
         touched.extend(sources.iter().copied());
-        self.provisional.retain(|&(port, addr), _| {
-            let keep = !sources.iter().any(|&(p, a)| p == port || a == addr);
-            if !keep {
-                touched.insert((port, addr));
-            }
-            keep
-        });
+        touched.extend(self.drop_provisional(|(port, addr), _| {
+            sources.iter().any(|&(p, a)| p == port || a == addr)
+        }));
         if !sources.is_empty() {
             self.owned.insert(owner.to_owned(), sources);
         }
@@ -108,27 +104,26 @@ impl SourceBook {
             });
         }
         self.owned.retain(|_, sources| !sources.is_empty());
-        self.provisional.retain(|&(p, a), _| {
-            let keep = p != port;
-            if !keep {
-                touched.insert((p, a));
-            }
-            keep
-        });
+        touched.extend(self.drop_provisional(|(p, _), _| p == port));
         touched
     }
 
     /// Drop provisional entries older than [`PROVISIONAL_TTL`] at `now`.
     pub fn expire(&mut self, now: Instant) -> BTreeSet<Source> {
-        let mut touched = BTreeSet::new();
-        self.provisional.retain(|&source, since| {
-            let keep = now.saturating_duration_since(*since) < PROVISIONAL_TTL;
+        self.drop_provisional(|_, since| now.saturating_duration_since(since) >= PROVISIONAL_TTL)
+    }
+
+    /// Drop the provisional entries `gone` says (by source and when it was seen); those dropped.
+    fn drop_provisional(&mut self, gone: impl Fn(Source, Instant) -> bool) -> BTreeSet<Source> {
+        let mut dropped = BTreeSet::new();
+        self.provisional.retain(|&source, &mut since| {
+            let keep = !gone(source, since);
             if !keep {
-                touched.insert(source);
+                dropped.insert(source);
             }
             keep
         });
-        touched
+        dropped
     }
 
     /// Provisional entries now.

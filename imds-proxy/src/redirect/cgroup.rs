@@ -30,7 +30,7 @@ use imds_common::{
 };
 
 use super::{
-    object::{Error, listen_config, load_configured, per_cpu_totals, program},
+    object::{Error, listen_config, load_configured, per_cpu_totals, program, take_map},
     pin::{Fresh, attach_or_adopt, link_pin_name, raw},
 };
 
@@ -239,23 +239,9 @@ impl CgroupRedirect {
             }
         }
 
-        let conns =
-            HashMap::try_from(ebpf.take_map(MAP_CONNS).expect("defined")).map_err(|source| {
-                Error::Map {
-                    name: MAP_CONNS,
-                    source,
-                }
-            })?;
-        let containers = HashMap::try_from(ebpf.take_map(MAP_CONTAINER_CGROUPS).expect("defined"))
-            .map_err(|source| Error::Map {
-                name: MAP_CONTAINER_CGROUPS,
-                source,
-            })?;
-        let guard = PerCpuArray::try_from(ebpf.take_map(MAP_GUARD_STATS).expect("defined"))
-            .map_err(|source| Error::Map {
-                name: MAP_GUARD_STATS,
-                source,
-            })?;
+        let conns = take_map(&mut ebpf, MAP_CONNS)?;
+        let containers = take_map(&mut ebpf, MAP_CONTAINER_CGROUPS)?;
+        let guard = take_map(&mut ebpf, MAP_GUARD_STATS)?;
         Ok(Self {
             _ebpf: ebpf,
             _pinned: pinned,

@@ -64,6 +64,19 @@ where
         .map_err(|source| Error::Program { name, source })
 }
 
+/// Take map `name` out of the loaded object as the typed map `M` (the object defines every map
+/// the modes name).
+pub(crate) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, Error>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    M::try_from(
+        ebpf.take_map(name)
+            .expect("the object defines every map this module names"),
+    )
+    .map_err(|source| Error::Map { name, source })
+}
+
 /// The counters of a per-CPU array, one per slot of `stats`, summed over CPUs (0 when unreadable).
 pub(crate) fn per_cpu_totals<S: Copy>(
     map: &PerCpuArray<MapData, u64>,

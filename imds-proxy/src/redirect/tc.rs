@@ -47,7 +47,7 @@ mod sources;
 use sources::{Refusal, Source, SourceBook};
 
 use super::{
-    object::{Error, listen_config, load_configured, per_cpu_totals, program},
+    object::{Error, listen_config, load_configured, per_cpu_totals, program, take_map},
     pin::{Fresh, attach_or_adopt, link_pin_name},
 };
 
@@ -216,25 +216,9 @@ impl TcRedirect {
             prog.load()
                 .map_err(|source| Error::Program { name, source })?;
         }
-        let nat =
-            HashMap::try_from(ebpf.take_map(MAP_NAT).expect("defined")).map_err(|source| {
-                Error::Map {
-                    name: MAP_NAT,
-                    source,
-                }
-            })?;
-        let sources = HashMap::try_from(ebpf.take_map(MAP_TC_SOURCES).expect("defined")).map_err(
-            |source| Error::Map {
-                name: MAP_TC_SOURCES,
-                source,
-            },
-        )?;
-        let stats = PerCpuArray::try_from(ebpf.take_map(MAP_TC_STATS).expect("defined")).map_err(
-            |source| Error::Map {
-                name: MAP_TC_STATS,
-                source,
-            },
-        )?;
+        let nat = take_map(&mut ebpf, MAP_NAT)?;
+        let sources = take_map(&mut ebpf, MAP_TC_SOURCES)?;
+        let stats = take_map(&mut ebpf, MAP_TC_STATS)?;
         let this = Self {
             inner: Mutex::new(Inner {
                 ebpf,

@@ -244,7 +244,13 @@ impl Cache {
 
     /// Fetch unless someone else just did; single flight per key.
     async fn fetch(&self, entry: &Entry, key: &Key) -> Result<Session, Error> {
-        let _flight = entry.flight.lock().await;
+        let _flight = match entry.flight.try_lock() {
+            Ok(flight) => flight,
+            Err(_) => {
+                self.metrics.sts_call_joined();
+                entry.flight.lock().await
+            }
+        };
         let now = self.clock.now();
         if let Some(session) = entry.session.lock().expect("entry poisoned").clone()
             && session.expiration > now

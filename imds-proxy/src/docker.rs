@@ -13,7 +13,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -112,6 +112,8 @@ pub struct Index {
     images: RwLock<HashMap<String, Arc<ImageConfig>>>,
     /// Docker's cgroup driver, asked once.
     driver: tokio::sync::OnceCell<String>,
+    /// Containers a caller named before the index held them (found by asking Docker).
+    found_before_indexed: AtomicU64,
 }
 
 /// Image configurations kept before the cache starts over.
@@ -156,7 +158,14 @@ impl Index {
             trust_image_role,
             images: RwLock::new(HashMap::new()),
             driver: tokio::sync::OnceCell::new(),
+            found_before_indexed: AtomicU64::new(0),
         }))
+    }
+
+    /// How many containers a caller named before the index held them: each such request came
+    /// before Docker reported its container, and was answered by asking Docker.
+    pub fn found_before_indexed(&self) -> u64 {
+        self.found_before_indexed.load(Ordering::Relaxed)
     }
 
     /// Container events, for prefetching and dropping credentials.
@@ -215,6 +224,7 @@ impl Index {
         loop {
             match tokio::time::timeout_at(deadline.into(), self.inspect(id)).await {
                 Ok(Ok(Some(container))) => {
+                    self.found_before_indexed.fetch_add(1, Ordering::Relaxed);
                     let container = Arc::new(container);
                     self.containers
                         .write()

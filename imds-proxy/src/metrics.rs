@@ -43,6 +43,7 @@ pub struct Metrics {
     containers: AtomicU64,
     refused_connections: Labelled,
     sts_calls_avoided: AtomicU64,
+    sts_calls_joined: AtomicU64,
     uncovered_containers: AtomicU64,
     throttled: Labelled,
     metadata_cache_hits: AtomicU64,
@@ -98,6 +99,11 @@ impl Metrics {
     /// A request answered with an STS failure remembered from a call just before.
     pub fn sts_call_avoided(&self) {
         self.sts_calls_avoided.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request that waited for an STS call already under way for its key (single flight).
+    pub fn sts_call_joined(&self) {
+        self.sts_calls_joined.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request refused with 429 (`limit`: the caller's own, or the upstream's in all).
@@ -191,6 +197,12 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "imds_proxy_sts_calls_joined_total",
+            "Requests that waited for an STS call already under way for their role (single flight).",
+            load(&self.sts_calls_joined),
+        );
+        counter(
+            &mut out,
             "imds_proxy_uncovered_containers_total",
             "Containers that started with a cgroup below no attach point (not redirected).",
             load(&self.uncovered_containers),
@@ -214,6 +226,16 @@ impl Metrics {
         );
         out
     }
+}
+
+/// The Docker index's counters, in the same text format.
+pub fn render_docker(found_before_indexed: u64) -> String {
+    format!(
+        "# HELP imds_proxy_containers_found_before_indexed_total Callers whose container the \
+         Docker index did not hold yet (asked Docker directly).\n\
+         # TYPE imds_proxy_containers_found_before_indexed_total counter\n\
+         imds_proxy_containers_found_before_indexed_total {found_before_indexed}\n"
+    )
 }
 
 /// tc mode's kernel counters and state, in the same text format.

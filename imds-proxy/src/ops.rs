@@ -56,6 +56,9 @@ pub fn router(ops: Ops) -> axum::Router {
                 let ops = metrics_ops.clone();
                 async move {
                     let mut body = ops.app.metrics.render();
+                    body.push_str(&crate::metrics::render_docker(
+                        ops.docker.found_before_indexed(),
+                    ));
                     body.push_str(
                         &ops.redirect
                             .render_metrics(ops.attestor.address_confirmations()),

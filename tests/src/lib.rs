@@ -1,7 +1,8 @@
 //! Test support for imds-proxy: the simulated EC2 host, images and HTTP client come from
-//! [`ec2sim`] (re-exported here); hand-made containers ([`kernel`]), Docker containers
+//! [`ec2sim`] (re-exported here); hand-made containers ([`kernel`]), a fault injector ([`faults`]), Docker containers
 //! ([`containers`]) and the proxy binary under test ([`proxy`]) are the tests' own.
 pub mod containers;
+pub mod faults;
 pub mod kernel;
 pub mod proxy;
 

@@ -6,6 +6,7 @@ use std::{process::Command, time::Duration};
 use imds_proxy::netdev;
 use imds_tests::{
     containers::{Running, answers, in_container, rand_suffix},
+    faults::{Fault, Injector},
     http::Request,
     images::{bench_image, curl_image, docker, docker_ok},
     proxy::{Mode, PREFIX, Proxy, TEST_IF, proxy_bin},
@@ -420,13 +421,22 @@ fn a_program_that_asks_before_docker_reports_it_running_in(mode: Mode) {
             "{mode:?}, container {i}: {out}"
         );
     }
+    // The premise: some of these containers asked before the index held them (Docker had not
+    // reported them yet), and were answered all the same.
     if mode == Mode::Tc {
         // 30 connections: each container's later ones are confirmed by the kernel (its first
-        // process alive in its cgroup, the address in its namespace), without asking Docker.
+        // process alive in its cgroup, the address in its namespace), without asking Docker; a
+        // first one that came before Docker's report needed Docker.
         let kernel = proxy.metric("imds_proxy_tc_address_confirmations_total{by=\"kernel\"}");
         let docker = proxy.metric("imds_proxy_tc_address_confirmations_total{by=\"docker\"}");
+        eprintln!("confirmed by the kernel {kernel}, by Docker {docker}");
         assert_eq!(kernel + docker, 30, "kernel {kernel}, docker {docker}");
         assert!(kernel >= 20, "kernel {kernel}, docker {docker}");
+        assert!(docker >= 1, "no container asked before Docker reported it");
+    } else {
+        let early = proxy.metric("imds_proxy_containers_found_before_indexed_total");
+        eprintln!("found before indexed: {early} of 10");
+        assert!(early >= 1, "no container asked before Docker reported it");
     }
 }
 
@@ -519,7 +529,12 @@ curl -s -D - -o /dev/null -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 77' h
 #[test]
 fn fifty_concurrent_first_requests_make_one_sts_call() {
     let scene = scene();
-    let proxy = Proxy::start(&scene, &[]);
+    // STS answers after 500 ms, so the container's requests come while the first call (the
+    // prefetch at its start, or the first request's) is still under way: the single flight is
+    // what they meet, not a session already cached.
+    let sts = Injector::start(scene.sts_endpoint().unwrap());
+    sts.set(Fault::Delay(Duration::from_millis(500)));
+    let proxy = Proxy::start(&scene, &["--sts-endpoint", &sts.url()]);
     let script = r#"
 for i in $(seq 50); do
   curl -s -o /dev/null -w '== %{http_code}\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/Burst &
@@ -531,6 +546,10 @@ wait
     assert_eq!(statuses, vec![200; 50], "{out}");
     assert_eq!(proxy.metric("imds_proxy_sts_calls_total"), 1);
     assert_eq!(proxy.metric("imds_proxy_credentials_vended_total"), 50);
+    // The premise: requests did wait on the call under way.
+    let joined = proxy.metric("imds_proxy_sts_calls_joined_total");
+    eprintln!("{joined} of 50 requests met the STS call under way");
+    assert!(joined >= 1, "no request met the STS call under way");
 }
 
 #[test]

@@ -1,0 +1,282 @@
+//! A fault injector: a TCP proxy on the host's loopback in front of a real peer (moto as STS, the
+//! simulated IMDS), which passes, delays, holds, resets, refuses or answers errors on demand.
+//! The peer behind it stays real; only the path to it misbehaves.
+//!
+//! A fault applies to connections already open as well as to new ones (the proxy's HTTP clients
+//! pool their connections, so a fault only on new ones would be bypassed): each chunk a client
+//! sends is looked at under the fault of that moment.
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+/// What the injector does to traffic, from the moment it is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Pass everything.
+    Pass,
+    /// Hold each answer this long before passing it.
+    Delay(Duration),
+    /// Accept connections and read requests, but never pass them on nor answer: a stopped peer
+    /// whose kernel still accepts. Held data is passed on once the fault is lifted.
+    Hang,
+    /// Reset every connection, open or new.
+    Reset,
+    /// Refuse new connections (nothing listens on the port); open ones are reset.
+    Refuse,
+    /// Answer every request with this HTTP status and an AWS query-API error body, without
+    /// passing it on.
+    HttpError(u16),
+}
+
+struct Shared {
+    fault: Mutex<Fault>,
+    accepted: AtomicU64,
+    requests: AtomicU64,
+    stopped: AtomicBool,
+}
+
+impl Shared {
+    fn fault(&self) -> Fault {
+        *self.fault.lock().unwrap()
+    }
+}
+
+/// A running injector; stops when dropped.
+pub struct Injector {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+const POLL: Duration = Duration::from_millis(5);
+
+impl Injector {
+    /// Listen on a free loopback port and pass to `target`.
+    pub fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("injector binds");
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            fault: Mutex::new(Fault::Pass),
+            accepted: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+        });
+        let accept_shared = shared.clone();
+        std::thread::spawn(move || accept_loop(Some(listener), addr, target, accept_shared));
+        Self { addr, shared }
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`, for an endpoint flag.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, fault: Fault) {
+        *self.shared.fault.lock().unwrap() = fault;
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Requests (chunks a client sent) seen so far, whatever the fault did with them.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Injector {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+    }
+}
+
+fn accept_loop(
+    mut listener: Option<TcpListener>,
+    addr: SocketAddr,
+    target: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    while !shared.stopped.load(Ordering::SeqCst) {
+        // Refuse: nothing listens on the port until the fault is lifted.
+        if shared.fault() == Fault::Refuse {
+            listener = None;
+            std::thread::sleep(POLL);
+            continue;
+        }
+        let current = match &listener {
+            Some(l) => l,
+            None => {
+                // The port was given up while refusing; take it back (nobody else binds
+                // loopback ports this test picked, and TIME_WAIT does not block a listener).
+                match TcpListener::bind(addr) {
+                    Ok(l) => listener.insert(l),
+                    Err(_) => {
+                        std::thread::sleep(POLL);
+                        continue;
+                    }
+                }
+            }
+        };
+        current.set_nonblocking(true).unwrap();
+        match current.accept() {
+            Ok((client, _)) => {
+                shared.accepted.fetch_add(1, Ordering::SeqCst);
+                let shared = shared.clone();
+                std::thread::spawn(move || serve(client, target, shared));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(_) => std::thread::sleep(POLL),
+        }
+    }
+}
+
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// One client connection: a pump each way, with the fault looked at per chunk.
+fn serve(client: TcpStream, target: SocketAddr, shared: Arc<Shared>) {
+    client.set_nonblocking(false).unwrap();
+    match shared.fault() {
+        Fault::Reset | Fault::Refuse => return reset(&client),
+        Fault::HttpError(status) => return answer_errors(client, status, Vec::new(), &shared),
+        _ => {}
+    }
+    let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
+        return reset(&client);
+    };
+    // A request went up since the last answer: the next answer is the one to delay.
+    let asked = Arc::new(AtomicBool::new(false));
+    let up = {
+        let (client, server, shared, asked) = (
+            client.try_clone().unwrap(),
+            server.try_clone().unwrap(),
+            shared.clone(),
+            asked.clone(),
+        );
+        std::thread::spawn(move || pump_up(client, server, &shared, &asked))
+    };
+    pump_down(server, client, &shared, &asked);
+    let _ = up.join();
+}
+
+/// Waits out a hang; false if the connection must be reset instead.
+fn hold(shared: &Shared) -> bool {
+    loop {
+        match shared.fault() {
+            Fault::Hang if !shared.stopped.load(Ordering::SeqCst) => std::thread::sleep(POLL),
+            Fault::Reset | Fault::Refuse => return false,
+            _ => return true,
+        }
+    }
+}
+
+fn pump_up(mut client: TcpStream, mut server: TcpStream, shared: &Shared, asked: &AtomicBool) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match client.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = server.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+        };
+        shared.requests.fetch_add(1, Ordering::SeqCst);
+        if !hold(shared) {
+            reset(&client);
+            reset(&server);
+            return;
+        }
+        if let Fault::HttpError(status) = shared.fault() {
+            reset(&server);
+            return answer_errors(client, status, buf[..n].to_vec(), shared);
+        }
+        asked.store(true, Ordering::SeqCst);
+        if server.write_all(&buf[..n]).is_err() {
+            return reset(&client);
+        }
+    }
+}
+
+fn pump_down(mut server: TcpStream, mut client: TcpStream, shared: &Shared, asked: &AtomicBool) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match server.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = client.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+        };
+        if !hold(shared) {
+            reset(&client);
+            reset(&server);
+            return;
+        }
+        if let Fault::Delay(d) = shared.fault()
+            && asked.swap(false, Ordering::SeqCst)
+        {
+            std::thread::sleep(d);
+        }
+        if client.write_all(&buf[..n]).is_err() {
+            return reset(&server);
+        }
+    }
+}
+
+/// Answer every request on `client` with `status`, starting with the bytes already read.
+fn answer_errors(mut client: TcpStream, status: u16, mut pending: Vec<u8>, shared: &Shared) {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // A whole request: the head, then Content-Length bytes of body.
+        while let Some(end) = find(&pending, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if pending.len() < end + 4 + length {
+                break;
+            }
+            pending.drain(..end + 4 + length);
+            let body = format!(
+                "<ErrorResponse><Error><Type>Receiver</Type><Code>InternalFailure</Code>\
+                 <Message>injected fault: {status}</Message></Error>\
+                 <RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
+            );
+            let answer = format!(
+                "HTTP/1.1 {status} Injected\r\ncontent-type: text/xml\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if client.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+        }
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                shared.requests.fetch_add(1, Ordering::SeqCst);
+                pending.extend_from_slice(&buf[..n]);
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}

@@ -9,6 +9,7 @@ use imds_tests::{
     faults::{Fault, Injector},
     http::Request,
     images::{bench_image, curl_image, docker, docker_ok},
+    kernel::{TestCgroup, place},
     proxy::{Mode, PREFIX, Proxy, TEST_IF, proxy_bin},
     scene::{ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
     sim::HttpTokens,
@@ -243,6 +244,58 @@ fn a_container_outside_dockers_parent_cgroup_is_covered() {
     proxy.wait_for_log(&["outside every attach point", "imds-test-elsewhere"]);
     assert_eq!(proxy.metric("imds_proxy_uncovered_containers_total"), 1);
     docker_ok(&["rm", "-f", &name]).unwrap();
+}
+
+/// Docker's systemd driver puts containers beside the host's own services
+/// (`system.slice/docker-<id>.scope` next to `sshd.service`). Attached at such a slice,
+/// `--cgroup-filter` redirects the containers and leaves the services alone. Through the binary,
+/// with the same layout built with the cgroupfs driver (`--cgroup-parent` a slice; systemd is
+/// not PID 1 on these machines, so Docker cannot run its systemd driver here): a container and a
+/// host service share one slice.
+#[test]
+fn a_slice_shared_by_containers_and_host_services_is_filtered() {
+    let scene = scene();
+    let slice = TestCgroup::new("imds-test.slice").unwrap();
+    let service = slice.child("host-daemon.service").unwrap();
+    let attach = slice.path().to_str().unwrap();
+    let in_slice = [
+        "--cgroup-parent",
+        "/imds-test.slice",
+        "--label",
+        "iam.amazonaws.com/role=Sliced",
+    ];
+    // What the host service gets for the instance's role name.
+    let service_asks = || -> serde_json::Value {
+        ensure_imds_is_simulated().unwrap();
+        let mut probe = Command::new(env!("CARGO_BIN_EXE_imds-probe"));
+        probe.args(["--path", "/latest/meta-data/iam/security-credentials/"]);
+        place(&mut probe, service.path(), None).unwrap();
+        let out = probe.output().unwrap();
+        let line = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(line.lines().next().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    {
+        let proxy = Proxy::start(&scene, &["--cgroup", attach, "--cgroup-filter"]);
+        assert_gets_role(&scene, &in_slice, "Sliced");
+        let answer = service_asks();
+        assert_eq!(
+            (&answer["status"], &answer["body"], &answer["server"]),
+            (
+                &serde_json::json!(200),
+                &serde_json::json!("InstanceRole"),
+                &serde_json::Value::Null
+            ),
+            "the host service reaches the instance's IMDS itself: {answer}"
+        );
+        proxy.wait_for_log(&["filter mode: cgroups classified", "imds-test.slice"]);
+    }
+    // Without the filter every socket below the attach point is a container's: the host service
+    // is redirected too, and (no container) has no role.
+    let _proxy = Proxy::start(&scene, &["--cgroup", attach]);
+    let answer = service_asks();
+    assert_eq!(answer["server"], "imds-proxy", "{answer}");
+    assert_eq!(answer["status"], 404, "{answer}");
 }
 
 #[test]

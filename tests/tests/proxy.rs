@@ -878,6 +878,22 @@ fn a_stopped_proxy_leaves_nothing_behind_in(mode: Mode) {
         let mut proxy = Proxy::start_in(&scene, mode, &[]);
         assert!(!kernel_objects().is_empty(), "{mode:?}: attached");
         assert!(interface.exists(), "{mode:?}: the listen interface is up");
+        // A dummy interface, or (a kernel without the dummy driver, as here) an ifb device, and
+        // the log says which.
+        let details = String::from_utf8(
+            Command::new("ip")
+                .args(["-d", "-o", "link", "show", TEST_IF])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let fell_back = proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("no dummy link type; using an ifb device"));
+        let kind = if fell_back { " ifb " } else { " dummy " };
+        assert!(details.contains(kind), "{mode:?}: expected{kind}: {details}");
         let status = proxy.stop_with(signal);
         assert!(status.success(), "{mode:?} {signal}: {status}");
         assert_eq!(

@@ -174,6 +174,11 @@ pub struct StsArgs {
     /// Refresh credentials in the background when less than this remains (e.g. 5m, 300s).
     #[arg(long, env = "IMDS_PROXY_REFRESH_BEFORE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub refresh_before: Duration,
+    /// How long a container's request for a role not cached waits for STS before it is answered
+    /// 503 (the call goes on, and its result is cached for the next request). Keep it inside the
+    /// SDKs' 1 s IMDS budget.
+    #[arg(long, env = "IMDS_PROXY_ANSWER_WITHIN", default_value = "900ms", value_parser = humantime::parse_duration)]
+    pub answer_within: Duration,
 }
 
 /// The upstream IMDS and what of it containers see.
@@ -420,6 +425,15 @@ impl RunArgs {
                 format!(
                     "{} is outside 900–43200 seconds (STS limits)",
                     self.sts.session_duration
+                ),
+            ));
+        }
+        if self.sts.answer_within.is_zero() || self.sts.answer_within > Duration::from_secs(10) {
+            return Err(invalid(
+                "answer-within",
+                format!(
+                    "{} is not between 1ms and 10s",
+                    humantime::format_duration(self.sts.answer_within)
                 ),
             ));
         }

@@ -52,8 +52,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let cache = credentials::Cache::new(
         Arc::new(credentials::Sts(sts)),
         Arc::new(credentials::SystemClock),
-        Duration::from_secs(args.sts.session_duration.into()),
-        args.sts.refresh_before,
+        credentials::Settings {
+            duration: Duration::from_secs(args.sts.session_duration.into()),
+            refresh_before: args.sts.refresh_before,
+            answer_within: args.sts.answer_within,
+        },
         metrics.clone(),
     );
     let ops_listener = tokio::net::TcpListener::bind(args.network.ops_listen)

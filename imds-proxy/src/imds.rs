@@ -384,11 +384,29 @@ impl App {
                 text(StatusCode::OK, credentials_document(&session))
             }
             Err(err) => {
-                tracing::error!(%err, "no credentials to serve");
+                tracing::error!(
+                    %err,
+                    container_id = %container.id,
+                    container = %container.name,
+                    role_arn = %role.arn,
+                    reason = err.reason(),
+                    "no credentials to serve"
+                );
+                let message = match err {
+                    crate::credentials::Error::Pending { .. } => {
+                        "role credentials are still being obtained; retry"
+                    }
+                    crate::credentials::Error::BreakerOpen { .. } => {
+                        "STS is unavailable; retry later"
+                    }
+                    crate::credentials::Error::Sts { .. } => {
+                        "temporary failure obtaining role credentials; retry"
+                    }
+                };
                 json_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "ServiceUnavailable",
-                    "temporary failure obtaining role credentials; retry",
+                    message,
                 )
             }
         }

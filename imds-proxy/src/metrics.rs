@@ -31,6 +31,62 @@ impl Labelled {
     }
 }
 
+/// A histogram of durations, in seconds, with fixed buckets.
+struct Histogram {
+    /// Upper bounds in microseconds, and the count at or below each.
+    buckets: Vec<(u64, AtomicU64)>,
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+/// Bucket bounds for STS calls: 10 ms to 10 s.
+const STS_BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: STS_BUCKETS
+                .iter()
+                .map(|s| ((s * 1e6) as u64, AtomicU64::new(0)))
+                .collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    fn observe(&self, took: Duration) {
+        let micros = took.as_micros() as u64;
+        for (bound, n) in &self.buckets {
+            if micros <= *bound {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, n) in &self.buckets {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {}",
+                *bound as f64 / 1e6,
+                n.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {:.6}\n{name}_count {count}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -38,8 +94,9 @@ pub struct Metrics {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     sts_calls: AtomicU64,
-    sts_errors: AtomicU64,
-    sts_seconds_micros: AtomicU64,
+    sts_errors: Labelled,
+    sts_seconds: Histogram,
+    sts_answers_pending: AtomicU64,
     containers: AtomicU64,
     refused_connections: Labelled,
     sts_calls_avoided: AtomicU64,
@@ -73,13 +130,18 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn sts_call(&self, took: Duration, ok: bool) {
+    /// An STS call ended after `took`; `failure`: why it failed, if it did.
+    pub fn sts_call(&self, took: Duration, failure: Option<&'static str>) {
         self.sts_calls.fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            self.sts_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(reason) = failure {
+            self.sts_errors.add(reason);
         }
-        self.sts_seconds_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.sts_seconds.observe(took);
+    }
+
+    /// A request answered 503 because STS had not answered within the budget.
+    pub fn sts_answer_pending(&self) {
+        self.sts_answers_pending.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn sts_calls(&self) -> u64 {
@@ -167,16 +229,24 @@ impl Metrics {
             "STS AssumeRole calls.",
             load(&self.sts_calls),
         );
-        counter(
+        self.sts_errors.render(
             &mut out,
             "imds_proxy_sts_errors_total",
-            "Failed STS AssumeRole calls.",
-            load(&self.sts_errors),
+            "Failed STS AssumeRole calls, by reason (sts_unavailable: a timeout, a failed \
+             connection, a 5xx, throttling; sts_refused: a refusal of the role).",
+            "reason",
         );
-        let _ = writeln!(
-            out,
-            "# HELP imds_proxy_sts_seconds_total Time spent in STS AssumeRole calls.\n# TYPE imds_proxy_sts_seconds_total counter\nimds_proxy_sts_seconds_total {:.6}",
-            load(&self.sts_seconds_micros) as f64 / 1e6
+        self.sts_seconds.render(
+            &mut out,
+            "imds_proxy_sts_call_seconds",
+            "STS AssumeRole call durations (retries included).",
+        );
+        counter(
+            &mut out,
+            "imds_proxy_sts_answers_pending_total",
+            "Requests answered 503 because STS had not answered within --answer-within (the call \
+             went on in the background).",
+            load(&self.sts_answers_pending),
         );
         let _ = writeln!(
             out,
@@ -238,6 +308,19 @@ pub fn render_docker(found_before_indexed: u64) -> String {
     )
 }
 
+/// The credential cache's gauges.
+pub fn render_cache(keys: usize, breaker_open: bool) -> String {
+    format!(
+        "# HELP imds_proxy_credential_cache_keys Keys the credential cache holds (role, container).\n\
+         # TYPE imds_proxy_credential_cache_keys gauge\n\
+         imds_proxy_credential_cache_keys {keys}\n\
+         # HELP imds_proxy_sts_breaker_open 1 while the STS circuit breaker is open.\n\
+         # TYPE imds_proxy_sts_breaker_open gauge\n\
+         imds_proxy_sts_breaker_open {}\n",
+        u8::from(breaker_open)
+    )
+}
+
 /// tc mode's kernel counters and state, in the same text format.
 pub fn render_tc(
     stats: &[(imds_common::TcStat, u64)],
@@ -295,7 +378,7 @@ mod tests {
         m.request("token", 200);
         m.request("token", 200);
         m.request("credentials", 404);
-        m.sts_call(Duration::from_millis(1500), false);
+        m.sts_call(Duration::from_millis(1500), Some("sts_unavailable"));
         m.set_containers(3);
         let text = m.render();
         assert!(
@@ -306,8 +389,17 @@ mod tests {
             text.contains("imds_proxy_requests_total{route=\"credentials\",status=\"404\"} 1\n")
         );
         assert!(text.contains("imds_proxy_sts_calls_total 1\n"));
-        assert!(text.contains("imds_proxy_sts_errors_total 1\n"));
-        assert!(text.contains("imds_proxy_sts_seconds_total 1.500000\n"));
+        assert!(text.contains("imds_proxy_sts_errors_total{reason=\"sts_unavailable\"} 1\n"));
+        // 1.5 s: above the 1 s bucket, in the 2.5 s one and every one after.
+        assert!(
+            text.contains("imds_proxy_sts_call_seconds_bucket{le=\"1\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("imds_proxy_sts_call_seconds_bucket{le=\"2.5\"} 1\n"));
+        assert!(text.contains("imds_proxy_sts_call_seconds_bucket{le=\"+Inf\"} 1\n"));
+        assert!(text.contains(
+            "imds_proxy_sts_call_seconds_sum 1.500000\nimds_proxy_sts_call_seconds_count 1\n"
+        ));
         assert!(text.contains("imds_proxy_containers 3\n"));
         m.refused_connection("per_caller_limit");
         m.refused_connection("per_caller_limit");

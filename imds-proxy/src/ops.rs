@@ -32,16 +32,27 @@ pub fn router(ops: Ops) -> axum::Router {
                     let programs = ops.attached.load(Ordering::Relaxed) && ops.redirect.ready();
                     let (upstream, docker) =
                         tokio::join!(ops.app.upstream.ready(), ops.docker.ping());
+                    let sts = ops.app.credentials.breaker();
+                    let sts_usable =
+                        !matches!(sts, crate::credentials::breaker::Status::Open { .. });
                     let body = format!(
-                        "programs attached: {programs}\nupstream IMDS: {}\ndocker: {}\n",
+                        "programs attached: {programs}\nupstream IMDS: {}\ndocker: {}\nsts: {}\n",
                         if upstream {
                             "answering"
                         } else {
                             "not answering"
                         },
                         if docker { "answering" } else { "not answering" },
+                        match sts {
+                            crate::credentials::breaker::Status::Closed => "answering".to_owned(),
+                            crate::credentials::breaker::Status::HalfOpen =>
+                                "trial call allowed after failures".to_owned(),
+                            crate::credentials::breaker::Status::Open { failures } => format!(
+                                "not answering ({failures} failed calls in a row; breaker open)"
+                            ),
+                        },
                     );
-                    let status = if programs && upstream && docker {
+                    let status = if programs && upstream && docker && sts_usable {
                         StatusCode::OK
                     } else {
                         StatusCode::SERVICE_UNAVAILABLE
@@ -58,6 +69,13 @@ pub fn router(ops: Ops) -> axum::Router {
                     let mut body = ops.app.metrics.render();
                     body.push_str(&crate::metrics::render_docker(
                         ops.docker.found_before_indexed(),
+                    ));
+                    body.push_str(&crate::metrics::render_cache(
+                        ops.app.credentials.len(),
+                        matches!(
+                            ops.app.credentials.breaker(),
+                            crate::credentials::breaker::Status::Open { .. }
+                        ),
                     ));
                     body.push_str(
                         &ops.redirect

@@ -2,6 +2,13 @@
 //! aws-config), cached by (role ARN, session name, external id).
 //!
 //! - Single flight: any number of concurrent requests for one key make one STS call.
+//! - A bounded answer: a request waits at most `answer_within` (900 ms by default, inside the
+//!   SDKs' 1 s IMDS budget) for a call under way; then it gets [`Error::Pending`] (a 503 the SDKs
+//!   retry) while the call goes on in the background and its result is cached for the next one.
+//! - Every call is bounded: the SDK's connect, attempt and operation timeouts, three attempts
+//!   with jittered back-off, and [`CALL_LIMIT`] around all of it.
+//! - A circuit breaker ([`breaker`]): after STS failed five calls in a row for reasons of its
+//!   own, roles not cached are answered at once, with no call, until a trial call succeeds.
 //! - Refresh in the background when less than `refresh_before` of the lifetime remains; until the
 //!   new session arrives the current one is served.
 //! - Through an STS outage the cached session is served until it expires; after that the caller
@@ -12,6 +19,8 @@
 //!
 //! STS and the clock are behind [`AssumeRole`] and [`Clock`], so all of this is unit-tested
 //! without a network (see the tests below).
+pub mod breaker;
+
 use std::{
     collections::HashMap,
     future::Future,
@@ -21,9 +30,11 @@ use std::{
 };
 
 use aws_config::{BehaviorVersion, Region, imds};
-use aws_sdk_sts::config::SharedCredentialsProvider;
+use aws_sdk_sts::config::{SharedCredentialsProvider, retry::RetryConfig, timeout::TimeoutConfig};
+use tokio::sync::watch;
 
 use crate::{limits::Backoff, metrics::Metrics};
+use breaker::Breaker;
 
 /// What a session is cached under.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -57,8 +68,35 @@ pub struct Session {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
+    /// STS failed or refused. `unusable`: the failure was STS's own (a timeout, a connection
+    /// that failed, a 5xx, throttling, no instance credentials to sign with), not a refusal of
+    /// this role; those count toward the breaker.
     #[error("STS AssumeRole {role_arn} failed: {message}")]
-    Sts { role_arn: String, message: String },
+    Sts {
+        role_arn: String,
+        message: String,
+        unusable: bool,
+    },
+    /// The call is still under way after the answer budget; it goes on in the background.
+    #[error(
+        "STS has not answered for {role_arn} within {waited:?}; the call goes on in the background"
+    )]
+    Pending { role_arn: String, waited: Duration },
+    /// The breaker is open: no call made.
+    #[error("STS failed {failures} calls in a row; breaker open, no call made for {role_arn}")]
+    BreakerOpen { role_arn: String, failures: u32 },
+}
+
+impl Error {
+    /// A short reason for the metrics and the container's error message.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Sts { unusable: true, .. } => "sts_unavailable",
+            Error::Sts { .. } => "sts_refused",
+            Error::Pending { .. } => "pending",
+            Error::BreakerOpen { .. } => "breaker_open",
+        }
+    }
 }
 
 /// A future an [`AssumeRole`] returns.
@@ -100,12 +138,23 @@ impl Clock for SystemClock {
 /// STS AssumeRole through the SDK.
 pub struct Sts(pub aws_sdk_sts::Client);
 
+/// Error codes with which STS says it is unusable right now (rather than refusing the role).
+const UNUSABLE_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+    "InternalFailure",
+    "InternalError",
+];
+
 impl AssumeRole for Sts {
     fn assume<'a>(&'a self, key: &'a Key, duration: Duration) -> Assumed<'a> {
         Box::pin(async move {
-            let sts_error = |message: String| Error::Sts {
+            let sts_error = |message: String, unusable: bool| Error::Sts {
                 role_arn: key.role_arn.clone(),
                 message,
+                unusable,
             };
             let output = self
                 .0
@@ -116,12 +165,27 @@ impl AssumeRole for Sts {
                 .set_external_id(key.external_id.clone())
                 .send()
                 .await
-                .map_err(|e| sts_error(aws_sdk_sts::error::DisplayErrorContext(&e).to_string()))?;
+                .map_err(|e| {
+                    use aws_sdk_sts::error::{ProvideErrorMetadata as _, SdkError};
+                    let unusable = match &e {
+                        SdkError::ServiceError(service) => {
+                            service.raw().status().as_u16() >= 500
+                                || e.code().is_some_and(|c| UNUSABLE_CODES.contains(&c))
+                        }
+                        // A timeout, a failed connection, an unreadable answer, or no
+                        // instance credentials to sign with: nothing to do with the role.
+                        _ => true,
+                    };
+                    sts_error(
+                        aws_sdk_sts::error::DisplayErrorContext(&e).to_string(),
+                        unusable,
+                    )
+                })?;
             let creds = output
                 .credentials()
-                .ok_or_else(|| sts_error("answer without credentials".into()))?;
+                .ok_or_else(|| sts_error("answer without credentials".into(), true))?;
             let expiration = SystemTime::try_from(*creds.expiration())
-                .map_err(|e| sts_error(format!("bad expiration: {e}")))?;
+                .map_err(|e| sts_error(format!("bad expiration: {e}"), true))?;
             Ok(Assumption {
                 access_key_id: creds.access_key_id().to_owned(),
                 secret_access_key: creds.secret_access_key().to_owned(),
@@ -132,27 +196,16 @@ impl AssumeRole for Sts {
     }
 }
 
-#[derive(Default)]
-struct Entry {
-    session: Mutex<Option<Session>>,
-    /// Held while an STS call for this key is under way.
-    flight: tokio::sync::Mutex<()>,
-    /// The last failure in a row, if the last call failed.
-    failure: Mutex<(Backoff, Option<Error>)>,
-}
-
-/// Back-off after a failed STS call for one key.
-const FAILURE_FIRST: Duration = Duration::from_secs(1);
-const FAILURE_CAP: Duration = Duration::from_secs(60);
-
-pub struct Cache {
-    sts: Arc<dyn AssumeRole>,
-    clock: Arc<dyn Clock>,
-    duration: Duration,
-    refresh_before: Duration,
-    entries: Mutex<HashMap<Key, Arc<Entry>>>,
-    metrics: Arc<Metrics>,
-}
+/// The STS client's bounds. Each attempt: 1 s to connect, 3 s for the answer; three attempts
+/// with the SDK's jittered exponential back-off (from 100 ms, at most 1 s apart); 8 s in all.
+const STS_CONNECT: Duration = Duration::from_secs(1);
+const STS_ATTEMPT: Duration = Duration::from_secs(3);
+const STS_OPERATION: Duration = Duration::from_secs(8);
+const STS_ATTEMPTS: u32 = 3;
+/// Around a whole call, whatever the SDK does (it may also be fetching instance credentials).
+pub const CALL_LIMIT: Duration = Duration::from_secs(10);
+/// Instance credentials are refreshed this long before they expire.
+const INSTANCE_CREDENTIALS_AHEAD: Duration = Duration::from_secs(5 * 60);
 
 /// The STS client: instance credentials from the upstream IMDS, region from the flag or from IMDS.
 pub async fn sts_client(
@@ -160,6 +213,8 @@ pub async fn sts_client(
     region: Option<&str>,
     endpoint: Option<&str>,
 ) -> anyhow::Result<aws_sdk_sts::Client> {
+    // The IMDS client's own bounds (1 s to connect, 1 s to answer, 3 attempts) hold for the
+    // region and the instance credentials.
     let imds_client = imds::Client::builder()
         .endpoint(upstream)
         .map_err(|e| anyhow::anyhow!("upstream {upstream}: {e}"))?
@@ -181,26 +236,107 @@ pub async fn sts_client(
     let mut config = aws_sdk_sts::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(region)
-        .credentials_provider(SharedCredentialsProvider::new(provider));
+        .credentials_provider(SharedCredentialsProvider::new(provider))
+        // Instance credentials are fetched again well before they expire, so a rotation on the
+        // instance is picked up before the old ones stop working.
+        .identity_cache(
+            aws_sdk_sts::config::IdentityCache::lazy()
+                .buffer_time(INSTANCE_CREDENTIALS_AHEAD)
+                .build(),
+        )
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(STS_CONNECT)
+                .read_timeout(STS_ATTEMPT)
+                .operation_attempt_timeout(STS_ATTEMPT)
+                .operation_timeout(STS_OPERATION)
+                .build(),
+        )
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(STS_ATTEMPTS)
+                .with_initial_backoff(Duration::from_millis(100))
+                .with_max_backoff(Duration::from_secs(1)),
+        );
     if let Some(endpoint) = endpoint {
         config = config.endpoint_url(endpoint);
     }
     Ok(aws_sdk_sts::Client::from_conf(config.build()))
 }
 
+#[derive(Default)]
+struct State {
+    session: Option<Session>,
+    /// An STS call for this key is under way.
+    flying: bool,
+    /// The last failure in a row, if the last call failed.
+    failure: (Backoff, Option<Error>),
+}
+
+struct Entry {
+    state: Mutex<State>,
+    /// Bumped each time a call for this key ends: what waiting requests wake on.
+    ended: watch::Sender<u64>,
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            ended: watch::channel(0).0,
+        }
+    }
+}
+
+impl Entry {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("entry poisoned")
+    }
+}
+
+/// Back-off after a failed STS call for one key.
+const FAILURE_FIRST: Duration = Duration::from_secs(1);
+const FAILURE_CAP: Duration = Duration::from_secs(60);
+
+/// What the cache needs besides STS and a clock.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The sessions' lifetime, asked of STS.
+    pub duration: Duration,
+    /// Refresh when less than this is left.
+    pub refresh_before: Duration,
+    /// How long a request waits for a call under way before it is answered 503.
+    pub answer_within: Duration,
+}
+
+pub struct Cache {
+    sts: Arc<dyn AssumeRole>,
+    clock: Arc<dyn Clock>,
+    settings: Settings,
+    breaker: Breaker,
+    entries: Mutex<HashMap<Key, Arc<Entry>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// What a request found when it looked.
+enum Look {
+    Ready(Result<Session, Error>),
+    /// Wait for the call under way.
+    Wait,
+}
+
 impl Cache {
     pub fn new(
         sts: Arc<dyn AssumeRole>,
         clock: Arc<dyn Clock>,
-        duration: Duration,
-        refresh_before: Duration,
+        settings: Settings,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             sts,
             clock,
-            duration,
-            refresh_before,
+            settings,
+            breaker: Breaker::default(),
             entries: Mutex::new(HashMap::new()),
             metrics,
         })
@@ -215,123 +351,154 @@ impl Cache {
             .clone()
     }
 
+    /// How many keys the cache holds (sessions, calls under way, remembered failures).
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("cache poisoned").len()
+    }
+
     /// Whether a session is due for refresh (less than `refresh_before` left).
     fn due(&self, session: &Session, now: SystemTime) -> bool {
         session
             .expiration
             .duration_since(now)
-            .map(|left| left < self.refresh_before)
+            .map(|left| left < self.settings.refresh_before)
             .unwrap_or(true)
     }
 
-    /// A valid session for `key`: cached, or fetched (once, whoever else is asking).
-    pub async fn get(self: &Arc<Self>, key: &Key) -> Result<Session, Error> {
-        let entry = self.entry(key);
-        let now = self.clock.now();
-        let cached = entry.session.lock().expect("entry poisoned").clone();
-        if let Some(session) = &cached
-            && session.expiration > now
-        {
-            self.metrics.cache(true);
-            if self.due(session, now) {
-                self.refresh_in_background(key.clone());
-            }
-            return Ok(session.clone());
-        }
-        self.metrics.cache(false);
-        self.fetch(&entry, key).await
+    /// The breaker's state now, for /readyz and /metrics.
+    pub fn breaker(&self) -> breaker::Status {
+        self.breaker.status(self.clock.instant())
     }
 
-    /// Fetch unless someone else just did; single flight per key.
-    async fn fetch(&self, entry: &Entry, key: &Key) -> Result<Session, Error> {
-        let _flight = match entry.flight.try_lock() {
-            Ok(flight) => flight,
-            Err(_) => {
-                self.metrics.sts_call_joined();
-                entry.flight.lock().await
-            }
-        };
-        let now = self.clock.now();
-        if let Some(session) = entry.session.lock().expect("entry poisoned").clone()
-            && session.expiration > now
-            && !self.due(&session, now)
-        {
-            return Ok(session); // fetched while we waited
+    /// A valid session for `key`: cached, or fetched (once, whoever else is asking), or an
+    /// error within `answer_within`.
+    pub async fn get(self: &Arc<Self>, key: &Key) -> Result<Session, Error> {
+        let entry = self.entry(key);
+        // Subscribed before looking: a call that ends after the look wakes this request.
+        let mut ended = entry.ended.subscribe();
+        match self.look(&entry, key, true) {
+            Look::Ready(result) => return result,
+            Look::Wait => {}
         }
-        let remembered = {
-            let failure = entry.failure.lock().expect("entry poisoned");
-            failure
-                .0
-                .waiting(self.clock.instant())
-                .then(|| failure.1.clone())
-                .flatten()
-        };
-        let result = match remembered {
-            Some(err) => {
-                self.metrics.sts_call_avoided();
-                Err(err)
+        let waited = self.settings.answer_within;
+        match tokio::time::timeout(waited, ended.changed()).await {
+            Ok(_) => match self.look(&entry, key, false) {
+                Look::Ready(result) => result,
+                // Another call started already (a refresh): not this request's to wait for.
+                Look::Wait => Err(Error::Pending {
+                    role_arn: key.role_arn.clone(),
+                    waited,
+                }),
+            },
+            Err(_) => {
+                self.metrics.sts_answer_pending();
+                Err(Error::Pending {
+                    role_arn: key.role_arn.clone(),
+                    waited,
+                })
             }
-            None => {
-                let result = self.assume(key).await;
-                let mut failure = entry.failure.lock().expect("entry poisoned");
-                match &result {
-                    Ok(_) => *failure = (Backoff::default(), None),
+        }
+    }
+
+    /// What the entry holds for a request now; on the first look of a request, start a call if
+    /// one is needed and none is under way.
+    fn look(self: &Arc<Self>, entry: &Arc<Entry>, key: &Key, first: bool) -> Look {
+        let now = self.clock.now();
+        let mut state = entry.state();
+        if let Some(session) = state.session.clone()
+            && session.expiration > now
+        {
+            if first {
+                self.metrics.cache(true);
+            }
+            if self.due(&session, now) && !state.flying && self.may_call(key, &state).is_ok() {
+                // Served now; the new session is fetched behind it.
+                self.start(entry, key, &mut state);
+            }
+            return Look::Ready(Ok(session));
+        }
+        if !first {
+            // The call this request waited for ended without a session.
+            return Look::Ready(Err(state.failure.1.clone().unwrap_or(Error::Pending {
+                role_arn: key.role_arn.clone(),
+                waited: self.settings.answer_within,
+            })));
+        }
+        self.metrics.cache(false);
+        if state.flying {
+            self.metrics.sts_call_joined();
+            return Look::Wait;
+        }
+        if let Err(err) = self.may_call(key, &state) {
+            self.metrics.sts_call_avoided();
+            return Look::Ready(Err(err));
+        }
+        self.start(entry, key, &mut state);
+        Look::Wait
+    }
+
+    /// Whether a call for `key` may be made now: not while its last failure's back-off runs,
+    /// nor while the breaker is open (a trial call, once it may go, is taken here).
+    fn may_call(&self, key: &Key, state: &State) -> Result<(), Error> {
+        if state.failure.0.waiting(self.clock.instant())
+            && let Some(err) = state.failure.1.clone()
+        {
+            return Err(err);
+        }
+        self.breaker
+            .permit(self.clock.instant())
+            .map_err(|open| Error::BreakerOpen {
+                role_arn: key.role_arn.clone(),
+                failures: open.failures,
+            })
+    }
+
+    /// Start the STS call for `key` in the background (the caller checked none is under way).
+    /// It runs to its end whoever waits for it, and stores what it got.
+    fn start(self: &Arc<Self>, entry: &Arc<Entry>, key: &Key, state: &mut State) {
+        state.flying = true;
+        let (this, entry, key) = (self.clone(), entry.clone(), key.clone());
+        tokio::spawn(async move {
+            let result = this.call(&key).await;
+            {
+                let mut state = entry.state();
+                state.flying = false;
+                match result {
+                    Ok(session) => {
+                        state.session = Some(session);
+                        state.failure = (Backoff::default(), None);
+                    }
                     Err(err) => {
-                        let retry_in =
-                            failure
-                                .0
-                                .failed(self.clock.instant(), FAILURE_FIRST, FAILURE_CAP);
+                        let retry_in = state.failure.0.failed(
+                            this.clock.instant(),
+                            FAILURE_FIRST,
+                            FAILURE_CAP,
+                        );
+                        let serving = state
+                            .session
+                            .as_ref()
+                            .is_some_and(|s| s.expiration > this.clock.now());
                         tracing::warn!(
                             %err,
                             role_arn = %key.role_arn,
-                            failures = failure.0.failures(),
+                            session = %key.session_name,
+                            failures = state.failure.0.failures(),
                             ?retry_in,
+                            serving_the_cached_session = serving,
                             "STS refused or failed; not asking again for this role and container until the back-off has passed"
                         );
-                        failure.1 = Some(err.clone());
+                        state.failure.1 = Some(err);
                     }
                 }
-                result
             }
-        };
-        match result {
-            Ok(session) => {
-                *entry.session.lock().expect("entry poisoned") = Some(session.clone());
-                Ok(session)
-            }
-            Err(err) => {
-                // An outage: the current session, while it lasts, is better than nothing.
-                let current = entry.session.lock().expect("entry poisoned").clone();
-                match current {
-                    Some(session) if session.expiration > self.clock.now() => {
-                        tracing::warn!(%err, role_arn = %key.role_arn, "serving the cached session");
-                        Ok(session)
-                    }
-                    _ => Err(err),
-                }
-            }
-        }
-    }
-
-    fn refresh_in_background(self: &Arc<Self>, key: Key) {
-        let entry = self.entry(&key);
-        if entry.flight.try_lock().is_err() {
-            return; // a fetch is already under way
-        }
-        let this = self.clone();
-        tokio::spawn(async move {
-            let _ = this.fetch(&entry, &key).await;
+            entry.ended.send_modify(|n| *n = n.wrapping_add(1));
         });
     }
 
     /// Fetch ahead of the first request (a container with a role just started).
     pub fn prefetch(self: &Arc<Self>, key: Key) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(err) = this.get(&key).await {
-                tracing::warn!(%err, "prefetch failed");
-            }
-        });
+        let entry = self.entry(&key);
+        let _ = self.look(&entry, &key, true);
     }
 
     /// Until the events end: fetch ahead the session of every container that starts with a role
@@ -375,10 +542,28 @@ impl Cache {
             .retain(|key, _| key.session_name != session_name);
     }
 
-    async fn assume(&self, key: &Key) -> Result<Session, Error> {
+    /// One STS call, bounded, through the breaker.
+    async fn call(&self, key: &Key) -> Result<Session, Error> {
         let started = Instant::now();
-        let result = self.sts.assume(key, self.duration).await;
-        self.metrics.sts_call(started.elapsed(), result.is_ok());
+        let result =
+            match tokio::time::timeout(CALL_LIMIT, self.sts.assume(key, self.settings.duration))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(Error::Sts {
+                    role_arn: key.role_arn.clone(),
+                    message: format!("no answer within {CALL_LIMIT:?}"),
+                    unusable: true,
+                }),
+            };
+        let unusable = match &result {
+            Ok(_) => None,
+            Err(Error::Sts { unusable, .. }) => Some(*unusable),
+            Err(_) => Some(true),
+        };
+        self.breaker.record(self.clock.instant(), unusable);
+        self.metrics
+            .sts_call(started.elapsed(), result.as_ref().err().map(Error::reason));
         let assumed = result?;
         tracing::info!(role_arn = %key.role_arn, session = %key.session_name, "assumed role");
         Ok(Session {
@@ -435,6 +620,8 @@ pub(crate) mod tests {
         /// Every key asked for, in order.
         pub asked: Mutex<Vec<Key>>,
         failing: AtomicBool,
+        /// Fail as an unreachable STS does.
+        unusable: AtomicBool,
         gate: Option<Arc<tokio::sync::Semaphore>>,
     }
 
@@ -442,12 +629,16 @@ pub(crate) mod tests {
         pub fn new(clock: &Arc<FakeClock>) -> Arc<Self> {
             Self::gated(clock, None)
         }
-        fn gated(clock: &Arc<FakeClock>, gate: Option<Arc<tokio::sync::Semaphore>>) -> Arc<Self> {
+        pub fn gated(
+            clock: &Arc<FakeClock>,
+            gate: Option<Arc<tokio::sync::Semaphore>>,
+        ) -> Arc<Self> {
             Arc::new(Self {
                 clock: clock.clone(),
                 calls: AtomicUsize::new(0),
                 asked: Mutex::new(Vec::new()),
                 failing: AtomicBool::new(false),
+                unusable: AtomicBool::new(false),
                 gate,
             })
         }
@@ -468,6 +659,14 @@ pub(crate) mod tests {
                     return Err(Error::Sts {
                         role_arn: key.role_arn.clone(),
                         message: "AccessDenied".into(),
+                        unusable: false,
+                    });
+                }
+                if self.unusable.load(Ordering::SeqCst) {
+                    return Err(Error::Sts {
+                        role_arn: key.role_arn.clone(),
+                        message: "connection refused".into(),
+                        unusable: true,
                     });
                 }
                 Ok(Assumption {
@@ -482,13 +681,17 @@ pub(crate) mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
     const REFRESH_BEFORE: Duration = Duration::from_secs(15 * 60);
+    const ANSWER_WITHIN: Duration = Duration::from_millis(900);
 
     pub fn cache(sts: &Arc<FakeSts>, clock: &Arc<FakeClock>) -> Arc<Cache> {
         Cache::new(
             sts.clone(),
             clock.clone(),
-            HOUR,
-            REFRESH_BEFORE,
+            Settings {
+                duration: HOUR,
+                refresh_before: REFRESH_BEFORE,
+                answer_within: ANSWER_WITHIN,
+            },
             Arc::new(Metrics::default()),
         )
     }
@@ -554,9 +757,8 @@ pub(crate) mod tests {
         until(|| {
             cache
                 .entry(&key("Web"))
+                .state()
                 .session
-                .lock()
-                .unwrap()
                 .as_ref()
                 .is_some_and(|s| s.access_key_id == "AKID2")
         })
@@ -632,7 +834,82 @@ pub(crate) mod tests {
         let sts = FakeSts::new(&clock);
         let cache = cache(&sts, &clock);
         cache.get(&key("Web")).await.unwrap();
+        assert_eq!(cache.len(), 1);
         cache.forget_session("web-1");
+        assert_eq!(cache.len(), 0, "nothing kept for a destroyed container");
         assert_eq!(cache.get(&key("Web")).await.unwrap().access_key_id, "AKID2");
+    }
+
+    /// STS hangs: the first request is answered Pending once the budget is spent, the call goes
+    /// on, and what it gets is there for the next request. (Paused tokio time: the budget passes
+    /// when every task is waiting.)
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_call_is_answered_within_the_budget_and_cached_when_it_ends() {
+        let clock = FakeClock::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let sts = FakeSts::gated(&clock, Some(gate.clone()));
+        let cache = cache(&sts, &clock);
+        let started = tokio::time::Instant::now();
+        let err = cache.get(&key("Web")).await.unwrap_err();
+        assert!(matches!(err, Error::Pending { .. }), "{err}");
+        assert_eq!(started.elapsed(), ANSWER_WITHIN);
+        // A second request joins the same call: still one call, also Pending.
+        assert!(matches!(
+            cache.get(&key("Web")).await.unwrap_err(),
+            Error::Pending { .. }
+        ));
+        assert_eq!(sts.calls(), 1);
+        gate.add_permits(1);
+        until(|| cache.entry(&key("Web")).state().session.is_some()).await;
+        assert_eq!(cache.get(&key("Web")).await.unwrap().access_key_id, "AKID1");
+        assert_eq!(sts.calls(), 1);
+    }
+
+    /// STS unreachable: after five failed calls (any roles) the breaker opens and a role not
+    /// cached is answered at once, without a call; cached roles are still served; after the
+    /// pause one trial call goes through, and its success closes the breaker.
+    #[tokio::test]
+    async fn the_breaker_opens_on_an_unusable_sts_and_a_trial_closes_it() {
+        let clock = FakeClock::new();
+        let sts = FakeSts::new(&clock);
+        let cache = cache(&sts, &clock);
+        cache.get(&key("Cached")).await.unwrap();
+        sts.unusable.store(true, Ordering::SeqCst);
+        for i in 0..breaker::THRESHOLD {
+            let err = cache.get(&key(&format!("R{i}"))).await.unwrap_err();
+            assert_eq!(err.reason(), "sts_unavailable", "{err}");
+        }
+        let calls = sts.calls();
+        let err = cache.get(&key("Another")).await.unwrap_err();
+        assert!(
+            matches!(err, Error::BreakerOpen { failures: 5, .. }),
+            "{err}"
+        );
+        assert_eq!(sts.calls(), calls, "no call while open");
+        assert!(matches!(cache.breaker(), breaker::Status::Open { .. }));
+        assert_eq!(
+            cache.get(&key("Cached")).await.unwrap().access_key_id,
+            "AKID1"
+        );
+        // STS is back; after the pause the trial call succeeds and closes the breaker.
+        sts.unusable.store(false, Ordering::SeqCst);
+        clock.advance(Duration::from_secs(5));
+        assert!(cache.get(&key("Another")).await.is_ok());
+        assert_eq!(cache.breaker(), breaker::Status::Closed);
+    }
+
+    /// A refusal of one role (AccessDenied) says nothing about STS: however many, no breaker.
+    #[tokio::test]
+    async fn refusals_do_not_open_the_breaker() {
+        let clock = FakeClock::new();
+        let sts = FakeSts::new(&clock);
+        sts.failing.store(true, Ordering::SeqCst);
+        let cache = cache(&sts, &clock);
+        for i in 0..3 * breaker::THRESHOLD {
+            let err = cache.get(&key(&format!("R{i}"))).await.unwrap_err();
+            assert_eq!(err.reason(), "sts_refused");
+        }
+        assert_eq!(cache.breaker(), breaker::Status::Closed);
+        assert_eq!(sts.calls() as u32, 3 * breaker::THRESHOLD);
     }
 }

@@ -893,7 +893,10 @@ fn a_stopped_proxy_leaves_nothing_behind_in(mode: Mode) {
             .iter()
             .any(|l| l.contains("no dummy link type; using an ifb device"));
         let kind = if fell_back { " ifb " } else { " dummy " };
-        assert!(details.contains(kind), "{mode:?}: expected{kind}: {details}");
+        assert!(
+            details.contains(kind),
+            "{mode:?}: expected{kind}: {details}"
+        );
         let status = proxy.stop_with(signal);
         assert!(status.success(), "{mode:?} {signal}: {status}");
         assert_eq!(

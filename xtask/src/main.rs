@@ -195,7 +195,14 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
         build_image(root)?;
         let mut cmd = Command::new("cargo");
         cmd.current_dir(root)
-            .args(["test", "--package", "imds-tests", "--", "--test-threads=1"])
+            .args([
+                "test",
+                "--no-fail-fast",
+                "--package",
+                "imds-tests",
+                "--",
+                "--test-threads=1",
+            ])
             .args(test_args)
             .env("IMDS_VENV", &env.venv);
         run(&mut cmd)

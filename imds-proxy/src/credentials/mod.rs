@@ -196,14 +196,15 @@ impl AssumeRole for Sts {
     }
 }
 
-/// The STS client's bounds. Each attempt: 1 s to connect, 3 s for the answer; three attempts
-/// with the SDK's jittered exponential back-off (from 100 ms, at most 1 s apart); 8 s in all.
+/// The STS client's bounds. Each attempt: 1 s to connect, 5 s for the answer (an STS slow by
+/// seconds is still usable); three attempts with the SDK's jittered exponential back-off (from
+/// 100 ms, at most 1 s apart); 12 s in all.
 const STS_CONNECT: Duration = Duration::from_secs(1);
-const STS_ATTEMPT: Duration = Duration::from_secs(3);
-const STS_OPERATION: Duration = Duration::from_secs(8);
+const STS_ATTEMPT: Duration = Duration::from_secs(5);
+const STS_OPERATION: Duration = Duration::from_secs(12);
 const STS_ATTEMPTS: u32 = 3;
 /// Around a whole call, whatever the SDK does (it may also be fetching instance credentials).
-pub const CALL_LIMIT: Duration = Duration::from_secs(10);
+pub const CALL_LIMIT: Duration = Duration::from_secs(15);
 /// Instance credentials are refreshed this long before they expire.
 const INSTANCE_CREDENTIALS_AHEAD: Duration = Duration::from_secs(5 * 60);
 

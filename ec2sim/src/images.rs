@@ -356,6 +356,11 @@ pub const DOCKERD_LOG: &str = "/var/log/imds-proxy-dockerd.log";
 /// Start `dockerd` in its own process group (so it outlives the command that started it) and wait
 /// up to 60 s until it answers. Returns the engine's version.
 pub fn start_dockerd(truncate_log: bool) -> anyhow::Result<String> {
+    start_dockerd_with(truncate_log, &[])
+}
+
+/// [`start_dockerd`] with more daemon flags (`--live-restore`).
+pub fn start_dockerd_with(truncate_log: bool, flags: &[&str]) -> anyhow::Result<String> {
     use std::os::unix::process::CommandExt as _;
     use std::time::{Duration, Instant};
     let log = fs::File::options()
@@ -366,6 +371,7 @@ pub fn start_dockerd(truncate_log: bool) -> anyhow::Result<String> {
         .open(DOCKERD_LOG)
         .with_context(|| format!("opening {DOCKERD_LOG}"))?;
     Command::new("dockerd")
+        .args(flags)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

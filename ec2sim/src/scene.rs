@@ -91,6 +91,8 @@ pub struct SceneConfig {
     pub sts_bind: IpAddr,
     /// The Python venv that holds moto and the AWS CLI (`cargo xtask setup` makes it).
     pub venv: PathBuf,
+    /// Rotate the instance credentials this often (the simulator's `--rotate-credentials-every`).
+    pub rotate_credentials_every: Option<std::time::Duration>,
 }
 
 impl SceneConfig {
@@ -102,7 +104,14 @@ impl SceneConfig {
             sts: false,
             sts_bind: Ipv4Addr::LOCALHOST.into(),
             venv: default_venv(),
+            rotate_credentials_every: None,
         }
+    }
+
+    /// The instance's credentials rotate every `every` (each set valid for three periods).
+    pub fn rotate_credentials_every(mut self, every: std::time::Duration) -> Self {
+        self.rotate_credentials_every = Some(every);
+        self
     }
 
     pub fn hop_limit(mut self, hop_limit: u32) -> Self {
@@ -295,6 +304,12 @@ impl Scene {
                 }
                 Ok(())
             });
+        }
+        if let Some(every) = self.config.rotate_credentials_every {
+            cmd.args([
+                "--rotate-credentials-every",
+                &humantime::format_duration(every).to_string(),
+            ]);
         }
         if self.credentials.is_some() {
             cmd.arg("--credentials")

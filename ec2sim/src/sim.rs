@@ -96,6 +96,12 @@ pub struct Config {
     /// `Expiration`), e.g. from the scene's STS. Random credentials when absent.
     #[arg(long)]
     pub credentials: Option<PathBuf>,
+    /// Rotate the instance role's credentials this often (e.g. `2s`): every set, the first too
+    /// (`--credentials` is then ignored), is random and valid for three periods, as IMDS hands
+    /// out new credentials well before the old ones expire.
+    /// Each rotation is logged ("instance credentials issued", with the key id and expiration).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub rotate_credentials_every: Option<Duration>,
     /// Body of `/latest/user-data`; 404 when empty, as on an instance without user data.
     #[arg(
         long,
@@ -113,7 +119,8 @@ enum Node {
 
 struct Sim {
     config: Config,
-    tree: Node,
+    /// Rebuilt when the instance credentials rotate.
+    tree: std::sync::RwLock<Node>,
     /// Issued tokens and when each expires.
     tokens: Mutex<HashMap<String, Instant>>,
 }
@@ -156,20 +163,42 @@ impl Conn {
 /// Run the simulator until the process is terminated. Prints `ready` on stdout once every
 /// listener is bound, so a harness can wait for it without polling.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let credentials = match &config.credentials {
-        Some(path) => {
+    let credentials = match (&config.credentials, config.rotate_credentials_every) {
+        (_, Some(every)) => Credentials::random(every * 3),
+        (Some(path), None) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading credentials file {}", path.display()))?;
             serde_json::from_str(&text)
                 .with_context(|| format!("parsing credentials file {}", path.display()))?
         }
-        None => Credentials::random(Duration::from_secs(6 * 3600)),
+        (None, None) => Credentials::random(Duration::from_secs(6 * 3600)),
     };
+    tracing::info!(
+        access_key_id = credentials.access_key_id,
+        expiration = credentials.expiration,
+        "instance credentials issued"
+    );
     let sim = Arc::new(Sim {
-        tree: build_tree(&config, &credentials),
+        tree: std::sync::RwLock::new(build_tree(&config, &credentials)),
         config,
         tokens: Mutex::new(HashMap::new()),
     });
+    if let Some(every) = sim.config.rotate_credentials_every {
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                ticks.tick().await;
+                let credentials = Credentials::random(every * 3);
+                tracing::info!(
+                    access_key_id = credentials.access_key_id,
+                    expiration = credentials.expiration,
+                    "instance credentials issued"
+                );
+                *sim.tree.write().expect("tree poisoned") = build_tree(&sim.config, &credentials);
+            }
+        });
+    }
     let app = Router::new().fallback(handle).with_state(sim.clone());
 
     let mut servers = tokio::task::JoinSet::new();
@@ -309,7 +338,7 @@ impl Sim {
             }
             None => {}
         }
-        let (status, body) = match lookup(&self.tree, path) {
+        let (status, body) = match lookup(&self.tree.read().expect("tree poisoned"), path) {
             Some(body) => (StatusCode::OK, body),
             None => (StatusCode::NOT_FOUND, "Not Found".to_owned()),
         };
@@ -527,6 +556,7 @@ mod tests {
             instance_id: "i-0123456789abcdef0".into(),
             region: "us-east-1".into(),
             credentials: None,
+            rotate_credentials_every: None,
             user_data: String::new(),
         }
     }

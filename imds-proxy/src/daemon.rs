@@ -113,9 +113,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     match args.imds.require_imdsv2 {
         Some(required) => tracing::info!(require_imdsv2 = required, "IMDSv2 tokens as configured"),
         None => {
-            tokio::spawn(imds::follow_upstream_imdsv2(
+            // Known before the first request is served; followed after.
+            let mut known = None;
+            imds::learn_upstream_imdsv2(&app, &mut known).await;
+            tokio::spawn(imds::follow_upstream_imdsv2_from(
                 app.clone(),
                 Duration::from_secs(300),
+                known,
             ));
         }
     }
@@ -135,6 +139,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     // Subscribed before the index starts: every container, those running now included.
     tokio::spawn(docker.clone().run());
+    // Every minute the cache keeps only the indexed containers' sessions: a destroy event missed
+    // (the subscriber lagged behind a burst of containers) leaves nothing behind for long.
+    {
+        let (cache, docker) = (cache.clone(), docker.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if !docker.connected() {
+                    continue; // the index is not current: nothing to compare with
+                }
+                let dropped = cache.retain_sessions(&docker.session_names());
+                if dropped > 0 {
+                    tracing::info!(
+                        dropped,
+                        "credential cache: sessions of containers no longer running dropped"
+                    );
+                }
+            }
+        });
+    }
 
     let router = imds::router(app.clone());
     let limits = serve::Limits {

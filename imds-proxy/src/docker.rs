@@ -447,11 +447,34 @@ impl Index {
             }
         }
         let started: Vec<Arc<Container>> = fresh.values().cloned().collect();
-        *self.containers.write().expect("index poisoned") = fresh;
+        let old = std::mem::replace(
+            &mut *self.containers.write().expect("index poisoned"),
+            fresh,
+        );
+        // Containers that went while the events were not followed (the engine restarted, the
+        // stream broke): their destroy events are lost, so they are forgotten here.
+        let fresh_ids: std::collections::HashSet<String> =
+            started.iter().map(|c| c.id.clone()).collect();
+        for (id, container) in old {
+            if !fresh_ids.contains(&id) {
+                tracing::info!(container_id = %id, name = %container.name, "forgotten: not running at resync");
+                let _ = self.events.send(Event::Destroyed(container));
+            }
+        }
         for container in started {
             let _ = self.events.send(Event::Started(container));
         }
         Ok(())
+    }
+
+    /// The session names of the indexed containers: what the credential cache may keep.
+    pub fn session_names(&self) -> std::collections::HashSet<String> {
+        self.containers
+            .read()
+            .expect("index poisoned")
+            .values()
+            .map(|c| crate::roles::session_name(Some(&c.name), &c.id))
+            .collect()
     }
 
     /// Keep the index current until the task is dropped.

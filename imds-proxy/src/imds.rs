@@ -54,7 +54,7 @@ pub struct App {
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     /// Whether a request without a token is refused (401); set at start and kept in step with the
-    /// upstream's setting unless configured ([`follow_upstream_imdsv2`]).
+    /// upstream's setting unless configured ([`learn_upstream_imdsv2`]).
     pub require_imdsv2: std::sync::atomic::AtomicBool,
     pub exposure: Exposure,
     /// Requests a second per caller (a container, else a cgroup or source address).
@@ -413,32 +413,38 @@ impl App {
     }
 }
 
-/// Mirror the upstream's IMDSv2 setting into `app.require_imdsv2` now and every `every`: what the
-/// instance's owner chose for the instance holds for its containers. While the upstream cannot be
-/// asked, tokens stay required (the safe side).
-pub async fn follow_upstream_imdsv2(app: Arc<App>, every: Duration) {
+/// Ask the upstream once whether it requires tokens and mirror it into `app.require_imdsv2`: what
+/// the instance's owner chose for the instance holds for its containers. While the upstream
+/// cannot be asked, tokens stay required (the safe side). The daemon does this once before it
+/// serves, so a container is not refused (401) a token-less request
+/// the instance would answer, merely because the proxy has just started.
+pub async fn learn_upstream_imdsv2(app: &App, known: &mut Option<bool>) {
     use std::sync::atomic::Ordering;
-    let mut known: Option<bool> = None;
-    loop {
-        let required = match app.upstream.requires_tokens().await {
-            Ok(required) => required,
-            Err(err) => {
-                if known != Some(true) {
-                    tracing::warn!(%err, "cannot tell whether the instance requires IMDSv2; requiring it");
-                }
-                true
+    let required = match app.upstream.requires_tokens().await {
+        Ok(required) => required,
+        Err(err) => {
+            if *known != Some(true) {
+                tracing::warn!(%err, "cannot tell whether the instance requires IMDSv2; requiring it");
             }
-        };
-        if known != Some(required) {
-            tracing::info!(
-                require_imdsv2 = required,
-                "IMDSv2 tokens {} as on the instance's own IMDS",
-                if required { "required" } else { "optional" }
-            );
+            true
         }
-        known = Some(required);
-        app.require_imdsv2.store(required, Ordering::Relaxed);
+    };
+    if *known != Some(required) {
+        tracing::info!(
+            require_imdsv2 = required,
+            "IMDSv2 tokens {} as on the instance's own IMDS",
+            if required { "required" } else { "optional" }
+        );
+    }
+    *known = Some(required);
+    app.require_imdsv2.store(required, Ordering::Relaxed);
+}
+
+/// [`learn_upstream_imdsv2`] every `every`, after a first answer `known`.
+pub async fn follow_upstream_imdsv2_from(app: Arc<App>, every: Duration, mut known: Option<bool>) {
+    loop {
         tokio::time::sleep(every).await;
+        learn_upstream_imdsv2(&app, &mut known).await;
     }
 }
 

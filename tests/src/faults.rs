@@ -12,7 +12,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 /// What the injector does to traffic, from the moment it is set.
@@ -39,6 +39,8 @@ struct Shared {
     accepted: AtomicU64,
     requests: AtomicU64,
     stopped: AtomicBool,
+    /// The access key id of each SigV4-signed request seen, and when.
+    signed_with: Mutex<Vec<(SystemTime, String)>>,
 }
 
 impl Shared {
@@ -65,6 +67,7 @@ impl Injector {
             accepted: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            signed_with: Mutex::new(Vec::new()),
         });
         let accept_shared = shared.clone();
         std::thread::spawn(move || accept_loop(Some(listener), addr, target, accept_shared));
@@ -93,6 +96,12 @@ impl Injector {
     /// Requests (chunks a client sent) seen so far, whatever the fault did with them.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// The access key id each signed request was signed with (SigV4 `Credential=`), and when it
+    /// was seen.
+    pub fn signed_with(&self) -> Vec<(SystemTime, String)> {
+        self.shared.signed_with.lock().unwrap().clone()
     }
 }
 
@@ -195,6 +204,7 @@ fn pump_up(mut client: TcpStream, mut server: TcpStream, shared: &Shared, asked:
             Ok(n) => n,
         };
         shared.requests.fetch_add(1, Ordering::SeqCst);
+        record_signature(&buf[..n], shared);
         if !hold(shared) {
             reset(&client);
             reset(&server);
@@ -274,6 +284,20 @@ fn answer_errors(mut client: TcpStream, status: u16, mut pending: Vec<u8>, share
                 pending.extend_from_slice(&buf[..n]);
             }
         }
+    }
+}
+
+/// Note the access key id of a SigV4 `Authorization` header in `chunk`, if it carries one.
+fn record_signature(chunk: &[u8], shared: &Shared) {
+    let text = String::from_utf8_lossy(chunk);
+    if let Some(rest) = text.split("Credential=").nth(1)
+        && let Some(key) = rest.split('/').next()
+    {
+        shared
+            .signed_with
+            .lock()
+            .unwrap()
+            .push((SystemTime::now(), key.to_owned()));
     }
 }
 

@@ -13,6 +13,7 @@ use imds_tests::{
     containers::{Running, answers},
     faults::{Fault, Injector},
     http::Request,
+    images::{curl_image, docker_ok},
     proxy::{Mode, Proxy},
     scene::{Scene, SceneConfig, ensure_imds_is_simulated},
     sim::HttpTokens,
@@ -259,4 +260,303 @@ fn the_upstream_imds_hangs_in(mode: Mode) {
     assert_eq!((status, body.as_str()), (200, "us-east-1a"));
     let (status, body) = readyz(&proxy);
     assert_eq!(status, 200, "{body}");
+}
+
+/// The instance's credentials rotate every 2 s, each set valid for 6 s. STS calls made across
+/// rotations keep working, and each is signed with credentials the instance's IMDS still vouched
+/// for: the injector in front of moto notes the key id of every signed request, the simulator's
+/// log says when each set was issued and when it expires. (The redirect plays no part: cgroup
+/// mode only.)
+#[test]
+fn sts_calls_follow_the_instance_credentials_as_they_rotate() {
+    let every = Duration::from_secs(2);
+    let scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
+        .http_tokens(HttpTokens::Optional)
+        .with_sts()
+        .rotate_credentials_every(every)
+        .start()
+        .expect("the simulated EC2 host starts");
+    let (sts, _proxy) = behind_faulty_sts(&scene, Mode::Cgroup);
+    let rotations = || {
+        scene
+            .sim_log()
+            .lines()
+            .filter(|l| l.contains("instance credentials issued"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    for i in 0..4 {
+        let seen = rotations().len();
+        let role = format!("Rotating{i}");
+        until_served(&with_role(&role), &role);
+        // The next call after the next rotation.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while rotations().len() == seen {
+            assert!(Instant::now() < deadline, "the simulator does not rotate");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Each set the simulator issued: key id -> expiration.
+    let issued: std::collections::HashMap<String, std::time::SystemTime> = rotations()
+        .iter()
+        .map(|line| {
+            let field = |name: &str| {
+                line.split(&format!("{name}="))
+                    .nth(1)
+                    .unwrap()
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_matches('"')
+                    .to_owned()
+            };
+            (
+                field("access_key_id"),
+                humantime::parse_rfc3339(&field("expiration")).unwrap(),
+            )
+        })
+        .collect();
+    let signed = sts.signed_with();
+    assert!(signed.len() >= 4, "{signed:?}");
+    for (at, key) in &signed {
+        let expires = issued
+            .get(key)
+            .unwrap_or_else(|| panic!("{key}: not the instance's credentials ({issued:?})"));
+        assert!(at < expires, "{key} used after it expired");
+    }
+    let distinct: std::collections::HashSet<&String> = signed.iter().map(|(_, k)| k).collect();
+    assert!(
+        distinct.len() >= 2,
+        "the proxy followed the rotation: {signed:?}"
+    );
+}
+
+/// A container whose own process asks for `role`'s credentials in a loop (about 20 a second,
+/// under the per-container rate limit) until the test says stop, recording one line per request
+/// (`<http code> <curl exit>`). Its own process, so it keeps asking while the engine restarts
+/// (with live restore).
+struct Loop(Running);
+
+impl Loop {
+    fn start(role: &str) -> Self {
+        ensure_imds_is_simulated().unwrap();
+        let script = format!(
+            "while [ ! -e /tmp/stop ]; do
+               curl -s -m 5 -o /dev/null -w '%{{http_code}} %{{exitcode}}\\n' \
+                 {IMDS}/latest/meta-data/iam/security-credentials/{role} >> /tmp/statuses
+               sleep 0.05
+             done"
+        );
+        let id = docker_ok(&[
+            "run",
+            "-d",
+            "--label",
+            &format!("iam.amazonaws.com/role={role}"),
+            curl_image().unwrap(),
+            "sh",
+            "-c",
+            &script,
+        ])
+        .unwrap();
+        Self(Running(id.trim().to_owned()))
+    }
+
+    fn statuses(&self) -> Vec<String> {
+        self.0
+            .exec("cat /tmp/statuses 2>/dev/null")
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Wait (at most 30 s) until `n` more answers of 200 have been recorded.
+    fn until_more_served(&self, n: usize) {
+        let served = |s: &[String]| s.iter().filter(|l| l.starts_with("200 ")).count();
+        let start = served(&self.statuses());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while served(&self.statuses()) < start + n {
+            assert!(
+                Instant::now() < deadline,
+                "not served: {:?}",
+                self.statuses().last()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stop the loop; every status it recorded.
+    fn stop(self) -> Vec<String> {
+        self.0.exec("touch /tmp/stop");
+        docker_ok(&["wait", &self.0.0]).unwrap();
+        let copy = std::env::temp_dir().join(format!("imds-test-statuses-{}", self.0.0));
+        docker_ok(&[
+            "cp",
+            &format!("{}:/tmp/statuses", self.0.0),
+            copy.to_str().unwrap(),
+        ])
+        .unwrap();
+        let text = std::fs::read_to_string(&copy).unwrap();
+        let _ = std::fs::remove_file(&copy);
+        text.lines().map(str::to_owned).collect()
+    }
+}
+
+imds_tests::per_mode! { a_pinned_proxy_killed_under_load => a_pinned_proxy_killed_under_load_in; }
+
+/// SIGKILL while a container asks in a loop, with `--pin`: the requests in the gap are refused
+/// (connection refused, fail closed; none reaches the instance's IMDS), and a restarted proxy
+/// adopts the pins and serves the same container again.
+fn a_pinned_proxy_killed_under_load_in(mode: Mode) {
+    let scene = scene();
+    let pin = std::path::PathBuf::from("/sys/fs/bpf/imds-test-faults");
+    /// Removing the pins detaches what they hold, whatever happens to the test.
+    struct Pins(std::path::PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&pin);
+    let _pins = Pins(pin.clone());
+    let args = ["--pin", pin.to_str().unwrap()];
+    let mut first = Proxy::start_in(&scene, mode, &args);
+    let load = Loop::start("Loaded");
+    load.until_more_served(20);
+
+    first.kill();
+    // Some requests meet the dead listener.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !load.statuses().iter().any(|l| !l.starts_with("200 ")) {
+        assert!(Instant::now() < deadline, "no request in the gap");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = Proxy::start_in(&scene, mode, &args);
+    let attached = second.wait_for_log(&["redirect attached; serving"]);
+    assert!(
+        !attached.contains("adopted_links=0"),
+        "adopted the pins: {attached}"
+    );
+    load.until_more_served(20);
+    let statuses = load.stop();
+
+    let failed: Vec<&String> = statuses.iter().filter(|l| !l.starts_with("200 ")).collect();
+    eprintln!(
+        "{mode:?}: {} requests, {} failed in the gap",
+        statuses.len(),
+        failed.len()
+    );
+    // No answer at all: curl's exit 7 (refused: nothing listens), or for the request under way
+    // when the process died, 52 (empty reply) or 56 (reset).
+    assert!(
+        failed
+            .iter()
+            .all(|l| ["000 7", "000 52", "000 56"].contains(&l.as_str())),
+        "every failure is a connection that got no answer: {failed:?}"
+    );
+    assert!(
+        !scene.sim_requests().iter().any(|l| l.contains("Loaded")),
+        "no request of the container reached the instance's IMDS"
+    );
+    drop(second);
+    imds_tests::proxy::detach(&pin);
+    drop(first);
+}
+
+/// The engine runs with live restore for a test (containers keep running while it restarts), and
+/// without it again after, whatever happens.
+struct LiveRestore;
+
+impl LiveRestore {
+    fn on() -> Self {
+        imds_tests::images::stop_docker().unwrap();
+        imds_tests::images::start_dockerd_with(false, &["--live-restore"]).unwrap();
+        Self
+    }
+
+    fn stop(&self) {
+        imds_tests::images::stop_docker().unwrap();
+    }
+
+    fn start(&self) {
+        imds_tests::images::start_dockerd_with(false, &["--live-restore"]).unwrap();
+    }
+}
+
+impl Drop for LiveRestore {
+    fn drop(&mut self) {
+        let _ = imds_tests::images::stop_docker();
+        if let Err(err) = imds_tests::images::start_dockerd(false) {
+            eprintln!("restarting dockerd without live restore: {err:#}");
+        }
+    }
+}
+
+imds_tests::per_mode! { dockerd_restarts_under_load => dockerd_restarts_under_load_in; }
+
+/// The Docker engine restarts (with live restore, so containers keep running) while a container
+/// asks in a loop: every request is served, and a container started as soon as the engine
+/// answers again is identified and served.
+fn dockerd_restarts_under_load_in(mode: Mode) {
+    let scene = scene();
+    let live = LiveRestore::on();
+    let proxy = Proxy::start_in(&scene, mode, &[]);
+    let load = Loop::start("Busy");
+    load.until_more_served(10);
+    live.stop();
+    // The engine stays away until the proxy has noticed and served the container ten times
+    // meanwhile (from what it knew; Docker cannot be asked).
+    let vends_after_loss = || {
+        let log = proxy.log();
+        log.iter()
+            .position(|l| l.contains("docker events stream"))
+            .map(|lost| {
+                log[lost..]
+                    .iter()
+                    .filter(|l| l.contains("credentials vended"))
+                    .count()
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vends_after_loss().unwrap_or(0) < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "not served while the engine was away: {:#?}",
+            proxy.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    live.start();
+    let after = with_role("AfterRestart");
+    until_served(&after, "AfterRestart");
+    load.until_more_served(10);
+    let statuses = load.stop();
+    let failed: Vec<&String> = statuses.iter().filter(|l| !l.starts_with("200 ")).collect();
+    eprintln!(
+        "{mode:?}: {} requests through the restart, {} not served",
+        statuses.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    // The premise: the proxy lost the engine, served the container while it was away, and
+    // synchronised again.
+    let log = proxy.log();
+    let lost = log
+        .iter()
+        .position(|l| l.contains("docker events stream"))
+        .unwrap_or_else(|| panic!("the proxy never lost the engine: {log:#?}"));
+    let back = log
+        .iter()
+        .skip(lost)
+        .position(|l| l.contains("docker index synchronised"))
+        .map(|i| lost + i)
+        .unwrap_or_else(|| panic!("never synchronised again: {log:#?}"));
+    let served_meanwhile = log[lost..back]
+        .iter()
+        .filter(|l| l.contains("credentials vended"))
+        .count();
+    eprintln!("{mode:?}: {served_meanwhile} served while the engine was away");
+    assert!(
+        served_meanwhile >= 1,
+        "nothing asked while the engine was away"
+    );
 }

@@ -535,6 +535,15 @@ impl Cache {
         }
     }
 
+    /// Keep only the keys whose session name is in `live` (the indexed containers'): what a
+    /// missed destroy event left behind goes. No entry is dropped while its call is under way.
+    pub fn retain_sessions(&self, live: &std::collections::HashSet<String>) -> usize {
+        let mut entries = self.entries.lock().expect("cache poisoned");
+        let before = entries.len();
+        entries.retain(|key, entry| live.contains(&key.session_name) || entry.state().flying);
+        before - entries.len()
+    }
+
     /// Forget every session with this session name (its container was destroyed).
     pub fn forget_session(&self, session_name: &str) {
         self.entries
@@ -839,6 +848,10 @@ pub(crate) mod tests {
         cache.forget_session("web-1");
         assert_eq!(cache.len(), 0, "nothing kept for a destroyed container");
         assert_eq!(cache.get(&key("Web")).await.unwrap().access_key_id, "AKID2");
+        // What a missed destroy event left behind goes at the next reconciliation.
+        let live: std::collections::HashSet<String> = ["other-1".to_owned()].into();
+        assert_eq!(cache.retain_sessions(&live), 1);
+        assert_eq!(cache.len(), 0);
     }
 
     /// STS hangs: the first request is answered Pending once the budget is spent, the call goes

@@ -325,6 +325,7 @@ pub fn render_cache(keys: usize, breaker_open: bool) -> String {
 pub fn render_tc(
     stats: &[(imds_common::TcStat, u64)],
     nat_entries: usize,
+    source_entries: usize,
     interfaces: usize,
     (by_kernel, by_docker): (u64, u64),
 ) -> String {
@@ -341,6 +342,10 @@ pub fn render_tc(
     let _ = writeln!(
         out,
         "# HELP imds_proxy_tc_nat_entries Redirected connections in the NAT table.\n# TYPE imds_proxy_tc_nat_entries gauge\nimds_proxy_tc_nat_entries {nat_entries}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP imds_proxy_tc_sources Source addresses vouched for at container ports (IMDS_TC_SOURCES).\n# TYPE imds_proxy_tc_sources gauge\nimds_proxy_tc_sources {source_entries}"
     );
     let _ = writeln!(
         out,

@@ -560,3 +560,122 @@ fn dockerd_restarts_under_load_in(mode: Mode) {
         "nothing asked while the engine was away"
     );
 }
+
+/// `n` containers with a role started and destroyed (`docker run --rm`, eight at a time): each
+/// one's start is followed (a prefetch, an STS call) and its destruction too.
+fn churn(n: usize, role: &str) {
+    ensure_imds_is_simulated().unwrap();
+    let image = curl_image().unwrap().to_owned();
+    let label = format!("iam.amazonaws.com/role={role}");
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
+                    docker_ok(&["run", "--rm", "--label", &label, &image, "true"]).unwrap();
+                }
+            });
+        }
+    });
+}
+
+/// What must come back to where it was once churned containers are gone.
+fn footprint(proxy: &Proxy, mode: Mode) -> Vec<(&'static str, u64)> {
+    let mut gauges = vec![
+        (
+            "imds_proxy_credential_cache_keys",
+            proxy.metric("imds_proxy_credential_cache_keys"),
+        ),
+        (
+            "imds_proxy_containers",
+            proxy.metric("imds_proxy_containers"),
+        ),
+    ];
+    if mode == Mode::Tc {
+        gauges.push((
+            "imds_proxy_tc_sources",
+            proxy.metric("imds_proxy_tc_sources"),
+        ));
+        gauges.push((
+            "imds_proxy_tc_interfaces",
+            proxy.metric("imds_proxy_tc_interfaces"),
+        ));
+    }
+    gauges
+}
+
+imds_tests::per_mode! { a_thousand_containers_come_and_go => a_thousand_containers_come_and_go_in; }
+
+/// 1000 containers with a role are started and destroyed while another container keeps asking:
+/// it is served throughout, and the proxy returns to where it was (no cache entry, index entry,
+/// vouched source or interface kept for a container that is gone; RSS within 16 MiB of what it
+/// was after a first 100). Then a container dies while the engine is down (live restore): the
+/// engine's return forgets it too.
+fn a_thousand_containers_come_and_go_in(mode: Mode) {
+    let scene = scene();
+    let live = LiveRestore::on();
+    let proxy = Proxy::start_in(&scene, mode, &[]);
+    let load = Loop::start("Steady");
+    load.until_more_served(5);
+    // Warm the allocator and the maps, then take the baseline.
+    churn(100, "Churn");
+    let settled = |proxy: &Proxy, baseline: &[(&'static str, u64)]| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = footprint(proxy, mode);
+            if now == baseline {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{now:?} != {baseline:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let baseline = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // The loop's container alone: its cache key, its index entry (and in tc mode its
+            // vouched address and port).
+            let now = footprint(&proxy, mode);
+            if now[0].1 == 1 && now[1].1 == 1 && now.get(2).is_none_or(|s| s.1 >= 1) {
+                break now;
+            }
+            assert!(Instant::now() < deadline, "{now:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let rss_before = proxy.rss_kib();
+    let fds_before = proxy.open_fds();
+    churn(1000, "Churn");
+    settled(&proxy, &baseline);
+    let (rss_after, fds_after) = (proxy.rss_kib(), proxy.open_fds());
+    eprintln!(
+        "{mode:?}: RSS {rss_before} -> {rss_after} KiB, fds {fds_before} -> {fds_after}, \
+         {} STS calls",
+        proxy.metric("imds_proxy_sts_calls_total")
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(
+        fds_after <= fds_before + 8,
+        "fds {fds_before} -> {fds_after}"
+    );
+
+    // A container that dies while the engine is away: its destroy event never comes.
+    let doomed = with_role("Doomed");
+    until_served(&doomed, "Doomed");
+    let pid = docker_ok(&["inspect", "-f", "{{.State.Pid}}", &doomed.0]).unwrap();
+    live.stop();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid.trim().parse().unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    live.start();
+    settled(&proxy, &baseline);
+    proxy.wait_for_log(&["forgotten: not running at resync", &doomed.0]);
+    let statuses = load.stop();
+    let failed: Vec<&String> = statuses.iter().filter(|l| !l.starts_with("200 ")).collect();
+    assert!(failed.is_empty(), "the steady caller: {failed:?}");
+}

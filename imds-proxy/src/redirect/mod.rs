@@ -247,6 +247,7 @@ impl Redirect {
             body.push_str(&crate::metrics::render_tc(
                 &tc.stats(),
                 tc.nat_entries(),
+                tc.source_entries(),
                 tc.interfaces().len(),
                 address_confirmations,
             ));

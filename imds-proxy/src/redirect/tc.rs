@@ -612,6 +612,12 @@ impl TcRedirect {
         reap_idle(&mut nat, monotonic_ns(), idle)
     }
 
+    /// Entries in `IMDS_TC_SOURCES` now: (port, address) pairs vouched for.
+    pub fn source_entries(&self) -> usize {
+        let state = self.sources.lock().expect("sources poisoned");
+        state.map.keys().filter_map(Result::ok).count()
+    }
+
     /// Entries in the NAT table now.
     pub fn nat_entries(&self) -> usize {
         let nat = self.nat.lock().expect("nat lock poisoned");

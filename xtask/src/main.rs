@@ -1,7 +1,8 @@
-//! Developer commands of imds-proxy: `cargo xtask setup | build | test`.
+//! Developer commands of imds-proxy: `cargo xtask setup | build | run | test | bench | soak`.
 mod bench;
 mod run;
 mod setup;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -42,6 +43,13 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Mixed load on the proxy for a while, then a walk through its peers' faults; writes
+    /// docs/reliability.md. Not part of `test`.
+    Soak {
+        /// How long the mixed load runs.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Build every crate, the eBPF programs included.
     Build {
         #[arg(long)]
@@ -64,6 +72,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Task::Setup => setup::run(&root).map(|_| ()),
         Task::Bench { runs, rounds } => bench::run(&root, runs, rounds),
+        Task::Soak { minutes } => soak::run(&root, minutes),
         Task::Run {
             simulate_ec2,
             proxy_args,

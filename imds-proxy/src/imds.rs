@@ -359,6 +359,10 @@ impl App {
                     )
                 }
                 Err(err) => {
+                    self.metrics.upstream_error(match err {
+                        crate::upstream::Error::Timeout(_) => "timeout",
+                        _ => "failed",
+                    });
                     tracing::warn!(%err, path, "upstream unavailable");
                     ("passthrough", text(StatusCode::BAD_GATEWAY, "Bad Gateway"))
                 }

@@ -101,6 +101,7 @@ pub struct Metrics {
     refused_connections: Labelled,
     sts_calls_avoided: AtomicU64,
     sts_calls_joined: AtomicU64,
+    upstream_errors: Labelled,
     uncovered_containers: AtomicU64,
     throttled: Labelled,
     metadata_cache_hits: AtomicU64,
@@ -168,6 +169,11 @@ impl Metrics {
         self.sts_calls_joined.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A pass-through the upstream IMDS did not answer (`kind`: timeout, failed).
+    pub fn upstream_error(&self, kind: &'static str) {
+        self.upstream_errors.add(kind);
+    }
+
     /// A request refused with 429 (`limit`: the caller's own, or the upstream's in all).
     pub fn throttled(&self, limit: &'static str) {
         self.throttled.add(limit);
@@ -232,8 +238,9 @@ impl Metrics {
         self.sts_errors.render(
             &mut out,
             "imds_proxy_sts_errors_total",
-            "Failed STS AssumeRole calls, by reason (sts_unavailable: a timeout, a failed \
-             connection, a 5xx, throttling; sts_refused: a refusal of the role).",
+            "Failed STS AssumeRole calls, by reason (sts_timeout: no answer in time; \
+             sts_unavailable: a failed connection, a 5xx, throttling; sts_refused: a refusal of \
+             the role).",
             "reason",
         );
         self.sts_seconds.render(
@@ -282,6 +289,12 @@ impl Metrics {
             "imds_proxy_metadata_cache_hits_total",
             "Pass-through requests answered from the short metadata cache.",
             load(&self.metadata_cache_hits),
+        );
+        self.upstream_errors.render(
+            &mut out,
+            "imds_proxy_upstream_errors_total",
+            "Pass-through requests the upstream IMDS did not answer (502), by kind.",
+            "kind",
         );
         self.throttled.render(
             &mut out,

@@ -251,6 +251,10 @@ fn the_upstream_imds_hangs_in(mode: Mode) {
     until_served(&fresh, "Fresh");
     let (status, body) = ask(&steady, "/latest/meta-data/placement/availability-zone");
     assert_eq!(status, 502, "{body}");
+    assert_eq!(
+        proxy.metric("imds_proxy_upstream_errors_total{kind=\"timeout\"}"),
+        1
+    );
     let (status, body) = readyz(&proxy);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("upstream IMDS: not answering"), "{body}");
@@ -473,12 +477,30 @@ impl LiveRestore {
         Self
     }
 
-    fn stop(&self) {
+    /// Stop the engine until [`Away::back`], or until the returned guard is dropped (a test
+    /// that fails while the engine is away still has it back before its containers are
+    /// removed).
+    fn stop(&self) -> Away {
         imds_tests::images::stop_docker().unwrap();
+        Away(true)
     }
+}
 
-    fn start(&self) {
+/// The engine is stopped while this lives.
+struct Away(bool);
+
+impl Away {
+    fn back(mut self) {
+        self.0 = false;
         imds_tests::images::start_dockerd_with(false, &["--live-restore"]).unwrap();
+    }
+}
+
+impl Drop for Away {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = imds_tests::images::start_dockerd_with(false, &["--live-restore"]);
+        }
     }
 }
 
@@ -502,7 +524,7 @@ fn dockerd_restarts_under_load_in(mode: Mode) {
     let proxy = Proxy::start_in(&scene, mode, &[]);
     let load = Loop::start("Busy");
     load.until_more_served(10);
-    live.stop();
+    let away = live.stop();
     // The engine stays away until the proxy has noticed and served the container ten times
     // meanwhile (from what it knew; Docker cannot be asked).
     let vends_after_loss = || {
@@ -525,7 +547,7 @@ fn dockerd_restarts_under_load_in(mode: Mode) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    live.start();
+    away.back();
     let after = with_role("AfterRestart");
     until_served(&after, "AfterRestart");
     load.until_more_served(10);
@@ -666,13 +688,13 @@ fn a_thousand_containers_come_and_go_in(mode: Mode) {
     let doomed = with_role("Doomed");
     until_served(&doomed, "Doomed");
     let pid = docker_ok(&["inspect", "-f", "{{.State.Pid}}", &doomed.0]).unwrap();
-    live.stop();
+    let away = live.stop();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid.trim().parse().unwrap()),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    live.start();
+    away.back();
     settled(&proxy, &baseline);
     proxy.wait_for_log(&["forgotten: not running at resync", &doomed.0]);
     let statuses = load.stop();

@@ -109,6 +109,9 @@ struct Walked {
     fresh: (u16, f64),
     passthrough: (u16, f64),
     recovery: Duration,
+    /// For the process faults: a loop's requests, how many were not served, and how.
+    /// and what `recovery` measured.
+    loop_requests: Option<(usize, usize, &'static str, &'static str)>,
 }
 
 pub fn run(root: &Path, minutes: u64) -> anyhow::Result<()> {
@@ -134,18 +137,34 @@ pub fn run(root: &Path, minutes: u64) -> anyhow::Result<()> {
     ensure_imds_is_simulated()?;
     let sts = Injector::start(scene.sts_endpoint().context("the scene's STS")?);
     let upstream = Injector::start(imds_v4());
-    let mut proxy = Command::new(target.join("imds-proxy"))
-        .args(["run", "--ops-listen", OPS])
-        .args(["--listen", "169.254.44.1:80,[fd00:ec2:44::1]:80"])
-        .args(["--sts-endpoint", &sts.url(), "--upstream", &upstream.url()])
-        .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .context("starting imds-proxy")?;
-    let result = (|| {
+    let (sts_url, upstream_url) = (sts.url(), upstream.url());
+    let spawn = || -> anyhow::Result<std::process::Child> {
+        let mut proxy = Command::new(target.join("imds-proxy"))
+            .args([
+                "run",
+                "--ops-listen",
+                OPS,
+                "--pin",
+                PIN,
+                "--interface",
+                INTERFACE,
+            ])
+            .args(["--listen", "169.254.44.1:80,[fd00:ec2:44::1]:80"])
+            .args(["--sts-endpoint", &sts_url, "--upstream", &upstream_url])
+            .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .context("starting imds-proxy")?;
         crate::run::wait_ready(&mut proxy, OPS.parse()?, |r| r.status == 200)?;
+        Ok(proxy)
+    };
+    let _ = std::fs::remove_dir_all(PIN);
+    let mut proxy = spawn()?;
+    let result = (|| {
         let samples = soak(proxy.id(), minutes)?;
-        let walked = walk(&sts, &upstream)?;
+        let mut walked = walk(&sts, &upstream)?;
+        walked.push(killed(&mut proxy, &spawn, &scene)?);
+        walked.push(engine_restart()?);
         let report = report(minutes, &samples, &walked);
         let path = root.join("docs/reliability.md");
         std::fs::write(&path, &report)?;
@@ -153,7 +172,139 @@ pub fn run(root: &Path, minutes: u64) -> anyhow::Result<()> {
         check(&samples)
     })();
     crate::run::stop(&mut proxy);
+    // Pinned: the stop left everything attached; detach removes it.
+    let detached = Command::new(target.join("imds-proxy"))
+        .args(["detach", "--pin", PIN, "--interface", INTERFACE])
+        .status();
+    if !detached.is_ok_and(|s| s.success()) {
+        eprintln!("soak: imds-proxy detach --pin {PIN} failed: remove it by hand");
+    }
     drop(scene);
+    result
+}
+
+const PIN: &str = "/sys/fs/bpf/imds-soak";
+const INTERFACE: &str = "imds-soak0";
+
+/// A container whose own process asks for `role`'s credentials about 20 times a second until
+/// stopped, one status line (`<http code> <curl exit>`) per request.
+struct Loop(Container);
+
+impl Loop {
+    fn start(role: &str) -> anyhow::Result<Self> {
+        let script = format!(
+            "while [ ! -e /tmp/stop ]; do
+               curl -s -m 5 -o /dev/null -w '%{{http_code}} %{{exitcode}}\\n' {IMDS}{CREDENTIALS}{role} >> /tmp/statuses
+               sleep 0.05
+             done"
+        );
+        Ok(Self(Container::start(role, &["sh", "-c", &script])?))
+    }
+
+    fn served(&self) -> anyhow::Result<usize> {
+        Ok(self
+            .0
+            .exec("cat /tmp/statuses 2>/dev/null")?
+            .lines()
+            .filter(|l| l.starts_with("200 "))
+            .count())
+    }
+
+    /// Wait until `n` more requests have been served (at most 60 s).
+    fn until_more_served(&self, n: usize) -> anyhow::Result<()> {
+        let start = self.served()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.served()? < start + n {
+            ensure!(Instant::now() < deadline, "the loop is not served");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Stop; every status line.
+    fn stop(self) -> anyhow::Result<Vec<String>> {
+        self.0.exec("touch /tmp/stop")?;
+        docker_ok(&["wait", &self.0.0])?;
+        let copy = std::env::temp_dir().join(format!("imds-soak-{}", self.0.0));
+        docker_ok(&[
+            "cp",
+            &format!("{}:/tmp/statuses", self.0.0),
+            copy.to_str().context("temp path")?,
+        ])?;
+        let text = std::fs::read_to_string(&copy)?;
+        let _ = std::fs::remove_file(&copy);
+        Ok(text.lines().map(str::to_owned).collect())
+    }
+}
+
+/// SIGKILL under load, then a restart that adopts the pins.
+fn killed(
+    proxy: &mut std::process::Child,
+    spawn: &dyn Fn() -> anyhow::Result<std::process::Child>,
+    scene: &ec2sim::scene::Scene,
+) -> anyhow::Result<Walked> {
+    println!("soak: fault: the proxy SIGKILLed under load");
+    let load = Loop::start("Killed")?;
+    load.until_more_served(20)?;
+    proxy.kill()?;
+    proxy.wait()?;
+    let killed = Instant::now();
+    *proxy = spawn()?;
+    let back = killed.elapsed();
+    load.until_more_served(20)?;
+    let statuses = load.stop()?;
+    let lost = statuses.iter().filter(|l| !l.starts_with("200 ")).count();
+    let leaked = scene
+        .sim_requests()
+        .iter()
+        .filter(|l| l.contains("Killed"))
+        .count();
+    ensure!(leaked == 0, "{leaked} requests reached the instance's IMDS");
+    Ok(Walked {
+        fault: "the proxy SIGKILLed under load (`--pin`), restarted at once",
+        cached: (0, 0.0),
+        fresh: (0, 0.0),
+        passthrough: (0, 0.0),
+        recovery: back,
+        loop_requests: Some((
+            statuses.len(),
+            lost,
+            "refused or reset; none reached the instance's IMDS",
+            "from the kill until the restarted proxy served",
+        )),
+    })
+}
+
+/// The Docker engine (live restore) away for 3 s under load.
+fn engine_restart() -> anyhow::Result<Walked> {
+    use ec2sim::images::{start_dockerd, start_dockerd_with, stop_docker};
+    println!("soak: fault: the Docker engine restarted under load");
+    stop_docker()?;
+    start_dockerd_with(false, &["--live-restore"])?;
+    let result = (|| {
+        let load = Loop::start("Engine")?;
+        load.until_more_served(20)?;
+        stop_docker()?;
+        let stopped = Instant::now();
+        std::thread::sleep(Duration::from_secs(3));
+        start_dockerd_with(false, &["--live-restore"])?;
+        let away = stopped.elapsed();
+        let fresh = Container::start("AfterEngine", &["sleep", "3600"])?;
+        let fresh_answer = fresh.ask(&format!("{CREDENTIALS}AfterEngine"))?;
+        load.until_more_served(20)?;
+        let statuses = load.stop()?;
+        let lost = statuses.iter().filter(|l| !l.starts_with("200 ")).count();
+        Ok(Walked {
+            fault: "the Docker engine stopped for 3 s under load (live restore), then started",
+            cached: (0, 0.0),
+            fresh: fresh_answer,
+            passthrough: (0, 0.0),
+            recovery: away,
+            loop_requests: Some((statuses.len(), lost, "not served", "the engine away")),
+        })
+    })();
+    stop_docker()?;
+    start_dockerd(false)?;
     result
 }
 
@@ -279,6 +430,7 @@ fn walk(sts: &Injector, upstream: &Injector) -> anyhow::Result<Vec<Walked>> {
             fresh: fresh_answer,
             passthrough,
             recovery: lifted.elapsed(),
+            loop_requests: None,
         });
     }
     Ok(walked)
@@ -359,7 +511,7 @@ fn report(
         "| fault | cached role | new role | pass-through | served again after the fault |"
     );
     let _ = writeln!(out, "|---|---|---|---|---:|");
-    for w in walked {
+    for w in walked.iter().filter(|w| w.loop_requests.is_none()) {
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {:.1} s |",
@@ -372,14 +524,37 @@ fn report(
     }
     let _ = writeln!(
         out,
-        "\nA 503 carries IMDS-style JSON (`Code: ServiceUnavailable`), which the SDKs retry. Not \
-         walked here, asserted by the fault suite: a SIGKILLed proxy with `--pin` (requests in \
-         the gap are refused, none reaches the instance's IMDS, the restart adopts the pins), a \
-         Docker engine restart (served throughout), rotating instance credentials.\n"
+        "\nA 503 carries IMDS-style JSON (`Code: ServiceUnavailable`), which the SDKs retry. The \
+         instance credentials rotating (every 2 s) is not walked here; the fault suite asserts \
+         that STS calls keep being signed with valid ones."
     );
     let _ = writeln!(
         out,
-        "## Soak\n\n\
+        "\n## Faults of the proxy and of Docker\n\n\
+         A container asks for its role's credentials about 20 times a second throughout.\n\n\
+         | fault | its requests | not served | how long |\n|---|---:|---|---:|"
+    );
+    for w in walked {
+        if let Some((requests, lost, how, what)) = w.loop_requests {
+            let after = if w.fresh.0 == 0 {
+                String::new()
+            } else {
+                format!(
+                    "; a container started as the engine came back: {}",
+                    status(w.fresh)
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {requests} | {lost} ({how}){after} | {:.1} s ({what}) |",
+                w.fault,
+                w.recovery.as_secs_f64()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n## Soak\n\n\
          {minutes} min: four containers each asking for their role's credentials and for \
          `instance-id` about ten times a second, while containers with roles were started and \
          removed one after the other. {requests} loop requests, {} not served.\n",

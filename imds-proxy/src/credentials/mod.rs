@@ -68,14 +68,12 @@ pub struct Session {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    /// STS failed or refused. `unusable`: the failure was STS's own (a timeout, a connection
-    /// that failed, a 5xx, throttling, no instance credentials to sign with), not a refusal of
-    /// this role; those count toward the breaker.
+    /// STS failed or refused; `failure` says which.
     #[error("STS AssumeRole {role_arn} failed: {message}")]
     Sts {
         role_arn: String,
         message: String,
-        unusable: bool,
+        failure: Failure,
     },
     /// The call is still under way after the answer budget; it goes on in the background.
     #[error(
@@ -87,12 +85,42 @@ pub enum Error {
     BreakerOpen { role_arn: String, failures: u32 },
 }
 
+/// How an STS call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// STS refused this role (AccessDenied, a malformed ARN): nothing wrong with STS.
+    Refused,
+    /// STS's own failure: a connection that failed, a 5xx, throttling, an unreadable answer, no
+    /// instance credentials to sign with. Counts toward the breaker.
+    Unavailable,
+    /// No answer in time (an attempt, the operation, or the call limit). Counts toward the
+    /// breaker.
+    TimedOut,
+}
+
+impl Failure {
+    /// Whether STS itself is at fault (the breaker counts these).
+    pub fn unusable(self) -> bool {
+        self != Failure::Refused
+    }
+}
+
 impl Error {
     /// A short reason for the metrics and the container's error message.
     pub fn reason(&self) -> &'static str {
         match self {
-            Error::Sts { unusable: true, .. } => "sts_unavailable",
-            Error::Sts { .. } => "sts_refused",
+            Error::Sts {
+                failure: Failure::Refused,
+                ..
+            } => "sts_refused",
+            Error::Sts {
+                failure: Failure::Unavailable,
+                ..
+            } => "sts_unavailable",
+            Error::Sts {
+                failure: Failure::TimedOut,
+                ..
+            } => "sts_timeout",
             Error::Pending { .. } => "pending",
             Error::BreakerOpen { .. } => "breaker_open",
         }
@@ -151,10 +179,10 @@ const UNUSABLE_CODES: &[&str] = &[
 impl AssumeRole for Sts {
     fn assume<'a>(&'a self, key: &'a Key, duration: Duration) -> Assumed<'a> {
         Box::pin(async move {
-            let sts_error = |message: String, unusable: bool| Error::Sts {
+            let sts_error = |message: String, failure: Failure| Error::Sts {
                 role_arn: key.role_arn.clone(),
                 message,
-                unusable,
+                failure,
             };
             let output = self
                 .0
@@ -167,25 +195,29 @@ impl AssumeRole for Sts {
                 .await
                 .map_err(|e| {
                     use aws_sdk_sts::error::{ProvideErrorMetadata as _, SdkError};
-                    let unusable = match &e {
-                        SdkError::ServiceError(service) => {
-                            service.raw().status().as_u16() >= 500
-                                || e.code().is_some_and(|c| UNUSABLE_CODES.contains(&c))
+                    let failure = match &e {
+                        SdkError::ServiceError(service)
+                            if service.raw().status().as_u16() >= 500
+                                || e.code().is_some_and(|c| UNUSABLE_CODES.contains(&c)) =>
+                        {
+                            Failure::Unavailable
                         }
-                        // A timeout, a failed connection, an unreadable answer, or no
-                        // instance credentials to sign with: nothing to do with the role.
-                        _ => true,
+                        SdkError::ServiceError(_) => Failure::Refused,
+                        SdkError::TimeoutError(_) => Failure::TimedOut,
+                        // A failed connection, an unreadable answer, or no instance
+                        // credentials to sign with: nothing to do with the role.
+                        _ => Failure::Unavailable,
                     };
                     sts_error(
                         aws_sdk_sts::error::DisplayErrorContext(&e).to_string(),
-                        unusable,
+                        failure,
                     )
                 })?;
-            let creds = output
-                .credentials()
-                .ok_or_else(|| sts_error("answer without credentials".into(), true))?;
+            let creds = output.credentials().ok_or_else(|| {
+                sts_error("answer without credentials".into(), Failure::Unavailable)
+            })?;
             let expiration = SystemTime::try_from(*creds.expiration())
-                .map_err(|e| sts_error(format!("bad expiration: {e}"), true))?;
+                .map_err(|e| sts_error(format!("bad expiration: {e}"), Failure::Unavailable))?;
             Ok(Assumption {
                 access_key_id: creds.access_key_id().to_owned(),
                 secret_access_key: creds.secret_access_key().to_owned(),
@@ -563,12 +595,12 @@ impl Cache {
                 Err(_) => Err(Error::Sts {
                     role_arn: key.role_arn.clone(),
                     message: format!("no answer within {CALL_LIMIT:?}"),
-                    unusable: true,
+                    failure: Failure::TimedOut,
                 }),
             };
         let unusable = match &result {
             Ok(_) => None,
-            Err(Error::Sts { unusable, .. }) => Some(*unusable),
+            Err(Error::Sts { failure, .. }) => Some(failure.unusable()),
             Err(_) => Some(true),
         };
         self.breaker.record(self.clock.instant(), unusable);
@@ -669,14 +701,14 @@ pub(crate) mod tests {
                     return Err(Error::Sts {
                         role_arn: key.role_arn.clone(),
                         message: "AccessDenied".into(),
-                        unusable: false,
+                        failure: Failure::Refused,
                     });
                 }
                 if self.unusable.load(Ordering::SeqCst) {
                     return Err(Error::Sts {
                         role_arn: key.role_arn.clone(),
                         message: "connection refused".into(),
-                        unusable: true,
+                        failure: Failure::Unavailable,
                     });
                 }
                 Ok(Assumption {

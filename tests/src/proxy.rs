@@ -82,6 +82,28 @@ pub use ec2sim::http::metric_value;
 
 /// `imds-proxy detach --pin <pin>` for a test proxy's interface; panics with its stderr when it
 /// fails.
+/// A bpffs directory for `--pin`, empty at first; removing it detaches what the pins hold,
+/// whatever happens to the test.
+pub struct Pins(pub PathBuf);
+
+impl Pins {
+    pub fn new(path: &str) -> Self {
+        let path = PathBuf::from(path);
+        let _ = std::fs::remove_dir_all(&path);
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub fn detach(pin: &Path) {
     let out = Command::new(proxy_bin())
         .args(["detach", "--pin"])

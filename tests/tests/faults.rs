@@ -93,6 +93,10 @@ fn readyz(proxy: &Proxy) -> (u16, String) {
     (answer.status, answer.text())
 }
 
+fn healthz(proxy: &Proxy) -> u16 {
+    Request::get("/healthz").send(proxy.ops).unwrap().status
+}
+
 /// Polls /readyz until it answers `status` (at most 20 s); its body.
 fn until_readyz(proxy: &Proxy, status: u16) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -185,6 +189,7 @@ fn sts_refuses_then_recovers_in(mode: Mode) {
     // The fifth call may still be ending (the requests' answers are bounded, not the calls).
     let body = until_readyz(&proxy, 503);
     assert!(body.contains("sts: not answering"), "{body}");
+    assert_eq!(healthz(&proxy), 200, "alive, if not ready");
     assert_eq!(proxy.metric("imds_proxy_sts_breaker_open"), 1);
     // A role not cached (its prefetch at start, then its request) is answered with no call. A
     // refused call ends within the request's wait, so a call made would be counted by now.
@@ -258,6 +263,7 @@ fn the_upstream_imds_hangs_in(mode: Mode) {
     let (status, body) = readyz(&proxy);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("upstream IMDS: not answering"), "{body}");
+    assert_eq!(healthz(&proxy), 200, "alive, if not ready");
 
     upstream.set(Fault::Pass);
     let (status, body) = ask(&steady, "/latest/meta-data/placement/availability-zone");
@@ -412,16 +418,8 @@ imds_tests::per_mode! { a_pinned_proxy_killed_under_load => a_pinned_proxy_kille
 /// adopts the pins and serves the same container again.
 fn a_pinned_proxy_killed_under_load_in(mode: Mode) {
     let scene = scene();
-    let pin = std::path::PathBuf::from("/sys/fs/bpf/imds-test-faults");
-    /// Removing the pins detaches what they hold, whatever happens to the test.
-    struct Pins(std::path::PathBuf);
-    impl Drop for Pins {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _ = std::fs::remove_dir_all(&pin);
-    let _pins = Pins(pin.clone());
+    let pins = imds_tests::proxy::Pins::new("/sys/fs/bpf/imds-test-faults");
+    let pin = pins.path().to_owned();
     let args = ["--pin", pin.to_str().unwrap()];
     let mut first = Proxy::start_in(&scene, mode, &args);
     let load = Loop::start("Loaded");

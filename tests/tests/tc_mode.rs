@@ -259,16 +259,8 @@ fn interfaces_that_come_later_are_attached_and_forgotten_when_gone() {
 #[test]
 fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     let scene = scene();
-    let pin = std::path::PathBuf::from("/sys/fs/bpf/imds-test-tc");
-    /// Removing the pins detaches what they hold, whatever happens to the test.
-    struct Pins(std::path::PathBuf);
-    impl Drop for Pins {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _ = std::fs::remove_dir_all(&pin);
-    let _pins = Pins(pin.clone());
+    let pins = imds_tests::proxy::Pins::new("/sys/fs/bpf/imds-test-tc");
+    let pin = pins.path().to_owned();
     let bridge = Bridge::new(2, 1);
     let ns = &bridge.clients[0];
     let sources = bridge.static_sources();

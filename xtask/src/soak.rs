@@ -67,6 +67,24 @@ impl Container {
     }
 }
 
+impl Container {
+    /// A container running a status loop (`/tmp/statuses`, until `/tmp/stop`): stop it, wait for
+    /// it to exit, and read what it recorded.
+    fn stop_loop(&self) -> anyhow::Result<String> {
+        self.exec("touch /tmp/stop")?;
+        docker_ok(&["wait", &self.0])?;
+        let copy = std::env::temp_dir().join(format!("imds-soak-{}", self.0));
+        docker_ok(&[
+            "cp",
+            &format!("{}:/tmp/statuses", self.0),
+            copy.to_str().context("temp path")?,
+        ])?;
+        let text = std::fs::read_to_string(&copy)?;
+        let _ = std::fs::remove_file(&copy);
+        Ok(text)
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = docker(&["rm", "-f", &self.0]);
@@ -223,17 +241,7 @@ impl Loop {
 
     /// Stop; every status line.
     fn stop(self) -> anyhow::Result<Vec<String>> {
-        self.0.exec("touch /tmp/stop")?;
-        docker_ok(&["wait", &self.0.0])?;
-        let copy = std::env::temp_dir().join(format!("imds-soak-{}", self.0.0));
-        docker_ok(&[
-            "cp",
-            &format!("{}:/tmp/statuses", self.0.0),
-            copy.to_str().context("temp path")?,
-        ])?;
-        let text = std::fs::read_to_string(&copy)?;
-        let _ = std::fs::remove_file(&copy);
-        Ok(text.lines().map(str::to_owned).collect())
+        Ok(self.0.stop_loop()?.lines().map(str::to_owned).collect())
     }
 }
 
@@ -363,16 +371,7 @@ fn soak(pid: u32, minutes: u64) -> anyhow::Result<(Vec<Sample>, usize, Vec<Strin
     let mut failed = Vec::new();
     let mut requests = 0;
     for c in &loops {
-        c.exec("touch /tmp/stop")?;
-        docker_ok(&["wait", &c.0])?;
-        let copy = std::env::temp_dir().join(format!("imds-soak-{}", c.0));
-        docker_ok(&[
-            "cp",
-            &format!("{}:/tmp/statuses", c.0),
-            copy.to_str().context("temp path")?,
-        ])?;
-        let text = std::fs::read_to_string(&copy)?;
-        let _ = std::fs::remove_file(&copy);
+        let text = c.stop_loop()?;
         requests += text.lines().count();
         failed.extend(text.lines().filter(|l| *l != "200").map(str::to_owned));
     }

@@ -35,6 +35,14 @@ pub fn bench_image(binary: &Path) -> anyhow::Result<&'static str> {
     binary_image(binary, BENCH_IMAGE)
 }
 
+/// The load generator (`imds-load`).
+pub const LOAD_IMAGE: &str = "imds-proxy/load:latest";
+
+/// Build [`LOAD_IMAGE`] from the `imds-load` binary at `binary`; returns its name.
+pub fn load_image(binary: &Path) -> anyhow::Result<&'static str> {
+    binary_image(binary, LOAD_IMAGE)
+}
+
 /// The attacker (`imds-attack`).
 pub const ATTACK_IMAGE: &str = "imds-proxy/attack:latest";
 

@@ -340,7 +340,8 @@ pub fn render_tc(
     nat_entries: usize,
     source_entries: usize,
     interfaces: usize,
-    (by_kernel, by_docker): (u64, u64),
+    (by_watch, by_kernel, by_docker): (u64, u64, u64),
+    watched: usize,
 ) -> String {
     let mut out = String::from(
         "# HELP imds_proxy_tc_packets_total Packets the tc programs acted on, by what they did.\n# TYPE imds_proxy_tc_packets_total counter\n",
@@ -366,9 +367,26 @@ pub fn render_tc(
     );
     let _ = writeln!(
         out,
-        "# HELP imds_proxy_tc_address_confirmations_total Callers' source addresses confirmed as their container's, by the kernel (/proc) or by asking Docker.\n# TYPE imds_proxy_tc_address_confirmations_total counter\nimds_proxy_tc_address_confirmations_total{{by=\"kernel\"}} {by_kernel}\nimds_proxy_tc_address_confirmations_total{{by=\"docker\"}} {by_docker}"
+        "# HELP imds_proxy_tc_address_confirmations_total Callers' source addresses confirmed as their container's: by a watch on an earlier confirmation (process alive, no address or link change in its namespace), by the kernel (/proc), or by asking Docker.\n# TYPE imds_proxy_tc_address_confirmations_total counter\nimds_proxy_tc_address_confirmations_total{{by=\"watch\"}} {by_watch}\nimds_proxy_tc_address_confirmations_total{{by=\"kernel\"}} {by_kernel}\nimds_proxy_tc_address_confirmations_total{{by=\"docker\"}} {by_docker}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP imds_proxy_tc_watched_addresses Source addresses whose confirmation is watched (a pidfd and a netlink socket each).\n# TYPE imds_proxy_tc_watched_addresses gauge\nimds_proxy_tc_watched_addresses {watched}"
     );
     out
+}
+
+/// How connections were identified: by the kernel's record (cgroup mode, host-network
+/// containers in tc mode), or not at all (every request answered 403).
+pub fn render_attested((by_record, refused): (u64, u64)) -> String {
+    format!(
+        "# HELP imds_proxy_connections_attested_total Connections whose caller was identified from the kernel's record of the connection (connect4 rewrite and sock_ops).\n\
+         # TYPE imds_proxy_connections_attested_total counter\n\
+         imds_proxy_connections_attested_total{{by=\"kernel_record\"}} {by_record}\n\
+         # HELP imds_proxy_connections_unattested_total Connections with no evidence of their caller (no kernel record, no container at the source address): every request answered 403.\n\
+         # TYPE imds_proxy_connections_unattested_total counter\n\
+         imds_proxy_connections_unattested_total {refused}\n"
+    )
 }
 
 /// cgroup mode's egress guard: packets to IMDS dropped because they went around the redirect.

@@ -77,10 +77,11 @@ pub fn router(ops: Ops) -> axum::Router {
                             crate::credentials::breaker::Status::Open { .. }
                         ),
                     ));
-                    body.push_str(
-                        &ops.redirect
-                            .render_metrics(ops.attestor.address_confirmations()),
-                    );
+                    body.push_str(&crate::metrics::render_attested(ops.attestor.attested()));
+                    body.push_str(&ops.redirect.render_metrics(
+                        ops.attestor.address_confirmations(),
+                        ops.attestor.watched_addresses(),
+                    ));
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,

@@ -478,13 +478,25 @@ fn a_program_that_asks_before_docker_reports_it_running_in(mode: Mode) {
     // reported them yet), and were answered all the same.
     if mode == Mode::Tc {
         // 30 connections: each container's later ones are confirmed by the kernel (its first
-        // process alive in its cgroup, the address in its namespace), without asking Docker; a
-        // first one that came before Docker's report needed Docker.
-        let kernel = proxy.metric("imds_proxy_tc_address_confirmations_total{by=\"kernel\"}");
-        let docker = proxy.metric("imds_proxy_tc_address_confirmations_total{by=\"docker\"}");
-        eprintln!("confirmed by the kernel {kernel}, by Docker {docker}");
-        assert_eq!(kernel + docker, 30, "kernel {kernel}, docker {docker}");
-        assert!(kernel >= 20, "kernel {kernel}, docker {docker}");
+        // process alive in its cgroup, the address in its namespace; then by the watch on that
+        // confirmation), without asking Docker; a first one that came before Docker's report
+        // needed Docker.
+        let by = |how: &str| {
+            proxy.metric(&format!(
+                "imds_proxy_tc_address_confirmations_total{{by=\"{how}\"}}"
+            ))
+        };
+        let (watch, kernel, docker) = (by("watch"), by("kernel"), by("docker"));
+        eprintln!("confirmed by a watch {watch}, by the kernel {kernel}, by Docker {docker}");
+        assert_eq!(
+            watch + kernel + docker,
+            30,
+            "watch {watch}, kernel {kernel}, docker {docker}"
+        );
+        assert!(
+            watch + kernel >= 20,
+            "watch {watch}, kernel {kernel}, docker {docker}"
+        );
         assert!(docker >= 1, "no container asked before Docker reported it");
     } else {
         let early = proxy.metric("imds_proxy_containers_found_before_indexed_total");
@@ -763,20 +775,27 @@ fn an_address_taken_from_a_running_container_is_not_its_identity_any_more_in(mod
     fresh_network("imds-test-moved", "172.30.98.0/24");
     let net = ["--network", "imds-test-moved", "--ip", "172.30.98.10"];
     let a = Running::start(&[&net[..], &["--label", "iam.amazonaws.com/role=RoleA"]].concat());
-    // Twice: the second is confirmed the fast way (tc mode: by the kernel, not Docker).
+    // Three times: the second is confirmed the fast way (tc mode: by the kernel, not Docker),
+    // and the third by the watch on that confirmation.
     assert_eq!(get_credentials(&a, "RoleA").0, 200);
     assert_eq!(get_credentials(&a, "RoleA").0, 200);
+    assert_eq!(get_credentials(&a, "RoleA").0, 200);
+    let by = |how: &str| {
+        proxy.metric(&format!(
+            "imds_proxy_tc_address_confirmations_total{{by=\"{how}\"}}"
+        ))
+    };
+    if mode == Mode::Tc {
+        // The premise: A's address is confirmed by a watch when it moves (A still running).
+        assert!(by("watch") >= 1, "A's third request: {}", by("watch"));
+        assert_eq!(proxy.metric("imds_proxy_tc_watched_addresses"), 1);
+    }
     docker_ok(&["network", "disconnect", "imds-test-moved", &a.0]).unwrap();
     let b = Running::start(&[&net[..], &["--label", "iam.amazonaws.com/role=RoleB"]].concat());
     let out = b.exec("curl -s -w '\\n== %{http_code}\\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/");
     assert_eq!(answers(&out), vec![(200, "RoleB".to_owned())], "{out}");
     assert_eq!(get_credentials(&b, "RoleA"), (404, "Not Found".to_owned()));
     if mode == Mode::Tc {
-        let by = |how: &str| {
-            proxy.metric(&format!(
-                "imds_proxy_tc_address_confirmations_total{{by=\"{how}\"}}"
-            ))
-        };
         // A's second request at least: A was indexed (with its pid) by then. B's may go either
         // way (B can be indexed before it asks), so only A's is counted on.
         assert!(by("kernel") >= 1, "A's second request: {}", by("kernel"));

@@ -42,6 +42,22 @@ enum Task {
         /// machine is spread over all of them; the samples of all rounds are pooled.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Under load: clients at once (one container).
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Under load: how long each measurement lasts.
+        #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Under load: rounds (0: no load part).
+        #[arg(long, default_value_t = 1)]
+        load_rounds: usize,
+        /// With many containers: the most running at once (steps 1, 10, 100, ... up to it; 0: no
+        /// such part).
+        #[arg(long, default_value_t = 1000)]
+        containers: usize,
+        /// With many containers: how many call at once.
+        #[arg(long, default_value_t = 50)]
+        calling: usize,
     },
     /// Mixed load on the proxy for a while, then a walk through its peers' faults; writes
     /// docs/reliability.md. Not part of `test`.
@@ -71,7 +87,28 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.command {
         Task::Setup => setup::run(&root).map(|_| ()),
-        Task::Bench { runs, rounds } => bench::run(&root, runs, rounds),
+        Task::Bench {
+            runs,
+            rounds,
+            connections,
+            duration,
+            load_rounds,
+            containers,
+            calling,
+        } => bench::run(
+            &root,
+            &bench::Settings {
+                runs,
+                rounds,
+                load: bench::LoadSettings {
+                    connections,
+                    duration,
+                    rounds: load_rounds,
+                    containers,
+                    calling,
+                },
+            },
+        ),
         Task::Soak { minutes } => soak::run(&root, minutes),
         Task::Run {
             simulate_ec2,

@@ -70,6 +70,15 @@ impl Cgroups {
         &self.root
     }
 
+    /// The path of the cgroup with this id if it was resolved before. Does not block.
+    pub fn cached(&self, cgroup_id: u64) -> Option<String> {
+        self.cache
+            .lock()
+            .expect("cache poisoned")
+            .get(&cgroup_id)
+            .cloned()
+    }
+
     /// The path (relative to the v2 root, starting with `/`) of the cgroup with this id.
     pub fn resolve(&self, cgroup_id: u64, tgid: u32) -> Option<String> {
         if let Some(path) = self.cache.lock().expect("cache poisoned").get(&cgroup_id) {

@@ -2,9 +2,20 @@
 //! Docker's index says has the address is the caller if its first process is alive in its cgroup
 //! and that process's network namespace holds the address as a local one, now. Read from a
 //! `/proc` of the host's pid namespace (a directory of test files in unit tests).
+//!
+//! A confirmation is then **watched** ([`Watch`]), so that the next connections from the address
+//! need no `/proc` reads: a pidfd of that first process (readable once it exits) and a netlink
+//! socket inside its network namespace, subscribed to its link and address changes (readable once
+//! any address or link there changes: the address deleted, the interface gone with a `docker
+//! network disconnect`). While neither has anything to say, the namespace holds the address as it
+//! did, and the process is the container's. Anything at all on either, or an error, ends the watch
+//! and the next connection is confirmed from `/proc` again.
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 /// A `/proc` to read.
@@ -54,6 +65,148 @@ impl Proc {
     /// Process `pid`'s network namespace file.
     pub fn netns(&self, pid: u32) -> PathBuf {
         self.process(pid).join("ns/net")
+    }
+
+    /// [`Proc::holds`], and when it does, a [`Watch`] that stays quiet for as long as it goes on
+    /// holding (none when the watch cannot be set up: a `/proc` of test files, no pidfd support;
+    /// the answer is then good for this connection only). Blocking.
+    pub fn holds_watched(&self, pid: u32, container_id: &str, ip: IpAddr) -> (bool, Option<Watch>) {
+        // Watch first, then check: a change after the check is seen by the watch. A pid reused
+        // before the pidfd was opened is caught by the check (not in the container's cgroup) or,
+        // reused after it, by the pidfd (the process it names exited).
+        let watch = Watch::open(pid, &self.netns(pid), container_id);
+        if !self.holds(pid, container_id, ip) {
+            return (false, None);
+        }
+        (true, watch.filter(Watch::quiet))
+    }
+}
+
+/// What keeps a confirmation true: see the module's documentation.
+#[derive(Debug)]
+pub struct Watch {
+    container_id: Arc<str>,
+    pidfd: OwnedFd,
+    netlink: OwnedFd,
+}
+
+impl Watch {
+    fn open(pid: u32, netns: &Path, container_id: &str) -> Option<Self> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if pidfd < 0 {
+            return None;
+        }
+        // SAFETY: a descriptor just returned to us, owned by nothing else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        let netns = std::fs::File::open(netns).ok()?;
+        Some(Self {
+            container_id: container_id.into(),
+            pidfd,
+            netlink: netlink_in(netns)?,
+        })
+    }
+
+    /// Whether nothing happened: the process alive, no link or address change in its namespace,
+    /// no error on either. One `poll` with a zero timeout; does not block.
+    pub fn quiet(&self) -> bool {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.netlink.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfd structs, descriptors owned by self.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        n == 0
+    }
+}
+
+/// A netlink route socket created inside the network namespace `netns`, subscribed to its link
+/// and address changes. Created on a thread of its own that enters the namespace and ends (a
+/// thread's namespace dies with it), so no thread of the proxy is ever left in a container's
+/// namespace.
+fn netlink_in(netns: std::fs::File) -> Option<OwnedFd> {
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        // SAFETY: socket(2) with constant arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a descriptor just returned to us.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is plain data; zeroed is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups =
+            (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+        // SAFETY: addr is a sockaddr_nl of the size given.
+        let bound = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        (bound == 0).then_some(fd)
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+/// The watched confirmations, by source address. Bounded: beyond [`Watched::LIMIT`] entries the
+/// ones no longer quiet are dropped, and when all are, nothing new is watched.
+#[derive(Debug, Default)]
+pub struct Watched(Mutex<HashMap<IpAddr, Watch>>);
+
+impl Watched {
+    pub const LIMIT: usize = 8192;
+
+    /// Whether `ip` is confirmed as container `container_id`'s by a watch that is still quiet.
+    /// A watch that is not (or is another container's) is dropped. Does not block.
+    pub fn confirms(&self, ip: IpAddr, container_id: &str) -> bool {
+        let mut watched = self.0.lock().expect("watched poisoned");
+        match watched.get(&ip) {
+            None => false,
+            Some(w) if &*w.container_id == container_id && w.quiet() => true,
+            Some(_) => {
+                watched.remove(&ip);
+                false
+            }
+        }
+    }
+
+    pub fn insert(&self, ip: IpAddr, watch: Watch) {
+        let mut watched = self.0.lock().expect("watched poisoned");
+        if watched.len() >= Self::LIMIT {
+            watched.retain(|_, w| w.quiet());
+            if watched.len() >= Self::LIMIT {
+                return;
+            }
+        }
+        watched.insert(ip, watch);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("watched poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -152,6 +305,34 @@ pub(crate) mod tests {
         let proc = Proc::default();
         assert!(!proc.holds(me, ID, "127.0.0.1".parse().unwrap()));
         assert!(!proc.holds(0, ID, "127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_watch_ends_when_its_process_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let watch = Watch::open(child.id(), Path::new("/proc/self/ns/net"), ID).unwrap();
+        assert!(watch.quiet());
+        let watched = Watched::default();
+        let ip: IpAddr = "172.17.0.2".parse().unwrap();
+        watched.insert(ip, watch);
+        assert!(watched.confirms(ip, ID));
+        assert!(!watched.confirms(ip, &"1".repeat(64)), "another container");
+        assert_eq!(watched.len(), 0, "a mismatch ends the watch");
+        watched.insert(
+            ip,
+            Watch::open(child.id(), Path::new("/proc/self/ns/net"), ID).unwrap(),
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!watched.confirms(ip, ID), "the process exited");
+        assert_eq!(watched.len(), 0);
+        assert!(
+            Watch::open(child.id(), Path::new("/proc/self/ns/net"), ID).is_none(),
+            "no pidfd for a reaped process"
+        );
     }
 
     #[test]

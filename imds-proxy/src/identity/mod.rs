@@ -21,7 +21,7 @@ use std::{
     },
 };
 
-pub use address::Proc;
+pub use address::{Proc, Watched};
 use futures_util::future::BoxFuture;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -135,8 +135,14 @@ pub struct Attestor {
     proc: Proc,
     /// tc mode: a connection without a record is identified by its source address.
     by_address: bool,
+    /// tc mode: confirmations the kernel still vouches for (see [`address`]).
+    watched: Watched,
+    confirmed_by_watch: AtomicU64,
     confirmed_by_kernel: AtomicU64,
     confirmed_by_docker: AtomicU64,
+    /// Connections identified by a kernel record; connections refused for want of any evidence.
+    by_record: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl Attestor {
@@ -153,8 +159,12 @@ impl Attestor {
             containers,
             proc,
             by_address,
+            watched: Watched::default(),
+            confirmed_by_watch: AtomicU64::new(0),
             confirmed_by_kernel: AtomicU64::new(0),
             confirmed_by_docker: AtomicU64::new(0),
+            by_record: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -170,21 +180,33 @@ impl Attestor {
         peer: SocketAddr,
         record: Option<Record>,
     ) -> Result<Caller, Refusal> {
-        match record {
-            Some(record) => Ok(self.by_kernel(record).await),
+        let caller = match record {
+            Some(record) => {
+                self.by_record.fetch_add(1, Ordering::Relaxed);
+                Ok(self.by_kernel(record).await)
+            }
             None if self.by_address => self.by_source(peer).await,
             None => Err(Refusal::NoRecord),
+        };
+        if caller.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
         }
+        caller
     }
 
     async fn by_kernel(&self, record: Record) -> Caller {
-        // Resolving may read /proc and walk the cgroup tree: off the async workers.
-        let cgroups = self.cgroups.clone();
-        let cgroup =
-            tokio::task::spawn_blocking(move || cgroups.resolve(record.cgroup_id, record.tgid))
-                .await
-                .ok()
-                .flatten();
+        // Cgroup ids are never reused, so a path resolved once is good for good. Resolving a new
+        // one may read /proc and walk the cgroup tree: off the async workers.
+        let cgroup = match self.cgroups.cached(record.cgroup_id) {
+            Some(path) => Some(path),
+            None => {
+                let cgroups = self.cgroups.clone();
+                tokio::task::spawn_blocking(move || cgroups.resolve(record.cgroup_id, record.tgid))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
         let container = match cgroup.as_deref().and_then(cgroup::container_id) {
             None => None,
             Some(id) => match self.containers.get(&id).await {
@@ -226,11 +248,20 @@ impl Attestor {
         let ip = peer.ip();
         let candidate = self.containers.indexed_with_address(ip);
         if let Some(container) = &candidate {
+            // Confirmed before, and nothing changed since: no /proc reads, no blocking.
+            if self.watched.confirms(ip, &container.id) {
+                self.confirmed_by_watch.fetch_add(1, Ordering::Relaxed);
+                return Ok(Caller::at_address(container.clone(), peer));
+            }
             let (proc, pid, id) = (self.proc.clone(), container.pid, container.id.clone());
-            let held = tokio::task::spawn_blocking(move || proc.holds(pid, &id, ip))
-                .await
-                .unwrap_or(false);
+            let (held, watch) =
+                tokio::task::spawn_blocking(move || proc.holds_watched(pid, &id, ip))
+                    .await
+                    .unwrap_or((false, None));
             if held {
+                if let Some(watch) = watch {
+                    self.watched.insert(ip, watch);
+                }
                 self.confirmed_by_kernel.fetch_add(1, Ordering::Relaxed);
                 return Ok(Caller::at_address(container.clone(), peer));
             }
@@ -243,12 +274,27 @@ impl Attestor {
         }
     }
 
-    /// tc mode: how many source addresses the kernel confirmed, and how many needed Docker.
-    pub fn address_confirmations(&self) -> (u64, u64) {
+    /// Connections identified by a kernel record, and connections refused (no evidence).
+    pub fn attested(&self) -> (u64, u64) {
         (
+            self.by_record.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+
+    /// tc mode: how many source addresses a watch still vouched for, how many the kernel
+    /// confirmed from /proc, and how many needed Docker.
+    pub fn address_confirmations(&self) -> (u64, u64, u64) {
+        (
+            self.confirmed_by_watch.load(Ordering::Relaxed),
             self.confirmed_by_kernel.load(Ordering::Relaxed),
             self.confirmed_by_docker.load(Ordering::Relaxed),
         )
+    }
+
+    /// tc mode: addresses whose confirmation is watched.
+    pub fn watched_addresses(&self) -> usize {
+        self.watched.len()
     }
 }
 
@@ -406,7 +452,7 @@ pub(crate) mod tests {
             caller.original_destination,
             "169.254.169.254:80".parse().unwrap()
         );
-        assert_eq!(attestor.address_confirmations(), (1, 0));
+        assert_eq!(attestor.address_confirmations(), (0, 1, 0));
         assert_eq!(table.asked.load(Ordering::Relaxed), 0);
     }
 
@@ -433,7 +479,7 @@ pub(crate) mod tests {
             Some(Refusal::NoContainerAtAddress),
             "a stopped container's address is nobody's"
         );
-        assert_eq!(attestor.address_confirmations(), (0, 1));
+        assert_eq!(attestor.address_confirmations(), (0, 0, 1));
         assert_eq!(table.asked.load(Ordering::Relaxed), 1);
     }
 

@@ -241,7 +241,7 @@ impl Redirect {
     }
 
     /// The programs' counters, as metrics text.
-    pub fn render_metrics(&self, address_confirmations: (u64, u64)) -> String {
+    pub fn render_metrics(&self, address_confirmations: (u64, u64, u64), watched: usize) -> String {
         let mut body = crate::metrics::render_guard(&self.hooks().guard_stats());
         if let Redirect::Tc { tc, .. } = self {
             body.push_str(&crate::metrics::render_tc(
@@ -250,6 +250,7 @@ impl Redirect {
                 tc.source_entries(),
                 tc.interfaces().len(),
                 address_confirmations,
+                watched,
             ));
         }
         body

@@ -16,6 +16,9 @@
 use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, ensure};
+mod load;
+pub use load::Settings as LoadSettings;
+
 use ec2sim::{
     http::{Request, Response},
     images::{self, docker, docker_ok},
@@ -33,7 +36,7 @@ const OPS: &str = "127.0.0.1:9182";
 /// one's connections.
 fn listen_addresses(n: usize) -> (String, String) {
     (
-        format!("169.254.42.{n}:80"),
+        format!("169.254.{}.{}:80", 42 + n / 250, n % 250 + 1),
         format!("[fd00:ec2:42::{n:x}]:80"),
     )
 }
@@ -71,7 +74,7 @@ impl Sample {
 }
 
 /// The three ways a container's IMDS connection reaches the proxy.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Redirect {
     Cgroup,
     Tc,
@@ -200,9 +203,8 @@ fn in_container(
     sample(&docker_ok(&args)?)
 }
 
-/// The lower bound: the same simulator on the host's loopback with its request log off, and the
-/// bench client on the host. No veth, no namespace, no logging.
-fn on_loopback(target: &Path, runs: usize) -> anyhow::Result<Sample> {
+/// The simulator on the host's loopback with its request log off, ready; and its address.
+fn loopback_sim(target: &Path) -> anyhow::Result<(std::process::Child, String)> {
     use std::io::BufRead as _;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -214,11 +216,27 @@ fn on_loopback(target: &Path, runs: usize) -> anyhow::Result<Sample> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting imds-sim on loopback")?;
-    let result = (|| {
+    let ready = (|| {
         let mut line = String::new();
         std::io::BufReader::new(sim.stdout.take().context("imds-sim stdout")?)
             .read_line(&mut line)?;
         ensure!(line.trim() == "ready", "imds-sim on loopback: {line:?}");
+        Ok(())
+    })();
+    match ready {
+        Ok(()) => Ok((sim, addr)),
+        Err(err) => {
+            crate::run::stop(&mut sim);
+            Err(err)
+        }
+    }
+}
+
+/// The lower bound: the same simulator on the host's loopback with its request log off, and the
+/// bench client on the host. No veth, no namespace, no logging.
+fn on_loopback(target: &Path, runs: usize) -> anyhow::Result<Sample> {
+    let (mut sim, addr) = loopback_sim(target)?;
+    let result = (|| {
         let out = Command::new(target.join("imds-bench"))
             .args([
                 "--addr",
@@ -290,44 +308,59 @@ fn metric(name: &str) -> Option<u64> {
     ec2sim::http::metric_value(&body, name)
 }
 
-fn measure(
-    target: &Path,
-    sts: &str,
-    image: &str,
+/// A proxy started for one measurement, behind `redirect` (with the DNAT rule for the baseline);
+/// stopped, and the rule removed, when dropped.
+struct BenchProxy {
     redirect: Redirect,
-    runs: usize,
-    cold_starts: usize,
-    (listen_v4, listen_v6): (String, String),
-) -> anyhow::Result<Measured> {
-    let rule = match redirect {
-        Redirect::IptablesDnat => Some(DnatRule::add(&listen_v4)?),
-        _ => None,
-    };
-    let mut proxy = Command::new(target.join("imds-proxy"))
-        .args(["run", "--ops-listen", OPS])
-        .args(["--listen", &format!("{listen_v4},{listen_v6}")])
-        .args(redirect.proxy_args())
-        .args(["--sts-endpoint", &format!("http://{sts}")])
-        .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
-        // One container makes every request here, ~1000 a second: the per-container rate limit
-        // (50/s, bursts of 100) would answer most of them 429. What is measured is the path.
-        .args([
-            "--requests-per-second",
-            "1000000",
-            "--request-burst",
-            "1000000",
-        ])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .context("starting imds-proxy")?;
-    let result = (|| {
-        crate::run::wait_ready(&mut proxy, OPS.parse()?, |r| serving(redirect, r))?;
-        println!("bench: {}, warm cache, {runs} fetches", redirect.describe());
-        let role = format!("iam.amazonaws.com/role=Bench-{}", redirect.key());
-        // One unmeasured fetch first, in the measured container: its session (cached per
-        // container) is then there for the measured ones.
-        let warm = in_container(image, &[role], runs, 1)?;
-        let mut evidence = match (&rule, redirect) {
+    child: std::process::Child,
+    rule: Option<DnatRule>,
+}
+
+impl BenchProxy {
+    fn start(
+        target: &Path,
+        sts: &str,
+        redirect: Redirect,
+        (listen_v4, listen_v6): (String, String),
+    ) -> anyhow::Result<Self> {
+        let rule = match redirect {
+            Redirect::IptablesDnat => Some(DnatRule::add(&listen_v4)?),
+            _ => None,
+        };
+        let child = Command::new(target.join("imds-proxy"))
+            .args(["run", "--ops-listen", OPS])
+            .args(["--listen", &format!("{listen_v4},{listen_v6}")])
+            .args(redirect.proxy_args())
+            .args(["--sts-endpoint", &format!("http://{sts}")])
+            .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
+            // One container makes every request here, thousands a second: the per-container rate
+            // limit (50/s, bursts of 100) would answer most of them 429. What is measured is the
+            // path.
+            .args([
+                "--requests-per-second",
+                "1000000",
+                "--request-burst",
+                "1000000",
+            ])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .context("starting imds-proxy")?;
+        let mut proxy = Self {
+            redirect,
+            child,
+            rule,
+        };
+        crate::run::wait_ready(&mut proxy.child, OPS.parse()?, |r| serving(redirect, r))?;
+        Ok(proxy)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What shows the traffic went the way this redirect says: the kernel's counters.
+    fn evidence(&self) -> anyhow::Result<String> {
+        let mut evidence = match (&self.rule, self.redirect) {
             (Some(rule), _) => {
                 let n = rule.connections()?;
                 ensure!(n > 0, "the DNAT rule rewrote no connection");
@@ -339,9 +372,14 @@ fn measure(
                 ensure!(n > 0, "tc mode redirected no packet");
                 format!("tc ingress rewrote {n} packets")
             }
-            _ => "connect4 rewrite (kernel-attested callers)".to_owned(),
+            _ => {
+                let n = metric("imds_proxy_connections_attested_total{by=\"kernel_record\"}")
+                    .context("kernel records counter")?;
+                ensure!(n > 0, "cgroup mode took no kernel record");
+                format!("connect4 rewrote and sock_ops recorded {n} connections")
+            }
         };
-        if redirect != Redirect::Cgroup {
+        if self.redirect != Redirect::Cgroup {
             let by = |how: &str| {
                 metric(&format!(
                     "imds_proxy_tc_address_confirmations_total{{by=\"{how}\"}}"
@@ -355,6 +393,33 @@ fn measure(
                 by("docker")
             );
         }
+        Ok(evidence)
+    }
+}
+
+impl Drop for BenchProxy {
+    fn drop(&mut self) {
+        crate::run::stop(&mut self.child);
+    }
+}
+
+fn measure(
+    target: &Path,
+    sts: &str,
+    image: &str,
+    redirect: Redirect,
+    runs: usize,
+    cold_starts: usize,
+    listen: (String, String),
+) -> anyhow::Result<Measured> {
+    let result = (|| {
+        let proxy = BenchProxy::start(target, sts, redirect, listen)?;
+        println!("bench: {}, warm cache, {runs} fetches", redirect.describe());
+        let role = format!("iam.amazonaws.com/role=Bench-{}", redirect.key());
+        // One unmeasured fetch first, in the measured container: its session (cached per
+        // container) is then there for the measured ones.
+        let warm = in_container(image, &[role], runs, 1)?;
+        let evidence = proxy.evidence()?;
         if cold_starts > 0 {
             println!(
                 "bench: {}, cold start, {cold_starts} containers",
@@ -367,19 +432,27 @@ fn measure(
                 in_container(image, &[label], 1, 0).map(|s| s.micros[0] as f64 / 1000.0)
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Measured {
+        Ok::<_, anyhow::Error>(Measured {
             redirect,
             warm,
             cold,
             evidence,
         })
     })();
-    crate::run::stop(&mut proxy);
-    drop(rule);
     result.with_context(|| redirect.describe())
 }
 
-pub fn run(root: &Path, runs: usize, rounds: usize) -> anyhow::Result<()> {
+/// What `cargo xtask bench` measures.
+pub struct Settings {
+    /// Single client: fetches per measurement, and rounds.
+    pub runs: usize,
+    pub rounds: usize,
+    /// The load and scale parts (`rounds` 0 skips the load part, `containers` 0 the scale part).
+    pub load: load::Settings,
+}
+
+pub fn run(root: &Path, settings: &Settings) -> anyhow::Result<()> {
+    let (runs, rounds) = (settings.runs, settings.rounds);
     ensure!(
         runs >= 10,
         "--runs: at least 10 for percentiles to mean something"
@@ -387,6 +460,24 @@ pub fn run(root: &Path, runs: usize, rounds: usize) -> anyhow::Result<()> {
     ensure!(
         (1..=50).contains(&rounds),
         "--rounds: 1 to 50 (each measurement takes listen addresses of its own)"
+    );
+    let l = &settings.load;
+    ensure!(l.rounds <= 20, "--load-rounds: at most 20");
+    ensure!(
+        (1..=64).contains(&l.connections),
+        "--connections: 1 to 64 (the proxy's per-container connection cap)"
+    );
+    ensure!(
+        (1..=64).contains(&l.calling),
+        "--calling: 1 to 64 containers at once"
+    );
+    ensure!(
+        l.containers <= 2000,
+        "--containers: at most 2000 (docker0 is a /16, and each holds a session)"
+    );
+    ensure!(
+        l.duration >= Duration::from_secs(1),
+        "--duration: at least a second"
     );
     crate::setup::run(root)?;
     crate::cargo(
@@ -403,6 +494,7 @@ pub fn run(root: &Path, runs: usize, rounds: usize) -> anyhow::Result<()> {
     )?;
     let target = root.join("target/release");
     let image = images::bench_image(&target.join("imds-bench"))?;
+    let load_image = images::load_image(&target.join("imds-load"))?;
     let scene = SceneConfig::new(target.join("imds-sim"))
         .hop_limit(2)
         .http_tokens(HttpTokens::Required)
@@ -444,13 +536,30 @@ pub fn run(root: &Path, runs: usize, rounds: usize) -> anyhow::Result<()> {
                 }
             }
         }
-        Ok::<_, anyhow::Error>((lower, floor, measured))
+        // Listen addresses after the single-client part's.
+        let first = rounds * Redirect::ALL.len() + 1;
+        let concurrent = load::concurrent(&target, &sts, load_image, l, first)?;
+        let first = first + l.rounds * 2 * Redirect::ALL.len();
+        let steps = if l.containers > 0 {
+            load::scale(&target, &sts, load_image, l, first)?
+        } else {
+            Vec::new()
+        };
+        Ok::<_, anyhow::Error>((lower, floor, measured, concurrent, steps))
     })();
     drop(scene);
-    let (lower, floor, measured) = measured?;
-    let _ = docker(&["rmi", image]);
+    let (lower, floor, measured, concurrent, steps) = measured?;
+    let _ = docker(&["rmi", image, load_image]);
 
-    let report = report(runs, rounds, &lower, &floor, &measured);
+    let plot = if steps.is_empty() {
+        None
+    } else {
+        let name = "benchmarks-containers.svg";
+        load::plot(&steps, &root.join("docs").join(name))?;
+        Some(name)
+    };
+    let mut report = report(runs, rounds, &lower, &floor, &measured);
+    report.push_str(&load::report(l, &concurrent, &steps, plot));
     println!("\n{report}");
     let path = root.join("docs/benchmarks.md");
     std::fs::create_dir_all(root.join("docs"))?;
@@ -490,8 +599,10 @@ fn report(
     let _ = writeln!(out, "# Benchmarks\n");
     let _ = writeln!(
         out,
-        "Command: `cargo xtask bench --runs {runs} --rounds {rounds}` (release builds). Date: \
-         {date}."
+        "Command: `{}` (release builds). Date: {date}.",
+        std::env::args()
+            .skip(1)
+            .fold("cargo xtask".to_owned(), |c, a| c + " " + &a)
     );
     let _ = writeln!(out, "Machine: {}.\n", machine());
     let _ = writeln!(

@@ -87,6 +87,9 @@ fn without_image_roles(
 /// Changes the rest of the proxy reacts to.
 #[derive(Clone, Debug)]
 pub enum Event {
+    /// A container was created (not started yet, so not indexed): its credentials can be
+    /// fetched ahead while Docker sets it up, so that its first request finds them.
+    Created(Arc<Container>),
     /// A container started (or was renamed or updated): prefetch its credentials.
     Started(Arc<Container>),
     /// A container was destroyed: forget it and its credentials.
@@ -500,7 +503,7 @@ impl Index {
             ("type".to_owned(), vec!["container".to_owned()]),
             (
                 "event".to_owned(),
-                ["start", "die", "destroy", "rename", "update"]
+                ["create", "start", "die", "destroy", "rename", "update"]
                     .map(str::to_owned)
                     .to_vec(),
             ),
@@ -530,6 +533,12 @@ impl Index {
                             .insert(id.clone(), container.clone());
                         tracing::debug!(container_id = %id, name = %container.name, action, "indexed");
                         let _ = self.events.send(Event::Started(container));
+                    }
+                }
+                // Not indexed (it runs nothing yet, so nothing can call from it); only announced.
+                "create" => {
+                    if let Some(container) = self.inspect(&id).await? {
+                        let _ = self.events.send(Event::Created(Arc::new(container)));
                     }
                 }
                 "destroy" => {

@@ -322,11 +322,14 @@ pub fn render_docker(found_before_indexed: u64) -> String {
 }
 
 /// The credential cache's gauges.
-pub fn render_cache(keys: usize, breaker_open: bool) -> String {
+pub fn render_cache(keys: usize, sessions: usize, breaker_open: bool) -> String {
     format!(
         "# HELP imds_proxy_credential_cache_keys Keys the credential cache holds (role, container).\n\
          # TYPE imds_proxy_credential_cache_keys gauge\n\
          imds_proxy_credential_cache_keys {keys}\n\
+         # HELP imds_proxy_credential_cache_sessions Keys that hold a session (credentials fetched).\n\
+         # TYPE imds_proxy_credential_cache_sessions gauge\n\
+         imds_proxy_credential_cache_sessions {sessions}\n\
          # HELP imds_proxy_sts_breaker_open 1 while the STS circuit breaker is open.\n\
          # TYPE imds_proxy_sts_breaker_open gauge\n\
          imds_proxy_sts_breaker_open {}\n",

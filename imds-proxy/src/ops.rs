@@ -72,6 +72,7 @@ pub fn router(ops: Ops) -> axum::Router {
                     ));
                     body.push_str(&crate::metrics::render_cache(
                         ops.app.credentials.len(),
+                        ops.app.credentials.sessions(),
                         matches!(
                             ops.app.credentials.breaker(),
                             crate::credentials::breaker::Status::Open { .. }

@@ -38,6 +38,8 @@ pub fn run(root: &Path) -> anyhow::Result<Env> {
         "curl",
         "iproute2",
         "iptables",
+        // The bench clears connection-tracking entries between measurements.
+        "conntrack",
         "musl-tools",
     ])?;
     bpf_linker(llvm)?;

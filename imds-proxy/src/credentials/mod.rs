@@ -389,6 +389,21 @@ impl Cache {
         self.entries.lock().expect("cache poisoned").len()
     }
 
+    /// Keys that hold a session (fetched, expired or not).
+    pub fn sessions(&self) -> usize {
+        let entries: Vec<Arc<Entry>> = self
+            .entries
+            .lock()
+            .expect("cache poisoned")
+            .values()
+            .cloned()
+            .collect();
+        entries
+            .iter()
+            .filter(|e| e.state().session.is_some())
+            .count()
+    }
+
     /// Whether a session is due for refresh (less than `refresh_before` left).
     fn due(&self, session: &Session, now: SystemTime) -> bool {
         session
@@ -534,8 +549,11 @@ impl Cache {
         let _ = self.look(&entry, &key, true);
     }
 
-    /// Until the events end: fetch ahead the session of every container that starts with a role
-    /// (under the same key the handler uses), forget destroyed containers' sessions. The proxy's
+    /// Until the events end: fetch ahead the session of every container that is created or
+    /// starts with a role (under the same key the handler uses), forget destroyed containers'
+    /// sessions. Fetching at create gives the STS call a head start over the container's first
+    /// request (the time Docker takes to set up its network and start it); at start it is
+    /// single-flight with any call already under way. The proxy's
     /// own container (when it runs as one) is never asked for.
     pub async fn follow_containers(
         self: Arc<Self>,
@@ -546,8 +564,9 @@ impl Cache {
         use crate::docker::{Event, next_event};
         while let Some(event) = next_event(&mut events, "roles").await {
             match event {
-                Event::Started(container) if Some(&container.id) == own_container.as_ref() => {}
-                Event::Started(container) => {
+                Event::Created(container) | Event::Started(container)
+                    if Some(&container.id) == own_container.as_ref() => {}
+                Event::Created(container) | Event::Started(container) => {
                     match policy.resolve(&container.labels, &container.env) {
                         Ok(Some(role)) => self.prefetch(Key::session(&container, &role)),
                         Ok(None) => {}

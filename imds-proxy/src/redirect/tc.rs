@@ -574,7 +574,7 @@ impl TcRedirect {
         while let Some(event) = next_event(&mut events, "source addresses").await {
             let container = match event {
                 Event::Started(container) if container.running && container.pid != 0 => container,
-                Event::Started(_) => continue,
+                Event::Started(_) | Event::Created(_) => continue,
                 Event::Destroyed(container) => {
                     self.forget_sources(&container.id);
                     continue;

@@ -214,6 +214,34 @@ enum Clients<'a> {
     Running(&'a [String]),
 }
 
+/// Forget the kernel's connection-tracking entries of IMDS connections. A connection whose
+/// addresses and ports match an entry still there (TIME_WAIT lasts two minutes in conntrack) gets
+/// that entry's NAT decision: a container that called the floor (no NAT) and then opens a
+/// connection from the same port behind the DNAT rule bypasses the rule and reaches the
+/// simulated IMDS itself. The eBPF redirects decide per socket (connect4) or per packet (tc), so
+/// only the baseline needs this; it is done before every measurement all the same.
+fn forget_conntrack() -> anyhow::Result<()> {
+    // Exit status 1 when there was nothing to delete.
+    let out = Command::new("conntrack")
+        .args([
+            "-D",
+            "-p",
+            "tcp",
+            "--orig-dst",
+            "169.254.169.254",
+            "--orig-port-dst",
+            "80",
+        ])
+        .output()
+        .context("running conntrack (Debian conntrack; `cargo xtask setup` installs it)")?;
+    ensure!(
+        out.status.code().is_some_and(|c| c <= 1),
+        "conntrack -D: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 /// Run the clients at once, measuring the same window; CPU and memory of `proxy` over it.
 fn drive(
     clients: &Clients,
@@ -228,6 +256,7 @@ fn drive(
     };
     // Time for every client to start (a docker exec takes a while with 2 cores busy), and a
     // second of load before measuring.
+    forget_conntrack()?;
     let lead = Duration::from_millis(1500 + 120 * count as u64);
     let start_at = epoch_ms_in(lead);
     let args = client_args(kind, connections, duration, start_at);
@@ -447,7 +476,7 @@ pub struct Step {
 fn wait_cached(n: usize) -> anyhow::Result<Duration> {
     let started = Instant::now();
     loop {
-        let cached = metric("imds_proxy_credential_cache_keys").unwrap_or(0) as usize;
+        let cached = metric("imds_proxy_credential_cache_sessions").unwrap_or(0) as usize;
         if cached >= n {
             return Ok(started.elapsed());
         }

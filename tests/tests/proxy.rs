@@ -1086,3 +1086,45 @@ curl -s -g -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" 'http://[f
         .collect();
     assert!(from_containers.is_empty(), "{mode:?}: {from_containers:#?}");
 }
+
+/// A container's credentials are fetched when Docker reports it created, before it starts: its
+/// first request, the moment it starts, makes no STS call of its own.
+#[test]
+fn a_container_s_credentials_are_fetched_when_it_is_created() {
+    let scene = scene();
+    let proxy = Proxy::start(&scene, &[]);
+    let calls = proxy.metric("imds_proxy_sts_calls_total");
+    let id = docker_ok(&[
+        "create",
+        "--label",
+        "iam.amazonaws.com/role=Early",
+        curl_image().unwrap(),
+        "sleep",
+        "600",
+    ])
+    .unwrap()
+    .trim()
+    .to_owned();
+    let created = Running(id);
+    // Bounded wait for the prefetch: the container has not started.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while proxy.metric("imds_proxy_credential_cache_sessions") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no session fetched for a created container: {:#?}",
+            proxy.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(proxy.metric("imds_proxy_sts_calls_total"), calls + 1);
+    let state = docker_ok(&["inspect", "-f", "{{.State.Status}}", &created.0]).unwrap();
+    assert_eq!(state.trim(), "created", "fetched before it started");
+    docker_ok(&["start", &created.0]).unwrap();
+    let (status, body) = get_credentials(&created, "Early");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        proxy.metric("imds_proxy_sts_calls_total"),
+        calls + 1,
+        "the first request found the session fetched at create"
+    );
+}

@@ -349,7 +349,15 @@ pub struct Cache {
     breaker: Breaker,
     entries: Mutex<HashMap<Key, Arc<Entry>>>,
     metrics: Arc<Metrics>,
+    /// Permits for calls made ahead of requests ([`PREFETCH_AT_ONCE`]).
+    prefetching: Arc<tokio::sync::Semaphore>,
 }
+
+/// Calls made ahead of requests, at most at once. A proxy that starts (or resynchronises with
+/// Docker) on a host running a thousand containers with roles would otherwise make a thousand
+/// STS calls at once: a burst STS throttles, and whose buffers the allocator keeps as resident
+/// memory. A request never waits for a permit: it joins the call under way or starts its own.
+pub const PREFETCH_AT_ONCE: usize = 8;
 
 /// What a request found when it looked.
 enum Look {
@@ -372,6 +380,7 @@ impl Cache {
             breaker: Breaker::default(),
             entries: Mutex::new(HashMap::new()),
             metrics,
+            prefetching: Arc::new(tokio::sync::Semaphore::new(PREFETCH_AT_ONCE)),
         })
     }
 
@@ -543,10 +552,23 @@ impl Cache {
         });
     }
 
-    /// Fetch ahead of the first request (a container with a role just started).
+    /// Fetch ahead of the first request (a container with a role was created or started), in
+    /// the background, [`PREFETCH_AT_ONCE`] at most at once; a key that has a session or a call
+    /// under way by then makes no call.
     pub fn prefetch(self: &Arc<Self>, key: Key) {
-        let entry = self.entry(&key);
-        let _ = self.look(&entry, &key, true);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = this.prefetching.clone().acquire_owned().await else {
+                return;
+            };
+            let entry = this.entry(&key);
+            // Subscribed before looking: the end of the call started here is not missed.
+            let mut ended = entry.ended.subscribe();
+            if matches!(this.look(&entry, &key, true), Look::Wait) {
+                // The permit is held until the call ends (every call is bounded).
+                let _ = ended.changed().await;
+            }
+        });
     }
 
     /// Until the events end: fetch ahead the session of every container that is created or
@@ -774,6 +796,38 @@ pub(crate) mod tests {
             tokio::task::yield_now().await;
         }
         panic!("the condition never held");
+    }
+
+    #[tokio::test]
+    async fn prefetches_run_a_few_at_once_and_requests_do_not_wait_for_them() {
+        let clock = FakeClock::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let sts = FakeSts::gated(&clock, Some(gate.clone()));
+        let cache = cache(&sts, &clock);
+        let keys: Vec<Key> = (0..100).map(|i| key(&format!("Fleet-{i}"))).collect();
+        for k in &keys {
+            cache.prefetch(k.clone());
+        }
+        until(|| sts.calls() == PREFETCH_AT_ONCE).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(sts.calls(), PREFETCH_AT_ONCE, "no more than that at once");
+        // A request for a key still queued starts its own call at once.
+        let asking = {
+            let (cache, k) = (cache.clone(), keys[99].clone());
+            tokio::spawn(async move { cache.get(&k).await })
+        };
+        until(|| sts.calls() == PREFETCH_AT_ONCE + 1).await;
+        // Every call may now end: all keys get a session, each key one call.
+        gate.add_permits(1000);
+        assert!(asking.await.unwrap().is_ok());
+        until(|| cache.sessions() == 100).await;
+        assert_eq!(
+            sts.calls(),
+            100,
+            "one call a key: the queued prefetch found the session"
+        );
     }
 
     #[tokio::test]

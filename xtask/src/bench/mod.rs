@@ -701,9 +701,10 @@ fn report(
     let _ = writeln!(
         out,
         "\ntc mode and the iptables row run the same proxy code: callers identified by source \
-         address, confirmed on every connection: by the kernel (the container's first process \
-         alive in its cgroup, the address local in its network namespace), else by a Docker \
-         inspect. Their difference is the redirect alone. cgroup mode reads the kernel's record of \
+         address, confirmed by the kernel (the container's first process alive in its cgroup, \
+         the address local in its network namespace), else by a Docker inspect, and that \
+         confirmation then watched (a pidfd of the process, a netlink socket in its namespace) \
+         so that the next connections need no /proc reads. Their difference is the redirect alone. cgroup mode reads the kernel's record of \
          the caller's cgroup instead."
     );
     let _ = writeln!(

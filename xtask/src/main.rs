@@ -49,7 +49,7 @@ enum Task {
         #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
         /// Under load: rounds (0: no load part).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 2)]
         load_rounds: usize,
         /// With many containers: the most running at once (steps 1, 10, 100, ... up to it; 0: no
         /// such part).

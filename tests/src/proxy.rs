@@ -133,6 +133,19 @@ impl Proxy {
     }
 
     pub fn start_in(scene: &Scene, mode: Mode, extra: &[&str]) -> Self {
+        Self::start_with_env(scene, mode, extra, &[])
+    }
+
+    /// With these environment variables too. The scene's STS is given with `--sts-endpoint`
+    /// unless `extra` names one or the environment does (`AWS_ENDPOINT_URL_STS`).
+    pub fn start_with_env(
+        scene: &Scene,
+        mode: Mode,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let sts_given = extra.contains(&"--sts-endpoint")
+            || env.iter().any(|(k, _)| *k == "AWS_ENDPOINT_URL_STS");
         let ops = SocketAddr::from((
             Ipv4Addr::LOCALHOST,
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -151,8 +164,9 @@ impl Proxy {
             ])
             .args(["--interface", TEST_IF])
             .args(["--ops-listen", &ops.to_string()])
-            .args(if extra.contains(&"--sts-endpoint") {
-                // The test puts something (a fault injector) in front of the scene's STS.
+            .args(if sts_given {
+                // The test puts something (a fault injector) in front of the scene's STS, or
+                // names it the standard way.
                 vec![]
             } else {
                 vec![
@@ -165,6 +179,7 @@ impl Proxy {
             .args(extra)
             .env("RUST_LOG", "info,imds_proxy=debug")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -1128,3 +1128,23 @@ fn a_container_s_credentials_are_fetched_when_it_is_created() {
         "the first request found the session fetched at create"
     );
 }
+
+/// The proxy's STS client is configured as any AWS tool is: `AWS_ENDPOINT_URL_STS` names the
+/// endpoint when `--sts-endpoint` does not (before, the SDK's public endpoint was used anyway).
+#[test]
+fn the_sts_endpoint_can_come_from_the_standard_environment() {
+    let scene = scene();
+    let sts = format!("http://{}", scene.sts_endpoint().unwrap());
+    let proxy = Proxy::start_with_env(
+        &scene,
+        Mode::Cgroup,
+        &[],
+        &[("AWS_ENDPOINT_URL_STS", &sts), ("AWS_MAX_ATTEMPTS", "2")],
+    );
+    proxy.wait_for_log(&["STS client configured", &sts, "from the environment"]);
+    let container = Running::start(&["--label", "iam.amazonaws.com/role=FromEnv"]);
+    let (status, body) = get_credentials(&container, "FromEnv");
+    assert_eq!(status, 200, "{body}");
+    let creds: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(caller_arn(&scene, &creds).contains(":assumed-role/FromEnv/"));
+}

@@ -30,7 +30,7 @@ use std::{
 };
 
 use aws_config::{BehaviorVersion, Region, imds};
-use aws_sdk_sts::config::{SharedCredentialsProvider, retry::RetryConfig, timeout::TimeoutConfig};
+use aws_sdk_sts::config::{retry::RetryConfig, timeout::TimeoutConfig};
 use tokio::sync::watch;
 
 use crate::{limits::Backoff, metrics::Metrics};
@@ -208,10 +208,13 @@ impl AssumeRole for Sts {
                         // credentials to sign with: nothing to do with the role.
                         _ => Failure::Unavailable,
                     };
-                    sts_error(
-                        aws_sdk_sts::error::DisplayErrorContext(&e).to_string(),
-                        failure,
-                    )
+                    let message = match (e.code(), e.message()) {
+                        // STS's own answer: its code and message say it all.
+                        (Some(code), Some(message)) => format!("{code}: {message}"),
+                        (Some(code), None) => code.to_owned(),
+                        _ => one_line(&e),
+                    };
+                    sts_error(message, failure)
                 })?;
             let creds = output.credentials().ok_or_else(|| {
                 sts_error("answer without credentials".into(), Failure::Unavailable)
@@ -240,36 +243,49 @@ pub const CALL_LIMIT: Duration = Duration::from_secs(15);
 /// Instance credentials are refreshed this long before they expire.
 const INSTANCE_CREDENTIALS_AHEAD: Duration = Duration::from_secs(5 * 60);
 
-/// The STS client: instance credentials from the upstream IMDS, region from the flag or from IMDS.
+/// The STS client, configured as any AWS tool is: `aws_config` loads the environment and the
+/// shared config files (`AWS_ENDPOINT_URL_STS`/`AWS_ENDPOINT_URL`, `AWS_USE_FIPS_ENDPOINT`,
+/// `AWS_USE_DUALSTACK_ENDPOINT`, `AWS_PROFILE`, `AWS_MAX_ATTEMPTS`/`AWS_RETRY_MODE`, ...), and the
+/// proxy's flags win over them. Two things are never taken from there:
+/// - the credentials: always the instance's, from the upstream IMDS (never `AWS_ACCESS_KEY_ID`
+///   or a profile's keys: the proxy assumes roles as the instance);
+/// - the timeouts: the bounds below, which every answer of the proxy relies on.
+///
+/// Region: `--region`, else `AWS_REGION`/`AWS_DEFAULT_REGION` or the profile's, else the
+/// instance's (from the upstream IMDS). Retries: the bounds below unless `AWS_MAX_ATTEMPTS` or
+/// `AWS_RETRY_MODE` is set.
 pub async fn sts_client(
     upstream: &str,
     region: Option<&str>,
     endpoint: Option<&str>,
 ) -> anyhow::Result<aws_sdk_sts::Client> {
+    use aws_config::meta::region::RegionProviderChain;
     // The IMDS client's own bounds (1 s to connect, 1 s to answer, 3 attempts) hold for the
     // region and the instance credentials.
     let imds_client = imds::Client::builder()
         .endpoint(upstream)
         .map_err(|e| anyhow::anyhow!("upstream {upstream}: {e}"))?
         .build();
-    let region = match region {
-        Some(region) => Region::new(region.to_owned()),
-        None => imds::region::ImdsRegionProvider::builder()
-            .imds_client(imds_client.clone())
-            .build()
-            .region()
-            .await
-            .ok_or_else(|| {
-                anyhow::anyhow!("no --region given and the upstream IMDS did not say one")
-            })?,
-    };
+    let region_chain = RegionProviderChain::first_try(region.map(|r| Region::new(r.to_owned())))
+        .or_else(aws_config::environment::EnvironmentVariableRegionProvider::new())
+        .or_else(aws_config::profile::ProfileFileRegionProvider::builder().build())
+        .or_else(
+            imds::region::ImdsRegionProvider::builder()
+                .imds_client(imds_client.clone())
+                .build(),
+        );
+    let region = region_chain.region().await.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no region: no --region, no AWS_REGION or profile region, and the upstream IMDS did \
+             not say one"
+        )
+    })?;
     let provider = imds::credentials::ImdsCredentialsProvider::builder()
         .imds_client(imds_client)
         .build();
-    let mut config = aws_sdk_sts::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(region)
-        .credentials_provider(SharedCredentialsProvider::new(provider))
+        .credentials_provider(provider)
         // Instance credentials are fetched again well before they expire, so a rotation on the
         // instance is picked up before the old ones stop working.
         .identity_cache(
@@ -284,17 +300,52 @@ pub async fn sts_client(
                 .operation_attempt_timeout(STS_ATTEMPT)
                 .operation_timeout(STS_OPERATION)
                 .build(),
-        )
-        .retry_config(
+        );
+    let retries_from_environment = ["AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    if !retries_from_environment {
+        loader = loader.retry_config(
             RetryConfig::standard()
                 .with_max_attempts(STS_ATTEMPTS)
                 .with_initial_backoff(Duration::from_millis(100))
                 .with_max_backoff(Duration::from_secs(1)),
         );
-    if let Some(endpoint) = endpoint {
-        config = config.endpoint_url(endpoint);
     }
-    Ok(aws_sdk_sts::Client::from_conf(config.build()))
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let shared = loader.load().await;
+    tracing::info!(
+        region = %shared.region().map(|r| r.to_string()).unwrap_or_default(),
+        endpoint = endpoint
+            .map(str::to_owned)
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL_STS").ok())
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .unwrap_or_else(|| "the regional endpoint".to_owned()),
+        fips = shared.use_fips().unwrap_or(false),
+        retries = if retries_from_environment { "from the environment" } else { "3 attempts" },
+        "STS client configured"
+    );
+    Ok(aws_sdk_sts::Client::new(&shared))
+}
+
+/// An error and its causes in one line (`a: b: c`), without the SDK's Debug dump; a cause whose
+/// text the line already holds is left out.
+pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        next = e.source();
+    }
+    line
 }
 
 #[derive(Default)]
@@ -562,6 +613,21 @@ impl Cache {
                 return;
             };
             let entry = this.entry(&key);
+            {
+                // A session still good, or a call under way (a container announced twice, at
+                // create and at start; a request first): nothing to do, and no cache hit counted
+                // (those are requests').
+                let state = entry.state();
+                let now = this.clock.now();
+                if state.flying
+                    || state
+                        .session
+                        .as_ref()
+                        .is_some_and(|s| s.expiration > now && !this.due(s, now))
+                {
+                    return;
+                }
+            }
             // Subscribed before looking: the end of the call started here is not missed.
             let mut ended = entry.ended.subscribe();
             if matches!(this.look(&entry, &key, true), Look::Wait) {
@@ -796,6 +862,36 @@ pub(crate) mod tests {
             tokio::task::yield_now().await;
         }
         panic!("the condition never held");
+    }
+
+    #[test]
+    fn an_error_chain_is_one_line_without_repeats() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let chain = E(
+            "dispatch failure",
+            Some(Box::new(E(
+                "timeout",
+                Some(Box::new(E(
+                    "timeout",
+                    Some(Box::new(E("HTTP read timeout after 5s", None))),
+                ))),
+            ))),
+        );
+        assert_eq!(
+            one_line(&chain),
+            "dispatch failure: timeout: HTTP read timeout after 5s"
+        );
     }
 
     #[tokio::test]

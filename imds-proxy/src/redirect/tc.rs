@@ -493,29 +493,50 @@ impl TcRedirect {
     }
 
     /// Follow interfaces as they come and go (rtnetlink link events) until the task is dropped.
+    /// A subscription that ends (its socket overflowed under a burst of link events, or closed)
+    /// is made again, and every interface looked at again, after a short back-off.
     pub async fn follow_interfaces(&self) {
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let started = std::time::Instant::now();
+            match self.watch_interfaces().await {
+                Ok(()) => tracing::warn!(
+                    retry_in = ?backoff,
+                    "interface watch ended (its netlink socket overflowed or closed); watching \
+                     again and looking at every interface"
+                ),
+                Err(err) => tracing::error!(
+                    %err,
+                    retry_in = ?backoff,
+                    "cannot watch interfaces; new container interfaces are attached once the \
+                     watch is back"
+                ),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = if started.elapsed() > std::time::Duration::from_secs(60) {
+                std::time::Duration::from_millis(100)
+            } else {
+                (backoff * 2).min(std::time::Duration::from_secs(5))
+            };
+        }
+    }
+
+    /// One subscription to link events: look at every interface once subscribed (anything may
+    /// have happened before), then again at each event, until the subscription ends.
+    async fn watch_interfaces(&self) -> std::io::Result<()> {
         use futures_util::StreamExt as _;
         use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
-        let (mut connection, _handle, mut messages) = match rtnetlink::new_connection() {
-            Ok(parts) => parts,
-            Err(err) => {
-                tracing::error!(%err, "cannot watch interfaces; new container interfaces will not be attached");
-                return;
-            }
-        };
+        let (mut connection, _handle, mut messages) = rtnetlink::new_connection()?;
         let groups = SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK);
-        if let Err(err) = connection.socket_mut().socket_mut().bind(&groups) {
-            tracing::error!(%err, "cannot watch interfaces; new container interfaces will not be attached");
-            return;
-        }
-        tokio::spawn(connection);
-        // Anything may have happened between the first scan and the subscription.
+        connection.socket_mut().socket_mut().bind(&groups)?;
+        let connection = tokio::spawn(connection);
         self.reconcile();
         while messages.next().await.is_some() {
             // Link added, removed, renamed: look again (cheap: one sysfs listing).
             self.reconcile();
         }
-        tracing::error!("interface watch ended; new container interfaces will not be attached");
+        connection.abort();
+        Ok(())
     }
 
     /// Vouch for addresses as the kernel announces them behind container ports (provisional

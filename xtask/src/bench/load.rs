@@ -582,10 +582,16 @@ pub fn scale(
     Ok(out)
 }
 
+/// The proxy's RSS (MiB), CPU (% of a core) and CPU per request (µs), as table cells.
 fn cost(load: &Load) -> String {
     match (load.rss_kib, load.cpu) {
-        (Some(rss), Some(cpu)) => format!("{:.1} | {:.0}%", rss as f64 / 1024.0, cpu * 100.0),
-        _ => "– | –".to_owned(),
+        (Some(rss), Some(cpu)) => format!(
+            "{:.1} | {:.0}% | {:.0}",
+            rss as f64 / 1024.0,
+            cpu * 100.0,
+            cpu * 1e6 / load.rps
+        ),
+        _ => "– | – | –".to_owned(),
     }
 }
 
@@ -616,8 +622,8 @@ pub fn report(s: &Settings, measured: &Measured, steps: &[Step], plot: Option<&s
         let _ = writeln!(
             out,
             "### {}\n\n| path | req/s | × floor | p50 ms | p90 ms | p99 ms | max ms | p99 × floor \
-             | errors | proxy RSS MiB | proxy CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\
-             ---:|---:|",
+             | errors | proxy RSS MiB | proxy CPU | proxy CPU µs/request |\n|---|---:|---:|---:|---:\
+             |---:|---:|---:|---:|---:|---:|---:|",
             match kind {
                 Kind::New => "New connection per request",
                 Kind::KeepAlive => "Kept-alive connections",
@@ -672,8 +678,8 @@ pub fn report(s: &Settings, measured: &Measured, steps: &[Step], plot: Option<&s
     let _ = writeln!(
         out,
         "| containers | calling | path | req/s | × floor | p50 ms | p99 ms | p99 × floor | max ms \
-         | errors | proxy RSS MiB (idle) | proxy RSS MiB | proxy CPU |\n|---:|---:|---|---:|---:|\
-         ---:|---:|---:|---:|---:|---:|---:|---:|"
+         | errors | proxy RSS MiB (idle) | proxy RSS MiB | proxy CPU | proxy CPU µs/request |\n\
+         |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for step in steps {
         let floor = step

@@ -138,12 +138,7 @@ impl Proxy {
 
     /// With these environment variables too. The scene's STS is given with `--sts-endpoint`
     /// unless `extra` names one or the environment does (`AWS_ENDPOINT_URL_STS`).
-    pub fn start_with_env(
-        scene: &Scene,
-        mode: Mode,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Self {
+    pub fn start_with_env(scene: &Scene, mode: Mode, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let sts_given = extra.contains(&"--sts-endpoint")
             || env.iter().any(|(k, _)| *k == "AWS_ENDPOINT_URL_STS");
         let ops = SocketAddr::from((

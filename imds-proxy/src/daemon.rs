@@ -137,6 +137,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         redirect.attach_points(&root),
         own_container,
     ));
+    // Every minute, the watched source addresses of containers gone give their descriptors back
+    // (tc mode; a watch is otherwise dropped only when its address calls again).
+    {
+        let attestor = attestor.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let dropped = attestor.sweep_watches();
+                if dropped > 0 {
+                    tracing::debug!(dropped, "watches of source addresses that ended dropped");
+                }
+            }
+        });
+    }
     // Subscribed before the index starts: every container, those running now included.
     tokio::spawn(docker.clone().run());
     // Every minute the cache keeps only the indexed containers' sessions: a destroy event missed

@@ -168,13 +168,24 @@ fn netlink_in(netns: std::fs::File) -> Option<OwnedFd> {
     .flatten()
 }
 
-/// The watched confirmations, by source address. Bounded: beyond [`Watched::LIMIT`] entries the
-/// ones no longer quiet are dropped, and when all are, nothing new is watched.
+/// The watched confirmations, by source address. Bounded: beyond [`Watched::LIMIT`] entries (two
+/// descriptors each) the ones no longer quiet are dropped, and when all are, nothing new is
+/// watched (those addresses are confirmed from `/proc` on every connection, as before). Watches
+/// of containers gone are dropped when next looked at, or by [`Watched::sweep`].
 #[derive(Debug, Default)]
 pub struct Watched(Mutex<HashMap<IpAddr, Watch>>);
 
 impl Watched {
-    pub const LIMIT: usize = 8192;
+    pub const LIMIT: usize = 4096;
+
+    /// Drop every watch that is no longer quiet (its process exited, its namespace changed);
+    /// how many were dropped.
+    pub fn sweep(&self) -> usize {
+        let mut watched = self.0.lock().expect("watched poisoned");
+        let before = watched.len();
+        watched.retain(|_, w| w.quiet());
+        before - watched.len()
+    }
 
     /// Whether `ip` is confirmed as container `container_id`'s by a watch that is still quiet.
     /// A watch that is not (or is another container's) is dropped. Does not block.
@@ -329,6 +340,18 @@ pub(crate) mod tests {
         child.wait().unwrap();
         assert!(!watched.confirms(ip, ID), "the process exited");
         assert_eq!(watched.len(), 0);
+        // Unlooked-at watches of exited processes go with a sweep.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let watch = Watch::open(other.id(), Path::new("/proc/self/ns/net"), ID).unwrap();
+        watched.insert(ip, watch);
+        assert_eq!(watched.sweep(), 0, "still quiet");
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert_eq!(watched.sweep(), 1);
+        assert!(watched.is_empty());
         assert!(
             Watch::open(child.id(), Path::new("/proc/self/ns/net"), ID).is_none(),
             "no pidfd for a reaped process"

@@ -296,6 +296,11 @@ impl Attestor {
     pub fn watched_addresses(&self) -> usize {
         self.watched.len()
     }
+
+    /// tc mode: drop the watches that ended (containers gone); how many.
+    pub fn sweep_watches(&self) -> usize {
+        self.watched.sweep()
+    }
 }
 
 /// An accepted peer and who it is.

@@ -653,6 +653,18 @@ pub fn report(s: &Settings, measured: &Measured, steps: &[Step], plot: Option<&s
     }
     let _ = writeln!(
         out,
+        "Before every measurement the bench deletes the kernel's connection-tracking entries of \
+         IMDS connections (`conntrack -D --orig-dst 169.254.169.254`). Behind the DNAT rule, a new \
+         connection whose addresses and ports match an entry left by an earlier connection that \
+         was not rewritten (conntrack keeps TIME_WAIT entries for two minutes) inherits that \
+         entry's absence of NAT and reaches the instance's IMDS itself: in a first version of \
+         this bench the floor's entries let most of the DNAT row's requests through to the \
+         simulator (answered 401, its token being the proxy's). The seed's rule can be bypassed \
+         that way; the eBPF redirects decide per socket (connect4) or per packet (tc) and keep \
+         no such state.\n"
+    );
+    let _ = writeln!(
+        out,
         "What shows the path taken (kernel counters, first round):\n"
     );
     for (path, kind, load) in &measured.rows {

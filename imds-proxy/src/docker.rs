@@ -541,12 +541,28 @@ impl Index {
                         let _ = self.events.send(Event::Created(Arc::new(container)));
                     }
                 }
+                // Announced even when it was never indexed: a short-lived container (`docker
+                // run --rm`) can be gone before its start is inspected, yet its create was
+                // announced and its credentials prefetched; they must go with it. The name
+                // (what its session is called) then comes from the event.
                 "destroy" => {
                     let removed = self.containers.write().expect("index poisoned").remove(&id);
-                    if let Some(container) = removed {
-                        tracing::debug!(container_id = %id, "forgotten");
-                        let _ = self.events.send(Event::Destroyed(container));
-                    }
+                    let container = removed.unwrap_or_else(|| {
+                        let name = event
+                            .actor
+                            .as_ref()
+                            .and_then(|a| a.attributes.as_ref())
+                            .and_then(|a| a.get("name"))
+                            .cloned()
+                            .unwrap_or_default();
+                        Arc::new(Container {
+                            id: id.clone(),
+                            name,
+                            ..Container::default()
+                        })
+                    });
+                    tracing::debug!(container_id = %id, "forgotten");
+                    let _ = self.events.send(Event::Destroyed(container));
                 }
                 // "die": a stopped container makes no requests; it stays indexed until destroyed
                 // (it may be started again).

@@ -327,6 +327,34 @@ fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     run(Command::new("cargo").current_dir(root).args(args))
 }
 
+/// Build the proxy and the test binaries (simulator, clients) in release mode; their directory.
+fn release_binaries(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--package",
+            "imds-proxy",
+            "--package",
+            "imds-tests",
+            "--bins",
+        ],
+    )?;
+    Ok(root.join("target/release"))
+}
+
+/// A process's resident set (VmRSS), KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    use anyhow::Context as _;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc/<pid>/status")
+}
+
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {

@@ -105,12 +105,7 @@ struct Sample {
 }
 
 fn sample(pid: u32, started: Instant) -> anyhow::Result<Sample> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS")?;
+    let rss_kib = crate::rss_kib(pid)?;
     Ok(Sample {
         at: started.elapsed(),
         rss_kib,
@@ -135,19 +130,7 @@ struct Walked {
 pub fn run(root: &Path, minutes: u64) -> anyhow::Result<()> {
     ensure!((1..=120).contains(&minutes), "--minutes: 1 to 120");
     crate::setup::run(root)?;
-    crate::cargo(
-        root,
-        &[
-            "build",
-            "--release",
-            "--package",
-            "imds-proxy",
-            "--package",
-            "imds-tests",
-            "--bins",
-        ],
-    )?;
-    let target = root.join("target/release");
+    let target = crate::release_binaries(root)?;
     let scene = SceneConfig::new(target.join("imds-sim"))
         .http_tokens(HttpTokens::Optional)
         .with_sts()

@@ -607,12 +607,23 @@ impl Cache {
     /// the background, [`PREFETCH_AT_ONCE`] at most at once; a key that has a session or a call
     /// under way by then makes no call.
     pub fn prefetch(self: &Arc<Self>, key: Key) {
+        // The entry is made now, not when a permit comes: a container destroyed meanwhile has
+        // its entries forgotten, and the queued prefetch, finding its entry gone, makes none.
+        let entry = self.entry(&key);
         let this = self.clone();
         tokio::spawn(async move {
             let Ok(_permit) = this.prefetching.clone().acquire_owned().await else {
                 return;
             };
-            let entry = this.entry(&key);
+            let current = this
+                .entries
+                .lock()
+                .expect("cache poisoned")
+                .get(&key)
+                .cloned();
+            if !current.is_some_and(|c| Arc::ptr_eq(&c, &entry)) {
+                return;
+            }
             {
                 // A session still good, or a call under way (a container announced twice, at
                 // create and at start; a request first): nothing to do, and no cache hit counted
@@ -924,6 +935,42 @@ pub(crate) mod tests {
             100,
             "one call a key: the queued prefetch found the session"
         );
+    }
+
+    #[tokio::test]
+    async fn a_queued_prefetch_of_a_forgotten_container_makes_no_call_and_no_entry() {
+        let clock = FakeClock::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let sts = FakeSts::gated(&clock, Some(gate.clone()));
+        let cache = cache(&sts, &clock);
+        let busy: Vec<Key> = (0..PREFETCH_AT_ONCE)
+            .map(|i| Key {
+                session_name: format!("busy-{i}"),
+                ..key("Busy")
+            })
+            .collect();
+        for k in &busy {
+            cache.prefetch(k.clone());
+        }
+        until(|| sts.calls() == PREFETCH_AT_ONCE).await;
+        // Queued behind them; its container is destroyed before a permit comes.
+        let gone = Key {
+            session_name: "gone-1".into(),
+            ..key("Gone")
+        };
+        cache.prefetch(gone.clone());
+        cache.forget_session("gone-1");
+        gate.add_permits(1000);
+        until(|| cache.sessions() == PREFETCH_AT_ONCE).await;
+        // A released permit goes straight to a waiter: all permits free means the queued
+        // prefetch has had its turn and ended.
+        until(|| cache.prefetching.available_permits() == PREFETCH_AT_ONCE).await;
+        assert_eq!(
+            sts.calls(),
+            PREFETCH_AT_ONCE,
+            "no call for the forgotten container"
+        );
+        assert_eq!(cache.len(), PREFETCH_AT_ONCE, "and no entry left behind");
     }
 
     #[tokio::test]

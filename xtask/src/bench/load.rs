@@ -145,13 +145,10 @@ fn usage(pid: u32) -> anyhow::Result<(Duration, u64)> {
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS")?;
-    Ok((Duration::from_millis(ticks * 1000 / hz), rss))
+    Ok((
+        Duration::from_millis(ticks * 1000 / hz),
+        crate::rss_kib(pid)?,
+    ))
 }
 
 /// With `IMDS_BENCH_PERF=<dir>`: `perf record` of process `pid` for `duration`, into a file of

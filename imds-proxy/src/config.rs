@@ -27,6 +27,54 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// `--runtime`: the engine whose containers get roles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeName {
+    Auto,
+    Docker,
+    Podman,
+}
+
+/// The usual API sockets, in the order `auto` looks for them.
+pub const RUNTIME_SOCKETS: [(RuntimeName, &str); 2] = [
+    (RuntimeName::Docker, "unix:///var/run/docker.sock"),
+    (RuntimeName::Podman, "unix:///run/podman/podman.sock"),
+];
+
+impl RunArgs {
+    /// The engine's socket: `--docker-host`, else the runtime's usual one, else (`auto`) the
+    /// first usual one that `exists`.
+    pub fn engine_socket(&self, exists: impl Fn(&str) -> bool) -> Result<String, ConfigError> {
+        if let Some(host) = &self.docker_host {
+            return Ok(host.clone());
+        }
+        let usual = |runtime| {
+            RUNTIME_SOCKETS
+                .iter()
+                .find(|(r, _)| *r == runtime)
+                .map(|(_, s)| (*s).to_owned())
+        };
+        match self.runtime {
+            RuntimeName::Auto => RUNTIME_SOCKETS
+                .iter()
+                .map(|(_, socket)| *socket)
+                .find(|socket| exists(socket.trim_start_matches("unix://")))
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    invalid(
+                        "runtime",
+                        format!(
+                            "auto: none of the usual sockets exists ({}); start Docker or \
+                             `podman system service`, or give --docker-host",
+                            RUNTIME_SOCKETS.map(|(_, s)| s).join(", ")
+                        ),
+                    )
+                }),
+            runtime => Ok(usual(runtime).expect("every runtime has a usual socket")),
+        }
+    }
+}
+
 /// `--mode`: how containers' IMDS traffic is intercepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModeName {
@@ -67,13 +115,15 @@ pub struct RunArgs {
     pub imds: ImdsArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
-    /// Docker API socket.
-    #[arg(
-        long,
-        env = "IMDS_PROXY_DOCKER_HOST",
-        default_value = "unix:///var/run/docker.sock"
-    )]
-    pub docker_host: String,
+    /// The container engine whose containers get roles: Docker, or Podman through its
+    /// Docker-compatible API (`podman system service`). `auto`: the first of their usual sockets
+    /// that exists, Docker's first.
+    #[arg(long, env = "IMDS_PROXY_RUNTIME", value_enum, default_value_t = RuntimeName::Auto)]
+    pub runtime: RuntimeName,
+    /// The engine's API socket (default: the runtime's usual one, /var/run/docker.sock or
+    /// /run/podman/podman.sock).
+    #[arg(long, env = "IMDS_PROXY_DOCKER_HOST")]
+    pub docker_host: Option<String>,
     #[arg(long, env = "IMDS_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -478,10 +528,12 @@ impl RunArgs {
                 .arn_for(default)
                 .map_err(|e| invalid("default-role", e.to_string()))?;
         }
-        if !self.docker_host.starts_with("unix://") {
+        if let Some(host) = &self.docker_host
+            && !host.starts_with("unix://")
+        {
             return Err(invalid(
                 "docker-host",
-                format!("{:?}: only unix:// sockets are supported", self.docker_host),
+                format!("{host:?}: only unix:// sockets are supported"),
             ));
         }
         if self.limits.header_timeout < Duration::from_millis(100)
@@ -702,6 +754,78 @@ mod tests {
         ]);
         assert_eq!(outside.key, "default-role");
         assert!(outside.reason.contains("not under"), "{outside}");
+    }
+
+    #[test]
+    fn the_engine_socket_is_given_or_the_runtime_s_usual_one() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let args = |a: &[&str]| parse(a).unwrap().args;
+        let none = |_: &str| false;
+        let podman_only = |p: &str| p == "/run/podman/podman.sock";
+        let both = |_: &str| true;
+        assert_eq!(
+            args(&["--docker-host", "unix:///x.sock"])
+                .engine_socket(none)
+                .unwrap(),
+            "unix:///x.sock"
+        );
+        assert_eq!(
+            args(&["--runtime", "podman"]).engine_socket(none).unwrap(),
+            "unix:///run/podman/podman.sock"
+        );
+        assert_eq!(
+            args(&["--runtime", "docker"]).engine_socket(none).unwrap(),
+            "unix:///var/run/docker.sock"
+        );
+        // auto: Docker's first, then Podman's; neither is a clear error.
+        assert_eq!(
+            args(&[]).engine_socket(both).unwrap(),
+            "unix:///var/run/docker.sock"
+        );
+        assert_eq!(
+            args(&[]).engine_socket(podman_only).unwrap(),
+            "unix:///run/podman/podman.sock"
+        );
+        let err = args(&[]).engine_socket(none).unwrap_err();
+        assert_eq!(err.key, "runtime");
+        assert!(err.reason.contains("/run/podman/podman.sock"), "{err}");
+        assert_eq!(parse(&["--runtime", "cri-o"]).unwrap_err().key, "runtime");
+    }
+
+    /// `deploy/systemd/config.toml` is a valid configuration as shipped, and so is its tc variant
+    /// (the commented tc lines uncommented): pinned, with the prefix and the allow-list.
+    #[test]
+    fn the_shipped_config_file_is_valid() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/systemd/config.toml");
+        let c = parse(&["--config", shipped]).unwrap().args;
+        assert_eq!(
+            c.redirect.pin.as_deref(),
+            Some(std::path::Path::new("/sys/fs/bpf/imds-proxy"))
+        );
+        assert_eq!(
+            c.roles.role_arn_prefix.as_deref(),
+            Some("arn:aws:iam::123456789012:role/containers/")
+        );
+        assert_eq!(c.roles.allowed_roles.len(), 1);
+        assert_eq!(c.redirect.mode, ModeName::Cgroup);
+
+        let text = std::fs::read_to_string(shipped).unwrap();
+        let tc_lines = ["# mode = \"tc\"", "# container-iface = [\"docker0\"]"];
+        for line in tc_lines {
+            assert!(text.contains(line), "the tc example: {line}");
+        }
+        let tc = tc_lines
+            .iter()
+            .fold(text.clone(), |t, line| t.replace(line, &line[2..]));
+        let dir = std::env::temp_dir().join(format!("imds-proxy-shipped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.toml");
+        std::fs::write(&file, tc).unwrap();
+        let c = parse(&["--config", file.to_str().unwrap()]).unwrap().args;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(c.redirect.mode, ModeName::Tc);
+        assert_eq!(c.redirect.container_ifaces, ["docker0"]);
     }
 
     #[test]

@@ -41,8 +41,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     fd_limit(args.limits.max_connections);
 
     let metrics = Arc::new(Metrics::default());
-    let docker = docker::Index::connect(&args.docker_host, args.roles.trust_image_role).await?;
-    let driver = docker.cgroup_driver().await?;
+    let socket = args.engine_socket(|path| std::path::Path::new(path).exists())?;
+    let docker = docker::Index::connect(&socket, args.roles.trust_image_role).await?;
+    let (engine, driver) = docker.engine().await?;
+    let wanted = match args.runtime {
+        crate::config::RuntimeName::Auto => None,
+        crate::config::RuntimeName::Docker => Some(cgroup::Engine::Docker),
+        crate::config::RuntimeName::Podman => Some(cgroup::Engine::Podman),
+    };
+    if let Some(wanted) = wanted
+        && wanted != engine
+    {
+        anyhow::bail!(
+            "--runtime {wanted:?}, but {socket} is {engine:?}'s API: name the other runtime or \
+             its socket (--docker-host)"
+        );
+    }
+    tracing::info!(?engine, cgroup_driver = %driver, %socket, "container engine");
     let sts = credentials::sts_client(
         &args.imds.upstream,
         args.sts.region.as_deref(),

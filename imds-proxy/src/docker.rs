@@ -26,6 +26,8 @@ use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 use tokio::sync::broadcast;
 
+use crate::cgroup::Engine;
+
 /// What the proxy needs to know about a container.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Container {
@@ -113,8 +115,8 @@ pub struct Index {
     trust_image_role: bool,
     /// Images' own labels and environment, by image id (immutable for an id).
     images: RwLock<HashMap<String, Arc<ImageConfig>>>,
-    /// Docker's cgroup driver, asked once.
-    driver: tokio::sync::OnceCell<String>,
+    /// The engine behind the API (Docker or Podman) and its cgroup driver, asked once.
+    driver: tokio::sync::OnceCell<(Engine, String)>,
     /// Containers a caller named before the index held them (found by asking Docker).
     found_before_indexed: AtomicU64,
 }
@@ -189,28 +191,42 @@ impl Index {
         self.len() == 0
     }
 
-    /// Docker's cgroup driver: `cgroupfs` or `systemd`.
-    pub async fn cgroup_driver(&self) -> Result<String, Error> {
+    /// The engine (Docker, or Podman's Docker-compatible service) and its cgroup driver
+    /// (`cgroupfs` or `systemd`).
+    pub async fn engine(&self) -> Result<(Engine, String), Error> {
         self.driver()
             .await
-            .map(str::to_owned)
+            .map(|(engine, driver)| (engine, driver.to_owned()))
             .map_err(|source| Error {
                 host: self.host.clone(),
                 source,
             })
     }
 
-    async fn driver(&self) -> Result<&str, bollard::errors::Error> {
+    async fn driver(&self) -> Result<(Engine, &str), bollard::errors::Error> {
         self.driver
             .get_or_try_init(|| async {
                 let info = self.docker.info().await?;
-                Ok(info
+                let version = self.docker.version().await?;
+                // Podman's service names itself among the version's components.
+                let podman = version
+                    .components
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.name.to_ascii_lowercase().contains("podman"));
+                let engine = if podman {
+                    Engine::Podman
+                } else {
+                    Engine::Docker
+                };
+                let driver = info
                     .cgroup_driver
                     .map(|d| d.to_string())
-                    .unwrap_or_default())
+                    .unwrap_or_default();
+                Ok((engine, driver))
             })
             .await
-            .map(String::as_str)
+            .map(|(engine, driver)| (*engine, driver.as_str()))
     }
 
     /// Answer whether the daemon answers now.
@@ -392,8 +408,8 @@ impl Index {
                     .host_config
                     .and_then(|h| h.cgroup_parent)
                     .unwrap_or_default();
-                let cgroup =
-                    crate::cgroup::expected_cgroup(self.driver().await?, &cgroup_parent, &id);
+                let (engine, driver) = self.driver().await?;
+                let cgroup = crate::cgroup::expected_cgroup(engine, driver, &cgroup_parent, &id);
                 Ok(Some(Container {
                     addresses,
                     running,
@@ -503,9 +519,12 @@ impl Index {
             ("type".to_owned(), vec!["container".to_owned()]),
             (
                 "event".to_owned(),
-                ["create", "start", "die", "destroy", "rename", "update"]
-                    .map(str::to_owned)
-                    .to_vec(),
+                // Podman says "remove" where Docker says "destroy".
+                [
+                    "create", "start", "die", "destroy", "remove", "rename", "update",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
             ),
         ]);
         let mut stream = self.docker.events(Some(EventsOptions {
@@ -545,7 +564,7 @@ impl Index {
                 // run --rm`) can be gone before its start is inspected, yet its create was
                 // announced and its credentials prefetched; they must go with it. The name
                 // (what its session is called) then comes from the event.
-                "destroy" => {
+                "destroy" | "remove" => {
                     let removed = self.containers.write().expect("index poisoned").remove(&id);
                     let container = removed.unwrap_or_else(|| {
                         let name = event

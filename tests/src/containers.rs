@@ -113,3 +113,40 @@ impl Drop for Running {
         let _ = docker(&["rm", "-f", &self.0]);
     }
 }
+
+/// Who STS says these credentials are (the AWS CLI on the host, against the scene's STS).
+pub fn caller_arn(scene: &crate::scene::Scene, creds: &serde_json::Value) -> String {
+    let out = std::process::Command::new(scene.config().venv.join("bin/aws"))
+        .args([
+            "sts",
+            "get-caller-identity",
+            "--output",
+            "text",
+            "--query",
+            "Arn",
+        ])
+        .args([
+            "--endpoint-url",
+            &format!("http://{}", scene.sts_endpoint().unwrap()),
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ACCESS_KEY_ID", creds["AccessKeyId"].as_str().unwrap())
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            creds["SecretAccessKey"].as_str().unwrap(),
+        )
+        .env("AWS_SESSION_TOKEN", creds["Token"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

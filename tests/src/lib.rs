@@ -3,6 +3,7 @@
 //! ([`containers`]) and the proxy binary under test ([`proxy`]) are the tests' own.
 pub mod containers;
 pub mod kernel;
+pub mod podman;
 pub mod proxy;
 
 pub use ec2sim::{faults, http, images, scene, sim};

@@ -139,6 +139,18 @@ impl Proxy {
     /// With these environment variables too. The scene's STS is given with `--sts-endpoint`
     /// unless `extra` names one or the environment does (`AWS_ENDPOINT_URL_STS`).
     pub fn start_with_env(scene: &Scene, mode: Mode, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(scene, mode, extra, env, &[])
+    }
+
+    /// Run by `wrapper` (a command that ends by executing its arguments, e.g. `setpriv ... --`),
+    /// so the proxy runs as that command leaves it.
+    pub fn start_wrapped(
+        scene: &Scene,
+        mode: Mode,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Self {
         let sts_given = extra.contains(&"--sts-endpoint")
             || env.iter().any(|(k, _)| *k == "AWS_ENDPOINT_URL_STS");
         let ops = SocketAddr::from((
@@ -149,7 +161,15 @@ impl Proxy {
                 .unwrap()
                 .port(),
         ));
-        let mut child = Command::new(proxy_bin())
+        let mut command = match wrapper {
+            [] => Command::new(proxy_bin()),
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg(proxy_bin());
+                c
+            }
+        };
+        let mut child = command
             .arg("run")
             .args([
                 "--listen",
@@ -220,7 +240,11 @@ impl Proxy {
         self.child.wait().expect("the proxy is our child")
     }
 
-    /// SIGKILL: the proxy gets no chance to clean anything up.
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The process's resident set (VmRSS), KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -238,6 +262,7 @@ impl Proxy {
             .count()
     }
 
+    /// SIGKILL: the proxy gets no chance to clean anything up.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

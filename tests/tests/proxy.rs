@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 
 use imds_proxy::netdev;
 use imds_tests::{
-    containers::{Running, answers, in_container, rand_suffix},
+    containers::{Running, answers, caller_arn, in_container, rand_suffix},
     faults::{Fault, Injector},
     http::Request,
     images::{bench_image, curl_image, docker, docker_ok},
@@ -34,43 +34,6 @@ R=$(curl -s -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta
 curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/
 curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-data/iam/security-credentials/$R"
 "#;
-
-/// Who STS says these credentials are (the AWS CLI on the host, against the scene's STS).
-fn caller_arn(scene: &Scene, creds: &serde_json::Value) -> String {
-    let out = Command::new(scene.config().venv.join("bin/aws"))
-        .args([
-            "sts",
-            "get-caller-identity",
-            "--output",
-            "text",
-            "--query",
-            "Arn",
-        ])
-        .args([
-            "--endpoint-url",
-            &format!("http://{}", scene.sts_endpoint().unwrap()),
-        ])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_ACCESS_KEY_ID", creds["AccessKeyId"].as_str().unwrap())
-        .env(
-            "AWS_SECRET_ACCESS_KEY",
-            creds["SecretAccessKey"].as_str().unwrap(),
-        )
-        .env("AWS_SESSION_TOKEN", creds["Token"].as_str().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// The SDK flow against the IPv4 IMDS in its v4-mapped form, as a dual-stack client (the JVM)
 /// reaches it: an AF_INET6 socket talking IPv4.
@@ -1147,4 +1110,121 @@ fn the_sts_endpoint_can_come_from_the_standard_environment() {
     assert_eq!(status, 200, "{body}");
     let creds: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(caller_arn(&scene, &creds).contains(":assumed-role/FromEnv/"));
+}
+
+/// `deploy/systemd/imds-proxy.service`, as shipped.
+fn systemd_unit() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/systemd/imds-proxy.service"
+    ))
+    .expect("deploy/systemd/imds-proxy.service")
+}
+
+/// The one value of `key=` in the unit.
+fn unit_value(unit: &str, key: &str) -> String {
+    let values: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .collect();
+    assert_eq!(values.len(), 1, "{key}= in the unit: {values:?}");
+    values[0].trim().to_owned()
+}
+
+/// systemd's own check of the unit: no unknown key, no key in the wrong section, a valid
+/// command line. The binary it names is the one built here (the check wants it to exist).
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = systemd_unit();
+    let exec = unit_value(&unit, "ExecStart");
+    assert_eq!(
+        exec,
+        "/usr/local/bin/imds-proxy run --config /etc/imds-proxy/config.toml"
+    );
+    let dir = std::env::temp_dir().join(format!("imds-test-unit-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("imds-proxy.service");
+    std::fs::write(
+        &file,
+        unit.replace("/usr/local/bin/imds-proxy", proxy_bin().to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&file)
+        .current_dir(&dir)
+        .output()
+        .expect("systemd-analyze (setup installs systemd)");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    // Lines about the host's own units (none is running here) are not the unit's.
+    let about_ours: Vec<&str> = said.lines().filter(|l| l.contains("imds-proxy")).collect();
+    assert!(
+        out.status.success() && about_ours.is_empty(),
+        "systemd-analyze verify: {:?}\n{said}",
+        out.status
+    );
+}
+
+imds_tests::per_mode! { the_systemd_unit_s_capabilities_are_enough => the_systemd_unit_s_capabilities_are_enough_in; }
+
+/// The unit's `CapabilityBoundingSet=` and `NoNewPrivileges=`, applied with `setpriv` as systemd
+/// would: the proxy runs with those capabilities and no others, and a container gets its role.
+fn the_systemd_unit_s_capabilities_are_enough_in(mode: Mode) {
+    let unit = systemd_unit();
+    assert_eq!(unit_value(&unit, "NoNewPrivileges"), "yes");
+    let caps: Vec<String> = unit_value(&unit, "CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|c| {
+            c.strip_prefix("CAP_")
+                .unwrap_or_else(|| panic!("{c}"))
+                .to_lowercase()
+        })
+        .collect();
+    assert!(!caps.is_empty());
+    let bounding = format!(
+        "-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let scene = scene();
+    let proxy = Proxy::start_wrapped(
+        &scene,
+        mode,
+        &[],
+        &[],
+        &[
+            "setpriv",
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--bounding-set",
+            &bounding,
+            "--",
+        ],
+    );
+    // The premise: it runs confined, with exactly as many capabilities as the unit names.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
+    let field = |name: &str| {
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {status}"));
+        u64::from_str_radix(hex.trim(), 16).unwrap()
+    };
+    assert_eq!(
+        field("CapBnd:").count_ones() as usize,
+        caps.len(),
+        "{status}"
+    );
+    assert_eq!(field("CapEff:"), field("CapBnd:"), "{status}");
+    assert_eq!(field("NoNewPrivs:"), 1, "{status}");
+
+    let container = Running::start(&["--label", "iam.amazonaws.com/role=Confined"]);
+    let (status, body) = get_credentials(&container, "Confined");
+    assert_eq!(status, 200, "{body}\n{:#?}", proxy.log());
+    let creds: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(caller_arn(&scene, &creds).contains(":assumed-role/Confined/"));
 }

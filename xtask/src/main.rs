@@ -228,6 +228,13 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
             ],
         )
     })?;
+    // The tests run the daemon binary itself (kill it, restart it, detach with it), and its
+    // image, as users build it. Built first, alone: two cores are busy enough with one build.
+    step("builds for the integration tests", || {
+        cargo(root, &["build", "--package", "imds-proxy", "--bins"])?;
+        build_image(root)?;
+        cargo(root, &["test", "--no-run", "--package", "imds-tests"])
+    })?;
     // The fuzz targets run beside the integration tests (those mostly wait on the kernel, Docker
     // and the network); their output goes to a log, shown if they fail.
     let fuzzing = {
@@ -235,10 +242,6 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
         std::thread::spawn(move || fuzz(&root))
     };
     let integration = step("integration and end-to-end tests", || {
-        // The tests run the daemon binary itself (kill it, restart it, detach with it), and its
-        // image, as users build it.
-        cargo(root, &["build", "--package", "imds-proxy", "--bins"])?;
-        build_image(root)?;
         let mut cmd = Command::new("cargo");
         cmd.current_dir(root)
             .args([

@@ -41,6 +41,13 @@ pub fn run(root: &Path) -> anyhow::Result<Env> {
         // The bench clears connection-tracking entries between measurements.
         "conntrack",
         "musl-tools",
+        // The systemd unit's tests: `systemd-analyze verify`, and `setpriv` (util-linux) to run
+        // the proxy with the unit's capabilities.
+        "systemd",
+        "util-linux",
+        // The Podman tests: `podman system service` and its CNI bridge.
+        "podman",
+        "containernetworking-plugins",
     ])?;
     bpf_linker(llvm)?;
     cargo_fuzz()?;

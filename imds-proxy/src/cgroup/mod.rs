@@ -136,8 +136,10 @@ pub fn v2_path(proc_cgroup: &str) -> Option<&str> {
     proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))
 }
 
-/// The Docker container id a cgroup path names, for both cgroup drivers: cgroupfs
-/// (`<parent>/<64 hex>`, `/docker/<id>` by default) and systemd (`.../docker-<64 hex>.scope`).
+/// The container id a cgroup path names, for both cgroup drivers of Docker and of Podman:
+/// cgroupfs (Docker `<parent>/<64 hex>`, `/docker/<id>` by default; Podman
+/// `<parent>/libpod-<64 hex>`, `/libpod_parent/libpod-<id>` by default) and systemd
+/// (`.../docker-<64 hex>.scope`, `.../libpod-<64 hex>.scope`).
 /// The deepest such segment counts: a container started with `--cgroup-parent` inside another
 /// container's cgroup (`/docker/<a>/<b>`) is `b`, not `a`, and cgroups nested inside a
 /// container's (`/docker/<id>/init.scope`) belong to it. The id alone is only a claim: the caller
@@ -152,7 +154,14 @@ pub fn container_id(cgroup_path: &str) -> Option<String> {
             if is_id(s) {
                 return Some(s);
             }
-            s.strip_prefix("docker-")
+            if let Some(id) = s.strip_prefix("libpod-")
+                && is_id(id)
+            {
+                return Some(id);
+            }
+            ["docker-", "libpod-"]
+                .iter()
+                .find_map(|prefix| s.strip_prefix(prefix))
                 .and_then(|rest| rest.strip_suffix(".scope"))
                 .filter(|id| is_id(id))
         })
@@ -160,16 +169,49 @@ pub fn container_id(cgroup_path: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The cgroup (relative to the v2 root) Docker puts container `id` in, for its cgroup `driver`
-/// and the container's `--cgroup-parent` (empty: Docker's default).
-pub fn expected_cgroup(driver: &str, cgroup_parent: &str, id: &str) -> String {
-    if driver == "systemd" {
+/// The engine behind the Docker API: Docker itself, or Podman's Docker-compatible service. They
+/// name containers' cgroups differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Docker,
+    Podman,
+}
+
+impl Engine {
+    /// Where containers go without a `--cgroup-parent`, per cgroup driver.
+    fn default_parent(self, systemd: bool) -> &'static str {
+        match (self, systemd) {
+            (Engine::Docker, false) => "/docker",
+            (Engine::Docker, true) => "system.slice",
+            (Engine::Podman, false) => "/libpod_parent",
+            (Engine::Podman, true) => "machine.slice",
+        }
+    }
+
+    /// A container's own cgroup under its parent, per cgroup driver.
+    fn leaf(self, systemd: bool, id: &str) -> String {
+        match (self, systemd) {
+            (Engine::Docker, false) => id.to_owned(),
+            (Engine::Docker, true) => format!("docker-{id}.scope"),
+            (Engine::Podman, false) => format!("libpod-{id}"),
+            (Engine::Podman, true) => format!("libpod-{id}.scope"),
+        }
+    }
+}
+
+/// The cgroup (relative to the v2 root) the engine puts container `id` in, for its cgroup
+/// `driver` and the container's `--cgroup-parent` (empty: the engine's default).
+pub fn expected_cgroup(engine: Engine, driver: &str, cgroup_parent: &str, id: &str) -> String {
+    let systemd = driver == "systemd";
+    let parent = if cgroup_parent.is_empty() {
+        engine.default_parent(systemd)
+    } else {
+        cgroup_parent
+    };
+    let leaf = engine.leaf(systemd, id);
+    if systemd {
         // A slice name; `a-b.slice` lives at /a.slice/a-b.slice.
-        let slice = if cgroup_parent.is_empty() {
-            "system.slice"
-        } else {
-            cgroup_parent
-        };
+        let slice = parent;
         let mut path = String::new();
         if let Some(name) = slice.strip_suffix(".slice") {
             let parts: Vec<&str> = name.split('-').collect();
@@ -181,14 +223,9 @@ pub fn expected_cgroup(driver: &str, cgroup_parent: &str, id: &str) -> String {
         } else {
             path = format!("/{}", slice.trim_matches('/'));
         }
-        return format!("{path}/docker-{id}.scope");
+        return format!("{path}/{leaf}");
     }
-    let parent = if cgroup_parent.is_empty() {
-        "/docker"
-    } else {
-        cgroup_parent
-    };
-    format!("/{}/{id}", parent.trim_matches('/'))
+    format!("/{}/{leaf}", parent.trim_matches('/'))
 }
 
 /// Whether `caller_cgroup` is the container's cgroup `expected`, or nested inside it.
@@ -263,21 +300,60 @@ mod tests {
             container_id(&format!("/elsewhere/{ID}")).as_deref(),
             Some(ID)
         );
+        // Podman's, both drivers; its conmon's cgroup is not a container's.
+        assert_eq!(
+            container_id(&format!("/libpod_parent/libpod-{ID}")).as_deref(),
+            Some(ID)
+        );
+        assert_eq!(
+            container_id(&format!("/machine.slice/libpod-{ID}.scope/container")).as_deref(),
+            Some(ID)
+        );
+        assert_eq!(container_id("/libpod_parent/conmon"), None);
+        assert_eq!(
+            container_id(&format!("/machine.slice/libpod-conmon-{ID}.scope")),
+            None
+        );
+        assert_eq!(container_id(&format!("/libpod_parent/libpod-{ID}x")), None);
+    }
+
+    #[test]
+    fn podman_s_expected_cgroups() {
+        assert_eq!(
+            expected_cgroup(Engine::Podman, "cgroupfs", "", ID),
+            format!("/libpod_parent/libpod-{ID}")
+        );
+        assert_eq!(
+            expected_cgroup(Engine::Podman, "cgroupfs", "/mine", ID),
+            format!("/mine/libpod-{ID}")
+        );
+        assert_eq!(
+            expected_cgroup(Engine::Podman, "systemd", "", ID),
+            format!("/machine.slice/libpod-{ID}.scope")
+        );
+        // A Docker container's cgroup is not where Podman would put the same id.
+        assert!(!within(
+            &expected_cgroup(Engine::Docker, "cgroupfs", "", ID),
+            &expected_cgroup(Engine::Podman, "cgroupfs", "", ID)
+        ));
     }
 
     #[test]
     fn expected_cgroups_for_both_drivers_and_custom_parents() {
-        assert_eq!(expected_cgroup("cgroupfs", "", ID), format!("/docker/{ID}"));
         assert_eq!(
-            expected_cgroup("cgroupfs", "/docker/abc", ID),
+            expected_cgroup(Engine::Docker, "cgroupfs", "", ID),
+            format!("/docker/{ID}")
+        );
+        assert_eq!(
+            expected_cgroup(Engine::Docker, "cgroupfs", "/docker/abc", ID),
             format!("/docker/abc/{ID}")
         );
         assert_eq!(
-            expected_cgroup("systemd", "", ID),
+            expected_cgroup(Engine::Docker, "systemd", "", ID),
             format!("/system.slice/docker-{ID}.scope")
         );
         assert_eq!(
-            expected_cgroup("systemd", "a-b.slice", ID),
+            expected_cgroup(Engine::Docker, "systemd", "a-b.slice", ID),
             format!("/a.slice/a-b.slice/docker-{ID}.scope")
         );
         let expected = format!("/docker/{ID}");
@@ -289,7 +365,10 @@ mod tests {
         let other = "1".repeat(64);
         let forged = format!("/docker/{ID}/{other}");
         let claimed = container_id(&forged).unwrap();
-        assert!(!within(&forged, &expected_cgroup("cgroupfs", "", &claimed)));
+        assert!(!within(
+            &forged,
+            &expected_cgroup(Engine::Docker, "cgroupfs", "", &claimed)
+        ));
     }
 
     #[test]

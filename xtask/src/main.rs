@@ -330,21 +330,26 @@ fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     run(Command::new("cargo").current_dir(root).args(args))
 }
 
-/// Build the proxy and the test binaries (simulator, clients) in release mode; their directory.
-fn release_binaries(root: &Path) -> anyhow::Result<std::path::PathBuf> {
-    cargo(
-        root,
-        &[
-            "build",
-            "--release",
-            "--package",
-            "imds-proxy",
-            "--package",
-            "imds-tests",
-            "--bins",
-        ],
-    )?;
-    Ok(root.join("target/release"))
+/// Build the proxy and the test binaries (simulator, clients), in release mode or not; their
+/// directory.
+fn binaries(root: &Path, release: bool) -> anyhow::Result<std::path::PathBuf> {
+    let mut args = vec!["build"];
+    if release {
+        args.push("--release");
+    }
+    args.extend([
+        "--package",
+        "imds-proxy",
+        "--package",
+        "imds-tests",
+        "--bins",
+    ]);
+    cargo(root, &args)?;
+    Ok(root.join(if release {
+        "target/release"
+    } else {
+        "target/debug"
+    }))
 }
 
 /// A process's resident set (VmRSS), KiB.

@@ -46,18 +46,7 @@ fn ec2_from_dmi() -> (bool, String) {
 
 pub fn run(root: &Path, simulate: bool, proxy_args: &[String]) -> anyhow::Result<()> {
     crate::setup::run(root)?;
-    crate::cargo(
-        root,
-        &[
-            "build",
-            "--package",
-            "imds-proxy",
-            "--package",
-            "imds-tests",
-            "--bins",
-        ],
-    )?;
-    let target = root.join("target/debug");
+    let target = crate::binaries(root, false)?;
     let (ec2, dmi) = ec2_from_dmi();
     if ec2 && !simulate {
         println!(

@@ -130,7 +130,7 @@ struct Walked {
 pub fn run(root: &Path, minutes: u64) -> anyhow::Result<()> {
     ensure!((1..=120).contains(&minutes), "--minutes: 1 to 120");
     crate::setup::run(root)?;
-    let target = crate::release_binaries(root)?;
+    let target = crate::binaries(root, true)?;
     let scene = SceneConfig::new(target.join("imds-sim"))
         .http_tokens(HttpTokens::Optional)
         .with_sts()

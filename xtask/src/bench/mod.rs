@@ -487,7 +487,7 @@ pub fn run(root: &Path, settings: &Settings) -> anyhow::Result<()> {
         "--duration: at least a second"
     );
     crate::setup::run(root)?;
-    let target = crate::release_binaries(root)?;
+    let target = crate::binaries(root, true)?;
     let image = images::bench_image(&target.join("imds-bench"))?;
     let load_image = images::load_image(&target.join("imds-load"))?;
     let scene = SceneConfig::new(target.join("imds-sim"))

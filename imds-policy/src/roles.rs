@@ -5,6 +5,11 @@
 //! `--role-arn-prefix`, or a full ARN, which must lie under the prefix. Either must match
 //! `--allowed-roles` when given. The instance's own role is never a container's: the proxy only
 //! ever hands out sessions it assumed itself for the resolved ARN.
+//!
+//! A Kubernetes pod's container (CRI runtimes) names its role with the pod's annotation of the
+//! same key, `iam.amazonaws.com/role` (kube2iam's); its namespace may further restrict the roles
+//! it can take (`--namespace-allowed-roles`): once any namespace is listed, a pod in a namespace
+//! not listed gets no role at all.
 use std::fmt;
 
 /// Container label naming the role.
@@ -199,6 +204,8 @@ pub enum RoleError {
     OutsidePrefix { arn: String, prefix: String },
     #[error("role {0} is not in --allowed-roles")]
     NotAllowed(String),
+    #[error("role {arn} is not allowed in namespace {namespace:?} (--namespace-allowed-roles)")]
+    NotAllowedInNamespace { arn: String, namespace: String },
     #[error("{source_name} value is invalid: {reason}")]
     Invalid {
         source_name: &'static str,
@@ -210,6 +217,8 @@ pub enum RoleError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     Label,
+    /// A pod's annotation (CRI runtimes).
+    Annotation,
     Env,
     Default,
 }
@@ -218,6 +227,7 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Source::Label => "label iam.amazonaws.com/role",
+            Source::Annotation => "pod annotation iam.amazonaws.com/role",
             Source::Env => "env IAM_ROLE",
             Source::Default => "--default-role",
         })
@@ -240,6 +250,24 @@ pub struct Policy {
     pub prefix: Option<ArnPrefix>,
     pub allowed: Vec<Glob>,
     pub default_role: Option<RoleName>,
+    /// Per Kubernetes namespace, the globs its pods' roles must match. Empty: no per-namespace
+    /// restriction. Not empty: a pod in a namespace not listed gets no role.
+    pub namespaces: std::collections::BTreeMap<String, Vec<Glob>>,
+}
+
+/// Whose settings are resolved: a container's labels and environment, or a pod's annotations.
+#[derive(Clone, Copy, Debug)]
+pub enum Subject<'a> {
+    /// A container of a Docker-API engine (Docker, Podman).
+    Container {
+        labels: &'a std::collections::HashMap<String, String>,
+        env: &'a [String],
+    },
+    /// A Kubernetes pod's container: the pod's annotations and its namespace.
+    Pod {
+        annotations: &'a std::collections::HashMap<String, String>,
+        namespace: &'a str,
+    },
 }
 
 impl Policy {
@@ -277,6 +305,19 @@ impl Policy {
         labels: &std::collections::HashMap<String, String>,
         env: &[String],
     ) -> Result<Option<Resolved>, RoleError> {
+        self.resolve_for(Subject::Container { labels, env })
+    }
+
+    /// The role of a container or a pod; `Ok(None)` when it has none.
+    pub fn resolve_for(&self, subject: Subject<'_>) -> Result<Option<Resolved>, RoleError> {
+        let (labels, env, namespace, named_by) = match subject {
+            Subject::Container { labels, env } => (labels, env, None, Source::Label),
+            // A pod's role is its annotation's; its containers' environment is not read.
+            Subject::Pod {
+                annotations,
+                namespace,
+            } => (annotations, &[][..], Some(namespace), Source::Annotation),
+        };
         let from_env = env
             .iter()
             .find_map(|e| e.strip_prefix(&format!("{ROLE_ENV}=")))
@@ -287,10 +328,14 @@ impl Policy {
         ) {
             (Some(label), _) => (
                 RoleName::parse(label).map_err(|reason| RoleError::Invalid {
-                    source_name: "label iam.amazonaws.com/role",
+                    source_name: if named_by == Source::Label {
+                        "label iam.amazonaws.com/role"
+                    } else {
+                        "pod annotation iam.amazonaws.com/role"
+                    },
                     reason,
                 })?,
-                Source::Label,
+                named_by,
             ),
             (None, Some(env)) => (
                 RoleName::parse(env).map_err(|reason| RoleError::Invalid {
@@ -312,6 +357,18 @@ impl Policy {
             None => None,
         };
         let arn = self.arn_for(&role)?;
+        if let Some(namespace) = namespace
+            && !self.namespaces.is_empty()
+            && !self
+                .namespaces
+                .get(namespace)
+                .is_some_and(|globs| globs.iter().any(|g| g.matches(&arn)))
+        {
+            return Err(RoleError::NotAllowedInNamespace {
+                arn,
+                namespace: namespace.to_owned(),
+            });
+        }
         let name = arn.rsplit('/').next().unwrap_or(&arn).to_owned();
         Ok(Some(Resolved {
             name,
@@ -379,7 +436,51 @@ mod tests {
             prefix: Some(ArnPrefix::parse(PREFIX).unwrap()),
             allowed: allowed.iter().map(|g| Glob::parse(g).unwrap()).collect(),
             default_role: default.map(|d| RoleName::parse(d).unwrap()),
+            namespaces: Default::default(),
         }
+    }
+
+    #[test]
+    fn pods_take_their_annotation_within_their_namespace_s_globs() {
+        let annotations = |role: &str| HashMap::from([(ROLE_LABEL.to_owned(), role.to_owned())]);
+        let pod = |a, ns| Subject::Pod {
+            annotations: a,
+            namespace: ns,
+        };
+        let mut p = policy(Some("Fallback"), &[]);
+        // No namespace listed: no per-namespace restriction.
+        let web = annotations("Web");
+        let got = p.resolve_for(pod(&web, "team-a")).unwrap().unwrap();
+        assert_eq!(got.arn, format!("{PREFIX}Web"));
+        assert_eq!(got.source, Source::Annotation);
+        // A pod's containers' IAM_ROLE is not read; without an annotation: the default.
+        let none = HashMap::new();
+        assert_eq!(
+            p.resolve_for(pod(&none, "team-a")).unwrap().unwrap().source,
+            Source::Default
+        );
+        p.namespaces.insert(
+            "team-a".into(),
+            vec![Glob::parse(&format!("{PREFIX}Web*")).unwrap()],
+        );
+        assert!(p.resolve_for(pod(&web, "team-a")).unwrap().is_some());
+        // Another namespace's role, a namespace not listed, the default outside the globs.
+        let db = annotations("Db");
+        assert!(matches!(
+            p.resolve_for(pod(&db, "team-a")),
+            Err(RoleError::NotAllowedInNamespace { .. })
+        ));
+        assert!(matches!(
+            p.resolve_for(pod(&web, "team-b")),
+            Err(RoleError::NotAllowedInNamespace { .. })
+        ));
+        assert!(matches!(
+            p.resolve_for(pod(&none, "team-a")),
+            Err(RoleError::NotAllowedInNamespace { .. })
+        ));
+        // A Docker container is never restricted by namespaces.
+        let env = vec!["IAM_ROLE=Db".to_owned()];
+        assert!(p.resolve(&none, &env).unwrap().is_some());
     }
 
     fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {

@@ -33,46 +33,103 @@ pub enum RuntimeName {
     Auto,
     Docker,
     Podman,
+    /// A Kubernetes node's CRI runtime (containerd, CRI-O): pods.
+    Cri,
 }
 
-/// The usual API sockets, in the order `auto` looks for them.
-pub const RUNTIME_SOCKETS: [(RuntimeName, &str); 2] = [
+/// The two APIs the proxy speaks to a runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeApi {
+    /// Docker's (Docker, Podman's compatible service): `--docker-host`.
+    Docker,
+    /// The Kubernetes CRI (containerd, CRI-O): `--cri-endpoint`.
+    Cri,
+}
+
+/// The usual API sockets, in the order `auto` looks for them: Docker's before containerd's (a
+/// host with Docker has a containerd socket too, whose containers are Docker's).
+pub const RUNTIME_SOCKETS: [(RuntimeName, &str); 4] = [
     (RuntimeName::Docker, "unix:///var/run/docker.sock"),
     (RuntimeName::Podman, "unix:///run/podman/podman.sock"),
+    (RuntimeName::Cri, "unix:///run/containerd/containerd.sock"),
+    (RuntimeName::Cri, "unix:///var/run/crio/crio.sock"),
 ];
 
 impl RunArgs {
-    /// The engine's socket: `--docker-host`, else the runtime's usual one, else (`auto`) the
-    /// first usual one that `exists`.
-    pub fn engine_socket(&self, exists: impl Fn(&str) -> bool) -> Result<String, ConfigError> {
-        if let Some(host) = &self.docker_host {
-            return Ok(host.clone());
-        }
-        let usual = |runtime| {
+    /// The runtime's API and socket: `--docker-host` or `--cri-endpoint`, else the runtime's
+    /// usual one, else (`auto`) the first usual one that `exists`.
+    pub fn engine_socket(
+        &self,
+        exists: impl Fn(&str) -> bool,
+    ) -> Result<(RuntimeApi, String), ConfigError> {
+        let api = |runtime| match runtime {
+            RuntimeName::Cri => RuntimeApi::Cri,
+            _ => RuntimeApi::Docker,
+        };
+        let first_existing = |wanted: &dyn Fn(RuntimeName) -> bool| {
             RUNTIME_SOCKETS
                 .iter()
-                .find(|(r, _)| *r == runtime)
-                .map(|(_, s)| (*s).to_owned())
+                .filter(|(r, _)| wanted(*r))
+                .find(|(_, socket)| exists(socket.trim_start_matches("unix://")))
+                .map(|(r, socket)| (api(*r), (*socket).to_owned()))
         };
-        match self.runtime {
-            RuntimeName::Auto => RUNTIME_SOCKETS
+        let usual = |runtime: RuntimeName| {
+            RUNTIME_SOCKETS
                 .iter()
-                .map(|(_, socket)| *socket)
-                .find(|socket| exists(socket.trim_start_matches("unix://")))
-                .map(str::to_owned)
-                .ok_or_else(|| {
+                .filter(|(r, _)| *r == runtime)
+                .map(|(_, s)| *s)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (self.runtime, &self.docker_host, &self.cri_endpoint) {
+            (_, Some(_), Some(_)) => Err(invalid(
+                "cri-endpoint",
+                "give --docker-host or --cri-endpoint, not both: the proxy follows one runtime",
+            )),
+            (RuntimeName::Cri, Some(_), None) => Err(invalid(
+                "docker-host",
+                "--runtime cri reads --cri-endpoint, not --docker-host",
+            )),
+            (RuntimeName::Docker | RuntimeName::Podman, None, Some(_)) => Err(invalid(
+                "cri-endpoint",
+                "--cri-endpoint is for --runtime cri (or auto)",
+            )),
+            (_, Some(host), None) => Ok((RuntimeApi::Docker, host.clone())),
+            (_, None, Some(endpoint)) => Ok((RuntimeApi::Cri, endpoint.clone())),
+            (RuntimeName::Auto, None, None) => first_existing(&|_| true).ok_or_else(|| {
+                invalid(
+                    "runtime",
+                    format!(
+                        "auto: none of the usual sockets exists ({}); start Docker, `podman \
+                         system service` or containerd, or give --docker-host or --cri-endpoint",
+                        RUNTIME_SOCKETS.map(|(_, s)| s).join(", ")
+                    ),
+                )
+            }),
+            (RuntimeName::Cri, None, None) => {
+                first_existing(&|r| r == RuntimeName::Cri).ok_or_else(|| {
                     invalid(
                         "runtime",
                         format!(
-                            "auto: none of the usual sockets exists ({}); start Docker or \
-                             `podman system service`, or give --docker-host",
-                            RUNTIME_SOCKETS.map(|(_, s)| s).join(", ")
+                            "cri: none of the usual CRI sockets exists ({}); give --cri-endpoint",
+                            usual(RuntimeName::Cri)
                         ),
                     )
-                }),
-            runtime => Ok(usual(runtime).expect("every runtime has a usual socket")),
+                })
+            }
+            (runtime, None, None) => Ok((RuntimeApi::Docker, usual(runtime))),
         }
     }
+}
+
+/// A Kubernetes namespace name (an RFC 1123 label).
+fn is_namespace_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// `--mode`: how containers' IMDS traffic is intercepted.
@@ -115,15 +172,20 @@ pub struct RunArgs {
     pub imds: ImdsArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
-    /// The container engine whose containers get roles: Docker, or Podman through its
-    /// Docker-compatible API (`podman system service`). `auto`: the first of their usual sockets
-    /// that exists, Docker's first.
+    /// The container engine whose containers get roles: Docker, Podman through its
+    /// Docker-compatible API (`podman system service`), or a Kubernetes node's CRI runtime
+    /// (containerd, CRI-O), whose pods take their role from their annotations. `auto`: the first
+    /// of their usual sockets that exists, Docker's first.
     #[arg(long, env = "IMDS_PROXY_RUNTIME", value_enum, default_value_t = RuntimeName::Auto)]
     pub runtime: RuntimeName,
     /// The engine's API socket (default: the runtime's usual one, /var/run/docker.sock or
     /// /run/podman/podman.sock).
     #[arg(long, env = "IMDS_PROXY_DOCKER_HOST")]
     pub docker_host: Option<String>,
+    /// The CRI runtime's socket (default: the first that exists of
+    /// /run/containerd/containerd.sock and /var/run/crio/crio.sock).
+    #[arg(long, env = "IMDS_PROXY_CRI_ENDPOINT")]
+    pub cri_endpoint: Option<String>,
     #[arg(long, env = "IMDS_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -206,6 +268,12 @@ pub struct RoleArgs {
     /// ignored and logged), so that running an image never grants a role its runner did not give.
     #[arg(long, env = "IMDS_PROXY_TRUST_IMAGE_ROLE")]
     pub trust_image_role: bool,
+    /// Kubernetes pods (`--runtime cri`): `<namespace>=<glob>` on the role ARNs a namespace's
+    /// pods may assume (comma-separated or repeated; a namespace may be given several globs).
+    /// Once any is given, a pod in a namespace not listed gets no role. The node-local
+    /// equivalent of kube2iam's `iam.amazonaws.com/allowed-roles` namespace annotation.
+    #[arg(long, env = "IMDS_PROXY_NAMESPACE_ALLOWED_ROLES", value_delimiter = ',')]
+    pub namespace_allowed_roles: Vec<String>,
 }
 
 /// How roles are assumed.
@@ -518,23 +586,47 @@ impl RunArgs {
             .map(RoleName::parse)
             .transpose()
             .map_err(|reason| invalid("default-role", reason))?;
+        let mut namespaces = std::collections::BTreeMap::<String, Vec<Glob>>::new();
+        for entry in &self.roles.namespace_allowed_roles {
+            let (namespace, glob) = entry
+                .split_once('=')
+                .filter(|(ns, _)| is_namespace_name(ns))
+                .ok_or_else(|| {
+                    invalid(
+                        "namespace-allowed-roles",
+                        format!(
+                            "{entry:?}: give <namespace>=<glob>, a Kubernetes namespace name \
+                             (lowercase letters, digits, '-'; at most 63) and a glob on role ARNs"
+                        ),
+                    )
+                })?;
+            let glob = Glob::parse(glob)
+                .map_err(|reason| invalid("namespace-allowed-roles", format!("{entry:?}: {reason}")))?;
+            namespaces.entry(namespace.to_owned()).or_default().push(glob);
+        }
         let policy = roles::Policy {
             prefix,
             allowed,
             default_role,
+            namespaces,
         };
         if let Some(default) = &policy.default_role {
             policy
                 .arn_for(default)
                 .map_err(|e| invalid("default-role", e.to_string()))?;
         }
-        if let Some(host) = &self.docker_host
-            && !host.starts_with("unix://")
-        {
-            return Err(invalid(
-                "docker-host",
-                format!("{host:?}: only unix:// sockets are supported"),
-            ));
+        for (key, socket) in [
+            ("docker-host", &self.docker_host),
+            ("cri-endpoint", &self.cri_endpoint),
+        ] {
+            if let Some(socket) = socket
+                && !socket.starts_with("unix://")
+            {
+                return Err(invalid(
+                    key,
+                    format!("{socket:?}: only unix:// sockets are supported"),
+                ));
+            }
         }
         if self.limits.header_timeout < Duration::from_millis(100)
             || self.limits.header_timeout > Duration::from_secs(300)
@@ -762,34 +854,89 @@ mod tests {
         let args = |a: &[&str]| parse(a).unwrap().args;
         let none = |_: &str| false;
         let podman_only = |p: &str| p == "/run/podman/podman.sock";
+        let containerd_only = |p: &str| p == "/run/containerd/containerd.sock";
+        let crio_only = |p: &str| p == "/var/run/crio/crio.sock";
         let both = |_: &str| true;
+        let docker = |s: &str| Ok((RuntimeApi::Docker, s.to_owned()));
+        let cri = |s: &str| Ok((RuntimeApi::Cri, s.to_owned()));
         assert_eq!(
-            args(&["--docker-host", "unix:///x.sock"])
-                .engine_socket(none)
-                .unwrap(),
-            "unix:///x.sock"
+            args(&["--docker-host", "unix:///x.sock"]).engine_socket(none),
+            docker("unix:///x.sock")
         );
         assert_eq!(
-            args(&["--runtime", "podman"]).engine_socket(none).unwrap(),
-            "unix:///run/podman/podman.sock"
+            args(&["--runtime", "podman"]).engine_socket(none),
+            docker("unix:///run/podman/podman.sock")
         );
         assert_eq!(
-            args(&["--runtime", "docker"]).engine_socket(none).unwrap(),
-            "unix:///var/run/docker.sock"
+            args(&["--runtime", "docker"]).engine_socket(none),
+            docker("unix:///var/run/docker.sock")
         );
-        // auto: Docker's first, then Podman's; neither is a clear error.
+        // auto: Docker's first, then Podman's, then the CRI runtimes'; none is a clear error.
         assert_eq!(
-            args(&[]).engine_socket(both).unwrap(),
-            "unix:///var/run/docker.sock"
+            args(&[]).engine_socket(both),
+            docker("unix:///var/run/docker.sock")
         );
         assert_eq!(
-            args(&[]).engine_socket(podman_only).unwrap(),
-            "unix:///run/podman/podman.sock"
+            args(&[]).engine_socket(podman_only),
+            docker("unix:///run/podman/podman.sock")
+        );
+        assert_eq!(
+            args(&[]).engine_socket(containerd_only),
+            cri("unix:///run/containerd/containerd.sock")
         );
         let err = args(&[]).engine_socket(none).unwrap_err();
         assert_eq!(err.key, "runtime");
         assert!(err.reason.contains("/run/podman/podman.sock"), "{err}");
+        assert!(err.reason.contains("crio.sock"), "{err}");
+        // cri: the endpoint, else containerd's or CRI-O's usual socket.
+        assert_eq!(
+            args(&["--cri-endpoint", "unix:///c.sock"]).engine_socket(none),
+            cri("unix:///c.sock")
+        );
+        assert_eq!(
+            args(&["--runtime", "cri"]).engine_socket(crio_only),
+            cri("unix:///var/run/crio/crio.sock")
+        );
+        assert_eq!(
+            args(&["--runtime", "cri"]).engine_socket(none).unwrap_err().key,
+            "runtime"
+        );
+        // One runtime at a time, and each flag for its own API.
+        for (a, key) in [
+            (
+                &["--docker-host", "unix:///a", "--cri-endpoint", "unix:///b"][..],
+                "cri-endpoint",
+            ),
+            (&["--runtime", "cri", "--docker-host", "unix:///a"], "docker-host"),
+            (&["--runtime", "docker", "--cri-endpoint", "unix:///b"], "cri-endpoint"),
+        ] {
+            assert_eq!(args(a).engine_socket(both).unwrap_err().key, key, "{a:?}");
+        }
+        assert_eq!(
+            parse(&["--cri-endpoint", "/run/containerd/containerd.sock"])
+                .unwrap_err()
+                .key,
+            "cri-endpoint"
+        );
         assert_eq!(parse(&["--runtime", "cri-o"]).unwrap_err().key, "runtime");
+    }
+
+    #[test]
+    fn namespace_allowed_roles_are_namespace_equals_glob() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let c = parse(&[
+            "--namespace-allowed-roles",
+            "team-a=arn:aws:iam::*:role/a-*,team-a=arn:aws:iam::*:role/shared",
+            "--namespace-allowed-roles",
+            "team-b=*",
+        ])
+        .unwrap();
+        assert_eq!(c.roles.namespaces.len(), 2);
+        assert_eq!(c.roles.namespaces["team-a"].len(), 2);
+        for bad in ["team-a", "=x", "Team=x", "-a=x", "a=", "a b=x"] {
+            let err = parse(&[&format!("--namespace-allowed-roles={bad}")]).unwrap_err();
+            assert_eq!(err.key, "namespace-allowed-roles", "{bad:?}");
+        }
     }
 
     /// `deploy/systemd/config.toml` is a valid configuration as shipped, and so is its tc variant

@@ -41,13 +41,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     fd_limit(args.limits.max_connections);
 
     let metrics = Arc::new(Metrics::default());
-    let socket = args.engine_socket(|path| std::path::Path::new(path).exists())?;
-    let docker = docker::Index::connect(&socket, args.roles.trust_image_role).await?;
+    let (api, socket) = args.engine_socket(|path| std::path::Path::new(path).exists())?;
+    let docker = match api {
+        crate::config::RuntimeApi::Docker => {
+            docker::Index::connect(&socket, args.roles.trust_image_role).await?
+        }
+        crate::config::RuntimeApi::Cri => docker::Index::connect_cri(&socket).await?,
+    };
     let (engine, driver) = docker.engine().await?;
     let wanted = match args.runtime {
         crate::config::RuntimeName::Auto => None,
         crate::config::RuntimeName::Docker => Some(cgroup::Engine::Docker),
         crate::config::RuntimeName::Podman => Some(cgroup::Engine::Podman),
+        crate::config::RuntimeName::Cri => Some(cgroup::Engine::Cri),
     };
     if let Some(wanted) = wanted
         && wanted != engine
@@ -55,6 +61,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         anyhow::bail!(
             "--runtime {wanted:?}, but {socket} is {engine:?}'s API: name the other runtime or \
              its socket (--docker-host)"
+        );
+    }
+    if engine != cgroup::Engine::Cri && !config.roles.namespaces.is_empty() {
+        tracing::warn!(
+            ?engine,
+            "--namespace-allowed-roles applies to Kubernetes pods only (--runtime cri); this \
+             engine's containers are not restricted by it"
         );
     }
     tracing::info!(?engine, cgroup_driver = %driver, %socket, "container engine");

@@ -1,7 +1,11 @@
-//! The Docker side: an index of running containers, kept from a full list at start and the events
-//! stream after (start, die, destroy, rename, update), with a direct inspect on a miss — a request
-//! can arrive in the first milliseconds of a container's life, before its start event. When the
-//! daemon goes away (restart), the index reconnects and lists again.
+//! The container source: an index of running containers, kept from a full list at start and the
+//! events stream after (start, die, destroy, rename, update), with a direct inspect on a miss — a
+//! request can arrive in the first milliseconds of a container's life, before its start event.
+//! When the daemon goes away (restart), the index reconnects and lists again.
+//!
+//! One index, two kinds of source ([`Source`]): a Docker-API engine (Docker, or Podman's
+//! compatible service) followed by its events, and a Kubernetes node's CRI runtime
+//! ([`crate::cri`]), listed every second.
 //!
 //! Docker merges an image's own `LABEL`s and `ENV` into the container's configuration, so an image
 //! author could name a role (`LABEL iam.amazonaws.com/role=Admin`, `ENV IAM_ROLE=Admin`) that the
@@ -45,6 +49,34 @@ pub struct Container {
     /// The cgroup (relative to the v2 root) Docker put it in, from its cgroup driver and
     /// `--cgroup-parent`: a kernel record's cgroup must be this one or inside it.
     pub cgroup: String,
+    /// The pod it belongs to (CRI runtimes); its name is then `<namespace>.<pod>` and its labels
+    /// are the pod's role annotations.
+    pub pod: Option<Pod>,
+}
+
+/// A Kubernetes pod, as its sandbox tells it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub sandbox_id: String,
+}
+
+impl Container {
+    /// Whose role settings these are, for [`crate::roles::Policy::resolve_for`].
+    pub fn subject(&self) -> crate::roles::Subject<'_> {
+        match &self.pod {
+            Some(pod) => crate::roles::Subject::Pod {
+                annotations: &self.labels,
+                namespace: &pod.namespace,
+            },
+            None => crate::roles::Subject::Container {
+                labels: &self.labels,
+                env: &self.env,
+            },
+        }
+    }
 }
 
 /// The role-bearing settings the proxy reads from a container's configuration.
@@ -99,14 +131,31 @@ pub enum Event {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("docker at {host}: {source}")]
+#[error("container runtime at {host}: {source}")]
 pub struct Error {
     host: String,
-    source: bollard::errors::Error,
+    source: SourceError,
+}
+
+/// What asking a source can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Docker(#[from] bollard::errors::Error),
+    #[error("CRI: {0}")]
+    Cri(#[from] crate::cri::CriError),
+}
+
+/// Where containers come from.
+enum Source {
+    /// Docker, or Podman's Docker-compatible service: events.
+    Docker(Docker),
+    /// A CRI runtime (containerd, CRI-O): polled.
+    Cri(crate::cri::Cri),
 }
 
 pub struct Index {
-    docker: Docker,
+    source: Source,
     host: String,
     containers: RwLock<HashMap<String, Arc<Container>>>,
     connected: AtomicBool,
@@ -143,9 +192,9 @@ impl Index {
     /// Connect to the daemon at `host` (`unix:///var/run/docker.sock`). With `trust_image_role`,
     /// role settings from a container's image count as its own.
     pub async fn connect(host: &str, trust_image_role: bool) -> Result<Arc<Self>, Error> {
-        let err = |source| Error {
+        let err = |source: bollard::errors::Error| Error {
             host: host.to_owned(),
-            source,
+            source: source.into(),
         };
         let path = host.trim_start_matches("unix://");
         let docker = Docker::connect_with_unix(path, 10, bollard::API_DEFAULT_VERSION)
@@ -153,9 +202,29 @@ impl Index {
             .negotiate_version()
             .await
             .map_err(err)?;
+        Ok(Self::with_source(
+            Source::Docker(docker),
+            host,
+            trust_image_role,
+        ))
+    }
+
+    /// Follow the pods of the CRI runtime at `endpoint` (`unix:///run/containerd/containerd.sock`).
+    pub async fn connect_cri(endpoint: &str) -> Result<Arc<Self>, Error> {
+        let err = |source: crate::cri::CriError| Error {
+            host: endpoint.to_owned(),
+            source: source.into(),
+        };
+        let cri = crate::cri::Cri::connect(endpoint);
+        // Answering now, or the proxy does not start.
+        cri.version().await.map_err(err)?;
+        Ok(Self::with_source(Source::Cri(cri), endpoint, false))
+    }
+
+    fn with_source(source: Source, host: &str, trust_image_role: bool) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
-        Ok(Arc::new(Self {
-            docker,
+        Arc::new(Self {
+            source,
             host: host.to_owned(),
             containers: RwLock::new(HashMap::new()),
             connected: AtomicBool::new(false),
@@ -164,7 +233,7 @@ impl Index {
             images: RwLock::new(HashMap::new()),
             driver: tokio::sync::OnceCell::new(),
             found_before_indexed: AtomicU64::new(0),
-        }))
+        })
     }
 
     /// How many containers a caller named before the index held them: each such request came
@@ -203,11 +272,20 @@ impl Index {
             })
     }
 
-    async fn driver(&self) -> Result<(Engine, &str), bollard::errors::Error> {
+    async fn driver(&self) -> Result<(Engine, &str), SourceError> {
         self.driver
             .get_or_try_init(|| async {
-                let info = self.docker.info().await?;
-                let version = self.docker.version().await?;
+                let docker = match &self.source {
+                    Source::Docker(docker) => docker,
+                    // Each container's cgroup is read from its runtime spec, whatever the driver.
+                    Source::Cri(cri) => {
+                        let (name, version) = cri.version().await?;
+                        tracing::info!(runtime = %name, %version, "CRI runtime");
+                        return Ok((Engine::Cri, "per container (OCI runtime spec)".to_owned()));
+                    }
+                };
+                let info = docker.info().await?;
+                let version = docker.version().await?;
                 // Podman's service names itself among the version's components.
                 let podman = version
                     .components
@@ -223,7 +301,7 @@ impl Index {
                     .cgroup_driver
                     .map(|d| d.to_string())
                     .unwrap_or_default();
-                Ok((engine, driver))
+                Ok::<_, SourceError>((engine, driver))
             })
             .await
             .map(|(engine, driver)| (*engine, driver.as_str()))
@@ -231,7 +309,10 @@ impl Index {
 
     /// Answer whether the daemon answers now.
     pub async fn ping(&self) -> bool {
-        self.docker.ping().await.is_ok()
+        match &self.source {
+            Source::Docker(docker) => docker.ping().await.is_ok(),
+            Source::Cri(cri) => cri.version().await.is_ok(),
+        }
     }
 
     /// The container with this id: from the index, else straight from Docker (bounded retries).
@@ -293,6 +374,19 @@ impl Index {
             {
                 return Ok(Some(found));
             }
+            let docker = match &self.source {
+                Source::Docker(docker) => docker,
+                // Every running container, each confirmed: the sandbox's addresses are the
+                // runtime's answer now.
+                Source::Cri(cri) => {
+                    for id in cri.running().await? {
+                        if let Some(found) = self.confirm(&id, ip).await? {
+                            return Ok(Some(found));
+                        }
+                    }
+                    return Ok(None);
+                }
+            };
             // Not indexed yet (its first milliseconds) or the index was stale: ask Docker. A
             // container's first process can connect before Docker has finished starting it: the
             // list then still says "created", with no address. So: running containers with the
@@ -308,7 +402,7 @@ impl Index {
                 ..Default::default()
             };
             let mut starting = Vec::new();
-            for summary in self.docker.list_containers(Some(options)).await? {
+            for summary in docker.list_containers(Some(options)).await? {
                 let Some(id) = summary.id else { continue };
                 let held = addresses(summary.network_settings.and_then(|n| n.networks));
                 if held.contains(&ip) {
@@ -324,7 +418,7 @@ impl Index {
                     return Ok(Some(found));
                 }
             }
-            Ok::<_, bollard::errors::Error>(None)
+            Ok::<_, SourceError>(None)
         };
         match tokio::time::timeout(MISS_BUDGET, lookup).await {
             Ok(Ok(found)) => found,
@@ -344,7 +438,7 @@ impl Index {
         &self,
         id: &str,
         ip: IpAddr,
-    ) -> Result<Option<Arc<Container>>, bollard::errors::Error> {
+    ) -> Result<Option<Arc<Container>>, SourceError> {
         let Some(container) = self.inspect(id).await? else {
             return Ok(None);
         };
@@ -356,10 +450,13 @@ impl Index {
         Ok((container.running && container.addresses.contains(&ip)).then_some(container))
     }
 
-    /// `Ok(None)` when Docker has no such container.
-    async fn inspect(&self, id: &str) -> Result<Option<Container>, bollard::errors::Error> {
-        match self
-            .docker
+    /// `Ok(None)` when the source has no such container.
+    async fn inspect(&self, id: &str) -> Result<Option<Container>, SourceError> {
+        let docker = match &self.source {
+            Source::Docker(docker) => docker,
+            Source::Cri(cri) => return Ok(cri.inspect(id).await?),
+        };
+        match docker
             .inspect_container(id, None::<InspectContainerOptions>)
             .await
         {
@@ -389,7 +486,7 @@ impl Index {
                     // Fail closed: without the image's configuration, a role setting might be
                     // the image's; the inspect fails and is retried.
                     let image = self
-                        .image_config(info.image.as_deref().unwrap_or_default())
+                        .image_config(docker, info.image.as_deref().unwrap_or_default())
                         .await?;
                     let ignored =
                         without_image_roles(&mut labels, &mut env, &image.labels, &image.env);
@@ -419,23 +516,27 @@ impl Index {
                     labels,
                     env,
                     cgroup,
+                    pod: None,
                 }))
             }
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(None),
-            Err(err) => Err(err),
+            Err(err) => Err(err.into()),
         }
     }
 
     /// An image's own labels and environment, by its id; cached (an id's configuration never
     /// changes).
-    async fn image_config(&self, image: &str) -> Result<Arc<ImageConfig>, bollard::errors::Error> {
+    async fn image_config(
+        &self,
+        docker: &Docker,
+        image: &str,
+    ) -> Result<Arc<ImageConfig>, bollard::errors::Error> {
         if let Some(found) = self.images.read().expect("images poisoned").get(image) {
             return Ok(found.clone());
         }
-        let config = self
-            .docker
+        let config = docker
             .inspect_image(image)
             .await?
             .config
@@ -453,14 +554,18 @@ impl Index {
     }
 
     /// List the running containers and replace the index with them.
-    async fn resync(&self) -> Result<(), bollard::errors::Error> {
-        let list = self
-            .docker
-            .list_containers(None::<ListContainersOptions>)
-            .await?;
+    async fn resync(&self) -> Result<(), SourceError> {
+        let ids: Vec<String> = match &self.source {
+            Source::Docker(docker) => docker
+                .list_containers(None::<ListContainersOptions>)
+                .await?
+                .into_iter()
+                .filter_map(|summary| summary.id)
+                .collect(),
+            Source::Cri(cri) => cri.running().await?,
+        };
         let mut fresh = HashMap::new();
-        for summary in list {
-            let Some(id) = summary.id else { continue };
+        for id in ids {
             if let Some(container) = self.inspect(&id).await? {
                 fresh.insert(id, Arc::new(container));
             }
@@ -507,14 +612,18 @@ impl Index {
             self.connected.store(false, Ordering::Relaxed);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
-            if self.docker.ping().await.is_ok() {
+            if self.ping().await {
                 backoff = Duration::from_millis(200);
             }
         }
     }
 
     /// Subscribe to events, then list (so nothing between the two is missed), then follow.
-    async fn follow(&self) -> Result<(), bollard::errors::Error> {
+    async fn follow(&self) -> Result<(), SourceError> {
+        let docker = match &self.source {
+            Source::Docker(docker) => docker,
+            Source::Cri(_) => return self.poll().await,
+        };
         let filters = HashMap::from([
             ("type".to_owned(), vec!["container".to_owned()]),
             (
@@ -527,7 +636,7 @@ impl Index {
                 .to_vec(),
             ),
         ]);
-        let mut stream = self.docker.events(Some(EventsOptions {
+        let mut stream = docker.events(Some(EventsOptions {
             filters: Some(filters),
             ..Default::default()
         }));
@@ -587,6 +696,69 @@ impl Index {
                 // (it may be started again).
                 _ => {}
             }
+        }
+        Ok(())
+    }
+}
+
+impl Index {
+    /// A CRI runtime has no event stream (containerd 1.6): list the running containers every
+    /// [`crate::cri::POLL`]; a new one is indexed and announced, one gone is forgotten and
+    /// announced. A request from a container not listed yet finds it by [`Index::get`].
+    async fn poll(&self) -> Result<(), SourceError> {
+        let Source::Cri(cri) = &self.source else {
+            unreachable!("poll is for CRI sources")
+        };
+        self.resync_quietly(cri).await?;
+        self.connected.store(true, Ordering::Relaxed);
+        tracing::info!(containers = self.len(), "CRI index synchronised");
+        let mut every = tokio::time::interval(crate::cri::POLL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.resync_quietly(cri).await?;
+        }
+    }
+
+    /// One poll: index what is new, forget what is gone, and announce only those.
+    async fn resync_quietly(&self, cri: &crate::cri::Cri) -> Result<(), SourceError> {
+        let running: std::collections::HashSet<String> = cri.running().await?.into_iter().collect();
+        let known: Vec<(String, bool)> = self
+            .containers
+            .read()
+            .expect("index poisoned")
+            .iter()
+            .map(|(id, c)| (id.clone(), c.running))
+            .collect();
+        for (id, was_running) in &known {
+            if !running.contains(id) {
+                let removed = self.containers.write().expect("index poisoned").remove(id);
+                if let Some(container) = removed {
+                    tracing::debug!(container_id = %id, pod = %container.name, "forgotten");
+                    let _ = self.events.send(Event::Destroyed(container));
+                }
+            } else if !was_running {
+                // Indexed by a miss before it ran: look again.
+                self.index_and_announce(id).await?;
+            }
+        }
+        for id in running {
+            if !known.iter().any(|(k, _)| *k == id) {
+                self.index_and_announce(&id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn index_and_announce(&self, id: &str) -> Result<(), SourceError> {
+        if let Some(container) = self.inspect(id).await? {
+            let container = Arc::new(container);
+            self.containers
+                .write()
+                .expect("index poisoned")
+                .insert(id.to_owned(), container.clone());
+            tracing::debug!(container_id = %id, pod = %container.name, "indexed");
+            let _ = self.events.send(Event::Started(container));
         }
         Ok(())
     }

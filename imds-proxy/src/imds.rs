@@ -271,16 +271,23 @@ impl App {
     /// The caller's container and role, if any. A role the rules refuse is logged and is none.
     async fn role(&self, caller: &Caller) -> Option<(Arc<docker::Container>, Resolved)> {
         let container = caller.container.clone()?;
-        match self.roles.resolve(&container.labels, &container.env) {
+        match self.roles.resolve_for(container.subject()) {
             Ok(Some(role)) => {
                 tracing::Span::current().record("role", role.arn.as_str());
                 Some((container, role))
             }
             Ok(None) => {
-                tracing::info!(
-                    container = %container.name,
-                    "no role: no label iam.amazonaws.com/role, no env IAM_ROLE, no --default-role"
-                );
+                if container.pod.is_some() {
+                    tracing::info!(
+                        pod = %container.name,
+                        "no role: no pod annotation iam.amazonaws.com/role, no --default-role"
+                    );
+                } else {
+                    tracing::info!(
+                        container = %container.name,
+                        "no role: no label iam.amazonaws.com/role, no env IAM_ROLE, no --default-role"
+                    );
+                }
                 None
             }
             Err(err) => {
@@ -500,6 +507,7 @@ mod tests {
                     ),
                     allowed: vec![],
                     default_role: None,
+                    namespaces: Default::default(),
                 },
                 credentials: cache(sts, clock),
                 // Never reached by these routes; nothing listens there.

@@ -11,6 +11,7 @@
 //! through the binary only.
 pub mod cgroup;
 pub mod config;
+pub mod cri;
 pub(crate) mod credentials;
 pub mod daemon;
 pub mod docker;

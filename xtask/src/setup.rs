@@ -48,6 +48,10 @@ pub fn run(root: &Path) -> anyhow::Result<Env> {
         // The Podman tests: `podman system service` and its CNI bridge.
         "podman",
         "containernetworking-plugins",
+        // The CRI client's code is generated from the CRI's protobuf definitions at build time;
+        // the CRI tests run a containerd of their own.
+        "protobuf-compiler",
+        "containerd",
     ])?;
     bpf_linker(llvm)?;
     cargo_fuzz()?;

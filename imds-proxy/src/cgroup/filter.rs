@@ -15,9 +15,12 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use crate::redirect::cgroup::CgroupRedirect as Redirect;
 
-/// Whether the cgroup at `path` (relative to anything) belongs to a container.
+/// Whether the cgroup at `path` (relative to the v2 root) belongs to a container: it names one,
+/// or it is below the kubelet's `kubepods` (a pod's cgroup that names no container is still a
+/// pod's, never the host's).
 pub fn is_container(path: &Path) -> bool {
-    super::container_id(&path.to_string_lossy()).is_some()
+    let path = path.to_string_lossy();
+    super::container_id(&path).is_some() || super::is_pod_cgroup(&path)
 }
 
 pub struct Feed {

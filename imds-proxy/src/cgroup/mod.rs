@@ -136,10 +136,11 @@ pub fn v2_path(proc_cgroup: &str) -> Option<&str> {
     proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))
 }
 
-/// The container id a cgroup path names, for both cgroup drivers of Docker and of Podman:
-/// cgroupfs (Docker `<parent>/<64 hex>`, `/docker/<id>` by default; Podman
-/// `<parent>/libpod-<64 hex>`, `/libpod_parent/libpod-<id>` by default) and systemd
-/// (`.../docker-<64 hex>.scope`, `.../libpod-<64 hex>.scope`).
+/// The container id a cgroup path names, for both cgroup drivers of Docker, of Podman and of the
+/// kubelet's CRI runtimes: cgroupfs (Docker `<parent>/<64 hex>`, `/docker/<id>` by default;
+/// Podman `<parent>/libpod-<64 hex>`, `/libpod_parent/libpod-<id>` by default; a pod's container
+/// `/kubepods/<qos>/pod<uid>/<id>`) and systemd (`.../docker-<64 hex>.scope`,
+/// `.../libpod-<64 hex>.scope`, `kubepods.slice/.../cri-containerd-<id>.scope` or `crio-<id>.scope`).
 /// The deepest such segment counts: a container started with `--cgroup-parent` inside another
 /// container's cgroup (`/docker/<a>/<b>`) is `b`, not `a`, and cgroups nested inside a
 /// container's (`/docker/<id>/init.scope`) belong to it. The id alone is only a claim: the caller
@@ -159,7 +160,7 @@ pub fn container_id(cgroup_path: &str) -> Option<String> {
             {
                 return Some(id);
             }
-            ["docker-", "libpod-"]
+            ["docker-", "libpod-", "cri-containerd-", "crio-"]
                 .iter()
                 .find_map(|prefix| s.strip_prefix(prefix))
                 .and_then(|rest| rest.strip_suffix(".scope"))
@@ -169,12 +170,16 @@ pub fn container_id(cgroup_path: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The engine behind the Docker API: Docker itself, or Podman's Docker-compatible service. They
-/// name containers' cgroups differently.
+/// The engine behind the container source: Docker itself, Podman's Docker-compatible service, or
+/// a Kubernetes CRI runtime. They name containers' cgroups differently.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
     Docker,
     Podman,
+    /// containerd or CRI-O: a container's cgroup is read from its OCI runtime spec
+    /// ([`from_cgroups_path`]); what follows is containerd's choice when the kubelet gives no
+    /// parent.
+    Cri,
 }
 
 impl Engine {
@@ -185,6 +190,8 @@ impl Engine {
             (Engine::Docker, true) => "system.slice",
             (Engine::Podman, false) => "/libpod_parent",
             (Engine::Podman, true) => "machine.slice",
+            (Engine::Cri, false) => "/k8s.io",
+            (Engine::Cri, true) => "system.slice",
         }
     }
 
@@ -195,6 +202,8 @@ impl Engine {
             (Engine::Docker, true) => format!("docker-{id}.scope"),
             (Engine::Podman, false) => format!("libpod-{id}"),
             (Engine::Podman, true) => format!("libpod-{id}.scope"),
+            (Engine::Cri, false) => id.to_owned(),
+            (Engine::Cri, true) => format!("cri-containerd-{id}.scope"),
         }
     }
 }
@@ -210,22 +219,53 @@ pub fn expected_cgroup(engine: Engine, driver: &str, cgroup_parent: &str, id: &s
     };
     let leaf = engine.leaf(systemd, id);
     if systemd {
-        // A slice name; `a-b.slice` lives at /a.slice/a-b.slice.
-        let slice = parent;
-        let mut path = String::new();
-        if let Some(name) = slice.strip_suffix(".slice") {
-            let parts: Vec<&str> = name.split('-').collect();
-            for end in 1..=parts.len() {
-                path.push('/');
-                path.push_str(&parts[..end].join("-"));
-                path.push_str(".slice");
-            }
-        } else {
-            path = format!("/{}", slice.trim_matches('/'));
-        }
-        return format!("{path}/{leaf}");
+        return format!("{}/{leaf}", slice_path(parent));
     }
     format!("/{}/{leaf}", parent.trim_matches('/'))
+}
+
+/// Where a systemd slice lives: `a-b.slice` at `/a.slice/a-b.slice`.
+fn slice_path(slice: &str) -> String {
+    let Some(name) = slice.strip_suffix(".slice") else {
+        return format!("/{}", slice.trim_matches('/'));
+    };
+    let parts: Vec<&str> = name.split('-').collect();
+    let mut path = String::new();
+    for end in 1..=parts.len() {
+        path.push('/');
+        path.push_str(&parts[..end].join("-"));
+        path.push_str(".slice");
+    }
+    path
+}
+
+/// The cgroup (relative to the v2 root) of an OCI runtime spec's `linux.cgroupsPath`, as a CRI
+/// runtime writes it for each cgroup driver: a path (cgroupfs, `/kubepods/<qos>/pod<uid>/<id>`)
+/// or `<slice>:<prefix>:<name>` (systemd, `kubepods-...-pod<uid>.slice:cri-containerd:<id>` is
+/// `.../kubepods-...-pod<uid>.slice/cri-containerd-<id>.scope`). `None` for anything else.
+pub fn from_cgroups_path(cgroups_path: &str) -> Option<String> {
+    let path = cgroups_path.trim();
+    if path.is_empty() || path.contains("..") {
+        return None;
+    }
+    match path.split(':').collect::<Vec<_>>()[..] {
+        [single] if single.starts_with('/') => Some(single.trim_end_matches('/').to_owned()),
+        [slice, prefix, name]
+            if slice.ends_with(".slice") && !prefix.is_empty() && !name.is_empty() =>
+        {
+            Some(format!("{}/{prefix}-{name}.scope", slice_path(slice)))
+        }
+        _ => None,
+    }
+}
+
+/// Whether a cgroup path (relative or absolute) is the kubelet's, at or below `kubepods`
+/// (cgroupfs) or `kubepods.slice` (systemd): everything there is a pod's, even where no
+/// container id can be read from it.
+pub fn is_pod_cgroup(cgroup_path: &str) -> bool {
+    cgroup_path
+        .split('/')
+        .any(|s| matches!(s, "kubepods" | "kubepods.slice"))
 }
 
 /// Whether `caller_cgroup` is the container's cgroup `expected`, or nested inside it.
@@ -369,6 +409,38 @@ mod tests {
             &forged,
             &expected_cgroup(Engine::Docker, "cgroupfs", "", &claimed)
         ));
+    }
+
+    #[test]
+    fn kubelet_cgroups_for_both_drivers() {
+        // cgroupfs: the runtime spec's path as is; the container id is its last segment.
+        let cgroupfs = format!("/kubepods/besteffort/pod0b4d6c2a-1111-2222-3333-444455556666/{ID}");
+        assert_eq!(from_cgroups_path(&cgroupfs).as_deref(), Some(cgroupfs.as_str()));
+        assert_eq!(container_id(&cgroupfs).as_deref(), Some(ID));
+        // systemd: slice:prefix:name, for containerd and CRI-O.
+        let slice = "kubepods-besteffort-pod0b4d6c2a_1111_2222_3333_444455556666.slice";
+        let containerd = from_cgroups_path(&format!("{slice}:cri-containerd:{ID}")).unwrap();
+        assert_eq!(
+            containerd,
+            format!(
+                "/kubepods.slice/kubepods-besteffort.slice/{slice}/cri-containerd-{ID}.scope"
+            )
+        );
+        assert_eq!(container_id(&containerd).as_deref(), Some(ID));
+        let crio = from_cgroups_path(&format!("{slice}:crio:{ID}")).unwrap();
+        assert!(crio.ends_with(&format!("/crio-{ID}.scope")), "{crio}");
+        assert_eq!(container_id(&crio).as_deref(), Some(ID));
+        // CRI-O's conmon is not a container.
+        assert_eq!(container_id(&format!("/kubepods.slice/crio-conmon-{ID}.scope")), None);
+        // Not a cgroups path: refused, never guessed.
+        for bad in ["", "relative/path", "a:b", "kubepods.slice::x", "/kubepods/../docker"] {
+            assert_eq!(from_cgroups_path(bad), None, "{bad:?}");
+        }
+        assert!(is_pod_cgroup("/kubepods/besteffort/podx"));
+        assert!(is_pod_cgroup("/kubepods.slice/kubepods-burstable.slice"));
+        assert!(is_pod_cgroup("/sys/fs/cgroup/unified/kubepods/burstable"));
+        assert!(!is_pod_cgroup("/kubepodsx"));
+        assert!(!is_pod_cgroup(&format!("/docker/{ID}")));
     }
 
     #[test]

@@ -666,7 +666,7 @@ impl Cache {
                 Event::Created(container) | Event::Started(container)
                     if Some(&container.id) == own_container.as_ref() => {}
                 Event::Created(container) | Event::Started(container) => {
-                    match policy.resolve(&container.labels, &container.env) {
+                    match policy.resolve_for(container.subject()) {
                         Ok(Some(role)) => self.prefetch(Key::session(&container, &role)),
                         Ok(None) => {}
                         Err(err) => tracing::warn!(

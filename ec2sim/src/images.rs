@@ -91,6 +91,28 @@ fn binary_image(binary: &Path, tag: &'static str) -> anyhow::Result<&'static str
     Ok(tag)
 }
 
+/// A Kubernetes pod's sandbox image, as `registry.k8s.io/pause` is: one static binary that holds
+/// the pod's namespaces and sleeps. Here busybox (Debian's static build) running `sleep`.
+pub const PAUSE_IMAGE: &str = "imds-test/pause:1";
+
+/// Build [`PAUSE_IMAGE`] unless Docker has it already; returns its name.
+pub fn pause_image() -> anyhow::Result<&'static str> {
+    if image_exists(PAUSE_IMAGE)? {
+        return Ok(PAUSE_IMAGE);
+    }
+    let rootfs = scratch_dir("pause")?;
+    fs::create_dir_all(rootfs.join("bin"))?;
+    fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .context("copying /bin/busybox (Debian busybox-static; `cargo xtask setup` installs it)")?;
+    import_with(
+        &rootfs,
+        PAUSE_IMAGE,
+        "CMD [\"/bin/busybox\", \"sleep\", \"2147483647\"]",
+    )?;
+    fs::remove_dir_all(&rootfs)?;
+    Ok(PAUSE_IMAGE)
+}
+
 /// Build [`CURL_IMAGE`] unless Docker has it already; returns its name.
 pub fn curl_image() -> anyhow::Result<&'static str> {
     if image_exists(CURL_IMAGE)? {

@@ -106,8 +106,8 @@ impl RunArgs {
                     ),
                 )
             }),
-            (RuntimeName::Cri, None, None) => {
-                first_existing(&|r| r == RuntimeName::Cri).ok_or_else(|| {
+            (RuntimeName::Cri, None, None) => first_existing(&|r| r == RuntimeName::Cri)
+                .ok_or_else(|| {
                     invalid(
                         "runtime",
                         format!(
@@ -115,8 +115,7 @@ impl RunArgs {
                             usual(RuntimeName::Cri)
                         ),
                     )
-                })
-            }
+                }),
             (runtime, None, None) => Ok((RuntimeApi::Docker, usual(runtime))),
         }
     }
@@ -272,7 +271,11 @@ pub struct RoleArgs {
     /// pods may assume (comma-separated or repeated; a namespace may be given several globs).
     /// Once any is given, a pod in a namespace not listed gets no role. The node-local
     /// equivalent of kube2iam's `iam.amazonaws.com/allowed-roles` namespace annotation.
-    #[arg(long, env = "IMDS_PROXY_NAMESPACE_ALLOWED_ROLES", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "IMDS_PROXY_NAMESPACE_ALLOWED_ROLES",
+        value_delimiter = ','
+    )]
     pub namespace_allowed_roles: Vec<String>,
 }
 
@@ -600,9 +603,13 @@ impl RunArgs {
                         ),
                     )
                 })?;
-            let glob = Glob::parse(glob)
-                .map_err(|reason| invalid("namespace-allowed-roles", format!("{entry:?}: {reason}")))?;
-            namespaces.entry(namespace.to_owned()).or_default().push(glob);
+            let glob = Glob::parse(glob).map_err(|reason| {
+                invalid("namespace-allowed-roles", format!("{entry:?}: {reason}"))
+            })?;
+            namespaces
+                .entry(namespace.to_owned())
+                .or_default()
+                .push(glob);
         }
         let policy = roles::Policy {
             prefix,
@@ -898,7 +905,10 @@ mod tests {
             cri("unix:///var/run/crio/crio.sock")
         );
         assert_eq!(
-            args(&["--runtime", "cri"]).engine_socket(none).unwrap_err().key,
+            args(&["--runtime", "cri"])
+                .engine_socket(none)
+                .unwrap_err()
+                .key,
             "runtime"
         );
         // One runtime at a time, and each flag for its own API.
@@ -907,8 +917,14 @@ mod tests {
                 &["--docker-host", "unix:///a", "--cri-endpoint", "unix:///b"][..],
                 "cri-endpoint",
             ),
-            (&["--runtime", "cri", "--docker-host", "unix:///a"], "docker-host"),
-            (&["--runtime", "docker", "--cri-endpoint", "unix:///b"], "cri-endpoint"),
+            (
+                &["--runtime", "cri", "--docker-host", "unix:///a"],
+                "docker-host",
+            ),
+            (
+                &["--runtime", "docker", "--cri-endpoint", "unix:///b"],
+                "cri-endpoint",
+            ),
         ] {
             assert_eq!(args(a).engine_socket(both).unwrap_err().key, key, "{a:?}");
         }

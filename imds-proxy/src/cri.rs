@@ -31,7 +31,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// What a CRI call can fail with, in one readable line.
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
-    #[error("{code}: {message}")]
+    #[error("CRI call failed ({code}): {message}")]
     Status { code: tonic::Code, message: String },
 }
 
@@ -375,7 +375,8 @@ mod tests {
     #[test]
     fn what_cannot_be_known_fails_closed() {
         // A host-network pod's addresses are the node's: none are the pod's.
-        let c = pod_container(&status(&[]), &runtime(), &sandbox(&[], NamespaceMode::Node)).unwrap();
+        let c =
+            pod_container(&status(&[]), &runtime(), &sandbox(&[], NamespaceMode::Node)).unwrap();
         assert!(c.addresses.is_empty());
         // No cgroups path in the runtime's answer: no kernel record matches the expected cgroup.
         let c = pod_container(
@@ -393,7 +394,11 @@ mod tests {
         // A sandbox that is not ready: its containers are not running.
         let mut gone = sandbox(&[], NamespaceMode::Pod);
         gone.state = PodSandboxState::SandboxNotready as i32;
-        assert!(!pod_container(&status(&[]), &runtime(), &gone).unwrap().running);
+        assert!(
+            !pod_container(&status(&[]), &runtime(), &gone)
+                .unwrap()
+                .running
+        );
         // A sandbox without pod metadata: not a pod.
         let mut anonymous = sandbox(&[], NamespaceMode::Pod);
         anonymous.metadata = None;

@@ -130,11 +130,12 @@ pub enum Event {
     Destroyed(Arc<Container>),
 }
 
+/// One readable line: the runtime's socket and what went wrong.
 #[derive(Debug, thiserror::Error)]
-#[error("container runtime at {host}: {source}")]
+#[error("container runtime at {host}: {cause}")]
 pub struct Error {
     host: String,
-    source: SourceError,
+    cause: SourceError,
 }
 
 /// What asking a source can fail with.
@@ -142,7 +143,7 @@ pub struct Error {
 pub enum SourceError {
     #[error(transparent)]
     Docker(#[from] bollard::errors::Error),
-    #[error("CRI: {0}")]
+    #[error(transparent)]
     Cri(#[from] crate::cri::CriError),
 }
 
@@ -194,7 +195,7 @@ impl Index {
     pub async fn connect(host: &str, trust_image_role: bool) -> Result<Arc<Self>, Error> {
         let err = |source: bollard::errors::Error| Error {
             host: host.to_owned(),
-            source: source.into(),
+            cause: source.into(),
         };
         let path = host.trim_start_matches("unix://");
         let docker = Docker::connect_with_unix(path, 10, bollard::API_DEFAULT_VERSION)
@@ -213,7 +214,7 @@ impl Index {
     pub async fn connect_cri(endpoint: &str) -> Result<Arc<Self>, Error> {
         let err = |source: crate::cri::CriError| Error {
             host: endpoint.to_owned(),
-            source: source.into(),
+            cause: source.into(),
         };
         let cri = crate::cri::Cri::connect(endpoint);
         // Answering now, or the proxy does not start.
@@ -266,9 +267,9 @@ impl Index {
         self.driver()
             .await
             .map(|(engine, driver)| (engine, driver.to_owned()))
-            .map_err(|source| Error {
+            .map_err(|cause| Error {
                 host: self.host.clone(),
-                source,
+                cause,
             })
     }
 
@@ -434,11 +435,7 @@ impl Index {
     }
 
     /// Inspect `id` now: the container, if it is running and has `ip`; the index is refreshed.
-    async fn confirm(
-        &self,
-        id: &str,
-        ip: IpAddr,
-    ) -> Result<Option<Arc<Container>>, SourceError> {
+    async fn confirm(&self, id: &str, ip: IpAddr) -> Result<Option<Arc<Container>>, SourceError> {
         let Some(container) = self.inspect(id).await? else {
             return Ok(None);
         };

@@ -11,8 +11,8 @@
 //! through the binary only.
 pub mod cgroup;
 pub mod config;
-pub mod cri;
 pub(crate) mod credentials;
+pub mod cri;
 pub mod daemon;
 pub mod docker;
 pub mod identity;

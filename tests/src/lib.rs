@@ -2,6 +2,7 @@
 //! [`ec2sim`] (re-exported here); hand-made containers ([`kernel`]), Docker containers
 //! ([`containers`]) and the proxy binary under test ([`proxy`]) are the tests' own.
 pub mod containers;
+pub mod cri;
 pub mod kernel;
 pub mod podman;
 pub mod proxy;

@@ -206,7 +206,8 @@ impl Proxy {
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
                 // Record first, then signal: the test reads the log as soon as it is signalled.
-                let ready = line.contains("docker index synchronised");
+                // "docker index synchronised", "CRI index synchronised".
+                let ready = line.contains("index synchronised");
                 sink.lock().unwrap().push(line);
                 if ready {
                     let _ = tx.send(());

@@ -415,25 +415,35 @@ mod tests {
     fn kubelet_cgroups_for_both_drivers() {
         // cgroupfs: the runtime spec's path as is; the container id is its last segment.
         let cgroupfs = format!("/kubepods/besteffort/pod0b4d6c2a-1111-2222-3333-444455556666/{ID}");
-        assert_eq!(from_cgroups_path(&cgroupfs).as_deref(), Some(cgroupfs.as_str()));
+        assert_eq!(
+            from_cgroups_path(&cgroupfs).as_deref(),
+            Some(cgroupfs.as_str())
+        );
         assert_eq!(container_id(&cgroupfs).as_deref(), Some(ID));
         // systemd: slice:prefix:name, for containerd and CRI-O.
         let slice = "kubepods-besteffort-pod0b4d6c2a_1111_2222_3333_444455556666.slice";
         let containerd = from_cgroups_path(&format!("{slice}:cri-containerd:{ID}")).unwrap();
         assert_eq!(
             containerd,
-            format!(
-                "/kubepods.slice/kubepods-besteffort.slice/{slice}/cri-containerd-{ID}.scope"
-            )
+            format!("/kubepods.slice/kubepods-besteffort.slice/{slice}/cri-containerd-{ID}.scope")
         );
         assert_eq!(container_id(&containerd).as_deref(), Some(ID));
         let crio = from_cgroups_path(&format!("{slice}:crio:{ID}")).unwrap();
         assert!(crio.ends_with(&format!("/crio-{ID}.scope")), "{crio}");
         assert_eq!(container_id(&crio).as_deref(), Some(ID));
         // CRI-O's conmon is not a container.
-        assert_eq!(container_id(&format!("/kubepods.slice/crio-conmon-{ID}.scope")), None);
+        assert_eq!(
+            container_id(&format!("/kubepods.slice/crio-conmon-{ID}.scope")),
+            None
+        );
         // Not a cgroups path: refused, never guessed.
-        for bad in ["", "relative/path", "a:b", "kubepods.slice::x", "/kubepods/../docker"] {
+        for bad in [
+            "",
+            "relative/path",
+            "a:b",
+            "kubepods.slice::x",
+            "/kubepods/../docker",
+        ] {
             assert_eq!(from_cgroups_path(bad), None, "{bad:?}");
         }
         assert!(is_pod_cgroup("/kubepods/besteffort/podx"));

@@ -203,7 +203,6 @@ state = "{DIR}/state"
         annotations: &[(&str, &str)],
         image: &str,
         command: &[&str],
-        env: &[(&str, &str)],
     ) -> Pod {
         let uid = format!(
             "{:08x}-0000-4000-8000-{:012x}",
@@ -252,7 +251,7 @@ state = "{DIR}/state"
                 }
             })
             .pod_sandbox_id;
-        let container = self.start_container(&sandbox, &config, "main", image, command, env);
+        let container = self.start_container(&sandbox, &config, "main", image, command, &[]);
         Pod {
             namespace: namespace.into(),
             name: name.into(),

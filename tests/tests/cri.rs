@@ -78,27 +78,11 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
 
     ensure_imds_is_simulated().unwrap();
     let sleep = ["sleep", "3600"];
-    let web = containerd.run_pod(
-        "team-a",
-        "web",
-        0,
-        &[(ROLE, "TeamAWeb")],
-        &curl,
-        &sleep,
-        &[],
-    );
-    let db = containerd.run_pod("team-b", "db", 0, &[(ROLE, "TeamBDb")], &curl, &sleep, &[]);
+    let web = containerd.run_pod("team-a", "web", 0, &[(ROLE, "TeamAWeb")], &curl, &sleep);
+    let db = containerd.run_pod("team-b", "db", 0, &[(ROLE, "TeamBDb")], &curl, &sleep);
     // A pod naming a role its namespace does not allow, and one naming none.
-    let rogue = containerd.run_pod(
-        "team-b",
-        "rogue",
-        0,
-        &[(ROLE, "TeamAWeb")],
-        &curl,
-        &sleep,
-        &[],
-    );
-    let bare = containerd.run_pod("team-a", "bare", 0, &[], &curl, &sleep, &[]);
+    let rogue = containerd.run_pod("team-b", "rogue", 0, &[(ROLE, "TeamAWeb")], &curl, &sleep);
+    let bare = containerd.run_pod("team-a", "bare", 0, &[], &curl, &sleep);
     if mode == Mode::Tc {
         // The CNI plugin makes its bridge with the first pod; it is attached when it appears.
         proxy.wait_for_log(&["redirect attached to container interface", cri::BRIDGE]);
@@ -172,15 +156,7 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
     // The pod goes and comes back under a new sandbox (new containers, new address, new cgroup):
     // its role again, and the old one's container is forgotten.
     containerd.remove_pod(&web);
-    let again = containerd.run_pod(
-        "team-a",
-        "web",
-        1,
-        &[(ROLE, "TeamAWeb")],
-        &curl,
-        &sleep,
-        &[],
-    );
+    let again = containerd.run_pod("team-a", "web", 1, &[(ROLE, "TeamAWeb")], &curl, &sleep);
     assert_ne!(again.container, web.container);
     check(&again, "TeamAWeb", "TeamBDb");
     proxy.wait_for_log(&["forgotten", &web.container]);

@@ -31,10 +31,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Both modes attach the cgroup programs (tc mode for host-network containers): both need the
     // v2 hierarchy and the proxy's place in it.
     let root = cgroup::cgroup2_root().context("the cgroup v2 hierarchy")?;
-    let own_path = cgroup::own_cgroup_path()?;
+    let (own_path, own_cgroup) = cgroup::own_cgroup(&root).context("the proxy's own cgroup")?;
     let place = Place {
-        own_cgroup: cgroup::id(&root.join(own_path.trim_start_matches('/')))
-            .with_context(|| format!("the proxy's own cgroup {own_path}"))?,
+        own_cgroup,
         own_path: own_path.clone(),
         root: root.clone(),
     };

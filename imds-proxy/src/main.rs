@@ -50,7 +50,11 @@ fn main() -> std::process::ExitCode {
                 }
             };
             init_logging(config.args.log_format);
-            run(config)
+            // Before the runtime's threads exist: a namespace is joined per thread.
+            match imds_proxy::cgroup::join_host_cgroup_namespace() {
+                Ok(()) => run(config),
+                Err(err) => Err(err),
+            }
         }
         Command::Detach { pin, interface } => {
             init_logging(LogFormat::Text);

@@ -1,6 +1,7 @@
 //! The proxy deployed DaemonSet-style: as a privileged container itself (host network, the host's
 //! cgroup hierarchy, bpffs and Docker socket), from the project's own `Dockerfile`. Containers get
-//! their roles through it, and its own requests to IMDS are not redirected. In both modes.
+//! their roles through it, and its own requests to IMDS are not redirected. In both modes; in
+//! cgroup mode in a private cgroup namespace, as a Kubernetes pod is.
 use std::time::{Duration, Instant};
 
 use imds_tests::{
@@ -79,12 +80,16 @@ fn daemonset(mode: Mode) {
             "SYS_RESOURCE",
             "--security-opt",
             "seccomp=unconfined",
+            "--security-opt",
+            "apparmor=unconfined",
             "-e",
             "NO_COLOR=1",
             "--network",
             "host",
+            // As the README runs it (tc mode), and as a Kubernetes pod is (cgroup mode): in a
+            // cgroup namespace of its own, which the proxy leaves for the host's (hostPID).
             "--cgroupns",
-            "host",
+            if mode == Mode::Tc { "host" } else { "private" },
             // tc mode reads each container's interfaces through its first process.
             "--pid",
             "host",
@@ -145,6 +150,15 @@ fn daemonset(mode: Mode) {
     // In both modes it knows its own cgroup, whose connects the cgroup programs leave alone (tc
     // mode attaches them too, for host-network containers, such as the proxy itself).
     assert!(logs.contains("own_cgroup=/docker/"), "{logs}");
+    // In a private cgroup namespace (cgroup mode here, as a pod): the host's joined through PID
+    // 1, or (where PID 1's namespace is not readable, as on these machines) its own cgroup found
+    // from a cgroup2 mounted inside the namespace.
+    assert_eq!(
+        logs.contains("joined the host's cgroup namespace")
+            || logs.contains("in a private cgroup namespace"),
+        mode == Mode::Cgroup,
+        "{logs}"
+    );
     if mode == Mode::Tc {
         // Attached to docker0, found on the host's network from inside its container.
         assert!(

@@ -276,6 +276,99 @@ pub fn within(caller_cgroup: &str, expected: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
+/// Join the host's cgroup namespace when the proxy runs in a namespace of its own but sees the
+/// host's processes: a Kubernetes pod (hostPID, privileged) always has a private cgroup
+/// namespace, in which `/proc/*/cgroup` paths are relative to the pod's own cgroup, so the proxy
+/// could neither find its own cgroup (whose connects must not be redirected to itself) nor read
+/// callers' cgroups as the host's. PID 1 is then the host's init; its namespace is the host's.
+/// Without the host's PID namespace (PID 1 is the proxy or its init), nothing changes. Call it
+/// while the process has one thread: a namespace is joined per thread, and threads inherit it.
+pub fn join_host_cgroup_namespace() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let own = std::fs::read_link("/proc/self/ns/cgroup").context("reading /proc/self/ns/cgroup")?;
+    let init = match std::fs::read_link("/proc/1/ns/cgroup") {
+        Ok(init) => init,
+        Err(err) => {
+            // Not ours to read (a confined container): the proxy stays where it is; if that is
+            // a private namespace, its own cgroup reads as `/` in the log that follows.
+            tracing::warn!(
+                %err,
+                "cannot read PID 1's cgroup namespace; staying in the proxy's own (run it in the \
+                 host's cgroup namespace, or unconfined with the host's PID namespace)"
+            );
+            return Ok(());
+        }
+    };
+    if own == init {
+        return Ok(());
+    }
+    let ns = File::open("/proc/1/ns/cgroup").context("opening /proc/1/ns/cgroup")?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWCGROUP).context(
+        "joining the host's cgroup namespace (/proc/1/ns/cgroup): needs CAP_SYS_ADMIN; or run \
+         the proxy in the host's cgroup namespace (docker run --cgroupns host)",
+    )?;
+    tracing::info!(
+        from = %own.display(),
+        to = %init.display(),
+        "joined the host's cgroup namespace (the proxy's own was private, as a pod's is)"
+    );
+    Ok(())
+}
+
+/// This process's cgroup under the v2 `root`: its path and id. `/proc/self/cgroup` says `/` both
+/// at the hierarchy's root and at the root of a private cgroup namespace (a container's, a pod's,
+/// when the host's could not be joined); a cgroup2 mounted from inside the namespace is its root,
+/// so its inode is the proxy's own cgroup, whose path is then found in the hierarchy.
+pub fn own_cgroup(root: &Path) -> anyhow::Result<(String, u64)> {
+    use anyhow::Context as _;
+    let path = own_cgroup_path()?;
+    let by_path = id(&root.join(path.trim_start_matches('/')))
+        .with_context(|| format!("{path} under {}", root.display()))?;
+    if path != "/" {
+        return Ok((path, by_path));
+    }
+    let own = namespace_root_id().context("mounting cgroup2 to find the namespace's root")?;
+    if own == by_path {
+        return Ok((path, by_path));
+    }
+    let found = Cgroups::new(root)
+        .walk(root, own, WALK_DEPTH)
+        .with_context(|| {
+            format!(
+                "in a private cgroup namespace, the proxy's cgroup (id {own}) is not under {}",
+                root.display()
+            )
+        })?;
+    tracing::info!(
+        own_cgroup = %found,
+        "in a private cgroup namespace: the proxy's own cgroup found in the host's hierarchy"
+    );
+    Ok((found, own))
+}
+
+/// The id of this process's cgroup namespace's root: the inode of a cgroup2 mounted (for a
+/// moment) from inside it.
+fn namespace_root_id() -> std::io::Result<u64> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let dir = std::env::temp_dir().join(format!("imds-proxy-cgroupns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let found = mount(
+        Some("none"),
+        &dir,
+        Some("cgroup2"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)
+    .and_then(|()| {
+        let ino = std::fs::metadata(&dir).map(|m| m.ino());
+        let _ = umount2(&dir, MntFlags::MNT_DETACH);
+        ino
+    });
+    let _ = std::fs::remove_dir(&dir);
+    found
+}
+
 /// The cgroup v2 path of this process, relative to the v2 root.
 pub fn own_cgroup_path() -> std::io::Result<String> {
     let text = std::fs::read_to_string("/proc/self/cgroup")?;

@@ -37,7 +37,14 @@ fn the_daemonset_is_valid_for_the_kubernetes_api() {
     assert_eq!(doc["kind"], "DaemonSet");
     let spec = ds.spec.unwrap();
     // The selector selects the template.
-    let labels = spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
     for (k, v) in spec.selector.match_labels.clone().unwrap() {
         assert_eq!(labels.get(&k), Some(&v), "selector {k}={v}");
     }
@@ -67,10 +74,16 @@ fn the_daemonset_is_valid_for_the_kubernetes_api() {
         .and_then(imds_proxy::config::RunArgs::validate)
         .unwrap_or_else(|e| panic!("the manifest's arguments: {e}"));
     assert_eq!(config.args.runtime, imds_proxy::config::RuntimeName::Cri);
-    assert!(config.args.redirect.pin.is_some(), "pinned: fail closed across updates");
+    assert!(
+        config.args.redirect.pin.is_some(),
+        "pinned: fail closed across updates"
+    );
     assert!(!config.roles.namespaces.is_empty());
     let ops = config.args.network.ops_listen;
-    assert!(ops.ip().is_loopback(), "pods must not reach the ops listener");
+    assert!(
+        ops.ip().is_loopback(),
+        "pods must not reach the ops listener"
+    );
     for probe in [&c.liveness_probe, &c.readiness_probe] {
         let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(get.host.as_deref(), Some(ops.ip().to_string().as_str()));

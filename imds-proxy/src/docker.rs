@@ -619,7 +619,7 @@ impl Index {
     async fn follow(&self) -> Result<(), SourceError> {
         let docker = match &self.source {
             Source::Docker(docker) => docker,
-            Source::Cri(_) => return self.poll().await,
+            Source::Cri(cri) => return self.poll(cri).await,
         };
         let filters = HashMap::from([
             ("type".to_owned(), vec!["container".to_owned()]),
@@ -702,10 +702,7 @@ impl Index {
     /// A CRI runtime has no event stream (containerd 1.6): list the running containers every
     /// [`crate::cri::POLL`]; a new one is indexed and announced, one gone is forgotten and
     /// announced. A request from a container not listed yet finds it by [`Index::get`].
-    async fn poll(&self) -> Result<(), SourceError> {
-        let Source::Cri(cri) = &self.source else {
-            unreachable!("poll is for CRI sources")
-        };
+    async fn poll(&self, cri: &crate::cri::Cri) -> Result<(), SourceError> {
         self.resync_quietly(cri).await?;
         self.connected.store(true, Ordering::Relaxed);
         tracing::info!(containers = self.len(), "CRI index synchronised");

@@ -150,3 +150,57 @@ pub fn caller_arn(scene: &crate::scene::Scene, creds: &serde_json::Value) -> Str
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// The simulated EC2 host as on EC2 by default (IMDSv2 required, hop limit 1: the proxy answers
+/// tokens itself), with STS on the docker0 gateway, a host address that Docker's and Podman's
+/// containers and the CNI bridge's pods all reach. `sim` is the `imds-sim` binary.
+pub fn containers_scene(sim: &str) -> crate::scene::Scene {
+    crate::scene::SceneConfig::new(sim)
+        .hop_limit(1)
+        .http_tokens(crate::sim::HttpTokens::Required)
+        .with_sts()
+        .sts_bind(crate::images::docker0_gateway().unwrap())
+        .start()
+        .expect("the simulated EC2 host starts")
+}
+
+/// The ARN STS gives a session of `role` named `session`.
+pub fn assumed_role(role: &str, session: &str) -> String {
+    format!(
+        "arn:aws:sts::{}:assumed-role/{role}/{session}",
+        crate::scene::ACCOUNT_ID
+    )
+}
+
+/// The seed's flow with a token, then the role `other`: `== <status>` after each. Read with
+/// [`assert_own_role_only`].
+pub fn own_role_flow(other: &str) -> String {
+    format!(
+        r#"
+T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+R=$(curl -s -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/)
+echo "$R"; echo "== 0"
+curl -s -w '\n== %{{http_code}}\n' -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-data/iam/security-credentials/$R"
+curl -s -w '\n== %{{http_code}}\n' -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-data/iam/security-credentials/{other}"
+"#
+    )
+}
+
+/// What [`own_role_flow`] printed: the role listed is `own`, its credentials are served and STS
+/// says they are `own`'s session `session`, and `other`'s role is 404. `log` is shown on failure.
+pub fn assert_own_role_only(
+    scene: &crate::scene::Scene,
+    out: &str,
+    own: &str,
+    other: &str,
+    session: &str,
+    log: &dyn Fn() -> Vec<String>,
+) {
+    let got = answers(out);
+    assert_eq!(got.len(), 3, "{own}: {out}\n{:#?}", log());
+    assert_eq!(got[0].1, own, "{own}: the role listed: {out}");
+    assert_eq!(got[1].0, 200, "{own}: {out}");
+    assert_eq!(got[2].0, 404, "{own} asking for {other}'s role: {out}");
+    let creds: serde_json::Value = serde_json::from_str(&got[1].1).unwrap();
+    assert_eq!(caller_arn(scene, &creds), assumed_role(own, session));
+}

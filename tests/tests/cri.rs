@@ -5,44 +5,14 @@
 //! Rust SDK client. A pod whose namespace does not allow its role gets none; a pod run again
 //! under a new sandbox gets its role again.
 use imds_tests::{
-    containers::{answers, caller_arn},
+    containers::{assert_own_role_only, assumed_role, containers_scene, own_role_flow},
     cri::{self, Containerd},
     images::{awscli_image, curl_image, whoami_image},
     proxy::{Mode, PREFIX, Proxy},
-    scene::{ACCOUNT_ID, Scene, SceneConfig, default_venv, ensure_imds_is_simulated},
-    sim::HttpTokens,
+    scene::{default_venv, ensure_imds_is_simulated},
 };
 
-/// As on EC2 by default: IMDSv2 required, hop limit 1. STS on the docker0 gateway, a host address
-/// the pods reach through their bridge's gateway.
-fn scene() -> Scene {
-    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
-        .hop_limit(1)
-        .http_tokens(HttpTokens::Required)
-        .with_sts()
-        .sts_bind(imds_tests::images::docker0_gateway().unwrap())
-        .start()
-        .expect("the simulated EC2 host starts")
-}
-
-fn assumed_role(role: &str, session: &str) -> String {
-    format!("arn:aws:sts::{ACCOUNT_ID}:assumed-role/{role}/{session}")
-}
-
 const ROLE: &str = "iam.amazonaws.com/role";
-
-/// The seed's flow with a token, then another role: `== <status>` after each.
-fn flow(other: &str) -> String {
-    format!(
-        r#"
-T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
-R=$(curl -s -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/)
-echo "$R"; echo "== 0"
-curl -s -w '\n== %{{http_code}}\n' -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-data/iam/security-credentials/$R"
-curl -s -w '\n== %{{http_code}}\n' -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-data/iam/security-credentials/{other}"
-"#
-    )
-}
 
 /// The listing's status with a token: 200 when the caller has a role.
 const LISTING: &str = r#"
@@ -53,7 +23,7 @@ curl -s -o /dev/null -w '%{http_code}' -H "X-aws-ec2-metadata-token: $T" http://
 imds_tests::per_mode! { pods_get_their_annotated_roles_within_their_namespaces => pods_get_their_annotated_roles_in; }
 
 fn pods_get_their_annotated_roles_in(mode: Mode) {
-    let scene = scene();
+    let scene = containers_scene(env!("CARGO_BIN_EXE_imds-sim"));
     let containerd = Containerd::start();
     let curl = containerd.import(curl_image().unwrap());
     let whoami =
@@ -89,17 +59,8 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
     }
 
     let check = |pod: &cri::Pod, own: &str, other: &str| {
-        let out = containerd.exec(&pod.container, &flow(other));
-        let got = answers(&out);
-        assert_eq!(got.len(), 3, "{own}: {out}\n{:#?}", proxy.log());
-        assert_eq!(got[0].1, own, "{own}: the role listed: {out}");
-        assert_eq!(got[1].0, 200, "{own}: {out}");
-        assert_eq!(got[2].0, 404, "{own} asking for {other}'s role: {out}");
-        let creds: serde_json::Value = serde_json::from_str(&got[1].1).unwrap();
-        assert_eq!(
-            caller_arn(&scene, &creds),
-            assumed_role(own, &pod.session())
-        );
+        let out = containerd.exec(&pod.container, &own_role_flow(other));
+        assert_own_role_only(&scene, &out, own, other, &pod.session(), &|| proxy.log());
     };
     check(&web, "TeamAWeb", "TeamBDb");
     check(&db, "TeamBDb", "TeamAWeb");

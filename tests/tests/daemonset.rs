@@ -5,11 +5,11 @@
 use std::time::{Duration, Instant};
 
 use imds_tests::{
+    containers::containers_scene,
     http::Request,
     images::{curl_image, docker, docker_ok, whoami_image},
     proxy::{Mode, PREFIX, TEST_IF, TEST_LISTEN},
-    scene::{ACCOUNT_ID, Scene, SceneConfig, ensure_imds_is_simulated},
-    sim::HttpTokens,
+    scene::{ACCOUNT_ID, ensure_imds_is_simulated},
 };
 
 const IMAGE: &str = "imds-proxy:latest";
@@ -48,13 +48,7 @@ fn the_proxy_runs_as_a_privileged_container_from_the_dockerfile_in_tc_mode() {
 }
 
 fn daemonset(mode: Mode) {
-    let scene: Scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
-        .hop_limit(1)
-        .http_tokens(HttpTokens::Required)
-        .with_sts()
-        .sts_bind(imds_tests::images::docker0_gateway().unwrap())
-        .start()
-        .unwrap();
+    let scene = containers_scene(env!("CARGO_BIN_EXE_imds-sim"));
     // `cargo xtask test` builds the image from the Dockerfile first, as `cargo xtask build --image`.
     let id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", IMAGE]);
     assert!(

@@ -4,22 +4,14 @@
 //! - the AWS CLI v1 (botocore), `aws sts get-caller-identity`;
 //! - a Rust SDK client (aws-config's default credential chain + STS, `imds-whoami`).
 use imds_tests::{
+    containers::{assumed_role, containers_scene},
     images::{awscli_image, docker, docker_ok, whoami_image},
     proxy::{Mode, Proxy},
-    scene::{
-        ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, default_venv, ensure_imds_is_simulated,
-    },
-    sim::HttpTokens,
+    scene::{INSTANCE_ROLE, Scene, default_venv, ensure_imds_is_simulated},
 };
 
 fn scene() -> Scene {
-    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
-        .hop_limit(1)
-        .http_tokens(HttpTokens::Required)
-        .with_sts()
-        .sts_bind(imds_tests::images::docker0_gateway().unwrap())
-        .start()
-        .expect("the simulated EC2 host starts")
+    containers_scene(env!("CARGO_BIN_EXE_imds-sim"))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -105,10 +97,6 @@ fn run(scene: &Scene, client: Client, docker_args: &[&str]) -> (i32, String, Str
     let (id, name) = start_client(scene, client, docker_args);
     let (code, out, err) = finish(&id);
     (code, out, err, name)
-}
-
-fn assumed_role(role: &str, session: &str) -> String {
-    format!("arn:aws:sts::{ACCOUNT_ID}:assumed-role/{role}/{session}")
 }
 
 #[test]

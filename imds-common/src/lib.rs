@@ -25,6 +25,10 @@ pub const AF_INET6: u16 = 10;
 /// object (and part of their links' pin names under `--pin DIR`).
 pub const PROG_CONNECT4: &str = "imds_connect4";
 pub const PROG_CONNECT6: &str = "imds_connect6";
+/// The connect programs without the host-PID-namespace wall, for kernels before 6.10 (whose
+/// cgroup programs cannot call `bpf_get_ns_current_pid_tgid`).
+pub const PROG_CONNECT4_COMPAT: &str = "imds_connect4_compat";
+pub const PROG_CONNECT6_COMPAT: &str = "imds_connect6_compat";
 pub const PROG_GETPEERNAME4: &str = "imds_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "imds_getpeername6";
 pub const PROG_SOCK_OPS: &str = "imds_sock_ops";
@@ -138,8 +142,9 @@ pub struct RedirectConfig {
     /// The proxy's IPv6 listen port (`user_port` form: network order).
     pub proxy_port_v6: u32,
     /// Non-zero (filter mode, for a parent that also holds host services): redirect sockets of
-    /// cgroups marked [`CGROUP_CONTAINER`] in `IMDS_CGROUPS`, pass those marked [`CGROUP_HOST`],
-    /// refuse the rest. Zero: redirect every socket under the attach point.
+    /// cgroups marked [`CGROUP_CONTAINER`] in `IMDS_CGROUPS` and those not classified yet, pass
+    /// those marked [`CGROUP_HOST`] (from a task in the host's PID namespace only). Zero: redirect
+    /// every socket under the attach point.
     pub filter: u32,
     /// The proxy's own cgroup: its connects (to the real IMDS) are never rewritten.
     pub proxy_cgroup: u64,
@@ -148,7 +153,17 @@ pub struct RedirectConfig {
     /// container interface. Sockets in other namespaces (bridged containers) are left to the tc
     /// programs. Zero (cgroup mode): every namespace.
     pub netns_cookie: u64,
+    /// The host's (the initial) PID namespace, as `bpf_get_ns_current_pid_tgid` takes it: the
+    /// nsfs device (kernel `dev_t` encoding) and the namespace's inode. A connect from a task in
+    /// any other PID namespace is a container's, whatever its cgroup is called. Zero: no such
+    /// check (unit tests; a configuration never written).
+    pub host_pidns_dev: u64,
+    pub host_pidns_ino: u64,
 }
+
+/// The inode number of the initial PID namespace (`PROC_PID_INIT_INO`), the same on every
+/// Linux system.
+pub const HOST_PIDNS_INO: u64 = 0xEFFF_FFFC;
 
 /// Who opened a redirected connection, and where it was going.
 #[repr(C)]

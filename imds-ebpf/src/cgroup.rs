@@ -4,11 +4,14 @@
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_pidns_info, bpf_sock_addr,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_cgroup_id},
+        generated::{
+            bpf_get_netns_cookie, bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie,
+            bpf_skb_cgroup_id,
+        },
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -17,9 +20,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use core::ptr::read_volatile;
 use imds_common::{
-    AF_INET, AF_INET6, CGROUP_CONTAINER, CGROUP_HOST, ConnKey, ConnRecord, GUARD_STATS, GuardStat,
-    IMDS_PORT, IMDS_V4_OCTETS, IMDS_V6_OCTETS, MAX_CONNS, MAX_FILTER_CGROUPS, RawAddr,
-    RedirectConfig, V4_MAPPED_WORD, is_v4_mapped, raw_port, raw_v4, raw_v6,
+    AF_INET, AF_INET6, CGROUP_HOST, ConnKey, ConnRecord, GUARD_STATS, GuardStat, IMDS_PORT,
+    IMDS_V4_OCTETS, IMDS_V6_OCTETS, MAX_CONNS, MAX_FILTER_CGROUPS, RawAddr, RedirectConfig,
+    V4_MAPPED_WORD, is_v4_mapped, raw_port, raw_v4, raw_v6,
 };
 
 /// Verdicts of cgroup/sock_addr programs.
@@ -65,7 +68,6 @@ pub(crate) fn config() -> Option<&'static RedirectConfig> {
 enum Decision {
     Redirect,
     Pass,
-    Refuse,
 }
 
 /// What to do with IMDS traffic of the sockets of `cgroup`.
@@ -80,22 +82,45 @@ fn decide(config: &RedirectConfig, cgroup: u64) -> Decision {
         return Decision::Redirect;
     }
     match unsafe { FILTER_CGROUPS.get(cgroup) } {
-        // Filter mode, a container's cgroup.
-        Some(&CGROUP_CONTAINER) => Decision::Redirect,
         // Filter mode, a host service under the same parent.
         Some(&CGROUP_HOST) => Decision::Pass,
-        // Filter mode, a cgroup userspace has not classified yet (created a moment ago):
-        // it might be a container, so it must not reach IMDS. Refuse; it is classified
-        // within milliseconds.
-        _ => Decision::Refuse,
+        // Filter mode: a container's cgroup, or one userspace has not classified yet (created
+        // a moment ago; it might be a container's). To the proxy, which decides once it knows
+        // and gives a cgroup that is no container's no role.
+        _ => Decision::Redirect,
     }
+}
+
+/// Whether the current task is in the host's PID namespace (always, when the configuration
+/// names none). A task anywhere else is in a container, whatever its cgroup is called: a host
+/// cgroup's pass is for the host's own processes only.
+#[inline(always)]
+fn in_host_pidns(config: &RedirectConfig) -> bool {
+    if config.host_pidns_ino == 0 {
+        return true;
+    }
+    let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: a stack buffer of the size given; the helper fails (non-zero) when the current
+    // task's PID namespace is not the one named.
+    let rc = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            config.host_pidns_dev,
+            config.host_pidns_ino,
+            &mut info,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    rc == 0
 }
 
 /// For a connect to the IMDS address, either family: the configuration to redirect it with,
 /// or the verdict to return instead. Inlined: as a bpf-to-bpf call returning through the
 /// stack, the verifier loses the verdict's range ("R0 ... should have been in [0, 1]").
+/// `PIDNS`: whether the host-PID-namespace wall is built in (it needs
+/// `bpf_get_ns_current_pid_tgid` in this program type, Linux 6.10+; the `_compat` programs go
+/// without it on older kernels).
 #[inline(always)]
-fn gate(ctx: &SockAddrContext) -> Result<&'static RedirectConfig, i32> {
+fn gate<const PIDNS: bool>(ctx: &SockAddrContext) -> Result<&'static RedirectConfig, i32> {
     let Some(config) = config() else {
         // Attached but not configured: fail closed rather than let the container reach IMDS.
         warn!(ctx, "IMDS connect refused: redirect not configured");
@@ -108,14 +133,15 @@ fn gate(ctx: &SockAddrContext) -> Result<&'static RedirectConfig, i32> {
         // packets cross a container interface, where the tc programs rewrite them.
         return Err(ALLOW);
     }
-    match decide(config, unsafe { bpf_get_current_cgroup_id() }) {
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    match decide(config, cgroup) {
         Decision::Redirect => Ok(config),
+        // A host service's cgroup, but a task in a PID namespace of its own: a container's.
+        Decision::Pass if PIDNS && cgroup != config.proxy_cgroup && !in_host_pidns(config) => {
+            Ok(config)
+        }
         // The proxy itself, or a host service in filter mode: the connect goes through as is.
         Decision::Pass => Err(ALLOW),
-        Decision::Refuse => {
-            warn!(ctx, "IMDS connect refused: cgroup not classified yet");
-            Err(REFUSE)
-        }
     }
 }
 
@@ -148,6 +174,28 @@ fn pend(ctx: &SockAddrContext, sa: *mut bpf_sock_addr, family: u16, orig: RawAdd
 
 #[cgroup_sock_addr(connect4)]
 pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
+    connect4::<true>(ctx)
+}
+
+/// [`imds_connect4`] without the PID-namespace wall, for kernels before 6.10.
+#[cgroup_sock_addr(connect4)]
+pub fn imds_connect4_compat(ctx: SockAddrContext) -> i32 {
+    connect4::<false>(ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
+    connect6::<true>(ctx)
+}
+
+/// [`imds_connect6`] without the PID-namespace wall, for kernels before 6.10.
+#[cgroup_sock_addr(connect6)]
+pub fn imds_connect6_compat(ctx: SockAddrContext) -> i32 {
+    connect6::<false>(ctx)
+}
+
+#[inline(always)]
+fn connect4<const PIDNS: bool>(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid bpf_sock_addr to this program type.
     let (type_, ip, port) = unsafe { ((*sa).type_, (*sa).user_ip4, (*sa).user_port) };
@@ -155,7 +203,7 @@ pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
         // Not to the IMDS address: none of our business.
         return ALLOW;
     }
-    let config = match gate(&ctx) {
+    let config = match gate::<PIDNS>(&ctx) {
         Ok(config) => config,
         Err(verdict) => return verdict,
     };
@@ -175,8 +223,8 @@ pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-#[cgroup_sock_addr(connect6)]
-pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
+#[inline(always)]
+fn connect6<const PIDNS: bool>(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid bpf_sock_addr to this program type.
     let (type_, ip, port) = unsafe { ((*sa).type_, (*sa).user_ip6, (*sa).user_port) };
@@ -187,7 +235,7 @@ pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
         // Not to an IMDS address: none of our business.
         return ALLOW;
     }
-    let config = match gate(&ctx) {
+    let config = match gate::<PIDNS>(&ctx) {
         Ok(config) => config,
         Err(verdict) => return verdict,
     };
@@ -395,7 +443,7 @@ pub fn imds_egress_guard(ctx: SkBuffContext) -> i32 {
         Decision::Pass => SKB_PASS,
         // A container, or a cgroup not classified yet: its legitimate IMDS connections were
         // rewritten at connect time, so this one went around the hooks.
-        Decision::Redirect | Decision::Refuse => {
+        Decision::Redirect => {
             guard_count(GuardStat::Dropped);
             SKB_DROP
         }

@@ -223,6 +223,17 @@ pub struct RedirectArgs {
     /// Automatic with Docker's systemd cgroup driver.
     #[arg(long, env = "IMDS_PROXY_CGROUP_FILTER")]
     pub cgroup_filter: bool,
+    /// Filter mode (and tc mode's host-network hooks): a cgroup path (relative to the v2 root,
+    /// `*` and `?` wildcards) whose processes are host services that reach the instance's IMDS
+    /// directly (repeatable). Built in: `/`, `/init.scope`, and systemd units under
+    /// `/system.slice` and `/user.slice` whose names carry no container marker. Everything else
+    /// is a container's; no glob makes a path with a container marker the host's.
+    #[arg(
+        long = "host-cgroup",
+        env = "IMDS_PROXY_HOST_CGROUP",
+        value_delimiter = ','
+    )]
+    pub host_cgroups: Vec<String>,
     /// tc mode: container interface to attach to (repeatable or comma-separated; `*` and `?`
     /// wildcards, e.g. `br-*`). Default: docker0. Interfaces that appear later are attached too.
     #[arg(
@@ -368,6 +379,8 @@ pub struct LimitArgs {
 pub struct Config {
     pub args: RunArgs,
     pub roles: roles::Policy,
+    /// Which cgroups are the host's (filter mode).
+    pub hosts: imds_policy::cgroups::HostCgroups,
     pub listen: Listen,
     pub mode: Mode,
 }
@@ -669,7 +682,12 @@ impl RunArgs {
         if self.network.interface.is_empty() || self.network.interface.len() > 15 {
             return Err(invalid("interface", "interface names are 1–15 characters"));
         }
+        let hosts = imds_policy::cgroups::HostCgroups::parse(
+            self.redirect.host_cgroups.iter().map(String::as_str),
+        )
+        .map_err(|reason| invalid("host-cgroup", reason))?;
         Ok(Config {
+            hosts,
             roles: policy,
             listen,
             mode,

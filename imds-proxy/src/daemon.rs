@@ -107,7 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let redirect = Arc::new(Redirect::attach(&config, &place, &driver)?);
     let proc = Proc::default();
-    redirect.start(&docker, proc.clone())?;
+    redirect.start(&docker, proc.clone(), &config.hosts, &root)?;
     let attestor = Arc::new(Attestor::new(
         Some(redirect.hooks().clone()),
         Arc::new(Cgroups::new(root.clone())),

@@ -577,3 +577,144 @@ fn a_starting_container_is_served_from_its_first_packet_in_tc_mode() {
     assert_eq!(dropped() - before, 0, "no first SYN dropped at its port");
     proxy.wait_for_log(&["vouched for until Docker reports its container"]);
 }
+
+/// The IMDSv2 flow with curl on the host's network namespace: each answer as `== <status>
+/// <server>` after its body.
+const HOST_FLOW: &str = r#"
+T=$(curl -s -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+curl -s -m 5 -w '\n== %{http_code} %header{server}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/
+"#;
+
+/// Directories made for a test under the v2 root, removed (deepest first, after killing what is
+/// in them) on drop; those that existed before are left alone.
+struct Made(Vec<std::path::PathBuf>);
+
+impl Made {
+    /// `relative` (under the v2 root) and its missing parents.
+    fn cgroup(&mut self, relative: &str) -> std::path::PathBuf {
+        let root = imds_tests::kernel::cgroup2_root().unwrap();
+        let mut path = root.clone();
+        for segment in relative.trim_start_matches('/').split('/') {
+            path.push(segment);
+            if !path.exists() {
+                std::fs::create_dir(&path)
+                    .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+                self.0.push(path.clone());
+            }
+        }
+        path
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for path in self.0.iter().rev() {
+            if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
+                for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            for _ in 0..100 {
+                if std::fs::remove_dir(path).is_ok() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// [`HOST_FLOW`] from a process placed in `cgroup` (host network), optionally in a PID namespace
+/// of its own; the `(status, server)` of the role listing and the whole output.
+fn host_flow(cgroup: &std::path::Path, own_pidns: bool) -> ((u16, String), String) {
+    ensure_imds_is_simulated().unwrap();
+    let mut cmd = if own_pidns {
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["--pid", "--fork", "--", "sh", "-c", HOST_FLOW]);
+        cmd
+    } else {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", HOST_FLOW]);
+        cmd
+    };
+    imds_tests::kernel::place(&mut cmd, cgroup, None).unwrap();
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .lines()
+        .find_map(|l| l.strip_prefix("== "))
+        .unwrap_or_else(|| panic!("no answer from {}: {text}", cgroup.display()));
+    let (code, server) = status.split_once(' ').unwrap_or((status, ""));
+    ((code.parse().unwrap_or(0), server.trim().to_owned()), text)
+}
+
+/// Every cgroup layout a runtime may use that the proxy does not name, and every name it never
+/// heard of, is a container's (default deny): a process there, on the host's network namespace,
+/// is redirected and gets no role — never the instance's. So is a process in a PID namespace of
+/// its own in a cgroup named like a host service (the kernel's second wall). A host service in
+/// `system.slice` still reaches the instance's IMDS itself, and so does one the operator names
+/// with `--host-cgroup`.
+fn unrecognised_cgroup_layouts_get_no_role_in(mode: Mode) {
+    let scene = scene();
+    let mut made = Made(Vec::new());
+    let hex = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+    let layouts = [
+        // BuildKit's RUN steps: under Docker's parent, and with the systemd driver.
+        "/docker/buildkit/k7x2q9m4n8p1r5t3v6w0y2z4a".to_owned(),
+        "/system.slice/docker-k7x2q9m4n8p1r5t3v6w0y2z4b.scope".to_owned(),
+        "/buildkit/k7x2q9m4n8p1r5t3v6w0y2z4c".to_owned(),
+        // Podman Quadlet / --cgroups=split, nerdctl with systemd, ctr run, LXC, nspawn.
+        format!("/system.slice/imds-test-quadlet.service/libpod-payload-{hex}"),
+        format!("/system.slice/nerdctl-{hex}.scope"),
+        "/imds-test-ns/web".to_owned(),
+        "/lxc.payload.imds-test".to_owned(),
+        "/machine.slice/machine-imds-test.scope".to_owned(),
+        // A name nobody ever used.
+        "/imds-test-whatever/x".to_owned(),
+    ];
+    let cgroups: Vec<_> = layouts.iter().map(|l| made.cgroup(l)).collect();
+    let host_service = made.cgroup("/system.slice/imds-test-host.service");
+    let disguised = made.cgroup("/system.slice/imds-test-disguised.service");
+    let operators = made.cgroup("/imds-test-agents/ssm");
+    let proxy = Proxy::start_in(&scene, mode, &["--host-cgroup", "/imds-test-agents/*"]);
+    proxy.wait_for_log(&["filter mode: cgroups classified"]);
+    for (layout, cgroup) in layouts.iter().zip(&cgroups) {
+        let (answer, out) = host_flow(cgroup, false);
+        assert!(!out.contains(INSTANCE_ROLE), "{layout}: {out}");
+        assert_eq!(
+            answer,
+            (404, "imds-proxy".to_owned()),
+            "{layout}: redirected to the proxy, no role: {out}"
+        );
+    }
+    let (answer, out) = host_flow(&disguised, true);
+    assert!(!out.contains(INSTANCE_ROLE), "{out}");
+    assert_eq!(
+        answer,
+        (404, "imds-proxy".to_owned()),
+        "a PID namespace of its own is a container's: {out}"
+    );
+    // The premise of the walls above: the same cgroup, from the host's PID namespace, passes.
+    for (what, cgroup) in [
+        ("system.slice service", &host_service),
+        ("disguised, host pidns", &disguised),
+        ("--host-cgroup", &operators),
+    ] {
+        let (answer, out) = host_flow(cgroup, false);
+        assert_eq!(answer, (200, String::new()), "{what}: {out}");
+        assert!(out.contains(INSTANCE_ROLE), "{what}: {out}");
+    }
+}
+
+#[test]
+fn unrecognised_cgroup_layouts_get_no_role_in_cgroup_mode() {
+    unrecognised_cgroup_layouts_get_no_role_in(Mode::Cgroup)
+}
+
+#[test]
+fn unrecognised_cgroup_layouts_get_no_role_in_tc_mode() {
+    unrecognised_cgroup_layouts_get_no_role_in(Mode::Tc)
+}

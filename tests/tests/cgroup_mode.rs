@@ -76,9 +76,16 @@ impl TestProxy {
     fn start_filtered(parent: &Path, feed: bool) -> Self {
         let proxy = Self::start_with(vec![parent.to_owned()], 0, true);
         if feed {
-            let feed =
-                imds_proxy::cgroup::filter::Feed::start(proxy.redirect.clone().unwrap(), parent)
-                    .expect("the cgroups are classified");
+            // The test's stand-ins for host services: `*.service` under its slices.
+            let hosts =
+                imds_policy::cgroups::HostCgroups::parse(["/imds-test-*.slice/*.service"]).unwrap();
+            let feed = imds_proxy::cgroup::filter::Feed::start(
+                proxy.redirect.clone().unwrap(),
+                hosts,
+                &cgroup2_root().unwrap(),
+                parent,
+            )
+            .expect("the cgroups are classified");
             // Ends when the parent cgroup is removed at the end of the test.
             std::thread::spawn(move || feed.run());
         }
@@ -876,19 +883,22 @@ fn filter_mode_redirects_container_scopes_and_passes_host_services() {
     );
     assert_eq!(scene.sim_requests().len(), 1);
 
-    // Created after the start: the watcher classifies them. Until it has, the kernel refuses
-    // (never passes) their IMDS connects; wait, bounded, for the classification.
+    // Created after the start: the watcher classifies them. Until it has, the kernel sends
+    // their IMDS connects to the proxy (never to IMDS); wait, bounded, for the classification.
     let late_scope = slice.child(&format!("docker-{LATE_ID}.scope")).unwrap();
     let late_service = slice.child("cron.service").unwrap();
+    let redirect = proxy.redirect.clone().unwrap();
     let settle = |cgroup: &TestCgroup| {
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let r = probe(cgroup.path(), None, imds_v4(), 1).remove(0);
-            if r["kind"] != "PermissionDenied" || Instant::now() > deadline {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        while redirect.classification(cgroup.id()).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never classified",
+                cgroup.relative()
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
+        probe(cgroup.path(), None, imds_v4(), 1).remove(0)
     };
     let r = settle(&late_scope);
     assert_eq!(r["body"], LATE_ID, "{r}");
@@ -912,8 +922,11 @@ fn filter_mode_redirects_container_scopes_and_passes_host_services() {
     );
 }
 
+/// A cgroup the filter has not classified yet (created a moment ago) goes to the proxy, which
+/// decides once it knows: never to the instance's IMDS, and not refused either (a Job's first
+/// request succeeds).
 #[test]
-fn filter_mode_refuses_cgroups_not_classified_yet() {
+fn filter_mode_sends_cgroups_not_classified_yet_to_the_proxy() {
     let scene = scene();
     let slice = TestCgroup::new("imds-test-unclassified.slice").unwrap();
     let scope = slice.child(&format!("docker-{SCOPE_ID}.scope")).unwrap();
@@ -922,16 +935,20 @@ fn filter_mode_refuses_cgroups_not_classified_yet() {
     let proxy = TestProxy::start_filtered(slice.path(), false);
     for cgroup in [&scope, &service] {
         let r = probe(cgroup.path(), None, imds_v4(), 1);
-        assert_eq!(
-            r[0]["kind"], "PermissionDenied",
-            "refused by the kernel: {}",
-            r[0]
-        );
+        assert_eq!(r[0]["server"], "imds-test-proxy", "redirected: {}", r[0]);
     }
     assert_eq!(
         scene.sim_requests(),
         Vec::<String>::new(),
         "nothing reached IMDS"
     );
-    assert!(proxy.callers().is_empty());
+    let identified: Vec<Option<String>> = proxy
+        .callers()
+        .into_iter()
+        .map(|c| c.as_ref().map(identity_of))
+        .collect();
+    assert_eq!(
+        identified,
+        [Some(SCOPE_ID.to_owned()), Some(service.relative())]
+    );
 }

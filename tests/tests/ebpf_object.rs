@@ -4,15 +4,37 @@ use aya::programs::CgroupSockAddr;
 
 #[test]
 fn embedded_programs_load_into_the_kernel() {
+    use aya::programs::Program;
     let mut bpf = imds_proxy::redirect::load().expect("the embedded object parses");
-    let names: Vec<String> = bpf.programs().map(|(name, _)| name.to_owned()).collect();
-    assert!(!names.is_empty(), "the object has programs");
-    let program: &mut CgroupSockAddr = bpf
-        .program_mut("imds_connect4")
+    let mut loaded = Vec::new();
+    for (name, program) in bpf.programs_mut() {
+        let result = match program {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::SockOps(p) => p.load(),
+            Program::CgroupSkb(p) => p.load(),
+            Program::SchedClassifier(p) => p.load(),
+            other => panic!("{name}: a program type the proxy does not attach: {other:?}"),
+        };
+        result.unwrap_or_else(|e| panic!("the verifier refuses {name}: {e:?}"));
+        loaded.push(name.to_owned());
+    }
+    loaded.sort();
+    // Every program the proxy attaches, the PID-namespace wall's compat twins included.
+    let mut expected: Vec<&str> = imds_proxy::redirect::cgroup::PROGRAMS.to_vec();
+    expected.extend([
+        imds_common::PROG_CONNECT4_COMPAT,
+        imds_common::PROG_CONNECT6_COMPAT,
+        "imds_tc_ingress",
+        "imds_tc_egress",
+        "imds_tc_source_guard",
+    ]);
+    expected.sort();
+    assert_eq!(loaded, expected);
+    let program: &CgroupSockAddr = bpf
+        .program("imds_connect4")
         .expect("imds_connect4 is in the object")
         .try_into()
         .expect("it is a cgroup/sock_addr program");
-    program.load().expect("the verifier accepts imds_connect4");
     assert!(
         program.info().is_ok(),
         "the kernel lists the loaded program"

@@ -239,7 +239,16 @@ fn a_slice_shared_by_containers_and_host_services_is_filtered() {
             .unwrap_or_else(|e| panic!("{e}: {line}"))
     };
     {
-        let proxy = Proxy::start(&scene, &["--cgroup", attach, "--cgroup-filter"]);
+        let proxy = Proxy::start(
+            &scene,
+            &[
+                "--cgroup",
+                attach,
+                "--cgroup-filter",
+                "--host-cgroup",
+                "/imds-test.slice/*.service",
+            ],
+        );
         assert_gets_role(&scene, &in_slice, "Sliced");
         let answer = service_asks();
         assert_eq!(

@@ -118,6 +118,7 @@ impl Programs {
                         filter: 0,
                         proxy_cgroup: 0,
                         netns_cookie: 0,
+                        ..Default::default()
                     },
                     0,
                 )

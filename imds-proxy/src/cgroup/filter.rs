@@ -1,48 +1,72 @@
-//! Filter mode's feed: with Docker's systemd cgroup driver, containers are
-//! `system.slice/docker-<id>.scope`, beside the host's own services. The programs attach at
-//! `system.slice` in filter mode, and this module classifies every cgroup below it — container or
-//! host — in the `IMDS_CGROUPS` map, from a walk at start and inotify after. The kernel refuses IMDS
-//! connects from cgroups not classified yet, so a container started a moment ago is refused, never
-//! let through to the instance's credentials.
+//! Filter mode's feed: the programs attach where containers and host services live side by side
+//! (the v2 root by default, `system.slice` with Docker's systemd driver), and this module
+//! classifies every cgroup below the attach point in the `IMDS_CGROUPS` map, from a walk at start
+//! and inotify after, with [`imds_policy::cgroups::HostCgroups`]: **the host's only when its path
+//! positively has a host service's shape**, a container's otherwise. The kernel redirects IMDS
+//! connects from cgroups not classified yet to the proxy (which decides once it knows), so a
+//! container started a moment ago is never let through to the instance's credentials, and a
+//! process outside the host's PID namespace is a container's whatever its cgroup is called.
+//! An inotify queue overflow (events lost) walks the whole tree again.
 use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
+use imds_policy::cgroups::{HostCgroups, Owner};
+
 use crate::redirect::cgroup::CgroupRedirect as Redirect;
 
-/// Whether the cgroup at `path` (relative to the v2 root) belongs to a container: it names one,
-/// or it is below the kubelet's `kubepods` (a pod's cgroup that names no container is still a
-/// pod's, never the host's).
-pub fn is_container(path: &Path) -> bool {
-    let path = path.to_string_lossy();
-    super::container_id(&path).is_some() || super::is_pod_cgroup(&path)
+/// Whose the cgroup directory `dir` is, by its path relative to the v2 `root`. A directory
+/// outside the root (which the walk never makes) is a container's.
+pub fn owner(hosts: &HostCgroups, root: &Path, dir: &Path) -> Owner {
+    match dir.strip_prefix(root) {
+        Ok(rel) => hosts.classify(&format!("/{}", rel.to_string_lossy())),
+        Err(_) => Owner::Container,
+    }
 }
 
 pub struct Feed {
     redirect: Arc<Redirect>,
-    root: Option<WatchDescriptor>,
+    hosts: HostCgroups,
+    /// The v2 root (paths are classified relative to it) and the attach point.
+    root: PathBuf,
+    parent: PathBuf,
+    root_watch: Option<WatchDescriptor>,
     inotify: Inotify,
     watches: HashMap<WatchDescriptor, PathBuf>,
     ids: HashMap<PathBuf, u64>,
+    rewalks: Arc<AtomicU64>,
 }
 
 impl Feed {
-    /// Classify everything below `parent` (the attach point) and start watching it.
-    pub fn start(redirect: Arc<Redirect>, parent: &Path) -> std::io::Result<Self> {
+    /// Classify everything below `parent` (the attach point, under the v2 `root`) and start
+    /// watching it.
+    pub fn start(
+        redirect: Arc<Redirect>,
+        hosts: HostCgroups,
+        root: &Path,
+        parent: &Path,
+    ) -> std::io::Result<Self> {
         let mut feed = Self {
             redirect,
-            root: None,
+            hosts,
+            root: root.to_owned(),
+            parent: parent.to_owned(),
+            root_watch: None,
             inotify: Inotify::init(InitFlags::IN_CLOEXEC)?,
             watches: HashMap::new(),
             ids: HashMap::new(),
+            rewalks: Arc::default(),
         };
         feed.add_tree(parent)?;
-        feed.root = feed
+        feed.root_watch = feed
             .watches
             .iter()
             .find(|(_, p)| p.as_path() == parent)
@@ -50,7 +74,11 @@ impl Feed {
         tracing::info!(
             parent = %parent.display(),
             cgroups = feed.ids.len(),
-            containers = feed.ids.keys().filter(|p| is_container(p)).count(),
+            containers = feed
+                .ids
+                .keys()
+                .filter(|p| owner(&feed.hosts, &feed.root, p) == Owner::Container)
+                .count(),
             "filter mode: cgroups classified"
         );
         Ok(feed)
@@ -74,9 +102,9 @@ impl Feed {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(err) => return Err(err),
         };
-        let container = is_container(dir);
+        let container = owner(&self.hosts, &self.root, dir) == Owner::Container;
         if let Err(err) = self.redirect.classify_cgroup(id, container) {
-            tracing::error!(cgroup = %dir.display(), %err, "cannot classify cgroup; its IMDS connects stay refused");
+            tracing::error!(cgroup = %dir.display(), %err, "cannot classify cgroup; its IMDS connects go to the proxy, which gives it no role");
         } else {
             tracing::debug!(cgroup = %dir.display(), container, "classified");
         }
@@ -94,12 +122,52 @@ impl Feed {
         Ok(())
     }
 
+    /// Events were lost (the inotify queue overflowed): walk the whole tree again, classifying
+    /// what is new and forgetting what is gone. Watches already in place are kept (adding one
+    /// again returns the same descriptor).
+    fn rewalk(&mut self) -> std::io::Result<()> {
+        let before = self.ids.len();
+        let gone: Vec<PathBuf> = self.ids.keys().filter(|p| !p.exists()).cloned().collect();
+        for path in &gone {
+            if let Some(id) = self.ids.remove(path) {
+                self.redirect.forget_cgroup(id);
+            }
+            self.watches.retain(|_, p| p != path);
+        }
+        let parent = self.parent.clone();
+        self.add_tree(&parent)?;
+        self.rewalks.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            before,
+            after = self.ids.len(),
+            forgotten = gone.len(),
+            "filter mode: the inotify queue overflowed (events lost); the cgroup tree was walked again"
+        );
+        Ok(())
+    }
+
+    /// How many times the tree was walked again after an overflow, shared with the watch.
+    pub fn rewalks(&self) -> Arc<AtomicU64> {
+        self.rewalks.clone()
+    }
+
+    /// The ids of the cgroups classified so far.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ids.values().copied()
+    }
+
     /// Follow creations and removals until an error or until the parent itself is removed;
     /// blocking (run it on its own thread).
     pub fn run(mut self) -> std::io::Result<()> {
         loop {
             for event in self.inotify.read_events()? {
-                if event.mask.contains(AddWatchFlags::IN_IGNORED) && Some(event.wd) == self.root {
+                if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    self.rewalk()?;
+                    continue;
+                }
+                if event.mask.contains(AddWatchFlags::IN_IGNORED)
+                    && Some(event.wd) == self.root_watch
+                {
                     tracing::info!("filter mode: the attach point is gone; watch ends");
                     return Ok(());
                 }

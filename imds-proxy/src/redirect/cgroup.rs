@@ -25,8 +25,9 @@ use aya::{
 };
 use imds_common::{
     AF_INET6, ConnKey, ConnRecord, GuardStat, MAP_CONFIG, MAP_CONNS, MAP_CONTAINER_CGROUPS,
-    MAP_GUARD_STATS, MAP_PENDING, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS_GUARD,
-    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS, RedirectConfig, v6_octets,
+    MAP_GUARD_STATS, MAP_PENDING, PROG_CONNECT4, PROG_CONNECT4_COMPAT, PROG_CONNECT6,
+    PROG_CONNECT6_COMPAT, PROG_EGRESS_GUARD, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS,
+    RedirectConfig, v6_octets,
 };
 
 use super::{
@@ -137,7 +138,7 @@ impl CgroupRedirect {
             })
             .collect::<Result<Vec<_>, _>>()?;
         // Configured before anything is attached: an unconfigured connect program refuses.
-        let mut ebpf = load_configured(spec.pin.as_deref(), &MAPS, redirect_config(spec))?;
+        let mut ebpf = load_configured(spec.pin.as_deref(), &MAPS, redirect_config(spec)?)?;
         // The kernel programs' rare events (refused rewrites, full maps). The logger owns the log
         // map: it must live as long as the programs.
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
@@ -216,9 +217,8 @@ impl CgroupRedirect {
         }
 
         for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|source| Error::Program { name, source })?;
+            let loaded = load_sock_addr(&mut ebpf, name)?;
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, loaded)?;
             for (path, file, id) in &cgroups {
                 let pin = pin_path(name, *id);
                 pinned.extend(attach_or_adopt(pin.as_deref(), &mut adopted, |pinning| {
@@ -347,6 +347,40 @@ impl CgroupRedirect {
             })
     }
 
+    /// Filter mode: drop every classification whose cgroup is not in `live` (removed while no
+    /// proxy ran, with a pinned map); how many.
+    pub fn sweep_classified(&self, live: &std::collections::HashSet<u64>) -> usize {
+        let mut containers = self.containers.lock().expect("containers lock poisoned");
+        let stale: Vec<u64> = containers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !live.contains(id))
+            .collect();
+        for id in &stale {
+            let _ = containers.remove(id);
+        }
+        stale.len()
+    }
+
+    /// Filter mode: how a cgroup is classified (`Some(true)`: a container's), if it is.
+    pub fn classification(&self, cgroup_id: u64) -> Option<bool> {
+        self.containers
+            .lock()
+            .expect("containers lock poisoned")
+            .get(&cgroup_id, 0)
+            .ok()
+            .map(|kind| kind == imds_common::CGROUP_CONTAINER)
+    }
+
+    /// Filter mode: how many cgroups are classified.
+    pub fn classified(&self) -> usize {
+        self.containers
+            .lock()
+            .expect("containers lock poisoned")
+            .keys()
+            .count()
+    }
+
     /// Filter mode: forget a removed cgroup (ids are never reused).
     pub fn forget_cgroup(&self, cgroup_id: u64) {
         let _ = self
@@ -357,8 +391,40 @@ impl CgroupRedirect {
     }
 }
 
-fn redirect_config(spec: &Spec) -> RedirectConfig {
-    RedirectConfig {
+/// Load sock_addr program `name`; a connect program the kernel refuses (before Linux 6.10 it
+/// cannot check the caller's PID namespace) is replaced by its `_compat` twin, without the
+/// PID-namespace wall, and the log says so. The name of what was loaded.
+fn load_sock_addr(ebpf: &mut Ebpf, name: &'static str) -> Result<&'static str, Error> {
+    let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+    let err = match prog.load() {
+        Ok(()) => return Ok(name),
+        Err(err) => err,
+    };
+    let compat = match name {
+        PROG_CONNECT4 => PROG_CONNECT4_COMPAT,
+        PROG_CONNECT6 => PROG_CONNECT6_COMPAT,
+        _ => return Err(Error::Program { name, source: err }),
+    };
+    let prog: &mut CgroupSockAddr = program(ebpf, compat)?;
+    prog.load().map_err(|source| Error::Program {
+        name: compat,
+        source,
+    })?;
+    tracing::warn!(
+        program = name,
+        error = %err,
+        "this kernel (before 6.10) cannot check a caller's PID namespace in a connect program: \
+         loaded without that wall (a process in a private PID namespace in a cgroup classified \
+         as the host's reaches IMDS)"
+    );
+    Ok(compat)
+}
+
+fn redirect_config(spec: &Spec) -> Result<RedirectConfig, Error> {
+    let (host_pidns_dev, host_pidns_ino) = super::object::host_pidns()?;
+    Ok(RedirectConfig {
+        host_pidns_dev,
+        host_pidns_ino,
         filter: spec.filter.into(),
         proxy_cgroup: spec.own_cgroup,
         netns_cookie: match spec.scope {
@@ -366,5 +432,5 @@ fn redirect_config(spec: &Spec) -> RedirectConfig {
             Scope::HostNamespace { netns_cookie } => netns_cookie,
         },
         ..listen_config(spec.listen_v4, spec.listen_v6)
-    }
+    })
 }

@@ -194,17 +194,42 @@ impl Redirect {
     /// kernel log forwarder, and in tc mode the interface and address watches, the NAT reaper and
     /// the containers' source addresses from Docker's events (subscribed now: every container,
     /// those running already included, once the index starts).
-    pub fn start(&self, docker: &docker::Index, proc: Proc) -> anyhow::Result<()> {
+    pub fn start(
+        &self,
+        docker: &docker::Index,
+        proc: Proc,
+        hosts: &imds_policy::cgroups::HostCgroups,
+        root: &Path,
+    ) -> anyhow::Result<()> {
         if self.filtered() {
+            let mut feeds = Vec::new();
             for parent in self.cgroups() {
-                let feed = crate::cgroup::filter::Feed::start(self.hooks().clone(), &parent)
-                    .with_context(|| {
-                        format!("classifying the cgroups under {}", parent.display())
-                    })?;
+                let feed = crate::cgroup::filter::Feed::start(
+                    self.hooks().clone(),
+                    hosts.clone(),
+                    root,
+                    &parent,
+                )
+                .with_context(|| format!("classifying the cgroups under {}", parent.display()))?;
+                feeds.push(feed);
+            }
+            // Before the watches run (their events wait in inotify): entries a pinned map kept
+            // for cgroups removed while no proxy ran are dropped.
+            let live: std::collections::HashSet<u64> =
+                feeds.iter().flat_map(|feed| feed.ids()).collect();
+            let swept = self.hooks().sweep_classified(&live);
+            if swept > 0 {
+                tracing::info!(
+                    swept,
+                    "filter mode: classifications of removed cgroups dropped"
+                );
+            }
+            for feed in feeds {
                 std::thread::spawn(move || {
                     if let Err(err) = feed.run() {
-                        // Unclassified cgroups stay refused: closed, and loud.
-                        tracing::error!(%err, "cgroup watch failed; new cgroups' IMDS connects will be refused");
+                        // Unclassified cgroups go to the proxy, which gives them no role:
+                        // closed, and loud.
+                        tracing::error!(%err, "cgroup watch failed; new cgroups' IMDS connects go to the proxy (no role)");
                     }
                 });
             }

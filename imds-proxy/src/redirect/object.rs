@@ -105,7 +105,21 @@ pub(crate) fn listen_config(v4: SocketAddrV4, v6: Option<SocketAddrV6>) -> Redir
         filter: 0,
         proxy_cgroup: 0,
         netns_cookie: 0,
+        host_pidns_dev: 0,
+        host_pidns_ino: 0,
     }
+}
+
+/// The host's PID namespace as the kernel's `bpf_get_ns_current_pid_tgid` names it: the nsfs
+/// device of this process's PID namespace file (every namespace file is on the one nsfs) in the
+/// kernel's `dev_t` encoding, and the initial namespace's fixed inode. Right wherever the proxy
+/// runs (the host's PID namespace or a container's).
+pub fn host_pidns() -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = std::fs::metadata("/proc/self/ns/pid")?.dev();
+    // Userspace's st_dev to the kernel's MKDEV(major, minor) = major << 20 | minor.
+    let kernel_dev = (libc::major(dev) as u64) << 20 | libc::minor(dev) as u64;
+    Ok((kernel_dev, imds_common::HOST_PIDNS_INO))
 }
 
 /// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+), as

@@ -277,3 +277,30 @@ pub fn wait_kernel_objects_gone() -> Vec<String> {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A host-wide sysctl set for a test and restored on drop, panics included.
+pub struct Sysctl {
+    path: PathBuf,
+    before: String,
+}
+
+impl Sysctl {
+    /// Set `/proc/sys/<name>` (dots or slashes) to `value`.
+    pub fn set(name: &str, value: &str) -> anyhow::Result<Self> {
+        let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+        let before = fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_owned();
+        fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self { path, before })
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Err(err) = fs::write(&self.path, &self.before) {
+            eprintln!("restoring {}: {err}", self.path.display());
+        }
+    }
+}

@@ -952,3 +952,78 @@ fn filter_mode_sends_cgroups_not_classified_yet_to_the_proxy() {
         [Some(SCOPE_ID.to_owned()), Some(service.relative())]
     );
 }
+
+/// Events lost (the inotify queue overflowed) are made up by walking the tree again: every cgroup
+/// created while the queue was full is classified. The premise, asserted: the queue overflowed.
+#[test]
+fn an_inotify_overflow_walks_the_cgroup_tree_again() {
+    let slice = TestCgroup::new("imds-test-overflow.slice").unwrap();
+    let proxy = TestProxy::start_filtered(slice.path(), false);
+    let redirect = proxy.redirect.clone().unwrap();
+    let feed = {
+        // The queue's size is taken when the inotify instance is made.
+        let _small = imds_tests::kernel::Sysctl::set("fs.inotify.max_queued_events", "16").unwrap();
+        imds_proxy::cgroup::filter::Feed::start(
+            redirect.clone(),
+            imds_policy::cgroups::HostCgroups::default(),
+            &cgroup2_root().unwrap(),
+            slice.path(),
+        )
+        .unwrap()
+    };
+    let rewalks = feed.rewalks();
+    // 64 cgroups while nothing reads the queue: it overflows.
+    let children: Vec<TestCgroup> = (0..64)
+        .map(|i| slice.child(&format!("docker-{i:064x}.scope")).unwrap())
+        .collect();
+    std::thread::spawn(move || feed.run());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let unclassified = || {
+        children
+            .iter()
+            .filter(|c| redirect.classification(c.id()) != Some(true))
+            .count()
+    };
+    while unclassified() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        unclassified(),
+        0,
+        "every cgroup is classified a container's"
+    );
+    assert!(
+        rewalks.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "premise: the queue overflowed and the tree was walked again"
+    );
+}
+
+/// A pinned classification map outlives the proxy; entries of cgroups removed while no proxy
+/// ran are swept when one starts.
+#[test]
+fn classifications_of_removed_cgroups_are_swept() {
+    let slice = TestCgroup::new("imds-test-sweep.slice").unwrap();
+    let live = slice.child("live.service").unwrap();
+    let proxy = TestProxy::start_filtered(slice.path(), false);
+    let redirect = proxy.redirect.clone().unwrap();
+    // As a previous run left them: one for a cgroup long gone, one for a live one.
+    let gone_id = u64::MAX - 7;
+    redirect.classify_cgroup(gone_id, false).unwrap();
+    redirect.classify_cgroup(live.id(), false).unwrap();
+    let feed = imds_proxy::cgroup::filter::Feed::start(
+        redirect.clone(),
+        imds_policy::cgroups::HostCgroups::default(),
+        &cgroup2_root().unwrap(),
+        slice.path(),
+    )
+    .unwrap();
+    let ids: std::collections::HashSet<u64> = feed.ids().collect();
+    assert!(ids.contains(&live.id()));
+    assert_eq!(redirect.sweep_classified(&ids), 1);
+    assert_eq!(redirect.classification(gone_id), None);
+    assert_eq!(
+        redirect.classification(live.id()),
+        Some(true),
+        "reclassified by the walk (not under system.slice: a container's)"
+    );
+}

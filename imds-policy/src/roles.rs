@@ -396,7 +396,11 @@ fn check_external_id(id: &str) -> Result<String, String> {
 }
 
 /// A RoleSessionName from a container name (fallback: its id), within STS's rules: 2–64
-/// characters of `[\w+=,.@-]`.
+/// characters of `[\w+=,.@-]`. Unique per container: a name longer than 64 characters (a pod in
+/// a long namespace, a long Deployment name) keeps its first 55 and gets `-` and 8 hex digits
+/// of a hash of the whole name and the container id, so two names that share their first 64
+/// characters never share a session (nor its cache entry, its access key or CloudTrail's
+/// attribution).
 pub fn session_name(container_name: Option<&str>, container_id: &str) -> String {
     let clean = |s: &str| -> String {
         s.trim_start_matches('/')
@@ -408,10 +412,13 @@ pub fn session_name(container_name: Option<&str>, container_id: &str) -> String 
                     '-'
                 }
             })
-            .take(64)
             .collect()
     };
     let name = container_name.map(clean).unwrap_or_default();
+    if name.len() > 64 {
+        let hash = fnv1a(&[name.as_bytes(), b"/", container_id.as_bytes()]);
+        return format!("{}-{hash:08x}", &name[..55]);
+    }
     if name.len() >= 2 {
         name
     } else {
@@ -424,12 +431,48 @@ pub fn session_name(container_name: Option<&str>, container_id: &str) -> String 
     }
 }
 
+/// 32-bit FNV-1a over `parts`: stable across builds and releases (a session name must not change
+/// when the proxy is upgraded).
+fn fnv1a(parts: &[&[u8]]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in parts.iter().flat_map(|p| p.iter()) {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
 
     const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
+
+    #[test]
+    fn long_names_get_unique_sessions() {
+        // Short names are the session as they are.
+        assert_eq!(session_name(Some("/web-1"), "abc"), "web-1");
+        let ns = "team-payments-production-eu-west-1";
+        let a = format!("{ns}.checkout-api-deployment-7f9c8d6b5-x2x4z");
+        let b = format!("{ns}.checkout-api-deployment-7f9c8d6b5-q8w7e");
+        assert_eq!(a[..64], b[..64], "premise: the names share their first 64 characters");
+        let (sa, sb) = (session_name(Some(&a), "1111"), session_name(Some(&b), "2222"));
+        assert_ne!(sa, sb);
+        for s in [&sa, &sb] {
+            assert_eq!(s.len(), 64, "{s}");
+            assert!(s.starts_with(&a[..55]), "{s}");
+            assert!(
+                s.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"_+=,.@-".contains(&c)),
+                "{s}"
+            );
+        }
+        // Two containers of one long-named pod: one session each; and the same container always
+        // gets the same one.
+        assert_ne!(session_name(Some(&a), "1111"), session_name(Some(&a), "3333"));
+        assert_eq!(session_name(Some(&a), "1111"), sa);
+    }
 
     fn policy(default: Option<&str>, allowed: &[&str]) -> Policy {
         Policy {

@@ -456,8 +456,15 @@ mod tests {
         let ns = "team-payments-production-eu-west-1";
         let a = format!("{ns}.checkout-api-deployment-7f9c8d6b5-x2x4z");
         let b = format!("{ns}.checkout-api-deployment-7f9c8d6b5-q8w7e");
-        assert_eq!(a[..64], b[..64], "premise: the names share their first 64 characters");
-        let (sa, sb) = (session_name(Some(&a), "1111"), session_name(Some(&b), "2222"));
+        assert_eq!(
+            a[..64],
+            b[..64],
+            "premise: the names share their first 64 characters"
+        );
+        let (sa, sb) = (
+            session_name(Some(&a), "1111"),
+            session_name(Some(&b), "2222"),
+        );
         assert_ne!(sa, sb);
         for s in [&sa, &sb] {
             assert_eq!(s.len(), 64, "{s}");
@@ -470,7 +477,10 @@ mod tests {
         }
         // Two containers of one long-named pod: one session each; and the same container always
         // gets the same one.
-        assert_ne!(session_name(Some(&a), "1111"), session_name(Some(&a), "3333"));
+        assert_ne!(
+            session_name(Some(&a), "1111"),
+            session_name(Some(&a), "3333")
+        );
         assert_eq!(session_name(Some(&a), "1111"), sa);
     }
 

@@ -169,6 +169,10 @@ pub struct Index {
     driver: tokio::sync::OnceCell<(Engine, String)>,
     /// Containers a caller named before the index held them (found by asking Docker).
     found_before_indexed: AtomicU64,
+    /// CRI: containers a poll could not inspect (skipped; the poll goes on), and the ids already
+    /// logged, so that one broken container is one log line, not one a second.
+    skipped: AtomicU64,
+    skipped_logged: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Image configurations kept before the cache starts over.
@@ -234,11 +238,18 @@ impl Index {
             images: RwLock::new(HashMap::new()),
             driver: tokio::sync::OnceCell::new(),
             found_before_indexed: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            skipped_logged: Default::default(),
         })
     }
 
     /// How many containers a caller named before the index held them: each such request came
     /// before Docker reported its container, and was answered by asking Docker.
+    /// CRI: how many times a poll skipped a container it could not inspect.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+
     pub fn found_before_indexed(&self) -> u64 {
         self.found_before_indexed.load(Ordering::Relaxed)
     }
@@ -381,7 +392,8 @@ impl Index {
                 // runtime's answer now.
                 Source::Cri(cri) => {
                     for id in cri.running().await? {
-                        if let Some(found) = self.confirm(&id, ip).await? {
+                        // One container that cannot be inspected does not hide the others.
+                        if let Ok(Some(found)) = self.confirm(&id, ip).await {
                             return Ok(Some(found));
                         }
                     }
@@ -733,15 +745,47 @@ impl Index {
                 }
             } else if !was_running {
                 // Indexed by a miss before it ran: look again.
-                self.index_and_announce(id).await?;
+                self.index_or_skip(id).await;
             }
         }
-        for id in running {
-            if !known.iter().any(|(k, _)| *k == id) {
-                self.index_and_announce(&id).await?;
+        for id in &running {
+            if !known.iter().any(|(k, _)| k == id) {
+                self.index_or_skip(id).await;
             }
         }
+        // A skipped container that is gone is forgotten: its id is logged again if it comes back.
+        self.skipped_logged
+            .lock()
+            .expect("skipped poisoned")
+            .retain(|id| running.contains(id));
         Ok(())
+    }
+
+    /// Index one container of a poll; one that cannot be inspected (its status fails, or is
+    /// larger than a gRPC message may be) is skipped and counted, and the poll goes on: the
+    /// others are indexed. It is tried again at the next poll; logged once.
+    async fn index_or_skip(&self, id: &str) {
+        let Err(err) = self.index_and_announce(id).await else {
+            self.skipped_logged
+                .lock()
+                .expect("skipped poisoned")
+                .remove(id);
+            return;
+        };
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        if self
+            .skipped_logged
+            .lock()
+            .expect("skipped poisoned")
+            .insert(id.to_owned())
+        {
+            tracing::warn!(
+                container_id = %id,
+                %err,
+                "cannot inspect this container; skipped (no role until it can be; tried again \
+                 at every poll)"
+            );
+        }
     }
 
     async fn index_and_announce(&self, id: &str) -> Result<(), SourceError> {

@@ -312,9 +312,13 @@ impl Metrics {
 }
 
 /// The Docker index's counters, in the same text format.
-pub fn render_docker(found_before_indexed: u64) -> String {
+pub fn render_docker(found_before_indexed: u64, skipped: u64) -> String {
     format!(
-        "# HELP imds_proxy_containers_found_before_indexed_total Callers whose container the \
+        "# HELP imds_proxy_containers_skipped_total Containers a CRI poll could not inspect \
+         (skipped, tried again at the next poll).\n\
+         # TYPE imds_proxy_containers_skipped_total counter\n\
+         imds_proxy_containers_skipped_total {skipped}\n\
+         # HELP imds_proxy_containers_found_before_indexed_total Callers whose container the \
          Docker index did not hold yet (asked Docker directly).\n\
          # TYPE imds_proxy_containers_found_before_indexed_total counter\n\
          imds_proxy_containers_found_before_indexed_total {found_before_indexed}\n"

@@ -69,6 +69,7 @@ pub fn router(ops: Ops) -> axum::Router {
                     let mut body = ops.app.metrics.render();
                     body.push_str(&crate::metrics::render_docker(
                         ops.docker.found_before_indexed(),
+                        ops.docker.skipped(),
                     ));
                     body.push_str(&crate::metrics::render_cache(
                         ops.app.credentials.len(),

@@ -131,3 +131,49 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
         .count();
     assert!(vended >= 5, "{:#?}", proxy.log());
 }
+
+/// A pod the runtime cannot describe to the proxy (its status is larger than a gRPC message may
+/// be: 5 MiB of annotations) is skipped and counted, logged once, and every other pod is still
+/// indexed and served: one broken container does not stop the poll.
+#[test]
+fn a_pod_the_runtime_cannot_describe_does_not_stop_the_others() {
+    let scene = containers_scene(env!("CARGO_BIN_EXE_imds-sim"));
+    let containerd = Containerd::start();
+    let curl = containerd.import(curl_image().unwrap());
+    let endpoint = cri::endpoint();
+    let proxy = Proxy::start_in(
+        &scene,
+        Mode::Cgroup,
+        &["--runtime", "cri", "--cri-endpoint", &endpoint],
+    );
+    proxy.wait_for_log(&["CRI index synchronised"]);
+    ensure_imds_is_simulated().unwrap();
+    let sleep = ["sleep", "3600"];
+    let bloat = "x".repeat(5 << 20);
+    let bloated = containerd.run_pod(
+        "team-a",
+        "bloated",
+        0,
+        &[(ROLE, "TeamABloated"), ("imds-test/bloat", &bloat)],
+        &curl,
+        &sleep,
+    );
+    let web = containerd.run_pod("team-a", "web", 0, &[(ROLE, "TeamAWeb")], &curl, &sleep);
+    // The poll indexed the pod after the broken one, and skipped the broken one at every poll.
+    proxy.wait_for_log(&["indexed", &web.container]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while proxy.metric("imds_proxy_containers_skipped_total") < 3 {
+        assert!(std::time::Instant::now() < deadline, "{:#?}", proxy.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let warnings = proxy
+        .log()
+        .iter()
+        .filter(|l| l.contains("cannot inspect this container") && l.contains(&bloated.container))
+        .count();
+    assert_eq!(warnings, 1, "logged once: {:#?}", proxy.log());
+    assert_eq!(containerd.exec(&web.container, LISTING), "200");
+    assert_ne!(containerd.exec(&bloated.container, LISTING), "200");
+    containerd.remove_pod(&bloated);
+    containerd.remove_pod(&web);
+}

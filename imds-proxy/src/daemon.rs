@@ -26,7 +26,15 @@ use crate::{
     upstream::Upstream,
 };
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
+    if config.listen.v6.is_some() && !netdev::ipv6_enabled() {
+        tracing::warn!(
+            listen_v6 = ?config.listen.v6,
+            "IPv6 is disabled on this host (net.ipv6.conf.{{all,default}}.disable_ipv6, or no \
+             IPv6 at all): serving IPv4 only; IPv6 IMDS connects are refused"
+        );
+        config.listen.v6 = None;
+    }
     let args = &config.args;
     // Both modes attach the cgroup programs (tc mode for host-network containers): both need the
     // v2 hierarchy and the proxy's place in it.

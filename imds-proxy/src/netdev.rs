@@ -57,6 +57,19 @@ async fn index(handle: &Handle, interface: &str) -> Result<Option<u32>, Error> {
 ///
 /// On a kernel built without the dummy driver, an `ifb` device stands in: like a dummy it has no
 /// link partner and no ARP, and addresses on it are local addresses of the host.
+/// Whether an interface this process creates can carry an IPv6 address: the kernel has IPv6,
+/// and neither `all` nor `default` of `net.ipv6.conf.*.disable_ipv6` (in this network namespace)
+/// says no.
+pub fn ipv6_enabled() -> bool {
+    let disabled = |which: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{which}/disable_ipv6"))
+            .map(|v| v.trim() != "0")
+            // No such file: no IPv6 in this kernel.
+            .unwrap_or(true)
+    };
+    !disabled("all") && !disabled("default")
+}
+
 pub async fn ensure(interface: &str, addresses: &[IpAddr]) -> Result<(), Error> {
     let err = |what: &'static str| {
         move |e: rtnetlink::Error| Error {

@@ -1237,3 +1237,18 @@ fn the_systemd_unit_s_capabilities_are_enough_in(mode: Mode) {
     let creds: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(caller_arn(&scene, &creds).contains(":assumed-role/Confined/"));
 }
+
+/// On a host whose IPv6 is disabled the proxy starts, serves IPv4 only and says so; it used to
+/// exit at start (adding the IPv6 listen address: permission denied), leaving every container
+/// unprotected.
+#[test]
+fn the_proxy_serves_on_a_host_without_ipv6() {
+    let scene = scene();
+    // Restored when the test ends, panics included (before the scene goes).
+    let _all = imds_tests::kernel::Sysctl::set("net.ipv6.conf.all.disable_ipv6", "1").unwrap();
+    let _default =
+        imds_tests::kernel::Sysctl::set("net.ipv6.conf.default.disable_ipv6", "1").unwrap();
+    let proxy = Proxy::start(&scene, &[]);
+    proxy.wait_for_log(&["IPv6 is disabled on this host", "serving IPv4 only"]);
+    assert_gets_role(&scene, &["--label", "iam.amazonaws.com/role=Web"], "Web");
+}

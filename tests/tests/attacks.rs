@@ -718,3 +718,107 @@ fn unrecognised_cgroup_layouts_get_no_role_in_cgroup_mode() {
 fn unrecognised_cgroup_layouts_get_no_role_in_tc_mode() {
     unrecognised_cgroup_layouts_get_no_role_in(Mode::Tc)
 }
+
+/// A map of another layout, pinned at `path`: what an older or newer build leaves there.
+fn pin_foreign_map(path: &std::path::Path) {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    /// The `map_create` member of `union bpf_attr` (the fields used here, then zeroes).
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u32; 14],
+    }
+    let mut attr = MapCreate {
+        map_type: 2, // BPF_MAP_TYPE_ARRAY
+        key_size: 4,
+        value_size: 8,
+        max_entries: 1,
+        rest: [0; 14],
+    };
+    // SAFETY: a correctly laid out prefix of union bpf_attr, and its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0, // BPF_MAP_CREATE
+            &mut attr as *mut MapCreate,
+            std::mem::size_of::<MapCreate>() as libc::c_uint,
+        )
+    };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let _ = std::fs::remove_file(path);
+    imds_proxy::redirect::pin::raw::obj_pin(std::os::fd::AsFd::as_fd(&fd), path).unwrap();
+}
+
+/// An upgrade (a restart with `--pin`) never leaves a previous build's programs running, nor
+/// crash-loops on a previous build's maps: every adopted link is switched to this build's program
+/// (`BPF_LINK_UPDATE`, atomic), and a pinned map of another layout is replaced. The "previous
+/// build" here is a connect program without the PID-namespace wall; its premise is asserted: while
+/// it runs, a process in a private PID namespace in a host-shaped cgroup reaches the instance.
+#[test]
+fn an_upgrade_replaces_the_pinned_programs_and_maps() {
+    use std::os::fd::AsFd as _;
+    let scene = scene();
+    let mut made = Made(Vec::new());
+    let disguised = made.cgroup("/system.slice/imds-test-upgrade.service");
+    let pins = imds_tests::proxy::Pins::new("/sys/fs/bpf/imds-test-upgrade");
+    let pin = pins.path().to_str().unwrap().to_owned();
+    let mut proxy = Proxy::start_in(&scene, Mode::Cgroup, &["--pin", &pin]);
+    let (answer, out) = host_flow(&disguised, true);
+    assert_eq!(answer, (404, "imds-proxy".to_owned()), "{out}");
+    proxy.kill();
+
+    // The previous build: its connect4 behind the pinned link, a config map of its own layout.
+    let link = std::fs::read_dir(pins.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("link_imds_connect4_cg")
+        })
+        .expect("the connect4 link is pinned");
+    // Loaded on the pinned maps, as the previous build's programs were.
+    let mut loader = aya::EbpfLoader::new();
+    for name in imds_proxy::redirect::cgroup::MAPS {
+        loader.map_pin_path(name, pins.path().join(name));
+    }
+    let mut object = loader.load(imds_proxy::redirect::OBJECT).unwrap();
+    let old: &mut aya::programs::CgroupSockAddr = object
+        .program_mut(imds_common::PROG_CONNECT4_COMPAT)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    old.load().unwrap();
+    imds_proxy::redirect::pin::raw::link_update_at(&link, old.fd().unwrap().as_fd()).unwrap();
+    pin_foreign_map(&pins.path().join(imds_common::MAP_CONFIG));
+    let (answer, out) = host_flow(&disguised, true);
+    assert_eq!(
+        answer,
+        (200, String::new()),
+        "premise: the previous build's program runs (the wall is not there): {out}"
+    );
+
+    let proxy = Proxy::start_in(&scene, Mode::Cgroup, &["--pin", &pin]);
+    proxy.wait_for_log(&["a pinned map has another layout", imds_common::MAP_CONFIG]);
+    let (answer, out) = host_flow(&disguised, true);
+    assert!(!out.contains(INSTANCE_ROLE), "{out}");
+    assert_eq!(
+        answer,
+        (404, "imds-proxy".to_owned()),
+        "the adopted link runs this build's program: {out}"
+    );
+    let (answer, out) = host_flow(&disguised, false);
+    assert_eq!(
+        answer,
+        (200, String::new()),
+        "the host service still passes: {out}"
+    );
+    drop(proxy);
+}

@@ -163,79 +163,97 @@ impl CgroupRedirect {
         } else {
             &[]
         };
+        let guard_fd = program_fd(guard.fd(), GUARD_PROGRAM)?;
         for (_, file, id) in guarded {
             let path = pin_path(GUARD_PROGRAM, *id);
-            pinned.extend(attach_or_adopt(path.as_deref(), &mut adopted, |pinning| {
-                let link_id = guard
-                    .attach(file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-                    .map_err(|source| Error::Program {
+            pinned.extend(attach_or_adopt(
+                path.as_deref(),
+                &mut adopted,
+                guard_fd.as_fd(),
+                |pinning| {
+                    let link_id = guard
+                        .attach(file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                        .map_err(|source| Error::Program {
+                            name: GUARD_PROGRAM,
+                            source,
+                        })?;
+                    if pinning.is_none() {
+                        return Ok(Fresh::Unpinned);
+                    }
+                    let link = guard.take_link(link_id).map_err(|source| Error::Program {
                         name: GUARD_PROGRAM,
                         source,
                     })?;
-                if pinning.is_none() {
-                    return Ok(Fresh::Unpinned);
-                }
-                let link = guard.take_link(link_id).map_err(|source| Error::Program {
-                    name: GUARD_PROGRAM,
-                    source,
-                })?;
-                FdLink::try_from(link)
-                    .map(Fresh::Link)
-                    .map_err(|source| Error::Link {
-                        name: GUARD_PROGRAM,
-                        source,
-                    })
-            })?);
+                    FdLink::try_from(link)
+                        .map(Fresh::Link)
+                        .map_err(|source| Error::Link {
+                            name: GUARD_PROGRAM,
+                            source,
+                        })
+                },
+            )?);
         }
         let sock_ops: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
         sock_ops.load().map_err(|source| Error::Program {
             name: SOCK_OPS_PROGRAM,
             source,
         })?;
+        let sock_ops_fd = program_fd(sock_ops.fd(), SOCK_OPS_PROGRAM)?;
         for (_, file, id) in &cgroups {
             let path = pin_path(SOCK_OPS_PROGRAM, *id);
-            pinned.extend(attach_or_adopt(path.as_deref(), &mut adopted, |pinning| {
-                let program_error = |source| Error::Program {
-                    name: SOCK_OPS_PROGRAM,
-                    source,
-                };
-                let Some(path) = pinning else {
-                    sock_ops
-                        .attach(file, CgroupAttachMode::Single)
-                        .map_err(program_error)?;
-                    return Ok(Fresh::Unpinned);
-                };
-                // aya 0.14 cannot pin a sock_ops link: create and pin it with bpf(2) directly,
-                // so that records of refused connects are still cleaned up while the proxy is
-                // down.
-                let prog_fd = sock_ops.fd().map_err(program_error)?;
-                let link =
-                    raw::link_create(prog_fd.as_fd(), file.as_fd(), raw::BPF_CGROUP_SOCK_OPS)?;
-                raw::obj_pin(link.as_fd(), path)?;
-                Ok(Fresh::PinnedAt)
-            })?);
+            pinned.extend(attach_or_adopt(
+                path.as_deref(),
+                &mut adopted,
+                sock_ops_fd.as_fd(),
+                |pinning| {
+                    let program_error = |source| Error::Program {
+                        name: SOCK_OPS_PROGRAM,
+                        source,
+                    };
+                    let Some(path) = pinning else {
+                        sock_ops
+                            .attach(file, CgroupAttachMode::Single)
+                            .map_err(program_error)?;
+                        return Ok(Fresh::Unpinned);
+                    };
+                    // aya 0.14 cannot pin a sock_ops link: create and pin it with bpf(2) directly,
+                    // so that records of refused connects are still cleaned up while the proxy is
+                    // down.
+                    let prog_fd = sock_ops.fd().map_err(program_error)?;
+                    let link =
+                        raw::link_create(prog_fd.as_fd(), file.as_fd(), raw::BPF_CGROUP_SOCK_OPS)?;
+                    raw::obj_pin(link.as_fd(), path)?;
+                    Ok(Fresh::PinnedAt)
+                },
+            )?);
         }
 
         for name in SOCK_ADDR_PROGRAMS {
             let loaded = load_sock_addr(&mut ebpf, name)?;
             let prog: &mut CgroupSockAddr = program(&mut ebpf, loaded)?;
+            let prog_fd = program_fd(prog.fd(), loaded)?;
             for (path, file, id) in &cgroups {
                 let pin = pin_path(name, *id);
-                pinned.extend(attach_or_adopt(pin.as_deref(), &mut adopted, |pinning| {
-                    let link_id = prog
-                        .attach(file, CgroupAttachMode::Single)
-                        .map_err(|source| Error::Program { name, source })?;
-                    tracing::debug!(program = name, cgroup = %path.display(), "attached");
-                    if pinning.is_none() {
-                        return Ok(Fresh::Unpinned);
-                    }
-                    let link = prog
-                        .take_link(link_id)
-                        .map_err(|source| Error::Program { name, source })?;
-                    FdLink::try_from(link)
-                        .map(Fresh::Link)
-                        .map_err(|source| Error::Link { name, source })
-                })?);
+                pinned.extend(attach_or_adopt(
+                    pin.as_deref(),
+                    &mut adopted,
+                    prog_fd.as_fd(),
+                    |pinning| {
+                        let link_id = prog
+                            .attach(file, CgroupAttachMode::Single)
+                            .map_err(|source| Error::Program { name, source })?;
+                        tracing::debug!(program = name, cgroup = %path.display(), "attached");
+                        if pinning.is_none() {
+                            return Ok(Fresh::Unpinned);
+                        }
+                        let link = prog
+                            .take_link(link_id)
+                            .map_err(|source| Error::Program { name, source })?;
+                        FdLink::try_from(link)
+                            .map(Fresh::Link)
+                            .map_err(|source| Error::Link { name, source })
+                    },
+                )?);
             }
         }
 
@@ -389,6 +407,15 @@ impl CgroupRedirect {
             .expect("containers lock poisoned")
             .remove(&cgroup_id);
     }
+}
+
+/// An owned copy of a loaded program's descriptor (for `BPF_LINK_UPDATE` of adopted links).
+pub(crate) fn program_fd(
+    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+    name: &'static str,
+) -> Result<std::os::fd::OwnedFd, Error> {
+    let fd = fd.map_err(|source| Error::Program { name, source })?;
+    Ok(fd.as_fd().try_clone_to_owned()?)
 }
 
 /// Load sock_addr program `name`; a connect program the kernel refuses (before Linux 6.10 it

@@ -45,6 +45,11 @@ pub enum Error {
         name: &'static str,
         source: aya::programs::links::LinkError,
     },
+    #[error("updating pinned link {path} to this build's program: {source}")]
+    Update {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("adopting pinned link {path}: {source}")]
     Adopt {
         path: PathBuf,
@@ -156,6 +161,7 @@ pub(crate) fn load_configured(
     let map_pins: Vec<(&str, PathBuf)> = match pin {
         Some(dir) => {
             super::pin::prepare_pin_dir(dir)?;
+            super::pin::replace_incompatible_maps(dir, maps)?;
             maps.iter().map(|name| (*name, dir.join(name))).collect()
         }
         None => Vec::new(),

@@ -1,7 +1,7 @@
 //! Pinning on bpffs (`--pin DIR`): links and maps outlive the proxy, so that containers fail
 //! closed while it is down, and a restarted proxy adopts them without detaching in between. One
 //! helper, [`attach_or_adopt`], for every link of both modes.
-use std::path::Path;
+use std::{os::fd::BorrowedFd, path::Path};
 
 use aya::programs::links::{FdLink, PinnedLink};
 
@@ -18,12 +18,16 @@ pub(crate) enum Fresh {
 }
 
 /// Attach one program to one target, or adopt the link a previous run pinned at `pin_path`
-/// (then `adopted` counts it, and nothing is attached or detached in between). `attach` gets the
-/// path when pinning. Returns the pinned link, if pinning; it must be kept (dropping a
-/// `PinnedLink` closes the descriptor, the pin holds the link).
+/// (then `adopted` counts it, and nothing is attached or detached in between). An adopted link
+/// is switched to `program`, this build's, with `BPF_LINK_UPDATE`: atomically, so the target is
+/// never without a program, and a previous build's programs (an upgrade, a downgrade, anything
+/// else pinned there) never keep running. `attach` gets the path when pinning. Returns the
+/// pinned link, if pinning; it must be kept (dropping a `PinnedLink` closes the descriptor, the
+/// pin holds the link).
 pub(crate) fn attach_or_adopt(
     pin_path: Option<&Path>,
     adopted: &mut usize,
+    program: BorrowedFd<'_>,
     attach: impl FnOnce(Option<&Path>) -> Result<Fresh, Error>,
 ) -> Result<Option<PinnedLink>, Error> {
     let adopt = |path: &Path| {
@@ -33,9 +37,14 @@ pub(crate) fn attach_or_adopt(
         })
     };
     if let Some(path) = pin_path.filter(|p| p.exists()) {
-        // A previous run's link, still attached: keep it.
+        // A previous run's link, still attached: keep it, running this build's program.
+        let link = adopt(path)?;
+        raw::link_update_at(path, program).map_err(|source| Error::Update {
+            path: path.to_owned(),
+            source,
+        })?;
         *adopted += 1;
-        return adopt(path).map(Some);
+        return Ok(Some(link));
     }
     match (attach(pin_path)?, pin_path) {
         (Fresh::Unpinned, _) => Ok(None),
@@ -68,6 +77,44 @@ pub(crate) fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Before the object is loaded with maps pinned in `dir`: a pinned map whose layout (key size,
+/// value size, capacity) is not this build's (pinned by an older or newer build) is unpinned, so
+/// that a new one is made; this build's programs could not use it (the verifier refuses them, and
+/// the proxy would crash-loop). Its entries are lost: the configuration is written again, the
+/// cgroup classification walked again, and connections in flight at that moment are refused
+/// (closed, never open). The names of the maps replaced.
+pub(crate) fn replace_incompatible_maps(dir: &Path, maps: &[&str]) -> Result<Vec<String>, Error> {
+    let object = aya_obj::Object::parse(super::object::OBJECT)
+        .map_err(|err| Error::Io(std::io::Error::other(format!("parsing the object: {err}"))))?;
+    let mut replaced = Vec::new();
+    for name in maps {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(wanted) = object.maps.get(*name) else {
+            continue;
+        };
+        let want = (wanted.key_size(), wanted.value_size(), wanted.max_entries());
+        let have = aya::maps::MapInfo::from_pin(&path)
+            .map(|info| (info.key_size(), info.value_size(), info.max_entries()))
+            .ok();
+        if have == Some(want) {
+            continue;
+        }
+        std::fs::remove_file(&path)?;
+        tracing::warn!(
+            map = name,
+            pinned = ?have,
+            this_build = ?want,
+            "a pinned map has another layout (key, value size, capacity) than this build's: \
+             replaced by a new one (its entries are rebuilt)"
+        );
+        replaced.push((*name).to_owned());
+    }
+    Ok(replaced)
+}
+
 /// Remove everything `--pin DIR` left: pinned links (which detaches them), programs and maps.
 /// Returns the names of what was removed.
 pub fn unpin(dir: &Path) -> Result<Vec<String>, Error> {
@@ -85,8 +132,9 @@ pub fn unpin(dir: &Path) -> Result<Vec<String>, Error> {
     Ok(removed)
 }
 
-/// The two bpf(2) commands aya 0.14 does not offer for sock_ops links.
-pub(crate) mod raw {
+/// The bpf(2) commands aya 0.14 does not offer: a sock_ops link, pinning it, and replacing the
+/// program behind a pinned link.
+pub mod raw {
     use std::{
         ffi::CString,
         os::{
@@ -97,7 +145,18 @@ pub(crate) mod raw {
     };
 
     const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+
+    /// The `link_update` member of `union bpf_attr`.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
     /// `enum bpf_attach_type`: BPF_CGROUP_SOCK_OPS.
     pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 
@@ -155,6 +214,34 @@ pub(crate) mod raw {
         let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
         // SAFETY: the kernel returned a new file descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// BPF_OBJ_GET: a descriptor of the object pinned at `path`.
+    pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::other("pin path contains a NUL byte"))?;
+        let mut attr = ObjPin {
+            pathname: c_path.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+            path_fd: 0,
+            pad: 0,
+        };
+        let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+        // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// BPF_LINK_UPDATE of the link pinned at `path`: it runs `program` from now on, atomically.
+    pub fn link_update_at(path: &Path, program: BorrowedFd<'_>) -> std::io::Result<()> {
+        let link = obj_get(path)?;
+        let mut attr = LinkUpdate {
+            link_fd: link.as_raw_fd() as u32,
+            new_prog_fd: program.as_raw_fd() as u32,
+            flags: 0,
+            old_prog_fd: 0,
+        };
+        bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
     }
 
     /// BPF_OBJ_PIN of `fd` at `path` on a bpffs.

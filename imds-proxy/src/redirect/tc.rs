@@ -448,31 +448,40 @@ impl TcRedirect {
                 .map(|dir| dir.join(link_pin_name(name_of_program, &format!("if{index}"))));
             let mut adopted = 0;
             let mut owned = None;
-            let attached = attach_or_adopt(pin_path.as_deref(), &mut adopted, |pinning| {
+            let prog_fd = {
                 let prog: &mut SchedClassifier = program(ebpf, name_of_program)?;
-                let options = match self.attach {
-                    TcAttach::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
-                    _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
-                };
-                let program_error = |source| Error::Program {
-                    name: name_of_program,
-                    source,
-                };
-                let id = prog
-                    .attach_with_options(name, kind, options)
-                    .map_err(program_error)?;
-                if pinning.is_none() {
-                    owned = Some(id);
-                    return Ok(Fresh::Unpinned);
-                }
-                let link = prog.take_link(id).map_err(program_error)?;
-                FdLink::try_from(link)
-                    .map(Fresh::Link)
-                    .map_err(|source| Error::Link {
+                super::cgroup::program_fd(prog.fd(), name_of_program)?
+            };
+            let attached = attach_or_adopt(
+                pin_path.as_deref(),
+                &mut adopted,
+                std::os::fd::AsFd::as_fd(&prog_fd),
+                |pinning| {
+                    let prog: &mut SchedClassifier = program(ebpf, name_of_program)?;
+                    let options = match self.attach {
+                        TcAttach::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
+                        _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    };
+                    let program_error = |source| Error::Program {
                         name: name_of_program,
                         source,
-                    })
-            });
+                    };
+                    let id = prog
+                        .attach_with_options(name, kind, options)
+                        .map_err(program_error)?;
+                    if pinning.is_none() {
+                        owned = Some(id);
+                        return Ok(Fresh::Unpinned);
+                    }
+                    let link = prog.take_link(id).map_err(program_error)?;
+                    FdLink::try_from(link)
+                        .map(Fresh::Link)
+                        .map_err(|source| Error::Link {
+                            name: name_of_program,
+                            source,
+                        })
+                },
+            );
             self.adopted.fetch_add(adopted, Ordering::Relaxed);
             match (attached, pin_path) {
                 (Ok(Some(link)), Some(path)) => {

@@ -267,7 +267,7 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
 }
 
 /// The cargo-fuzz targets (`fuzz/fuzz_targets`) and how long each runs in `cargo xtask test`.
-const FUZZ_TARGETS: [&str; 4] = ["paths", "tokens", "roles", "glob"];
+const FUZZ_TARGETS: [&str; 5] = ["paths", "tokens", "roles", "glob", "cgroups"];
 const FUZZ_SECONDS: u32 = 30;
 
 /// Each fuzz target for [`FUZZ_SECONDS`], starting from the inputs kept in

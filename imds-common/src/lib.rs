@@ -425,7 +425,10 @@ mod tests {
         // Padding bytes would be uninitialised on one side and compared as keys on the other.
         assert_eq!(size_of::<ConnKey>(), 16 + 4 + 4);
         assert_eq!(size_of::<ConnRecord>(), 8 + 4 + 2 + 2 + 16);
-        assert_eq!(size_of::<RedirectConfig>(), 4 + 16 + 4 + 4 + 4 + 8 + 8 + 8 + 8);
+        assert_eq!(
+            size_of::<RedirectConfig>(),
+            4 + 16 + 4 + 4 + 4 + 8 + 8 + 8 + 8
+        );
         assert_eq!(align_of::<RedirectConfig>(), 8);
         assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<SourceKey>(), 4 + 4 + 16);

@@ -243,13 +243,13 @@ impl Index {
         })
     }
 
-    /// How many containers a caller named before the index held them: each such request came
-    /// before Docker reported its container, and was answered by asking Docker.
     /// CRI: how many times a poll skipped a container it could not inspect.
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
     }
 
+    /// How many containers a caller named before the index held them: each such request came
+    /// before Docker reported its container, and was answered by asking Docker.
     pub fn found_before_indexed(&self) -> u64 {
         self.found_before_indexed.load(Ordering::Relaxed)
     }

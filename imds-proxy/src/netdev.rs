@@ -53,10 +53,6 @@ async fn index(handle: &Handle, interface: &str) -> Result<Option<u32>, Error> {
     }
 }
 
-/// Create the dummy interface (or reuse the one a previous run left) with these addresses, up.
-///
-/// On a kernel built without the dummy driver, an `ifb` device stands in: like a dummy it has no
-/// link partner and no ARP, and addresses on it are local addresses of the host.
 /// Whether an interface this process creates can carry an IPv6 address: the kernel has IPv6,
 /// and neither `all` nor `default` of `net.ipv6.conf.*.disable_ipv6` (in this network namespace)
 /// says no.
@@ -70,6 +66,10 @@ pub fn ipv6_enabled() -> bool {
     !disabled("all") && !disabled("default")
 }
 
+/// Create the dummy interface (or reuse the one a previous run left) with these addresses, up.
+///
+/// On a kernel built without the dummy driver, an `ifb` device stands in: like a dummy it has no
+/// link partner and no ARP, and addresses on it are local addresses of the host.
 pub async fn ensure(interface: &str, addresses: &[IpAddr]) -> Result<(), Error> {
     let err = |what: &'static str| {
         move |e: rtnetlink::Error| Error {

@@ -64,6 +64,35 @@ impl TestCgroup {
     }
 }
 
+/// A cgroup at a given path under the v2 root (a runtime's layout: `/docker/buildkit/<id>`,
+/// `/system.slice/<unit>`), made with whatever parents were missing. On drop the directories it
+/// made are removed as [`TestCgroup`]s are (processes in them killed); those that existed before
+/// (Docker's `/docker`, say) are left alone.
+pub struct RootCgroup {
+    path: PathBuf,
+    // The topmost made directory first: dropping it removes everything made below it.
+    _made: Vec<TestCgroup>,
+}
+
+impl RootCgroup {
+    /// `relative`, a path under the v2 root starting with `/`.
+    pub fn new(relative: &str) -> anyhow::Result<Self> {
+        let mut path = cgroup2_root()?;
+        let mut made = Vec::new();
+        for segment in relative.trim_start_matches('/').split('/') {
+            path.push(segment);
+            if !path.exists() {
+                made.push(TestCgroup::at(path.clone())?);
+            }
+        }
+        Ok(Self { path, _made: made })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         if let Err(err) = remove_cgroup_tree(&self.path) {

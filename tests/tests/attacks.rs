@@ -7,6 +7,7 @@
 use imds_tests::{
     containers::{answers, fields, in_container, run_in},
     images::{attack_image, docker, docker_ok},
+    kernel::RootCgroup,
     proxy::{Mode, Proxy},
     scene::{INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
     sim::HttpTokens,
@@ -585,48 +586,6 @@ T=$(curl -s -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169
 curl -s -m 5 -w '\n== %{http_code} %header{server}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/
 "#;
 
-/// Directories made for a test under the v2 root, removed (deepest first, after killing what is
-/// in them) on drop; those that existed before are left alone.
-struct Made(Vec<std::path::PathBuf>);
-
-impl Made {
-    /// `relative` (under the v2 root) and its missing parents.
-    fn cgroup(&mut self, relative: &str) -> std::path::PathBuf {
-        let root = imds_tests::kernel::cgroup2_root().unwrap();
-        let mut path = root.clone();
-        for segment in relative.trim_start_matches('/').split('/') {
-            path.push(segment);
-            if !path.exists() {
-                std::fs::create_dir(&path)
-                    .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-                self.0.push(path.clone());
-            }
-        }
-        path
-    }
-}
-
-impl Drop for Made {
-    fn drop(&mut self) {
-        for path in self.0.iter().rev() {
-            if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
-                for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-            for _ in 0..100 {
-                if std::fs::remove_dir(path).is_ok() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        }
-    }
-}
-
 /// [`HOST_FLOW`] from a process placed in `cgroup` (host network), optionally in a PID namespace
 /// of its own; the `(status, server)` of the role listing and the whole output.
 fn host_flow(cgroup: &std::path::Path, own_pidns: bool) -> ((u16, String), String) {
@@ -651,6 +610,25 @@ fn host_flow(cgroup: &std::path::Path, own_pidns: bool) -> ((u16, String), Strin
     ((code.parse().unwrap_or(0), server.trim().to_owned()), text)
 }
 
+/// The flow from `cgroup` is redirected to the proxy and gets no role, never the instance's.
+fn assert_no_role(cgroup: &RootCgroup, own_pidns: bool, why: &str) {
+    let (answer, out) = host_flow(cgroup.path(), own_pidns);
+    assert!(!out.contains(INSTANCE_ROLE), "{why}: {out}");
+    assert_eq!(
+        answer,
+        (404, "imds-proxy".to_owned()),
+        "{why}: redirected to the proxy, no role: {out}"
+    );
+}
+
+/// The flow from `cgroup` reaches the instance's IMDS itself (the simulator: no proxy's server
+/// header) and gets the instance's role.
+fn assert_reaches_instance(cgroup: &RootCgroup, own_pidns: bool, why: &str) {
+    let (answer, out) = host_flow(cgroup.path(), own_pidns);
+    assert_eq!(answer, (200, String::new()), "{why}: {out}");
+    assert!(out.contains(INSTANCE_ROLE), "{why}: {out}");
+}
+
 /// Every cgroup layout a runtime may use that the proxy does not name, and every name it never
 /// heard of, is a container's (default deny): a process there, on the host's network namespace,
 /// is redirected and gets no role — never the instance's. So is a process in a PID namespace of
@@ -659,7 +637,6 @@ fn host_flow(cgroup: &std::path::Path, own_pidns: bool) -> ((u16, String), Strin
 /// with `--host-cgroup`.
 fn unrecognised_cgroup_layouts_get_no_role_in(mode: Mode) {
     let scene = scene();
-    let mut made = Made(Vec::new());
     let hex = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
     let layouts = [
         // BuildKit's RUN steps: under Docker's parent, and with the systemd driver.
@@ -675,27 +652,22 @@ fn unrecognised_cgroup_layouts_get_no_role_in(mode: Mode) {
         // A name nobody ever used.
         "/imds-test-whatever/x".to_owned(),
     ];
-    let cgroups: Vec<_> = layouts.iter().map(|l| made.cgroup(l)).collect();
-    let host_service = made.cgroup("/system.slice/imds-test-host.service");
-    let disguised = made.cgroup("/system.slice/imds-test-disguised.service");
-    let operators = made.cgroup("/imds-test-agents/ssm");
+    let cgroups: Vec<RootCgroup> = layouts
+        .iter()
+        .map(|l| RootCgroup::new(l).unwrap())
+        .collect();
+    let host_service = RootCgroup::new("/system.slice/imds-test-host.service").unwrap();
+    let disguised = RootCgroup::new("/system.slice/imds-test-disguised.service").unwrap();
+    let operators = RootCgroup::new("/imds-test-agents/ssm").unwrap();
     let proxy = Proxy::start_in(&scene, mode, &["--host-cgroup", "/imds-test-agents/*"]);
     proxy.wait_for_log(&["filter mode: cgroups classified"]);
     for (layout, cgroup) in layouts.iter().zip(&cgroups) {
-        let (answer, out) = host_flow(cgroup, false);
-        assert!(!out.contains(INSTANCE_ROLE), "{layout}: {out}");
-        assert_eq!(
-            answer,
-            (404, "imds-proxy".to_owned()),
-            "{layout}: redirected to the proxy, no role: {out}"
-        );
+        assert_no_role(cgroup, false, layout);
     }
-    let (answer, out) = host_flow(&disguised, true);
-    assert!(!out.contains(INSTANCE_ROLE), "{out}");
-    assert_eq!(
-        answer,
-        (404, "imds-proxy".to_owned()),
-        "a PID namespace of its own is a container's: {out}"
+    assert_no_role(
+        &disguised,
+        true,
+        "a PID namespace of its own is a container's",
     );
     // The premise of the walls above: the same cgroup, from the host's PID namespace, passes.
     for (what, cgroup) in [
@@ -703,9 +675,7 @@ fn unrecognised_cgroup_layouts_get_no_role_in(mode: Mode) {
         ("disguised, host pidns", &disguised),
         ("--host-cgroup", &operators),
     ] {
-        let (answer, out) = host_flow(cgroup, false);
-        assert_eq!(answer, (200, String::new()), "{what}: {out}");
-        assert!(out.contains(INSTANCE_ROLE), "{what}: {out}");
+        assert_reaches_instance(cgroup, false, what);
     }
 }
 
@@ -763,13 +733,11 @@ fn pin_foreign_map(path: &std::path::Path) {
 fn an_upgrade_replaces_the_pinned_programs_and_maps() {
     use std::os::fd::AsFd as _;
     let scene = scene();
-    let mut made = Made(Vec::new());
-    let disguised = made.cgroup("/system.slice/imds-test-upgrade.service");
+    let disguised = RootCgroup::new("/system.slice/imds-test-upgrade.service").unwrap();
     let pins = imds_tests::proxy::Pins::new("/sys/fs/bpf/imds-test-upgrade");
     let pin = pins.path().to_str().unwrap().to_owned();
     let mut proxy = Proxy::start_in(&scene, Mode::Cgroup, &["--pin", &pin]);
-    let (answer, out) = host_flow(&disguised, true);
-    assert_eq!(answer, (404, "imds-proxy".to_owned()), "{out}");
+    assert_no_role(&disguised, true, "this build's program, before the kill");
     proxy.kill();
 
     // The previous build: its connect4 behind the pinned link, a config map of its own layout.
@@ -798,27 +766,19 @@ fn an_upgrade_replaces_the_pinned_programs_and_maps() {
     old.load().unwrap();
     imds_proxy::redirect::pin::raw::link_update_at(&link, old.fd().unwrap().as_fd()).unwrap();
     pin_foreign_map(&pins.path().join(imds_common::MAP_CONFIG));
-    let (answer, out) = host_flow(&disguised, true);
-    assert_eq!(
-        answer,
-        (200, String::new()),
-        "premise: the previous build's program runs (the wall is not there): {out}"
+    assert_reaches_instance(
+        &disguised,
+        true,
+        "premise: the previous build's program runs (the wall is not there)",
     );
 
     let proxy = Proxy::start_in(&scene, Mode::Cgroup, &["--pin", &pin]);
     proxy.wait_for_log(&["a pinned map has another layout", imds_common::MAP_CONFIG]);
-    let (answer, out) = host_flow(&disguised, true);
-    assert!(!out.contains(INSTANCE_ROLE), "{out}");
-    assert_eq!(
-        answer,
-        (404, "imds-proxy".to_owned()),
-        "the adopted link runs this build's program: {out}"
+    assert_no_role(
+        &disguised,
+        true,
+        "the adopted link runs this build's program",
     );
-    let (answer, out) = host_flow(&disguised, false);
-    assert_eq!(
-        answer,
-        (200, String::new()),
-        "the host service still passes: {out}"
-    );
+    assert_reaches_instance(&disguised, false, "the host service still passes");
     drop(proxy);
 }

@@ -67,6 +67,21 @@ struct TestProxy {
     callers: Arc<Mutex<Vec<Option<Caller>>>>,
 }
 
+/// The filter's feed on `redirect`, classifying everything below `parent` as the daemon does.
+fn filter_feed(
+    redirect: &Arc<Redirect>,
+    hosts: imds_policy::cgroups::HostCgroups,
+    parent: &Path,
+) -> imds_proxy::cgroup::filter::Feed {
+    imds_proxy::cgroup::filter::Feed::start(
+        redirect.clone(),
+        hosts,
+        &cgroup2_root().unwrap(),
+        parent,
+    )
+    .expect("the cgroups are classified")
+}
+
 impl TestProxy {
     fn start(cgroups: Vec<PathBuf>, own_cgroup: u64) -> Self {
         Self::start_with(cgroups, own_cgroup, false)
@@ -79,13 +94,7 @@ impl TestProxy {
             // The test's stand-ins for host services: `*.service` under its slices.
             let hosts =
                 imds_policy::cgroups::HostCgroups::parse(["/imds-test-*.slice/*.service"]).unwrap();
-            let feed = imds_proxy::cgroup::filter::Feed::start(
-                proxy.redirect.clone().unwrap(),
-                hosts,
-                &cgroup2_root().unwrap(),
-                parent,
-            )
-            .expect("the cgroups are classified");
+            let feed = filter_feed(proxy.redirect.as_ref().unwrap(), hosts, parent);
             // Ends when the parent cgroup is removed at the end of the test.
             std::thread::spawn(move || feed.run());
         }
@@ -963,13 +972,7 @@ fn an_inotify_overflow_walks_the_cgroup_tree_again() {
     let feed = {
         // The queue's size is taken when the inotify instance is made.
         let _small = imds_tests::kernel::Sysctl::set("fs.inotify.max_queued_events", "16").unwrap();
-        imds_proxy::cgroup::filter::Feed::start(
-            redirect.clone(),
-            imds_policy::cgroups::HostCgroups::default(),
-            &cgroup2_root().unwrap(),
-            slice.path(),
-        )
-        .unwrap()
+        filter_feed(&redirect, Default::default(), slice.path())
     };
     let rewalks = feed.rewalks();
     // 64 cgroups while nothing reads the queue: it overflows.
@@ -1010,13 +1013,7 @@ fn classifications_of_removed_cgroups_are_swept() {
     let gone_id = u64::MAX - 7;
     redirect.classify_cgroup(gone_id, false).unwrap();
     redirect.classify_cgroup(live.id(), false).unwrap();
-    let feed = imds_proxy::cgroup::filter::Feed::start(
-        redirect.clone(),
-        imds_policy::cgroups::HostCgroups::default(),
-        &cgroup2_root().unwrap(),
-        slice.path(),
-    )
-    .unwrap();
+    let feed = filter_feed(&redirect, Default::default(), slice.path());
     let ids: std::collections::HashSet<u64> = feed.ids().collect();
     assert!(ids.contains(&live.id()));
     assert_eq!(redirect.sweep_classified(&ids), 1);

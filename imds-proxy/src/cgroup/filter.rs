@@ -129,10 +129,7 @@ impl Feed {
         let before = self.ids.len();
         let gone: Vec<PathBuf> = self.ids.keys().filter(|p| !p.exists()).cloned().collect();
         for path in &gone {
-            if let Some(id) = self.ids.remove(path) {
-                self.redirect.forget_cgroup(id);
-            }
-            self.watches.retain(|_, p| p != path);
+            self.forget(path);
         }
         let parent = self.parent.clone();
         self.add_tree(&parent)?;
@@ -144,6 +141,14 @@ impl Feed {
             "filter mode: the inotify queue overflowed (events lost); the cgroup tree was walked again"
         );
         Ok(())
+    }
+
+    /// A removed cgroup: its classification and its watch go.
+    fn forget(&mut self, path: &Path) {
+        if let Some(id) = self.ids.remove(path) {
+            self.redirect.forget_cgroup(id);
+        }
+        self.watches.retain(|_, p| p != path);
     }
 
     /// How many times the tree was walked again after an overflow, shared with the watch.
@@ -182,10 +187,7 @@ impl Feed {
                 if event.mask.contains(AddWatchFlags::IN_CREATE) {
                     self.add_tree(&path)?;
                 } else if event.mask.contains(AddWatchFlags::IN_DELETE) {
-                    if let Some(id) = self.ids.remove(&path) {
-                        self.redirect.forget_cgroup(id);
-                    }
-                    self.watches.retain(|_, p| p != &path);
+                    self.forget(&path);
                 }
             }
         }

@@ -31,7 +31,9 @@ use imds_common::{
 };
 
 use super::{
-    object::{Error, listen_config, load_configured, per_cpu_totals, program, take_map},
+    object::{
+        Error, listen_config, load_configured, per_cpu_totals, program, program_fd, take_map,
+    },
     pin::{Fresh, attach_or_adopt, link_pin_name, raw},
 };
 
@@ -219,9 +221,11 @@ impl CgroupRedirect {
                     // aya 0.14 cannot pin a sock_ops link: create and pin it with bpf(2) directly,
                     // so that records of refused connects are still cleaned up while the proxy is
                     // down.
-                    let prog_fd = sock_ops.fd().map_err(program_error)?;
-                    let link =
-                        raw::link_create(prog_fd.as_fd(), file.as_fd(), raw::BPF_CGROUP_SOCK_OPS)?;
+                    let link = raw::link_create(
+                        sock_ops_fd.as_fd(),
+                        file.as_fd(),
+                        raw::BPF_CGROUP_SOCK_OPS,
+                    )?;
                     raw::obj_pin(link.as_fd(), path)?;
                     Ok(Fresh::PinnedAt)
                 },
@@ -390,15 +394,6 @@ impl CgroupRedirect {
             .map(|kind| kind == imds_common::CGROUP_CONTAINER)
     }
 
-    /// Filter mode: how many cgroups are classified.
-    pub fn classified(&self) -> usize {
-        self.containers
-            .lock()
-            .expect("containers lock poisoned")
-            .keys()
-            .count()
-    }
-
     /// Filter mode: forget a removed cgroup (ids are never reused).
     pub fn forget_cgroup(&self, cgroup_id: u64) {
         let _ = self
@@ -407,15 +402,6 @@ impl CgroupRedirect {
             .expect("containers lock poisoned")
             .remove(&cgroup_id);
     }
-}
-
-/// An owned copy of a loaded program's descriptor (for `BPF_LINK_UPDATE` of adopted links).
-pub(crate) fn program_fd(
-    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
-    name: &'static str,
-) -> Result<std::os::fd::OwnedFd, Error> {
-    let fd = fd.map_err(|source| Error::Program { name, source })?;
-    Ok(fd.as_fd().try_clone_to_owned()?)
 }
 
 /// Load sock_addr program `name`; a connect program the kernel refuses (before Linux 6.10 it

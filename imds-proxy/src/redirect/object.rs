@@ -69,6 +69,15 @@ where
         .map_err(|source| Error::Program { name, source })
 }
 
+/// An owned copy of a loaded program's descriptor (for `BPF_LINK_UPDATE` of adopted links).
+pub(crate) fn program_fd(
+    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+    name: &'static str,
+) -> Result<std::os::fd::OwnedFd, Error> {
+    let fd = fd.map_err(|source| Error::Program { name, source })?;
+    Ok(std::os::fd::AsFd::as_fd(fd).try_clone_to_owned()?)
+}
+
 /// Take map `name` out of the loaded object as the typed map `M` (the object defines every map
 /// the modes name).
 pub(crate) fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, Error>

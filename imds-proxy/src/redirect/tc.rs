@@ -47,7 +47,9 @@ mod sources;
 use sources::{Refusal, Source, SourceBook};
 
 use super::{
-    object::{Error, listen_config, load_configured, per_cpu_totals, program, take_map},
+    object::{
+        Error, listen_config, load_configured, per_cpu_totals, program, program_fd, take_map,
+    },
     pin::{Fresh, attach_or_adopt, link_pin_name},
 };
 
@@ -450,7 +452,7 @@ impl TcRedirect {
             let mut owned = None;
             let prog_fd = {
                 let prog: &mut SchedClassifier = program(ebpf, name_of_program)?;
-                super::cgroup::program_fd(prog.fd(), name_of_program)?
+                program_fd(prog.fd(), name_of_program)?
             };
             let attached = attach_or_adopt(
                 pin_path.as_deref(),

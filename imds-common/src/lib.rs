@@ -159,6 +159,11 @@ pub struct RedirectConfig {
     /// check (unit tests; a configuration never written).
     pub host_pidns_dev: u64,
     pub host_pidns_ino: u64,
+    /// Non-zero: written by `imds-proxy gate`, which attaches before any proxy runs. What would
+    /// be redirected is refused instead (`EPERM`: nothing listens yet); host cgroups pass as in
+    /// filter mode. The proxy that adopts the gate's pins writes zero.
+    pub gate: u32,
+    pub _reserved: u32,
 }
 
 /// The inode number of the initial PID namespace (`PROC_PID_INIT_INO`), the same on every
@@ -427,7 +432,7 @@ mod tests {
         assert_eq!(size_of::<ConnRecord>(), 8 + 4 + 2 + 2 + 16);
         assert_eq!(
             size_of::<RedirectConfig>(),
-            4 + 16 + 4 + 4 + 4 + 8 + 8 + 8 + 8
+            4 + 16 + 4 + 4 + 4 + 8 + 8 + 8 + 8 + 4 + 4
         );
         assert_eq!(align_of::<RedirectConfig>(), 8);
         assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 2 + 1 + 1);

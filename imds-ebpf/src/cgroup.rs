@@ -135,14 +135,24 @@ fn gate<const PIDNS: bool>(ctx: &SockAddrContext) -> Result<&'static RedirectCon
     }
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     match decide(config, cgroup) {
-        Decision::Redirect => Ok(config),
+        Decision::Redirect => redirect_or_refuse(config),
         // A host service's cgroup, but a task in a PID namespace of its own: a container's.
         Decision::Pass if PIDNS && cgroup != config.proxy_cgroup && !in_host_pidns(config) => {
-            Ok(config)
+            redirect_or_refuse(config)
         }
         // The proxy itself, or a host service in filter mode: the connect goes through as is.
         Decision::Pass => Err(ALLOW),
     }
+}
+
+/// A connect that goes to the proxy: redirected, or refused while only `imds-proxy gate` is
+/// attached (no proxy listens yet; the caller's SDK retries and finds it once it runs).
+#[inline(always)]
+fn redirect_or_refuse(config: &'static RedirectConfig) -> Result<&'static RedirectConfig, i32> {
+    if config.gate != 0 {
+        return Err(REFUSE);
+    }
+    Ok(config)
 }
 
 fn record(family: u16, orig_addr: RawAddr) -> ConnRecord {

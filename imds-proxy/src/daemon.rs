@@ -1,6 +1,9 @@
 //! `imds-proxy run`: build the parts from the validated configuration, attach, serve, stop.
-//! Everything that can fail for reasons outside the kernel (Docker, the upstream, the listeners)
-//! fails before anything is attached.
+//! **The redirect goes in first**: what fails for reasons of this host alone (the cgroup
+//! hierarchy, the listen interface and listeners) fails before anything is attached, then the
+//! programs are attached and the service manager told (`Type=notify`: the runtimes' units are
+//! ordered after this one), and only then is the container engine waited for. Until it answers,
+//! redirected connects wait in the listeners' queues: nothing reaches the instance's IMDS.
 use std::{
     net::SocketAddr,
     sync::{
@@ -14,13 +17,13 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cgroup::{self, Cgroups},
-    config::Config,
+    config::{Config, RunArgs},
     credentials, docker,
     identity::{AttestedListener, Attestor, Proc},
     imds,
     metrics::Metrics,
     netdev,
-    redirect::{self, Place, Redirect},
+    redirect::{Place, Redirect},
     serve,
     tokens::Tokens,
     upstream::Upstream,
@@ -36,6 +39,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         config.listen.v6 = None;
     }
     let args = &config.args;
+    // A flag conflict is the operator's to fix: said now, not waited on.
+    args.engine_socket(|_| true)?;
     // Both modes attach the cgroup programs (tc mode for host-network containers): both need the
     // v2 hierarchy and the proxy's place in it.
     let root = cgroup::cgroup2_root().context("the cgroup v2 hierarchy")?;
@@ -46,15 +51,32 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         root: root.clone(),
     };
     fd_limit(args.limits.max_connections);
-
     let metrics = Arc::new(Metrics::default());
-    let (api, socket) = args.engine_socket(|path| std::path::Path::new(path).exists())?;
-    let docker = match api {
-        crate::config::RuntimeApi::Docker => {
-            docker::Index::connect(&socket, args.roles.trust_image_role).await?
-        }
-        crate::config::RuntimeApi::Cri => docker::Index::connect_cri(&socket).await?,
-    };
+
+    let ops_listener = tokio::net::TcpListener::bind(args.network.ops_listen)
+        .await
+        .with_context(|| format!("binding the ops listener {}", args.network.ops_listen))?;
+    netdev::ensure(&args.network.interface, &config.listen.addresses()).await?;
+    // Listen before attaching: a redirected connect must find a listener.
+    let mut listeners = Vec::new();
+    for addr in [
+        Some(SocketAddr::V4(config.listen.v4)),
+        config.listen.v6.map(SocketAddr::V6),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        listeners.push(listener);
+    }
+
+    let redirect = Arc::new(Redirect::attach(&config, &place)?);
+    redirect.start(&config.hosts, &root)?;
+    crate::notify::ready("redirect attached; connecting to the container engine");
+
+    let (docker, socket) = connect_engine(args).await;
     let (engine, driver) = docker.engine().await?;
     let wanted = match args.runtime {
         crate::config::RuntimeName::Auto => None,
@@ -94,28 +116,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         },
         metrics.clone(),
     );
-    let ops_listener = tokio::net::TcpListener::bind(args.network.ops_listen)
-        .await
-        .with_context(|| format!("binding the ops listener {}", args.network.ops_listen))?;
-    netdev::ensure(&args.network.interface, &config.listen.addresses()).await?;
-    // Listen before attaching: a redirected connect must find a listener.
-    let mut listeners = Vec::new();
-    for addr in [
-        Some(SocketAddr::V4(config.listen.v4)),
-        config.listen.v6.map(SocketAddr::V6),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        listeners.push(listener);
-    }
-
-    let redirect = Arc::new(Redirect::attach(&config, &place, &driver)?);
     let proc = Proc::default();
-    redirect.start(&docker, proc.clone(), &config.hosts, &root)?;
+    redirect.follow_containers(&docker, proc.clone());
     let attestor = Arc::new(Attestor::new(
         Some(redirect.hooks().clone()),
         Arc::new(Cgroups::new(root.clone())),
@@ -165,7 +167,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         docker.subscribe(),
         own_container.clone(),
     ));
-    tokio::spawn(redirect::watch_coverage(
+    tokio::spawn(crate::redirect::watch_coverage(
         docker.subscribe(),
         docker.clone(),
         metrics.clone(),
@@ -250,6 +252,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             bail!("a listener stopped");
         }
     }
+    crate::notify::stopping();
     servers.abort_all();
     attached.store(false, Ordering::Relaxed);
     redirect.stop(args.redirect.pin.is_some());
@@ -263,6 +266,44 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         tracing::info!("stopped; programs detached and dummy interface removed");
     }
     Ok(())
+}
+
+/// The container engine's index, once the engine answers: with the unit ordered before the
+/// runtimes, its socket may not exist yet. Said once, then retried (200 ms doubling to 5 s);
+/// what it says when it answers (its kind, its driver) is checked by the caller.
+async fn connect_engine(args: &RunArgs) -> (Arc<docker::Index>, String) {
+    let mut backoff = Duration::from_millis(200);
+    let mut waiting = false;
+    loop {
+        let attempt = async {
+            let (api, socket) = args.engine_socket(|path| std::path::Path::new(path).exists())?;
+            let index = match api {
+                crate::config::RuntimeApi::Docker => {
+                    docker::Index::connect(&socket, args.roles.trust_image_role).await?
+                }
+                crate::config::RuntimeApi::Cri => docker::Index::connect_cri(&socket).await?,
+            };
+            anyhow::Ok((index, socket))
+        };
+        match attempt.await {
+            Ok(connected) => {
+                if waiting {
+                    tracing::info!(socket = %connected.1, "the container engine answers");
+                }
+                return connected;
+            }
+            Err(err) if !waiting => {
+                tracing::warn!(
+                    "waiting for the container engine ({err:#}); containers' IMDS connects wait \
+                     meanwhile"
+                );
+                waiting = true;
+            }
+            Err(err) => tracing::debug!("still waiting for the container engine: {err:#}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Every connection is a descriptor: as many as the hard limit allows.

@@ -1,5 +1,6 @@
-//! The `imds-proxy` command: `run` (the daemon, [`imds_proxy::daemon`]), `detach` (remove what a
-//! pinned run left) and `check` (load the programs without attaching them).
+//! The `imds-proxy` command: `run` (the daemon, [`imds_proxy::daemon`]), `gate` (the early-boot
+//! refusal a proxy later adopts, [`imds_proxy::gate`]), `detach` (remove what a pinned run left)
+//! and `check` (load the programs without attaching them).
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// At boot, before the container runtimes: attach pinned programs that refuse containers'
+    /// IMDS connects and pass the host's services, until a proxy adopts them (then exit).
+    Gate(imds_proxy::gate::GateArgs),
     /// Remove everything a pinned run left: links (detaching the programs), maps, pins, and the
     /// dummy interface.
     Detach {
@@ -53,6 +57,13 @@ fn main() -> std::process::ExitCode {
             // Before the runtime's threads exist: a namespace is joined per thread.
             match imds_proxy::cgroup::join_host_cgroup_namespace() {
                 Ok(()) => run(config),
+                Err(err) => Err(err),
+            }
+        }
+        Command::Gate(args) => {
+            init_logging(LogFormat::Text);
+            match imds_proxy::cgroup::join_host_cgroup_namespace() {
+                Ok(()) => imds_proxy::gate::run(&args),
                 Err(err) => Err(err),
             }
         }

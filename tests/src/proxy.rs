@@ -151,6 +151,20 @@ impl Proxy {
         env: &[(&str, &str)],
         wrapper: &[&str],
     ) -> Self {
+        Self::start_until(scene, mode, extra, env, wrapper, "index synchronised")
+    }
+
+    /// Started as [`Proxy::start_wrapped`], and returned once a log line contains `ready`
+    /// ("docker index synchronised", "CRI index synchronised" for the others).
+    pub fn start_until(
+        scene: &Scene,
+        mode: Mode,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+        ready: &str,
+    ) -> Self {
+        let ready = ready.to_owned();
         let sts_given = extra.contains(&"--sts-endpoint")
             || env.iter().any(|(k, _)| *k == "AWS_ENDPOINT_URL_STS");
         let ops = SocketAddr::from((
@@ -206,10 +220,9 @@ impl Proxy {
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
                 // Record first, then signal: the test reads the log as soon as it is signalled.
-                // "docker index synchronised", "CRI index synchronised".
-                let ready = line.contains("index synchronised");
+                let is_ready = line.contains(&ready);
                 sink.lock().unwrap().push(line);
-                if ready {
+                if is_ready {
                     let _ = tx.send(());
                 }
             }

@@ -782,3 +782,200 @@ fn an_upgrade_replaces_the_pinned_programs_and_maps() {
     assert_reaches_instance(&disguised, false, "the host service still passes");
     drop(proxy);
 }
+
+/// `imds-proxy gate --pin`, as a node runs it at boot before its runtimes: started with a
+/// service manager's notify socket, ready once it says `READY=1`; its log collected.
+struct Gate {
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Gate {
+    fn start(pins: &imds_tests::proxy::Pins, mode: Mode) -> Self {
+        use std::io::BufRead as _;
+        let notify = std::env::temp_dir().join(format!(
+            "imds-test-notify-{}",
+            imds_tests::containers::rand_suffix()
+        ));
+        let _ = std::fs::remove_file(&notify);
+        let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut child = std::process::Command::new(imds_tests::proxy::proxy_bin())
+            .arg("gate")
+            .arg("--pin")
+            .arg(pins.path())
+            .args(match mode {
+                Mode::Cgroup => ["--mode", "cgroup"],
+                Mode::Tc => ["--mode", "tc"],
+            })
+            .env("NOTIFY_SOCKET", &notify)
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut message = [0; 256];
+        let got = socket.recv(&mut message);
+        let _ = std::fs::remove_file(&notify);
+        let gate = Self { child, log };
+        let n =
+            got.unwrap_or_else(|err| panic!("no READY from the gate ({err}): {:#?}", gate.log()));
+        assert!(
+            message[..n].starts_with(b"READY=1"),
+            "{}",
+            String::from_utf8_lossy(&message[..n])
+        );
+        gate
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Its exit status, once it has exited on its own (within 30 s).
+    fn exited(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gate did not exit: {:#?}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A token, then the role listing, its status after `== `.
+const ROLE_LISTING: &str = r#"
+T=$(curl -s -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+curl -s -m 5 -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/
+"#;
+
+imds_tests::per_mode! { the_gate_refuses_containers_until_a_proxy_adopts_it => the_gate_refuses_containers_until_a_proxy_adopts_it_in; }
+
+/// At boot no proxy runs yet and pins are gone. `imds-proxy gate` (a unit before the runtimes)
+/// attaches pinned programs that refuse every container's IMDS connect at once (`EPERM`, not a
+/// connection refused by an address nothing listens on) while the host's services still reach the instance; a proxy started
+/// with the same `--pin` adopts them, the gate exits, and the same containers get their roles.
+fn the_gate_refuses_containers_until_a_proxy_adopts_it_in(mode: Mode) {
+    let scene = scene();
+    let pins = imds_tests::proxy::Pins::new(&format!("/sys/fs/bpf/imds-test-gate-{mode:?}"));
+    let pin = pins.path().to_str().unwrap().to_owned();
+    let host_service = RootCgroup::new("/system.slice/imds-test-gate.service").unwrap();
+    let mut gate = Gate::start(&pins, mode);
+    for (network, args) in NETWORKS {
+        let (said, out) = attack(
+            &with_role(args),
+            &["raw", IMDS, "GET /latest/meta-data/ HTTP/1.0\\r\\n\\r\\n"],
+        );
+        assert_eq!(
+            said.get("error").map(String::as_str),
+            Some("Operation not permitted (os error 1)"),
+            "{network}: the kernel refuses the connect while only the gate is attached: {out}\n{:#?}",
+            gate.log()
+        );
+    }
+    assert_reaches_instance(&host_service, false, "the gate passes the host's services");
+
+    let proxy = Proxy::start_in(&scene, mode, &["--pin", &pin]);
+    assert!(gate.exited().success(), "{:#?}", gate.log());
+    assert!(
+        gate.log()
+            .iter()
+            .any(|l| l.contains("a proxy adopted the gate's pins")),
+        "{:#?}",
+        gate.log()
+    );
+    assert!(
+        proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("adopted_links=") && !l.contains("adopted_links=0")),
+        "the proxy adopted the gate's links: {:#?}",
+        proxy.log()
+    );
+    for (network, args) in NETWORKS {
+        let (_, _, out) = in_container(&with_role(args), ROLE_LISTING);
+        assert_eq!(
+            answers(&out).last(),
+            Some(&(200, ROLE.to_owned())),
+            "{network}: served once the proxy runs: {out}"
+        );
+    }
+    assert_reaches_instance(
+        &host_service,
+        false,
+        "host services pass under the proxy too",
+    );
+    drop(proxy);
+}
+
+/// The proxy attaches before anything outside the host can delay it: started while its container
+/// engine does not answer (the unit runs before the runtimes' units), it attaches, tells the
+/// service manager it is ready, and waits for the engine. Meanwhile a container's IMDS connects
+/// wait in its listener's queue and get nothing (never the instance); once the engine answers,
+/// they get the proxy's answers.
+#[test]
+fn the_proxy_attaches_and_is_ready_before_its_engine_answers() {
+    let scene = scene();
+    let container =
+        RootCgroup::new("/docker/0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f1")
+            .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "imds-test-engine-{}",
+        imds_tests::containers::rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let notify = dir.join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let engine = dir.join("docker.sock");
+    let host = format!("unix://{}", engine.display());
+    let proxy = Proxy::start_until(
+        &scene,
+        Mode::Cgroup,
+        &["--docker-host", &host],
+        &[("NOTIFY_SOCKET", notify.to_str().unwrap())],
+        &[],
+        "waiting for the container engine",
+    );
+    let mut message = [0; 256];
+    let n = socket
+        .recv(&mut message)
+        .expect("READY before the engine answers");
+    assert!(message[..n].starts_with(b"READY=1"), "{:?}", &message[..n]);
+    // The premise: the engine still does not answer.
+    assert!(!engine.exists());
+    let (answer, out) = host_flow(container.path(), false);
+    assert!(!out.contains(INSTANCE_ROLE), "{out}");
+    assert_eq!(answer.0, 0, "no answer while the engine is awaited: {out}");
+
+    std::os::unix::fs::symlink("/var/run/docker.sock", &engine).unwrap();
+    proxy.wait_for_log(&["the container engine answers"]);
+    proxy.wait_for_log(&["index synchronised"]);
+    assert_no_role(&container, false, "once the engine answers");
+    drop(proxy);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -121,6 +121,7 @@ impl TestProxy {
             own_cgroup,
             pin: None,
             scope: Scope::AllNamespaces,
+            gate: false,
         };
         let callers = Arc::new(Mutex::new(Vec::new()));
         let redirect = runtime.block_on(async {

@@ -1123,11 +1123,13 @@ fn the_sts_endpoint_can_come_from_the_standard_environment() {
 
 /// `deploy/systemd/imds-proxy.service`, as shipped.
 fn systemd_unit() -> String {
-    std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/systemd/imds-proxy.service"
-    ))
-    .expect("deploy/systemd/imds-proxy.service")
+    deployed("systemd/imds-proxy.service")
+}
+
+/// A file of `deploy/`, as shipped.
+fn deployed(path: &str) -> String {
+    let full = format!("{}/../deploy/{path}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&full).unwrap_or_else(|err| panic!("{full}: {err}"))
 }
 
 /// The one value of `key=` in the unit.
@@ -1140,34 +1142,56 @@ fn unit_value(unit: &str, key: &str) -> String {
     values[0].trim().to_owned()
 }
 
-/// systemd's own check of the unit: no unknown key, no key in the wrong section, a valid
-/// command line. The binary it names is the one built here (the check wants it to exist).
+/// systemd's own check of the units: no unknown key, no key in the wrong section, a valid
+/// command line. The binary they name is the one built here (the check wants it to exist). The
+/// proxy's unit starts before the runtimes and says when it is ready (it attaches before it asks
+/// the engine anything); the gate's runs before them too, and pins where the DaemonSet's proxy
+/// pins, so that the proxy adopts what the gate attached.
 #[test]
-fn the_systemd_unit_verifies() {
+fn the_systemd_units_verify() {
     let unit = systemd_unit();
-    let exec = unit_value(&unit, "ExecStart");
     assert_eq!(
-        exec,
+        unit_value(&unit, "ExecStart"),
         "/usr/local/bin/imds-proxy run --config /etc/imds-proxy/config.toml"
     );
+    let gate = deployed("systemd/imds-proxy-gate.service");
+    assert_eq!(
+        unit_value(&gate, "ExecStart"),
+        "/usr/local/bin/imds-proxy gate --pin /sys/fs/bpf/imds-proxy"
+    );
+    assert!(deployed("kubernetes/daemonset.yaml").contains("- --pin=/sys/fs/bpf/imds-proxy\n"));
+    for unit in [&unit, &gate] {
+        assert_eq!(unit_value(unit, "Type"), "notify");
+        let before = unit_value(unit, "Before");
+        for runtime in ["docker.service", "containerd.service", "kubelet.service"] {
+            assert!(before.split_whitespace().any(|u| u == runtime), "{before}");
+        }
+    }
     let dir = std::env::temp_dir().join(format!("imds-test-unit-{}", rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("imds-proxy.service");
-    std::fs::write(
-        &file,
-        unit.replace("/usr/local/bin/imds-proxy", proxy_bin().to_str().unwrap()),
-    )
-    .unwrap();
+    let files = [
+        ("imds-proxy.service", &unit),
+        ("imds-proxy-gate.service", &gate),
+    ]
+    .map(|(name, text)| {
+        let file = dir.join(name);
+        std::fs::write(
+            &file,
+            text.replace("/usr/local/bin/imds-proxy", proxy_bin().to_str().unwrap()),
+        )
+        .unwrap();
+        file
+    });
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&file)
+        .args(&files)
         .current_dir(&dir)
         .output()
         .expect("systemd-analyze (setup installs systemd)");
     std::fs::remove_dir_all(&dir).unwrap();
     let said =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    // Lines about the host's own units (none is running here) are not the unit's.
+    // Lines about the host's own units (none is running here) are not the units'.
     let about_ours: Vec<&str> = said.lines().filter(|l| l.contains("imds-proxy")).collect();
     assert!(
         out.status.success() && about_ours.is_empty(),

@@ -85,6 +85,8 @@ pub struct Spec {
     /// Which sockets the connect programs act on: all of them (cgroup mode), or only those in
     /// the host's network namespace (tc mode, for host-network containers).
     pub scope: Scope,
+    /// `imds-proxy gate`: refuse what would be redirected (no proxy listens yet).
+    pub gate: bool,
 }
 
 /// What the cgroup programs cover.
@@ -98,6 +100,10 @@ pub enum Scope {
     /// guard: it cannot tell namespaces apart, and would drop the bridged containers' packets
     /// before the tc programs rewrite them.
     HostNamespace { netns_cookie: u64 },
+    /// `imds-proxy gate` ahead of a tc-mode proxy: every socket, bridged containers' included
+    /// (no tc program is attached yet), and no egress guard (the tc-mode proxy that adopts the
+    /// links has none).
+    AllNamespacesUnguarded,
 }
 
 /// A caller as the kernel recorded it.
@@ -163,6 +169,15 @@ impl CgroupRedirect {
         let guarded = if spec.scope == Scope::AllNamespaces {
             cgroups.as_slice()
         } else {
+            // A guard pinned by a run that had one (`imds-proxy gate`, a cgroup-mode proxy)
+            // would drop bridged containers' IMDS packets before the tc programs rewrite them.
+            for (_, _, id) in &cgroups {
+                if let Some(path) = pin_path(GUARD_PROGRAM, *id)
+                    && std::fs::remove_file(&path).is_ok()
+                {
+                    tracing::info!(pin = %path.display(), "unpinned an egress guard this mode does not use");
+                }
+            }
             &[]
         };
         let guard_fd = program_fd(guard.fd(), GUARD_PROGRAM)?;
@@ -441,9 +456,10 @@ fn redirect_config(spec: &Spec) -> Result<RedirectConfig, Error> {
         filter: spec.filter.into(),
         proxy_cgroup: spec.own_cgroup,
         netns_cookie: match spec.scope {
-            Scope::AllNamespaces => 0,
+            Scope::AllNamespaces | Scope::AllNamespacesUnguarded => 0,
             Scope::HostNamespace { netns_cookie } => netns_cookie,
         },
+        gate: spec.gate.into(),
         ..listen_config(spec.listen_v4, spec.listen_v6)
     })
 }

@@ -55,8 +55,8 @@ pub struct Place {
 }
 
 impl Redirect {
-    /// Attach as `config` says. `driver` is Docker's cgroup driver (for the log).
-    pub fn attach(config: &Config, place: &Place, driver: &str) -> anyhow::Result<Self> {
+    /// Attach as `config` says.
+    pub fn attach(config: &Config, place: &Place) -> anyhow::Result<Self> {
         let (listen_v4, listen_v6) = (config.listen.v4, config.listen.v6);
         let hooks = |cgroups: Vec<PathBuf>, filter: bool, scope: Scope| -> anyhow::Result<_> {
             let spec = Spec {
@@ -67,6 +67,7 @@ impl Redirect {
                 own_cgroup: place.own_cgroup,
                 pin: config.args.redirect.pin.clone(),
                 scope,
+                gate: false,
             };
             Ok(Arc::new(CgroupRedirect::attach(&spec)?))
         };
@@ -78,7 +79,6 @@ impl Redirect {
                     // default parent: attach at the v2 root, and let the filter tell
                     // containers' cgroups from the host's.
                     tracing::info!(
-                        driver,
                         root = %place.root.display(),
                         "attaching at the cgroup v2 root in filter mode: containers are \
                          redirected wherever their cgroup is; host cgroups pass"
@@ -190,14 +190,11 @@ impl Redirect {
             .collect()
     }
 
-    /// Start the mode's background work: the cgroup classification feed (filter mode), the
-    /// kernel log forwarder, and in tc mode the interface and address watches, the NAT reaper and
-    /// the containers' source addresses from Docker's events (subscribed now: every container,
-    /// those running already included, once the index starts).
+    /// Start the mode's own background work, which needs no container engine: the cgroup
+    /// classification feed (filter mode), the kernel log forwarder, and in tc mode the interface
+    /// and address watches and the NAT reaper.
     pub fn start(
         &self,
-        docker: &docker::Index,
-        proc: Proc,
         hosts: &imds_policy::cgroups::HostCgroups,
         root: &Path,
     ) -> anyhow::Result<()> {
@@ -252,9 +249,16 @@ impl Redirect {
                     reaper.expire_sources();
                 }
             });
-            tokio::spawn(tc.clone().follow_sources(docker.subscribe(), proc));
         }
         Ok(())
+    }
+
+    /// tc mode: the containers' source addresses, from the engine's events (subscribed now:
+    /// every container, those running already included, once the index starts).
+    pub fn follow_containers(&self, docker: &docker::Index, proc: Proc) {
+        if let Redirect::Tc { tc, .. } = self {
+            tokio::spawn(tc.clone().follow_sources(docker.subscribe(), proc));
+        }
     }
 
     /// Ready to redirect: in tc mode, attached to at least one container interface.

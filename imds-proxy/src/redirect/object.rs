@@ -121,6 +121,8 @@ pub(crate) fn listen_config(v4: SocketAddrV4, v6: Option<SocketAddrV6>) -> Redir
         netns_cookie: 0,
         host_pidns_dev: 0,
         host_pidns_ino: 0,
+        gate: 0,
+        _reserved: 0,
     }
 }
 
@@ -192,6 +194,24 @@ pub(crate) fn load_configured(
     .map_err(err)?;
     slot.set(0, config, 0).map_err(err)?;
     Ok(ebpf)
+}
+
+/// The configuration pinned in `dir` by whoever runs there (a proxy, or `imds-proxy gate`);
+/// `None` when nothing is pinned there, or the pinned map is of another layout (another build's).
+pub fn pinned_config(dir: &Path) -> Result<Option<RedirectConfig>, Error> {
+    let path = dir.join(MAP_CONFIG);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let err = |source| Error::Map {
+        name: MAP_CONFIG,
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(err)?;
+    let Ok(slot) = Array::<_, RedirectConfig>::try_from(aya::maps::Map::Array(data)) else {
+        return Ok(None);
+    };
+    slot.get(&0, 0).map(Some).map_err(err)
 }
 
 pub(crate) fn statfs_type(path: &Path) -> std::io::Result<i64> {

@@ -36,6 +36,7 @@ pub const PROG_EGRESS_GUARD: &str = "imds_egress_guard";
 pub const PROG_TC_INGRESS: &str = "imds_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "imds_tc_egress";
 pub const PROG_TC_SOURCE_GUARD: &str = "imds_tc_source_guard";
+pub const PROG_TC_FORWARD_GUARD: &str = "imds_tc_forward_guard";
 
 /// Names of the maps, which are also their pin names under `--pin DIR`.
 pub const MAP_CONFIG: &str = "IMDS_CONFIG";
@@ -289,11 +290,18 @@ pub enum TcStat {
     /// guarded container port (its guard not attached yet, or not a bridge port at all):
     /// dropped, since their source address is not vouched for.
     DroppedUnvalidated,
+    /// Packets the host forwarded towards an IMDS address, unrewritten (from a bridge no
+    /// `--container-iface` names, or built by hand): dropped by `imds_tc_forward_guard` on the
+    /// interface the route to IMDS leaves by.
+    DroppedForwarded,
+    /// Forwarded packets on such an interface that the guard could not read (a VLAN tag,
+    /// headers shorter than they claim): dropped, since they might be for IMDS.
+    DroppedForwardedUnreadable,
 }
 
 impl TcStat {
     /// Every counter, in slot order.
-    pub const ALL: [TcStat; 13] = [
+    pub const ALL: [TcStat; 15] = [
         TcStat::Redirected,
         TcStat::Reversed,
         TcStat::ReversedWithoutState,
@@ -307,6 +315,8 @@ impl TcStat {
         TcStat::DroppedNoListener,
         TcStat::DroppedSpoofed,
         TcStat::DroppedUnvalidated,
+        TcStat::DroppedForwarded,
+        TcStat::DroppedForwardedUnreadable,
     ];
 
     /// Its name in metrics and logs.
@@ -325,6 +335,8 @@ impl TcStat {
             TcStat::DroppedNoListener => "dropped_no_listener",
             TcStat::DroppedSpoofed => "dropped_spoofed",
             TcStat::DroppedUnvalidated => "dropped_unvalidated",
+            TcStat::DroppedForwarded => "dropped_forwarded",
+            TcStat::DroppedForwardedUnreadable => "dropped_forwarded_unreadable",
         }
     }
 }

@@ -33,7 +33,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_csum_diff, bpf_fib_lookup},
+        generated::{bpf_csum_diff, bpf_fib_lookup, bpf_skb_load_bytes_relative},
     },
     macros::{classifier, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
@@ -189,6 +189,74 @@ pub fn imds_tc_source_guard(ctx: TcContext) -> i32 {
     let mark = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark | SOURCE_VALIDATED_MARK);
     PASS
+}
+
+/// No verdict (`TC_ACT_UNSPEC`, TCX's "next"): the next program on the hook, or the default,
+/// decides. The forward guard shares the host's uplinks with whatever else runs there.
+const NEXT: i32 = -1;
+/// `bpf_skb_load_bytes_relative`: offsets from the network header, whatever the link layer.
+const BPF_HDR_START_NET: u32 = 1;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// The destination address's offset in an IPv4 and an IPv6 header.
+const NET_IP4_DST: u32 = 16;
+const NET_IP6_DST: u32 = 24;
+
+/// The forward-path backstop, on the egress of each interface a route to IMDS leaves by (the
+/// host's uplinks, in every routing table): a packet the host **forwarded** (it arrived on an
+/// interface: `ingress_ifindex` is set) that still goes to an IMDS address was rewritten by no
+/// program. It came from a bridge no `--container-iface` names, or was built by hand
+/// (`AF_PACKET`) where no socket hook sees it: dropped and counted. The host's own packets
+/// (`ingress_ifindex` 0: the proxy's, host services', host-network containers', which the cgroup
+/// programs decide) and everything not addressed to IMDS are left to the next program. A
+/// forwarded frame it cannot read (a VLAN tag on a routed uplink, headers shorter than they
+/// claim) is dropped: it cannot tell that it is not for IMDS.
+#[classifier]
+pub fn imds_tc_forward_guard(ctx: TcContext) -> i32 {
+    // SAFETY: the kernel hands a valid __sk_buff to this program type; both fields are readable.
+    let (ingress, protocol) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).protocol) };
+    if ingress == 0 {
+        return NEXT;
+    }
+    let to_imds = match u16::from_be(protocol as u16) {
+        ETH_P_IP => load_net::<u32>(&ctx, NET_IP4_DST).map(|dst| dst == IMDS_V4),
+        ETH_P_IPV6 => load_net::<RawAddr>(&ctx, NET_IP6_DST).map(|dst| dst == IMDS_V6),
+        ETH_P_8021Q | ETH_P_8021AD => Err(()),
+        // ARP and the rest: not IP, nothing IMDS answers.
+        _ => Ok(false),
+    };
+    match to_imds {
+        Ok(false) => NEXT,
+        Ok(true) => {
+            count(TcStat::DroppedForwarded);
+            DROP
+        }
+        Err(()) => {
+            count(TcStat::DroppedForwardedUnreadable);
+            DROP
+        }
+    }
+}
+
+/// `size_of::<T>()` bytes at `offset` from the network header.
+#[inline(always)]
+fn load_net<T: Copy>(ctx: &TcContext, offset: u32) -> Result<T, ()> {
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: a stack buffer of the size given; the helper fills it or fails.
+    let rc = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.skb.skb as *const _,
+            offset,
+            value.as_mut_ptr() as *mut _,
+            core::mem::size_of::<T>() as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    if rc != 0 {
+        return Err(());
+    }
+    // SAFETY: filled by the helper.
+    Ok(unsafe { value.assume_init() })
 }
 
 #[inline(always)]

@@ -979,3 +979,56 @@ fn the_proxy_attaches_and_is_ready_before_its_engine_answers() {
     drop(proxy);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A token, then the role listing with it (its status after `== `), then whether a token came
+/// back; never hanging (5 s each).
+const TOKEN_AND_ROLES: &str = r#"
+T=$(curl -s -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+curl -s -m 5 -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/
+echo "token=${T:+yes}"
+"#;
+
+/// tc mode given docker0 only: a container on a user-defined network (its bridge `br-<id>`
+/// named by no `--container-iface`) is not redirected, so its packets to IMDS are forwarded by
+/// the host. The forward guard, on the interface the route to IMDS leaves by, drops them: with
+/// the hop limit at 2 (as the seed's posts recommend) the container would otherwise get the
+/// instance's token and role. The proxy also says which bridge it does not cover.
+#[test]
+fn an_unlisted_bridge_is_closed_in_tc_mode() {
+    let scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
+        .http_tokens(HttpTokens::Required)
+        .hop_limit(2)
+        .with_sts()
+        .start()
+        .expect("the simulated EC2 host starts");
+    /// A Docker network removed on drop, whatever happens in between.
+    struct Network(String);
+    impl Drop for Network {
+        fn drop(&mut self) {
+            let _ = docker(&["network", "rm", &self.0]);
+        }
+    }
+    let network = Network(format!(
+        "imds-test-unlisted-{}",
+        imds_tests::containers::rand_suffix()
+    ));
+    let id = docker_ok(&["network", "create", &network.0]).unwrap();
+    let bridge = format!("br-{}", &id.trim()[..12]);
+    let proxy = Proxy::start(&scene, &["--mode", "tc", "--container-iface", "docker0"]);
+    proxy.wait_for_log(&["forward guard attached"]);
+    let before = proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_forwarded\"}");
+    let (_, _, out) = in_container(
+        &["--network", &network.0, "--label", ROLE_LABEL],
+        TOKEN_AND_ROLES,
+    );
+    assert!(!out.contains(INSTANCE_ROLE), "{out}");
+    assert_eq!(
+        (fields(&out).get("token").map(String::as_str), answers(&out)),
+        (Some(""), vec![(0, String::new())]),
+        "nothing comes back: {out}"
+    );
+    // The premise: the packets were forwarded towards IMDS, and the guard is what dropped them.
+    let dropped = proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_forwarded\"}");
+    assert!(dropped > before, "dropped_forwarded {before} → {dropped}");
+    proxy.wait_for_log(&["no --container-iface names", &bridge]);
+}

@@ -27,6 +27,7 @@ fn embedded_programs_load_into_the_kernel() {
         "imds_tc_ingress",
         "imds_tc_egress",
         "imds_tc_source_guard",
+        "imds_tc_forward_guard",
     ]);
     expected.sort();
     assert_eq!(loaded, expected);

@@ -43,6 +43,7 @@ use imds_common::{
 
 mod peer_addresses;
 mod sources;
+pub mod uplinks;
 
 use sources::{Refusal, Source, SourceBook};
 
@@ -56,6 +57,7 @@ use super::{
 pub const INGRESS_PROGRAM: &str = imds_common::PROG_TC_INGRESS;
 pub const EGRESS_PROGRAM: &str = imds_common::PROG_TC_EGRESS;
 pub const GUARD_PROGRAM: &str = imds_common::PROG_TC_SOURCE_GUARD;
+pub const FORWARD_PROGRAM: &str = imds_common::PROG_TC_FORWARD_GUARD;
 /// Maps pinned with `--pin` in tc mode.
 pub const MAPS: [&str; 4] = [MAP_CONFIG, MAP_NAT, MAP_TC_STATS, MAP_TC_SOURCES];
 
@@ -67,6 +69,8 @@ const BRIDGE_PROGRAMS: [(&str, TcAttachType); 2] = [
 ];
 /// The program on each port of such a bridge.
 const PORT_PROGRAMS: [(&str, TcAttachType); 1] = [(GUARD_PROGRAM, TcAttachType::Ingress)];
+/// The program on each interface a route to IMDS leaves by ([`uplinks`]).
+const UPLINK_PROGRAMS: [(&str, TcAttachType); 1] = [(FORWARD_PROGRAM, TcAttachType::Egress)];
 
 /// How an interface's programs are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -145,6 +149,10 @@ struct Inner {
     attached: BTreeMap<u32, Interface>,
     /// Their ports (containers' veths), by interface index.
     ports: BTreeMap<u32, Interface>,
+    /// The interfaces routes to IMDS leave by, with the forward guard, by interface index.
+    uplinks: BTreeMap<u32, Interface>,
+    /// Bridges with ports that no pattern names, said once each.
+    unlisted: std::collections::BTreeSet<String>,
     /// Detached for good ([`TcRedirect::detach_all`]): the interface watch attaches nothing more.
     stopped: bool,
 }
@@ -213,7 +221,12 @@ impl TcRedirect {
             &MAPS,
             listen_config(spec.listen_v4, spec.listen_v6),
         )?;
-        for name in [EGRESS_PROGRAM, INGRESS_PROGRAM, GUARD_PROGRAM] {
+        for name in [
+            EGRESS_PROGRAM,
+            INGRESS_PROGRAM,
+            GUARD_PROGRAM,
+            FORWARD_PROGRAM,
+        ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| Error::Program { name, source })?;
@@ -226,6 +239,8 @@ impl TcRedirect {
                 ebpf,
                 attached: BTreeMap::new(),
                 ports: BTreeMap::new(),
+                uplinks: BTreeMap::new(),
+                unlisted: Default::default(),
                 stopped: false,
             }),
             nat: Mutex::new(nat),
@@ -268,6 +283,8 @@ impl TcRedirect {
             ebpf,
             attached,
             ports,
+            uplinks,
+            unlisted,
             stopped,
         } = &mut *inner;
         if *stopped {
@@ -277,11 +294,24 @@ impl TcRedirect {
         for (_, name) in &gone {
             tracing::info!(interface = %name, "container interface gone; programs detached");
         }
+        for (_, name) in detach_gone(ebpf, uplinks, &present) {
+            tracing::info!(interface = %name, "uplink gone; forward guard detached");
+        }
         let mut changed = !gone.is_empty();
         for (&index, name) in &present {
-            if attached.contains_key(&index)
-                || !self.spec.interfaces.iter().any(|p| matches(p, name))
-            {
+            if attached.contains_key(&index) {
+                continue;
+            }
+            if !self.spec.interfaces.iter().any(|p| matches(p, name)) {
+                if has_ports(name) && unlisted.insert(name.clone()) {
+                    tracing::warn!(
+                        interface = %name,
+                        patterns = ?self.spec.interfaces,
+                        "a bridge with ports that no --container-iface names: its containers' IMDS \
+                         traffic is not redirected (the forward guard drops it where it leaves \
+                         the host); add it to --container-iface"
+                    );
+                }
                 continue;
             }
             match self.attach_interface(ebpf, name, index, &BRIDGE_PROGRAMS) {
@@ -532,21 +562,44 @@ impl TcRedirect {
         }
     }
 
-    /// One subscription to link events: look at every interface once subscribed (anything may
-    /// have happened before), then again at each event, until the subscription ends.
+    /// One subscription to link and route events: look at every interface and every route to
+    /// IMDS once subscribed (anything may have happened before), then again at each event, until
+    /// the subscription ends.
     async fn watch_interfaces(&self) -> std::io::Result<()> {
         use futures_util::StreamExt as _;
-        use rtnetlink::sys::{AsyncSocket as _, SocketAddr};
-        let (mut connection, _handle, mut messages) = rtnetlink::new_connection()?;
-        let groups = SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK);
+        use rtnetlink::{
+            constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK},
+            packet_core::NetlinkPayload,
+            packet_route::RouteNetlinkMessage,
+            sys::{AsyncSocket as _, SocketAddr},
+        };
+        let (mut connection, handle, mut messages) = rtnetlink::new_connection()?;
+        let groups = SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE);
         connection.socket_mut().socket_mut().bind(&groups)?;
         let connection = tokio::spawn(connection);
         self.reconcile();
-        while messages.next().await.is_some() {
-            // Link added, removed, renamed: look again (cheap: one sysfs listing).
-            self.reconcile();
+        self.follow_routes(&handle).await?;
+        while let Some((message, _)) = messages.next().await {
+            match message.payload {
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_),
+                ) => self.follow_routes(&handle).await?,
+                // Link added, removed, renamed: look again (cheap: one sysfs listing).
+                _ => {
+                    self.reconcile();
+                }
+            }
         }
         connection.abort();
+        Ok(())
+    }
+
+    /// The forward guard onto the interfaces routes to IMDS leave by now.
+    async fn follow_routes(&self, handle: &rtnetlink::Handle) -> std::io::Result<()> {
+        let wanted = uplinks::imds_route_interfaces(handle)
+            .await
+            .map_err(std::io::Error::other)?;
+        self.set_uplinks(&wanted);
         Ok(())
     }
 
@@ -661,6 +714,52 @@ impl TcRedirect {
         per_cpu_totals(&self.stats, &TcStat::ALL, |stat| stat as u32)
     }
 
+    /// Attach the forward guard to the interfaces in `wanted` (those routes to IMDS leave by,
+    /// [`uplinks`]) that are present, and detach it from the others.
+    pub fn set_uplinks(&self, wanted: &std::collections::BTreeSet<u32>) {
+        let present = present_interfaces();
+        let mut inner = self.inner.lock().expect("tc lock poisoned");
+        let Inner {
+            ebpf,
+            uplinks,
+            stopped,
+            ..
+        } = &mut *inner;
+        if *stopped {
+            return;
+        }
+        let keep: BTreeMap<u32, String> = present
+            .into_iter()
+            .filter(|(index, _)| wanted.contains(index))
+            .collect();
+        for (_, name) in detach_gone(ebpf, uplinks, &keep) {
+            tracing::info!(interface = %name, "no route to IMDS leaves by this interface any more; forward guard detached");
+        }
+        for (index, name) in keep {
+            if uplinks.contains_key(&index) {
+                continue;
+            }
+            match self.attach_interface(ebpf, &name, index, &UPLINK_PROGRAMS) {
+                Ok(uplink) => {
+                    tracing::info!(interface = %name, "forward guard attached: forwarded packets to IMDS leaving by this interface are dropped");
+                    uplinks.insert(index, uplink);
+                }
+                Err(err) => tracing::error!(
+                    interface = %name,
+                    %err,
+                    "attaching the forward guard failed; forwarded packets to IMDS leave by this \
+                     interface unchecked"
+                ),
+            }
+        }
+    }
+
+    /// Names of the interfaces the forward guard is attached to now.
+    pub fn uplinks(&self) -> Vec<String> {
+        let inner = self.inner.lock().expect("tc lock poisoned");
+        inner.uplinks.values().map(|i| i.name.clone()).collect()
+    }
+
     /// Graceful shutdown without pins: detach from every interface and remove the qdiscs this
     /// process created. (With pins, links stay: dropping `self` keeps them.)
     pub fn detach_all(&self) {
@@ -668,7 +767,8 @@ impl TcRedirect {
         inner.stopped = true;
         let attached = std::mem::take(&mut inner.attached);
         let ports = std::mem::take(&mut inner.ports);
-        for (_, interface) in attached.into_iter().chain(ports) {
+        let uplinks = std::mem::take(&mut inner.uplinks);
+        for (_, interface) in attached.into_iter().chain(ports).chain(uplinks) {
             detach_interface(&mut inner.ebpf, interface, false);
         }
     }
@@ -745,6 +845,12 @@ fn remove_clsact(name: &str) -> std::io::Result<()> {
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("qdisc removal panicked")))
     })
+}
+
+/// Whether `name` is a bridge with at least one port (`/sys/class/net/<name>/brif/`).
+fn has_ports(name: &str) -> bool {
+    std::fs::read_dir(format!("/sys/class/net/{name}/brif"))
+        .is_ok_and(|mut ports| ports.next().is_some())
 }
 
 /// The bridge an interface is a port of, if any (`/sys/class/net/<name>/master`).

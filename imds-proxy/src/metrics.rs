@@ -342,6 +342,28 @@ pub fn render_cache(keys: usize, sessions: usize, breaker_open: bool) -> String 
 }
 
 /// tc mode's kernel counters and state, in the same text format.
+/// cgroup mode: the forward guard's counters (the only tc program it attaches), in tc mode's
+/// family.
+pub fn render_forward(stats: &[(imds_common::TcStat, u64)]) -> String {
+    use imds_common::TcStat;
+    let mut out = String::from(
+        "# HELP imds_proxy_tc_packets_total Packets the tc programs acted on, by what they did.\n# TYPE imds_proxy_tc_packets_total counter\n",
+    );
+    for (stat, n) in stats {
+        if matches!(
+            stat,
+            TcStat::DroppedForwarded | TcStat::DroppedForwardedUnreadable
+        ) {
+            let _ = writeln!(
+                out,
+                "imds_proxy_tc_packets_total{{event=\"{}\"}} {n}",
+                stat.name()
+            );
+        }
+    }
+    out
+}
+
 pub fn render_tc(
     stats: &[(imds_common::TcStat, u64)],
     nat_entries: usize,

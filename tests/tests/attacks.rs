@@ -1032,3 +1032,26 @@ fn an_unlisted_bridge_is_closed_in_tc_mode() {
     assert!(dropped > before, "dropped_forwarded {before} → {dropped}");
     proxy.wait_for_log(&["no --container-iface names", &bridge]);
 }
+
+/// cgroup mode: a bridged container (NET_RAW, Docker's default) writes TCP SYNs to IMDS as whole
+/// Ethernet frames on an `AF_PACKET` socket, which no socket hook sees; the host would forward
+/// them to the instance's IMDS. The forward guard on the interface the route to IMDS leaves by
+/// drops them (counted), so nothing comes back.
+#[test]
+fn raw_frames_to_imds_from_a_bridged_container_are_dropped_in_cgroup_mode() {
+    let scene = scene();
+    let proxy = Proxy::start(&scene, &[]);
+    proxy.wait_for_log(&["forward guard attached"]);
+    let metric = "imds_proxy_tc_packets_total{event=\"dropped_forwarded\"}";
+    let before = proxy.metric(metric);
+    let (said, out) = attack(&[], &["frames", IMDS, "5"]);
+    assert_eq!(said.get("sent").map(String::as_str), Some("5"), "{out}");
+    assert_eq!(
+        said.get("synacks").map(String::as_str),
+        Some("0"),
+        "nothing answers the frames: {out}"
+    );
+    // The premise: the frames were forwarded towards IMDS, and the guard dropped them.
+    let dropped = proxy.metric(metric);
+    assert!(dropped >= before + 5, "{metric}: {before} → {dropped}");
+}

@@ -33,6 +33,10 @@ pub enum Redirect {
         /// The attach points (v2 directories) and whether the filter classifies below them.
         cgroups: Vec<PathBuf>,
         filter: bool,
+        /// The forward guard on the host's uplinks, and nothing else of tc mode: what no socket
+        /// hook sees (a bridged container's frames built with `AF_PACKET`) and the host forwards
+        /// to IMDS is dropped where it leaves.
+        forward: Arc<TcRedirect>,
     },
     /// Bridged containers through the packet programs on their interfaces (identified by source
     /// address); host-network containers through the socket hooks at the v2 root, acting on the
@@ -87,10 +91,21 @@ impl Redirect {
                 } else {
                     (cgroups.clone(), *filter)
                 };
+                // Before the socket hooks, so that the configuration they share when pinned
+                // ends as the hooks need it.
+                let forward = Arc::new(TcRedirect::attach(&TcSpec {
+                    listen_v4,
+                    listen_v6,
+                    interfaces: Vec::new(),
+                    attach: tc::TcAttach::Auto,
+                    pin: config.args.redirect.pin.clone(),
+                    static_sources: Vec::new(),
+                })?);
                 Redirect::Cgroup {
                     hooks: hooks(cgroups.clone(), filter, Scope::AllNamespaces)?,
                     cgroups,
                     filter,
+                    forward,
                 }
             }
             Mode::Tc {
@@ -233,6 +248,10 @@ impl Redirect {
         }
         let logs = self.hooks().clone();
         tokio::spawn(async move { logs.forward_kernel_logs().await });
+        if let Redirect::Cgroup { forward, .. } = self {
+            let follow = forward.clone();
+            tokio::spawn(async move { follow.follow_interfaces().await });
+        }
         if let Redirect::Tc { tc, .. } = self {
             let follow = tc.clone();
             tokio::spawn(async move { follow.follow_interfaces().await });
@@ -272,6 +291,9 @@ impl Redirect {
     /// The programs' counters, as metrics text.
     pub fn render_metrics(&self, address_confirmations: (u64, u64, u64), watched: usize) -> String {
         let mut body = crate::metrics::render_guard(&self.hooks().guard_stats());
+        if let Redirect::Cgroup { forward, .. } = self {
+            body.push_str(&crate::metrics::render_forward(&forward.stats()));
+        }
         if let Redirect::Tc { tc, .. } = self {
             body.push_str(&crate::metrics::render_tc(
                 &tc.stats(),
@@ -288,10 +310,12 @@ impl Redirect {
     /// A graceful stop: without pins, detach everything now (the interface programs first,
     /// including qdiscs this process added); with pins, leave it all attached.
     pub fn stop(&self, pinned: bool) {
-        if let Redirect::Tc { tc, .. } = self
-            && !pinned
-        {
-            tc.detach_all();
+        if pinned {
+            return;
+        }
+        match self {
+            Redirect::Tc { tc, .. } => tc.detach_all(),
+            Redirect::Cgroup { forward, .. } => forward.detach_all(),
         }
     }
 }

@@ -303,7 +303,11 @@ impl TcRedirect {
                 continue;
             }
             if !self.spec.interfaces.iter().any(|p| matches(p, name)) {
-                if has_ports(name) && unlisted.insert(name.clone()) {
+                // (cgroup mode names no interface: its socket hooks cover every bridge.)
+                if !self.spec.interfaces.is_empty()
+                    && has_ports(name)
+                    && unlisted.insert(name.clone())
+                {
                     tracing::warn!(
                         interface = %name,
                         patterns = ?self.spec.interfaces,

@@ -15,6 +15,10 @@
 //!   written whole on a raw socket (NET_RAW, which Docker grants by default); prints `sent=N`.
 //! - `burst ADDR N PATH`: a token, then N sequential GETs of PATH with it (one connection each);
 //!   print how many got each status.
+//! - `frames ADDR N`: N TCP SYNs to ADDR (IPv4) from this container's own address, each written
+//!   as a whole Ethernet frame to the default gateway's MAC on an `AF_PACKET` socket (NET_RAW),
+//!   where no socket hook sees them; then, for 3 s, count the SYN-ACKs that come back from ADDR.
+//!   Prints `sent=N` and `synacks=K`.
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
@@ -183,6 +187,145 @@ fn send_raw(packet: &[u8], dst: std::net::Ipv4Addr) -> std::io::Result<()> {
     socket.send_to(packet, &to.into()).map(|_| ())
 }
 
+/// The default route's gateway (`/proc/net/route`: little-endian hex).
+fn gateway() -> std::net::Ipv4Addr {
+    let table = std::fs::read_to_string("/proc/net/route").expect("/proc/net/route");
+    let hex = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&"00000000"))
+        .and_then(|f| f.get(2).map(|g| g.to_string()))
+        .expect("a default route");
+    std::net::Ipv4Addr::from(u32::from_str_radix(&hex, 16).expect("hex").swap_bytes())
+}
+
+/// `aa:bb:cc:dd:ee:ff` as bytes.
+fn mac(text: &str) -> [u8; 6] {
+    let mut out = [0; 6];
+    for (byte, part) in out.iter_mut().zip(text.trim().split(':')) {
+        *byte = u8::from_str_radix(part, 16).expect("a MAC address");
+    }
+    out
+}
+
+/// The gateway's MAC: a datagram to it makes the kernel resolve it, then `/proc/net/arp`.
+fn gateway_mac(gw: std::net::Ipv4Addr) -> [u8; 6] {
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+    let _ = udp.send_to(b"x", (gw, 9));
+    for _ in 0..100 {
+        let arp = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
+        if let Some(found) = arp.lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&gw.to_string().as_str()) && f.get(2) == Some(&"0x2"))
+                .then(|| f[3].to_owned())
+        }) {
+            return mac(&found);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the gateway {gw} was not resolved");
+}
+
+/// See the `frames` command: (frames sent, SYN-ACKs from `dst` seen within 3 s).
+fn frames(dst: std::net::SocketAddrV4, n: usize) -> (usize, usize) {
+    let gw = gateway();
+    let gw_mac = gateway_mac(gw);
+    let own_mac = mac(&std::fs::read_to_string("/sys/class/net/eth0/address").expect("eth0"));
+    // The address this container's traffic leaves with (a UDP connect sends nothing).
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    probe.connect((gw, 9)).unwrap();
+    let std::net::IpAddr::V4(own) = probe.local_addr().unwrap().ip() else {
+        panic!("an IPv4 address")
+    };
+    let index: i32 = std::fs::read_to_string("/sys/class/net/eth0/ifindex")
+        .expect("eth0")
+        .trim()
+        .parse()
+        .expect("an index");
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        )
+    };
+    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_ifindex = index;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&gw_mac);
+    let mut sent = 0;
+    for i in 0..n {
+        let mut frame = Vec::with_capacity(14 + 40);
+        frame.extend_from_slice(&gw_mac);
+        frame.extend_from_slice(&own_mac);
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        frame.extend_from_slice(&syn(own, 41_000 + i as u16, *dst.ip(), dst.port()));
+        // SAFETY: a valid buffer and address of the sizes given.
+        let rc = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const to).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc > 0 {
+            sent += 1;
+        }
+    }
+    // What comes back: SYN-ACKs from dst to our ports.
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: a timeval of the size given.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut synacks = 0;
+    let mut buf = [0u8; 2048];
+    while std::time::Instant::now() < deadline {
+        // SAFETY: a buffer of the size given.
+        let got = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        if got < 14 + 20 + 20 {
+            continue;
+        }
+        let frame = &buf[..got as usize];
+        let ihl = usize::from(frame[14] & 0x0f) * 4;
+        let tcp = 14 + ihl;
+        if frame[12..14] == [0x08, 0x00]
+            && frame[23] == 6
+            && frame[26..30] == dst.ip().octets()
+            && frame.len() >= tcp + 14
+            && frame[tcp + 13] & 0x12 == 0x12
+        {
+            synacks += 1;
+        }
+    }
+    (sent, synacks)
+}
+
 const HALF_HEAD: &[u8] = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n";
 
 fn main() {
@@ -303,6 +446,15 @@ fn main() {
                 }
             }
             println!("sent={sent}");
+        }
+        "frames" => {
+            let SocketAddr::V4(dst) = addr else {
+                panic!("frames: IPv4 only")
+            };
+            let n: usize = args[2].parse().expect("N");
+            let (sent, synacks) = frames(dst, n);
+            println!("sent={sent}");
+            println!("synacks={synacks}");
         }
         other => panic!("unknown command {other}"),
     }

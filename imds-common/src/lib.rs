@@ -37,6 +37,7 @@ pub const PROG_TC_INGRESS: &str = "imds_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "imds_tc_egress";
 pub const PROG_TC_SOURCE_GUARD: &str = "imds_tc_source_guard";
 pub const PROG_TC_FORWARD_GUARD: &str = "imds_tc_forward_guard";
+pub const PROG_TC_REPLY_GUARD: &str = "imds_tc_reply_guard";
 
 /// Names of the maps, which are also their pin names under `--pin DIR`.
 pub const MAP_CONFIG: &str = "IMDS_CONFIG";
@@ -297,11 +298,15 @@ pub enum TcStat {
     /// Forwarded packets on such an interface that the guard could not read (a VLAN tag,
     /// headers shorter than they claim): dropped, since they might be for IMDS.
     DroppedForwardedUnreadable,
+    /// The proxy's answers leaving by a container's port for an address that port's container
+    /// does not own (a neighbour claimed the address or the MAC of the container they are for):
+    /// dropped by `imds_tc_reply_guard`.
+    DroppedMisdelivered,
 }
 
 impl TcStat {
     /// Every counter, in slot order.
-    pub const ALL: [TcStat; 15] = [
+    pub const ALL: [TcStat; 16] = [
         TcStat::Redirected,
         TcStat::Reversed,
         TcStat::ReversedWithoutState,
@@ -317,6 +322,7 @@ impl TcStat {
         TcStat::DroppedUnvalidated,
         TcStat::DroppedForwarded,
         TcStat::DroppedForwardedUnreadable,
+        TcStat::DroppedMisdelivered,
     ];
 
     /// Its name in metrics and logs.
@@ -337,6 +343,7 @@ impl TcStat {
             TcStat::DroppedUnvalidated => "dropped_unvalidated",
             TcStat::DroppedForwarded => "dropped_forwarded",
             TcStat::DroppedForwardedUnreadable => "dropped_forwarded_unreadable",
+            TcStat::DroppedMisdelivered => "dropped_misdelivered",
         }
     }
 }

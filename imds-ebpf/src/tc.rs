@@ -191,6 +191,51 @@ pub fn imds_tc_source_guard(ctx: TcContext) -> i32 {
     PASS
 }
 
+/// On each container's port (egress: what the host sends to that container): an answer of the
+/// proxy — from its listen address, or from IMDS once tc mode has rewritten it back — goes only
+/// to an address this port's container owns (`IMDS_TC_SOURCES`, the same book the source guard
+/// reads). A neighbour that claimed the victim's address (unsolicited ARP replies or neighbour
+/// advertisements: the host then resolves the victim's address to the neighbour's MAC) or the
+/// victim's MAC (the bridge then switches the victim's frames to its port) gets the victim's
+/// answers on its own port: they are dropped here, never delivered.
+#[classifier]
+pub fn imds_tc_reply_guard(ctx: TcContext) -> i32 {
+    let config = config();
+    let Ok(proto) = ctx.load::<u16>(ETH_PROTO) else {
+        return PASS;
+    };
+    let (family, src, dst) = match u16::from_be(proto) {
+        ETH_P_IP => match (ctx.load::<u32>(IP4_SRC), ctx.load::<u32>(IP4_DST)) {
+            (Ok(src), Ok(dst)) => (AF_INET, [src, 0, 0, 0], [dst, 0, 0, 0]),
+            // Too short to hold the addresses: nothing a container could read an answer from.
+            _ => return PASS,
+        },
+        ETH_P_IPV6 => match (ctx.load::<RawAddr>(IP6_SRC), ctx.load::<RawAddr>(IP6_DST)) {
+            (Ok(src), Ok(dst)) => (AF_INET6, src, dst),
+            _ => return PASS,
+        },
+        _ => return PASS,
+    };
+    let from_imds = if family == AF_INET {
+        src[0] == IMDS_V4
+    } else {
+        src == IMDS_V6
+    };
+    if !from_imds && !is_proxy(config, family, &src) {
+        return PASS;
+    }
+    let key = SourceKey {
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        family: family as u32,
+        addr: dst,
+    };
+    if unsafe { SOURCES.get(key) }.is_none() {
+        count(TcStat::DroppedMisdelivered);
+        return DROP;
+    }
+    PASS
+}
+
 /// No verdict (`TC_ACT_UNSPEC`, TCX's "next"): the next program on the hook, or the default,
 /// decides. The forward guard shares the host's uplinks with whatever else runs there.
 const NEXT: i32 = -1;

@@ -342,9 +342,9 @@ pub fn render_cache(keys: usize, sessions: usize, breaker_open: bool) -> String 
 }
 
 /// tc mode's kernel counters and state, in the same text format.
-/// cgroup mode: the forward guard's counters (the only tc program it attaches), in tc mode's
-/// family.
-pub fn render_forward(stats: &[(imds_common::TcStat, u64)]) -> String {
+/// cgroup mode: the counters of the tc programs it attaches (the forward and reply guards), in
+/// tc mode's family.
+pub fn render_tc_guards(stats: &[(imds_common::TcStat, u64)]) -> String {
     use imds_common::TcStat;
     let mut out = String::from(
         "# HELP imds_proxy_tc_packets_total Packets the tc programs acted on, by what they did.\n# TYPE imds_proxy_tc_packets_total counter\n",
@@ -352,7 +352,9 @@ pub fn render_forward(stats: &[(imds_common::TcStat, u64)]) -> String {
     for (stat, n) in stats {
         if matches!(
             stat,
-            TcStat::DroppedForwarded | TcStat::DroppedForwardedUnreadable
+            TcStat::DroppedForwarded
+                | TcStat::DroppedForwardedUnreadable
+                | TcStat::DroppedMisdelivered
         ) {
             let _ = writeln!(
                 out,

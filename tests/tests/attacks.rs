@@ -1055,3 +1055,38 @@ fn raw_frames_to_imds_from_a_bridged_container_are_dropped_in_cgroup_mode() {
     let dropped = proxy.metric(metric);
     assert!(dropped >= before + 5, "{metric}: {before} → {dropped}");
 }
+
+imds_tests::per_mode! { a_neighbour_claiming_a_victim_s_address_gets_none_of_its_credentials => a_neighbour_claiming_a_victim_s_address_gets_none_of_its_credentials_in; }
+
+/// A container on the same bridge as a victim (NET_RAW, Docker's default) tells the host, with
+/// unsolicited ARP replies, that the victim's address is at its own MAC, and sniffs what the host
+/// then sends there, while the victim fetches its credentials in a loop. None of the victim's
+/// credentials documents may reach the attacker's port.
+fn a_neighbour_claiming_a_victim_s_address_gets_none_of_its_credentials_in(mode: Mode) {
+    let scene = scene();
+    let proxy = Proxy::start_in(&scene, mode, &[]);
+    let victim =
+        imds_tests::containers::Running::start(&["--label", "iam.amazonaws.com/role=Victim"]);
+    let fetch = "T=$(curl -s -m 1 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token); curl -s -m 1 -H \"X-aws-ec2-metadata-token: $T\" http://169.254.169.254/latest/meta-data/iam/security-credentials/Victim";
+    // The premise: the victim gets its credentials.
+    let first = victim.exec(fetch);
+    assert!(first.contains("SecretAccessKey"), "{first}");
+    docker_ok(&[
+        "exec",
+        "-d",
+        &victim.0,
+        "sh",
+        "-c",
+        &format!("for i in $(seq 150); do {fetch} >/dev/null 2>&1; sleep 0.05; done"),
+    ])
+    .unwrap();
+    let (said, out) = attack(&[], &["poison", IMDS, &victim.address(), "8"]);
+    assert_eq!(
+        said.get("stolen").map(String::as_str),
+        Some("0"),
+        "the victim's credentials reached the attacker's port: {out}"
+    );
+    // The premise: the host believed the attacker, and sent the victim's answers to its port.
+    let misdelivered = proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_misdelivered\"}");
+    assert!(misdelivered > 0, "the poisoning took: {out}");
+}

@@ -28,6 +28,7 @@ fn embedded_programs_load_into_the_kernel() {
         "imds_tc_egress",
         "imds_tc_source_guard",
         "imds_tc_forward_guard",
+        "imds_tc_reply_guard",
     ]);
     expected.sort();
     assert_eq!(loaded, expected);

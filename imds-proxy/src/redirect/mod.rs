@@ -33,9 +33,11 @@ pub enum Redirect {
         /// The attach points (v2 directories) and whether the filter classifies below them.
         cgroups: Vec<PathBuf>,
         filter: bool,
-        /// The forward guard on the host's uplinks, and nothing else of tc mode: what no socket
-        /// hook sees (a bridged container's frames built with `AF_PACKET`) and the host forwards
-        /// to IMDS is dropped where it leaves.
+        /// Two of tc mode's programs, and the source book they read: the forward guard on the
+        /// host's uplinks (what no socket hook sees, a bridged container's frames built with
+        /// `AF_PACKET`, and the host forwards to IMDS is dropped where it leaves) and the reply
+        /// guard on every bridge's ports (the proxy's answers leave only by the port of the
+        /// container they are for).
         forward: Arc<TcRedirect>,
     },
     /// Bridged containers through the packet programs on their interfaces (identified by source
@@ -100,6 +102,7 @@ impl Redirect {
                     attach: tc::TcAttach::Auto,
                     pin: config.args.redirect.pin.clone(),
                     static_sources: Vec::new(),
+                    every_bridge: true,
                 })?);
                 Redirect::Cgroup {
                     hooks: hooks(cgroups.clone(), filter, Scope::AllNamespaces)?,
@@ -122,6 +125,7 @@ impl Redirect {
                     attach: *attach,
                     pin: config.args.redirect.pin.clone(),
                     static_sources: static_sources.clone(),
+                    every_bridge: false,
                 })?);
                 tracing::info!(
                     attach = ?tc.attach_mode(),
@@ -173,6 +177,14 @@ impl Redirect {
     pub fn hooks(&self) -> &Arc<CgroupRedirect> {
         match self {
             Redirect::Cgroup { hooks, .. } | Redirect::Tc { hooks, .. } => hooks,
+        }
+    }
+
+    /// The packet programs: tc mode's, or cgroup mode's forward and reply guards.
+    fn packets(&self) -> &Arc<TcRedirect> {
+        match self {
+            Redirect::Cgroup { forward, .. } => forward,
+            Redirect::Tc { tc, .. } => tc,
         }
     }
 
@@ -248,14 +260,21 @@ impl Redirect {
         }
         let logs = self.hooks().clone();
         tokio::spawn(async move { logs.forward_kernel_logs().await });
+        let packets = self.packets();
+        let follow = packets.clone();
+        tokio::spawn(async move { follow.follow_interfaces().await });
+        tokio::spawn(packets.clone().follow_peer_addresses());
         if let Redirect::Cgroup { forward, .. } = self {
-            let follow = forward.clone();
-            tokio::spawn(async move { follow.follow_interfaces().await });
+            let expiry = forward.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    expiry.expire_sources();
+                }
+            });
         }
         if let Redirect::Tc { tc, .. } = self {
-            let follow = tc.clone();
-            tokio::spawn(async move { follow.follow_interfaces().await });
-            tokio::spawn(tc.clone().follow_peer_addresses());
             let reaper = tc.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -272,12 +291,15 @@ impl Redirect {
         Ok(())
     }
 
-    /// tc mode: the containers' source addresses, from the engine's events (subscribed now:
-    /// every container, those running already included, once the index starts).
+    /// The containers' addresses on their ports, from the engine's events (subscribed now:
+    /// every container, those running already included, once the index starts): what tc mode's
+    /// source guard and both modes' reply guard check against.
     pub fn follow_containers(&self, docker: &docker::Index, proc: Proc) {
-        if let Redirect::Tc { tc, .. } = self {
-            tokio::spawn(tc.clone().follow_sources(docker.subscribe(), proc));
-        }
+        tokio::spawn(
+            self.packets()
+                .clone()
+                .follow_sources(docker.subscribe(), proc),
+        );
     }
 
     /// Ready to redirect: in tc mode, attached to at least one container interface.
@@ -292,7 +314,7 @@ impl Redirect {
     pub fn render_metrics(&self, address_confirmations: (u64, u64, u64), watched: usize) -> String {
         let mut body = crate::metrics::render_guard(&self.hooks().guard_stats());
         if let Redirect::Cgroup { forward, .. } = self {
-            body.push_str(&crate::metrics::render_forward(&forward.stats()));
+            body.push_str(&crate::metrics::render_tc_guards(&forward.stats()));
         }
         if let Redirect::Tc { tc, .. } = self {
             body.push_str(&crate::metrics::render_tc(

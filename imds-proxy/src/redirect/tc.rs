@@ -58,6 +58,7 @@ pub const INGRESS_PROGRAM: &str = imds_common::PROG_TC_INGRESS;
 pub const EGRESS_PROGRAM: &str = imds_common::PROG_TC_EGRESS;
 pub const GUARD_PROGRAM: &str = imds_common::PROG_TC_SOURCE_GUARD;
 pub const FORWARD_PROGRAM: &str = imds_common::PROG_TC_FORWARD_GUARD;
+pub const REPLY_PROGRAM: &str = imds_common::PROG_TC_REPLY_GUARD;
 /// Maps pinned with `--pin` in tc mode.
 pub const MAPS: [&str; 4] = [MAP_CONFIG, MAP_NAT, MAP_TC_STATS, MAP_TC_SOURCES];
 
@@ -67,8 +68,15 @@ const BRIDGE_PROGRAMS: [(&str, TcAttachType); 2] = [
     (EGRESS_PROGRAM, TcAttachType::Egress),
     (INGRESS_PROGRAM, TcAttachType::Ingress),
 ];
-/// The program on each port of such a bridge.
-const PORT_PROGRAMS: [(&str, TcAttachType); 1] = [(GUARD_PROGRAM, TcAttachType::Ingress)];
+/// The programs on each port of such a bridge: what the container sends to IMDS must be from its
+/// own address, and the proxy's answers must be for it.
+const PORT_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (GUARD_PROGRAM, TcAttachType::Ingress),
+    (REPLY_PROGRAM, TcAttachType::Egress),
+];
+/// cgroup mode's programs on each port of every bridge: the socket hooks attest the callers, so
+/// only the answers' destination is checked.
+const REPLY_ONLY: [(&str, TcAttachType); 1] = [(REPLY_PROGRAM, TcAttachType::Egress)];
 /// The program on each interface a route to IMDS leaves by ([`uplinks`]).
 const UPLINK_PROGRAMS: [(&str, TcAttachType); 1] = [(FORWARD_PROGRAM, TcAttachType::Egress)];
 
@@ -94,6 +102,10 @@ pub struct TcSpec {
     pub pin: Option<PathBuf>,
     /// Addresses bridge ports (by interface name) may send from, besides Docker containers'.
     pub static_sources: Vec<(String, std::net::IpAddr)>,
+    /// cgroup mode: no container interface is rewritten (`interfaces` is empty), and the ports
+    /// of **every** bridge get the reply guard alone. tc mode: the ports of the matching bridges
+    /// get the source guard and the reply guard.
+    pub every_bridge: bool,
 }
 
 /// `IFACE=ADDR` of `--tc-static-source`.
@@ -226,6 +238,7 @@ impl TcRedirect {
             INGRESS_PROGRAM,
             GUARD_PROGRAM,
             FORWARD_PROGRAM,
+            REPLY_PROGRAM,
         ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
@@ -331,9 +344,13 @@ impl TcRedirect {
         }
         // The ports of those bridges: each container's own interface.
         let bridges: Vec<&String> = attached.values().map(|i| &i.name).collect();
+        let every_bridge = self.spec.every_bridge;
         let present_ports: BTreeMap<u32, String> = present
             .into_iter()
-            .filter(|(_, name)| master(name).is_some_and(|m| bridges.contains(&&m)))
+            .filter(|(_, name)| {
+                master(name)
+                    .is_some_and(|m| bridges.contains(&&m) || (every_bridge && is_bridge_named(&m)))
+            })
             .collect();
         let gone = detach_gone(ebpf, ports, &present_ports);
         for (index, name) in &gone {
@@ -349,7 +366,12 @@ impl TcRedirect {
             if ports.contains_key(&index) {
                 continue;
             }
-            match self.attach_interface(ebpf, &name, index, &PORT_PROGRAMS) {
+            let programs: &[(&str, TcAttachType)] = if every_bridge {
+                &REPLY_ONLY
+            } else {
+                &PORT_PROGRAMS
+            };
+            match self.attach_interface(ebpf, &name, index, programs) {
                 Ok(port) => {
                     tracing::debug!(interface = %name, "source guard attached to container port");
                     ports.insert(index, port);
@@ -443,6 +465,10 @@ impl TcRedirect {
     pub fn is_bridge(&self, index: u32) -> bool {
         let inner = self.inner.lock().expect("tc lock poisoned");
         inner.attached.contains_key(&index)
+            || (self.spec.every_bridge
+                && present_interfaces()
+                    .get(&index)
+                    .is_some_and(|name| is_bridge_named(name)))
     }
 
     /// Container `id` is gone: its addresses are nobody's on its ports any more.
@@ -849,6 +875,11 @@ fn remove_clsact(name: &str) -> std::io::Result<()> {
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("qdisc removal panicked")))
     })
+}
+
+/// Whether interface `name` is a bridge (`/sys/class/net/<name>/bridge/`).
+fn is_bridge_named(name: &str) -> bool {
+    std::path::Path::new(&format!("/sys/class/net/{name}/bridge")).is_dir()
 }
 
 /// Whether `name` is a bridge with at least one port (`/sys/class/net/<name>/brif/`).

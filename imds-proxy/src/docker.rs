@@ -338,10 +338,7 @@ impl Index {
                 Ok(Ok(Some(container))) => {
                     self.found_before_indexed.fetch_add(1, Ordering::Relaxed);
                     let container = Arc::new(container);
-                    self.containers
-                        .write()
-                        .expect("index poisoned")
-                        .insert(id.to_owned(), container.clone());
+                    self.index_found(id, &container);
                     return Some(container);
                 }
                 Ok(Ok(None)) => return None, // Docker does not know it
@@ -452,11 +449,22 @@ impl Index {
             return Ok(None);
         };
         let container = Arc::new(container);
-        self.containers
+        self.index_found(id, &container);
+        Ok((container.running && container.addresses.contains(&ip)).then_some(container))
+    }
+
+    /// Index a container found by asking (a caller came before the events or the poll), and
+    /// announce it if it is new here: the poll never announces a container it already holds, and
+    /// its subscribers (the prefetch, the ports' vouched addresses) must hear of every one.
+    fn index_found(&self, id: &str, container: &Arc<Container>) {
+        let previous = self
+            .containers
             .write()
             .expect("index poisoned")
             .insert(id.to_owned(), container.clone());
-        Ok((container.running && container.addresses.contains(&ip)).then_some(container))
+        if previous.is_none_or(|p| !p.running && container.running) {
+            let _ = self.events.send(Event::Started(container.clone()));
+        }
     }
 
     /// `Ok(None)` when the source has no such container.

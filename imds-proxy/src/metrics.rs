@@ -103,6 +103,7 @@ pub struct Metrics {
     sts_calls_joined: AtomicU64,
     upstream_errors: Labelled,
     uncovered_containers: AtomicU64,
+    container_events: Labelled,
     throttled: Labelled,
     metadata_cache_hits: AtomicU64,
     open_connections: AtomicU64,
@@ -177,6 +178,11 @@ impl Metrics {
     /// A request refused with 429 (`limit`: the caller's own, or the upstream's in all).
     pub fn throttled(&self, limit: &'static str) {
         self.throttled.add(limit);
+    }
+
+    /// The index announced a container (`started`) or forgot one (`destroyed`).
+    pub fn container_event(&self, event: &'static str) {
+        self.container_events.add(event);
     }
 
     /// A container started whose cgroup is below no attach point.
@@ -259,6 +265,12 @@ impl Metrics {
             out,
             "# HELP imds_proxy_containers Containers in the Docker index.\n# TYPE imds_proxy_containers gauge\nimds_proxy_containers {}",
             load(&self.containers)
+        );
+        self.container_events.render(
+            &mut out,
+            "imds_proxy_container_events_total",
+            "Containers the index announced, by event: created, started (or renamed, updated), destroyed.",
+            "event",
         );
         self.refused_connections.render(
             &mut out,
@@ -344,7 +356,7 @@ pub fn render_cache(keys: usize, sessions: usize, breaker_open: bool) -> String 
 /// tc mode's kernel counters and state, in the same text format.
 /// cgroup mode: the counters of the tc programs it attaches (the forward and reply guards), in
 /// tc mode's family.
-pub fn render_tc_guards(stats: &[(imds_common::TcStat, u64)]) -> String {
+pub fn render_tc_guards(stats: &[(imds_common::TcStat, u64)], source_entries: usize) -> String {
     use imds_common::TcStat;
     let mut out = String::from(
         "# HELP imds_proxy_tc_packets_total Packets the tc programs acted on, by what they did.\n# TYPE imds_proxy_tc_packets_total counter\n",
@@ -363,6 +375,10 @@ pub fn render_tc_guards(stats: &[(imds_common::TcStat, u64)]) -> String {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP imds_proxy_tc_sources Source addresses vouched for at container ports (IMDS_TC_SOURCES).\n# TYPE imds_proxy_tc_sources gauge\nimds_proxy_tc_sources {source_entries}"
+    );
     out
 }
 

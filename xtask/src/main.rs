@@ -194,6 +194,16 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
             ],
         )
     })?;
+    // The kernel programs, compiled by that step's build script: every later build of this run
+    // takes that object (imds-proxy/build.rs) instead of compiling them and `core` again.
+    if let Some(object) = newest_ebpf_object(root) {
+        println!(
+            "xtask test: the later builds take the eBPF object {}",
+            object.display()
+        );
+        // SAFETY: no other thread runs yet (the fuzzing thread starts after the builds).
+        unsafe { std::env::set_var("IMDS_EBPF_OBJECT", object) };
+    }
     step("clippy (eBPF crate, bpfel target)", || {
         run(Command::new("cargo")
             .current_dir(root)
@@ -271,8 +281,8 @@ const FUZZ_TARGETS: [&str; 5] = ["paths", "tokens", "roles", "glob", "cgroups"];
 const FUZZ_SECONDS: u32 = 30;
 
 /// Each fuzz target for [`FUZZ_SECONDS`], starting from the inputs kept in
-/// `fuzz/regressions/<target>` (every crash found so far, replayed first) and a working corpus
-/// under `target/`. A crash stops the run and leaves its input in `fuzz/artifacts/<target>/`.
+/// `fuzz/regressions/<target>` (every crash found so far, replayed first), the corpus kept in
+/// `fuzz/corpus/<target>` and a working corpus under `target/`. A crash stops the run and leaves its input in `fuzz/artifacts/<target>/`.
 fn fuzz(root: &Path) -> anyhow::Result<()> {
     step("fuzzing (beside the integration tests)", || {
         let log_path = root.join("target/fuzz.log");
@@ -283,11 +293,17 @@ fn fuzz(root: &Path) -> anyhow::Result<()> {
             std::fs::create_dir_all(&corpus)?;
             let regressions = root.join("fuzz/regressions").join(target);
             std::fs::create_dir_all(&regressions)?;
+            // A corpus kept in the repository, so a clean clone does not start from nothing.
+            let seeds = root.join("fuzz/corpus").join(target);
+            std::fs::create_dir_all(&seeds)?;
             let started = Instant::now();
-            let status = Command::new("cargo")
+            // Niced: the integration tests beside it wait on timers and the kernel, and must not
+            // wait on a fuzzer for a core.
+            let status = Command::new("nice")
                 .current_dir(root.join("fuzz"))
-                .args(["+nightly", "fuzz", "run", target])
+                .args(["-n", "19", "cargo", "+nightly", "fuzz", "run", target])
                 .arg(&corpus)
+                .arg(&seeds)
                 .arg(&regressions)
                 .args([
                     "--",
@@ -325,6 +341,19 @@ fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()
     f().with_context(|| format!("{name} failed"))?;
     println!("==> {name}: ok ({:.1?})", started.elapsed());
     Ok(())
+}
+
+/// The eBPF object the last run of imds-proxy's build script made (`OUT_DIR/imds-ebpf`, in the
+/// host's debug build directories).
+fn newest_ebpf_object(root: &Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(root.join("target/debug/build"))
+        .ok()?
+        .flatten()
+        .filter(|dir| dir.file_name().to_string_lossy().starts_with("imds-proxy-"))
+        .map(|dir| dir.path().join("out/imds-ebpf"))
+        .filter_map(|object| Some((object.metadata().ok()?.modified().ok()?, object)))
+        .max()
+        .map(|(_, object)| object)
 }
 
 fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {

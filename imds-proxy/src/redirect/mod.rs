@@ -314,7 +314,10 @@ impl Redirect {
     pub fn render_metrics(&self, address_confirmations: (u64, u64, u64), watched: usize) -> String {
         let mut body = crate::metrics::render_guard(&self.hooks().guard_stats());
         if let Redirect::Cgroup { forward, .. } = self {
-            body.push_str(&crate::metrics::render_tc_guards(&forward.stats()));
+            body.push_str(&crate::metrics::render_tc_guards(
+                &forward.stats(),
+                forward.source_entries(),
+            ));
         }
         if let Redirect::Tc { tc, .. } = self {
             body.push_str(&crate::metrics::render_tc(
@@ -362,6 +365,11 @@ pub async fn watch_coverage(
 ) {
     while let Some(event) = docker::next_event(&mut events, "coverage").await {
         metrics.set_containers(docker.len());
+        metrics.container_event(match &event {
+            docker::Event::Started(_) => "started",
+            docker::Event::Created(_) => "created",
+            docker::Event::Destroyed(_) => "destroyed",
+        });
         if let docker::Event::Started(container) = event
             && Some(&container.id) != own_container.as_ref()
             && !covered(&container.cgroup, &attached)

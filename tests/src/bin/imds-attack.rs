@@ -5,6 +5,9 @@
 //! - `raw ADDR REQUEST`: send REQUEST (`\r`, `\n`, `\t`, `\\` and `\xNN` escapes understood;
 //!   `{TOKEN}` replaced by a token PUT for first), read until the server closes or 20 s pass;
 //!   print the first status line, how many responses began, and whether it closed.
+//! - `raws ADDR REQUEST...`: `raw` for each REQUEST in turn, one connection each (one token for
+//!   all); prints `status.<i>`, `responses.<i>`, `closed.<i>` and `head.<i>` (the answer's first
+//!   bytes, escaped) for the i-th, from 0.
 //! - `slow ADDR`: send half a request head and nothing more; print whether the server closed the
 //!   connection (and answered anything) within 60 s.
 //! - `idle ADDR`: one complete keep-alive request, then silence; print the answer's status and
@@ -464,6 +467,33 @@ fn main() {
             println!("closed={closed}");
             println!("--");
             println!("{}", String::from_utf8_lossy(&response));
+        }
+        "raws" => {
+            let needs_token = args[2..].iter().any(|r| r.contains("{TOKEN}"));
+            let token = needs_token.then(|| token(addr));
+            for (i, request) in args[2..].iter().enumerate() {
+                let request = match &token {
+                    Some(token) => request.replace("{TOKEN}", token),
+                    None => request.clone(),
+                };
+                let mut stream = match open() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        println!("error.{i}={e}");
+                        continue;
+                    }
+                };
+                let _ = stream.write_all(&unescape(&request));
+                let (response, closed) = read_all(&mut stream, Duration::from_secs(20));
+                println!("status.{i}={}", status_of(&response));
+                println!(
+                    "responses.{i}={}",
+                    response.windows(9).filter(|w| w == b"HTTP/1.1 ").count()
+                );
+                println!("closed.{i}={closed}");
+                let head = &response[..response.len().min(160)];
+                println!("head.{i}={}", head.escape_ascii());
+            }
         }
         "slow" => {
             let mut stream = open().expect("a connection");

@@ -286,8 +286,8 @@ fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     );
 
     let mut second = tc_proxy(&scene, &args);
-    // The bridge's two links and its port's source guard.
-    second.wait_for_log(&["tc programs attached", "adopted_links=3"]);
+    // The bridge's two links and its port's source and reply guards.
+    second.wait_for_log(&["tc programs attached", "adopted_links=4"]);
     assert_redirected(&probe(ns, IMDS_V4, 2), IMDS_V4);
     second.stop(); // graceful, pinned: stays attached
     for answer in probe(ns, IMDS_V4, 1) {

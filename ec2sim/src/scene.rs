@@ -89,6 +89,9 @@ pub struct SceneConfig {
     pub sts: bool,
     /// Address moto listens on (its port is picked free). Loopback unless containers must reach it.
     pub sts_bind: IpAddr,
+    /// Start a moto of the scene's own even when the run shares one on `sts_bind`
+    /// ([`SHARED_STS_ENV`]): a test that stops its STS (an outage) must not stop the others'.
+    pub own_sts: bool,
     /// The Python venv that holds moto and the AWS CLI (`cargo xtask setup` makes it).
     pub venv: PathBuf,
     /// Rotate the instance credentials this often (the simulator's `--rotate-credentials-every`).
@@ -103,6 +106,7 @@ impl SceneConfig {
             http_tokens: HttpTokens::Optional,
             sts: false,
             sts_bind: Ipv4Addr::LOCALHOST.into(),
+            own_sts: false,
             venv: default_venv(),
             rotate_credentials_every: None,
         }
@@ -136,9 +140,98 @@ impl SceneConfig {
         self
     }
 
+    /// A moto of the scene's own, never the run's shared one: for a test that stops its STS.
+    pub fn own_sts(mut self) -> Self {
+        self.own_sts = true;
+        self
+    }
+
     pub fn start(self) -> anyhow::Result<Scene> {
         Scene::start(self)
     }
+}
+
+/// The STS peers a whole test run shares (`cargo xtask test` starts them): comma-separated
+/// `address:port`. A scene whose STS would listen on one of these addresses resets that moto
+/// (`/moto-api/reset`, a few milliseconds) and uses it, instead of starting its own (a second or
+/// more of Python imports, about ninety times a run), unless it asked for its own
+/// ([`SceneConfig::own_sts`]). Tests run one at a time, so a reset never meets another test.
+pub const SHARED_STS_ENV: &str = "IMDS_TEST_STS";
+
+/// The run's shared STS on `bind`, if [`SHARED_STS_ENV`] names one.
+fn shared_sts(bind: IpAddr) -> Option<SocketAddr> {
+    std::env::var(SHARED_STS_ENV)
+        .ok()?
+        .split(',')
+        .filter_map(|a| a.trim().parse::<SocketAddr>().ok())
+        .find(|a| a.ip() == bind)
+}
+
+/// A moto server for a whole test run, on `bind` and a free port, stopped when dropped. Its
+/// address goes into [`SHARED_STS_ENV`] for the tests.
+pub struct SharedSts {
+    child: Option<Child>,
+    endpoint: SocketAddr,
+}
+
+impl SharedSts {
+    pub fn start(venv: &Path, bind: IpAddr, log: &Path) -> anyhow::Result<Self> {
+        let port = free_port(bind)?;
+        let child = spawn_moto(venv, bind, port, log)?;
+        let sts = SharedSts {
+            child: Some(child),
+            endpoint: SocketAddr::new(bind, port),
+        };
+        wait_for_moto(sts.endpoint)?;
+        Ok(sts)
+    }
+
+    pub fn endpoint(&self) -> SocketAddr {
+        self.endpoint
+    }
+}
+
+impl Drop for SharedSts {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take()
+            && let Err(err) = stop(child)
+        {
+            eprintln!("stopping the shared STS: {err:#}");
+        }
+    }
+}
+
+/// Start `moto_server` from `venv` on `bind:port`, its output appended to `log`.
+fn spawn_moto(venv: &Path, bind: IpAddr, port: u16, log: &Path) -> anyhow::Result<Child> {
+    let moto_server = venv.join("bin/moto_server");
+    ensure!(
+        moto_server.exists(),
+        "{} not found: run `cargo xtask setup` (it makes the venv with moto)",
+        moto_server.display()
+    );
+    let log = File::options().create(true).append(true).open(log)?;
+    Command::new(&moto_server)
+        .args(["-H", &bind.to_string(), "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .child_hygiene()
+        .spawn()
+        .with_context(|| format!("starting {}", moto_server.display()))
+}
+
+/// Forget everything a shared moto was told (roles assumed, sessions).
+fn reset_moto(endpoint: SocketAddr) -> anyhow::Result<()> {
+    let answer = http::Request::new("POST", "/moto-api/reset")
+        .timeout(Duration::from_secs(10))
+        .send(endpoint)
+        .with_context(|| format!("resetting the shared STS on {endpoint}"))?;
+    ensure!(
+        answer.status == 200,
+        "resetting the shared STS on {endpoint}: HTTP {}",
+        answer.status
+    );
+    Ok(())
 }
 
 /// The venv `cargo xtask setup` creates: `$IMDS_VENV`, else `<workspace>/target/venv`.
@@ -154,6 +247,8 @@ pub struct Scene {
     sim: Option<Child>,
     moto: Option<Child>,
     sts_endpoint: Option<SocketAddr>,
+    /// The STS is the run's shared one ([`SHARED_STS_ENV`]): never stopped by this scene.
+    shared_sts: bool,
     credentials: Option<Credentials>,
     _lock: Flock<File>,
 }
@@ -181,6 +276,7 @@ impl Scene {
             sim: None,
             moto: None,
             sts_endpoint: None,
+            shared_sts: false,
             credentials: None,
             _lock: lock,
         };
@@ -200,6 +296,11 @@ impl Scene {
 
     /// Stop the scene's STS (an outage); [`Scene::start_sts`] brings it back on the same port.
     pub fn stop_sts(&mut self) -> anyhow::Result<()> {
+        ensure!(
+            !self.shared_sts,
+            "this scene shares the run's STS ({SHARED_STS_ENV}): a test that stops it asks for \
+             its own (SceneConfig::own_sts)"
+        );
         if let Some(moto) = self.moto.take() {
             stop(moto)?;
         }
@@ -216,29 +317,12 @@ impl Scene {
     }
 
     fn spawn_moto(&mut self, port: u16) -> anyhow::Result<()> {
-        let moto_server = self.config.venv.join("bin/moto_server");
-        ensure!(
-            moto_server.exists(),
-            "{} not found: run `cargo xtask setup` (it makes the venv with moto)",
-            moto_server.display()
-        );
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(Path::new(STATE_DIR).join("moto.log"))?;
-        let child = Command::new(&moto_server)
-            .args([
-                "-H",
-                &self.config.sts_bind.to_string(),
-                "-p",
-                &port.to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .child_hygiene()
-            .spawn()
-            .with_context(|| format!("starting {}", moto_server.display()))?;
+        let child = spawn_moto(
+            &self.config.venv,
+            self.config.sts_bind,
+            port,
+            &Path::new(STATE_DIR).join("moto.log"),
+        )?;
         fs::write(
             Path::new(STATE_DIR).join("moto.pid"),
             child.id().to_string(),
@@ -248,10 +332,23 @@ impl Scene {
     }
 
     fn start_moto(&mut self) -> anyhow::Result<()> {
-        let port = free_port(self.config.sts_bind)?;
-        self.spawn_moto(port)?;
-        let endpoint = SocketAddr::new(self.config.sts_bind, port);
-        wait_for_moto(endpoint)?;
+        let shared = (!self.config.own_sts)
+            .then(|| shared_sts(self.config.sts_bind))
+            .flatten();
+        let endpoint = match shared {
+            Some(endpoint) => {
+                reset_moto(endpoint)?;
+                self.shared_sts = true;
+                endpoint
+            }
+            None => {
+                let port = free_port(self.config.sts_bind)?;
+                self.spawn_moto(port)?;
+                let endpoint = SocketAddr::new(self.config.sts_bind, port);
+                wait_for_moto(endpoint)?;
+                endpoint
+            }
+        };
         self.sts_endpoint = Some(endpoint);
 
         // The instance profile's credentials are an assumed-role session of the instance role,

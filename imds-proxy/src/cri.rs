@@ -23,7 +23,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::docker::{Container, Pod};
 
-/// How often the running containers are listed.
+/// How often the running containers are listed (unless `--cri-poll` says otherwise).
 pub const POLL: Duration = Duration::from_secs(1);
 /// How long one call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);

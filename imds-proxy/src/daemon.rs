@@ -155,7 +155,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             imds::learn_upstream_imdsv2(&app, &mut known).await;
             tokio::spawn(imds::follow_upstream_imdsv2_from(
                 app.clone(),
-                Duration::from_secs(300),
+                imds::FOLLOW_UPSTREAM_IMDSV2_EVERY,
                 known,
             ));
         }
@@ -281,7 +281,9 @@ async fn connect_engine(args: &RunArgs) -> (Arc<docker::Index>, String) {
                 crate::config::RuntimeApi::Docker => {
                     docker::Index::connect(&socket, args.roles.trust_image_role).await?
                 }
-                crate::config::RuntimeApi::Cri => docker::Index::connect_cri(&socket).await?,
+                crate::config::RuntimeApi::Cri => {
+                    docker::Index::connect_cri(&socket, args.cri_poll).await?
+                }
             };
             anyhow::Ok((index, socket))
         };

@@ -152,7 +152,11 @@ enum Source {
     /// Docker, or Podman's Docker-compatible service: events.
     Docker(Docker),
     /// A CRI runtime (containerd, CRI-O): polled.
-    Cri(crate::cri::Cri),
+    Cri {
+        cri: crate::cri::Cri,
+        /// How often its running containers are listed.
+        poll: Duration,
+    },
 }
 
 pub struct Index {
@@ -215,7 +219,8 @@ impl Index {
     }
 
     /// Follow the pods of the CRI runtime at `endpoint` (`unix:///run/containerd/containerd.sock`).
-    pub async fn connect_cri(endpoint: &str) -> Result<Arc<Self>, Error> {
+    /// A CRI runtime's index, listing its running containers every `poll` ([`crate::cri::POLL`]).
+    pub async fn connect_cri(endpoint: &str, poll: Duration) -> Result<Arc<Self>, Error> {
         let err = |source: crate::cri::CriError| Error {
             host: endpoint.to_owned(),
             cause: source.into(),
@@ -223,7 +228,11 @@ impl Index {
         let cri = crate::cri::Cri::connect(endpoint);
         // Answering now, or the proxy does not start.
         cri.version().await.map_err(err)?;
-        Ok(Self::with_source(Source::Cri(cri), endpoint, false))
+        Ok(Self::with_source(
+            Source::Cri { cri, poll },
+            endpoint,
+            false,
+        ))
     }
 
     fn with_source(source: Source, host: &str, trust_image_role: bool) -> Arc<Self> {
@@ -290,7 +299,7 @@ impl Index {
                 let docker = match &self.source {
                     Source::Docker(docker) => docker,
                     // Each container's cgroup is read from its runtime spec, whatever the driver.
-                    Source::Cri(cri) => {
+                    Source::Cri { cri, .. } => {
                         let (name, version) = cri.version().await?;
                         tracing::info!(runtime = %name, %version, "CRI runtime");
                         return Ok((Engine::Cri, "per container (OCI runtime spec)".to_owned()));
@@ -323,7 +332,7 @@ impl Index {
     pub async fn ping(&self) -> bool {
         match &self.source {
             Source::Docker(docker) => docker.ping().await.is_ok(),
-            Source::Cri(cri) => cri.version().await.is_ok(),
+            Source::Cri { cri, .. } => cri.version().await.is_ok(),
         }
     }
 
@@ -387,7 +396,7 @@ impl Index {
                 Source::Docker(docker) => docker,
                 // Every running container, each confirmed: the sandbox's addresses are the
                 // runtime's answer now.
-                Source::Cri(cri) => {
+                Source::Cri { cri, .. } => {
                     for id in cri.running().await? {
                         // One container that cannot be inspected does not hide the others.
                         if let Ok(Some(found)) = self.confirm(&id, ip).await {
@@ -471,7 +480,7 @@ impl Index {
     async fn inspect(&self, id: &str) -> Result<Option<Container>, SourceError> {
         let docker = match &self.source {
             Source::Docker(docker) => docker,
-            Source::Cri(cri) => return Ok(cri.inspect(id).await?),
+            Source::Cri { cri, .. } => return Ok(cri.inspect(id).await?),
         };
         match docker
             .inspect_container(id, None::<InspectContainerOptions>)
@@ -579,7 +588,7 @@ impl Index {
                 .into_iter()
                 .filter_map(|summary| summary.id)
                 .collect(),
-            Source::Cri(cri) => cri.running().await?,
+            Source::Cri { cri, .. } => cri.running().await?,
         };
         let mut fresh = HashMap::new();
         for id in ids {
@@ -639,7 +648,7 @@ impl Index {
     async fn follow(&self) -> Result<(), SourceError> {
         let docker = match &self.source {
             Source::Docker(docker) => docker,
-            Source::Cri(cri) => return self.poll(cri).await,
+            Source::Cri { cri, poll } => return self.poll(cri, *poll).await,
         };
         let filters = HashMap::from([
             ("type".to_owned(), vec!["container".to_owned()]),
@@ -720,13 +729,13 @@ impl Index {
 
 impl Index {
     /// A CRI runtime has no event stream (containerd 1.6): list the running containers every
-    /// [`crate::cri::POLL`]; a new one is indexed and announced, one gone is forgotten and
-    /// announced. A request from a container not listed yet finds it by [`Index::get`].
-    async fn poll(&self, cri: &crate::cri::Cri) -> Result<(), SourceError> {
+    /// `poll` ([`crate::cri::POLL`]); a new one is indexed and announced, one gone is forgotten
+    /// and announced. A request from a container not listed yet finds it by [`Index::get`].
+    async fn poll(&self, cri: &crate::cri::Cri, poll: Duration) -> Result<(), SourceError> {
         self.resync_quietly(cri).await?;
         self.connected.store(true, Ordering::Relaxed);
         tracing::info!(containers = self.len(), "CRI index synchronised");
-        let mut every = tokio::time::interval(crate::cri::POLL);
+        let mut every = tokio::time::interval(poll);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;

@@ -451,6 +451,10 @@ pub async fn learn_upstream_imdsv2(app: &App, known: &mut Option<bool>) {
     app.require_imdsv2.store(required, Ordering::Relaxed);
 }
 
+/// How often the daemon asks the upstream again whether it requires tokens (README: every five
+/// minutes): an instance's `HttpTokens` can be changed while it runs.
+pub const FOLLOW_UPSTREAM_IMDSV2_EVERY: Duration = Duration::from_secs(300);
+
 /// [`learn_upstream_imdsv2`] every `every`, after a first answer `known`.
 pub async fn follow_upstream_imdsv2_from(app: Arc<App>, every: Duration, mut known: Option<bool>) {
     loop {
@@ -667,6 +671,91 @@ mod tests {
                 );
             }
             assert_eq!(sts.calls(), 0);
+        }
+
+        /// The instance's `HttpTokens` followed: asked at start, then every period (here 20 ms
+        /// instead of five minutes), mirrored into `require_imdsv2`; required while the upstream
+        /// cannot be asked (the safe side), and optional again once it says so. The upstream is
+        /// the project's IMDS simulator, on loopback, restarted with another `HttpTokens` on the
+        /// same port.
+        #[tokio::test]
+        async fn the_instance_s_http_tokens_are_followed_and_required_while_unknown() {
+            use clap::Parser as _;
+            use std::sync::atomic::Ordering;
+            #[derive(clap::Parser)]
+            struct Sim {
+                #[command(flatten)]
+                config: ec2sim::sim::Config,
+            }
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let simulator = |tokens: &str| {
+                let Sim { config } = Sim::parse_from([
+                    "imds-sim",
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--http-tokens",
+                    tokens,
+                ]);
+                tokio::spawn(ec2sim::sim::run(config))
+            };
+            let clock = FakeClock::new();
+            let sts = FakeSts::new(&clock);
+            let mut app = Arc::into_inner(app(&sts, &clock)).unwrap();
+            app.upstream = Upstream::new(&format!("http://127.0.0.1:{port}"), 1, Duration::ZERO);
+            let app = Arc::new(app);
+            let required = || app.require_imdsv2.load(Ordering::Relaxed);
+            let until = |want: bool, what: &'static str| {
+                let app = app.clone();
+                async move {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                    while app.require_imdsv2.load(Ordering::Relaxed) != want {
+                        assert!(tokio::time::Instant::now() < deadline, "{what}");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            };
+
+            // Asked at start: required there, required here.
+            let strict = simulator("required");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the simulator never listened"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let mut known = None;
+            learn_upstream_imdsv2(&app, &mut known).await;
+            assert_eq!(known, Some(true));
+            assert!(required());
+            let follow = tokio::spawn(follow_upstream_imdsv2_from(
+                app.clone(),
+                Duration::from_millis(20),
+                known,
+            ));
+            // The instance's owner makes tokens optional: asked again, followed.
+            strict.abort();
+            let _ = strict.await;
+            let optional = simulator("optional");
+            until(false, "optional once the instance says so").await;
+            // Gone: required while it cannot be asked.
+            optional.abort();
+            let _ = optional.await;
+            until(true, "required while the upstream cannot be asked").await;
+            // Back: followed again.
+            let optional = simulator("optional");
+            until(false, "optional again once the upstream answers").await;
+            follow.abort();
+            optional.abort();
+            assert_eq!(FOLLOW_UPSTREAM_IMDSV2_EVERY, Duration::from_secs(300));
         }
 
         /// An upstream that takes the connection and never answers: 502 once the upstream

@@ -56,10 +56,13 @@ impl Pod {
 
 impl Containerd {
     pub fn start() -> Self {
-        // A containerd an interrupted run left holds the database: it goes first.
+        // A containerd an interrupted run left holds the database: it goes first, with what it
+        // ran (its shims, their pods' processes, their mounts), so no pod of that run lives on
+        // holding an address a new pod is given.
         let _ = Command::new("pkill")
             .args(["-f", &format!("containerd --config {DIR}/config.toml")])
             .status();
+        clear_leftover_pods();
         let _ = std::fs::remove_dir_all(DIR);
         std::fs::create_dir_all(format!("{DIR}/cni")).unwrap();
         std::fs::create_dir_all(ROOT).unwrap();
@@ -153,8 +156,29 @@ state = "{DIR}/state"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Pods an interrupted run left (their sandboxes live on in ROOT, and hold addresses a
+        // new pod would be given again) go before the test runs any.
+        containerd.remove_every_pod();
         containerd.import(&pause);
         containerd
+    }
+
+    /// Stop and remove every pod the runtime knows.
+    fn remove_every_pod(&self) {
+        let sandboxes = self
+            .rt
+            .block_on(
+                self.client
+                    .clone()
+                    .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }),
+            )
+            .map(|r| r.into_inner().items)
+            .unwrap_or_default();
+        for sandbox in sandboxes {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.remove_sandbox(&sandbox.id)
+            }));
+        }
     }
 
     /// containerd's own log.
@@ -440,22 +464,49 @@ state = "{DIR}/state"
     }
 }
 
+/// What a killed test's containerd left running: its shims (`-address <DIR>/...`), the processes
+/// of the pods this harness made (their cgroups `kubepods/.../pod<uid>`, with the harness's own
+/// uid pattern `…-0000-4000-8000-…`, so a real node's pods are never touched), and the mounts
+/// under [`DIR`].
+fn clear_leftover_pods() {
+    let _ = Command::new("pkill")
+        .args([
+            "-KILL",
+            "-f",
+            &format!("containerd-shim-runc-v2 .*-address {DIR}/"),
+        ])
+        .status();
+    if let Ok(root) = crate::kernel::cgroup2_root() {
+        let mut pending = vec![root.join("kubepods")];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("pod") && name.contains("-0000-4000-8000-") {
+                    let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
+                } else {
+                    pending.push(entry.path());
+                }
+            }
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut under: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| m.starts_with(DIR))
+        .collect();
+    under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for mount in under {
+        let _ = nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
-        let sandboxes = self
-            .rt
-            .block_on(
-                self.client
-                    .clone()
-                    .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }),
-            )
-            .map(|r| r.into_inner().items)
-            .unwrap_or_default();
-        for sandbox in sandboxes {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.remove_sandbox(&sandbox.id)
-            }));
-        }
+        self.remove_every_pod();
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,

@@ -278,28 +278,49 @@ pub fn place(cmd: &mut Command, cgroup: &Path, netns: Option<&str>) -> anyhow::R
     Ok(())
 }
 
-/// Programs and maps of imds-proxy the kernel still holds (names are cut at 15 characters).
-pub fn kernel_objects() -> Vec<String> {
-    let mut found: Vec<String> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_owned))
-        .filter(|n| n.starts_with("imds_"))
-        .collect();
-    found.extend(
-        aya::maps::loaded_maps()
-            .filter_map(Result::ok)
-            .filter_map(|m| m.name_as_str().map(str::to_owned))
-            .filter(|n| n.starts_with("IMDS_")),
-    );
-    found
+/// Programs and maps of imds-proxy the kernel holds at one moment, by kernel id (names are cut
+/// at 15 characters). A test compares against what it found before it started, so a program of
+/// anyone else's on the machine (a developer's `cargo xtask run`, a bench) is none of its business.
+#[derive(Clone, Debug, Default)]
+pub struct KernelObjects(std::collections::BTreeMap<(&'static str, u32), String>);
+
+impl KernelObjects {
+    pub fn now() -> Self {
+        let mut found = std::collections::BTreeMap::new();
+        for program in aya::programs::loaded_programs().filter_map(Result::ok) {
+            if let Some(name) = program.name_as_str().filter(|n| n.starts_with("imds_")) {
+                found.insert(("program", program.id()), name.to_owned());
+            }
+        }
+        for map in aya::maps::loaded_maps().filter_map(Result::ok) {
+            if let Some(name) = map.name_as_str().filter(|n| n.starts_with("IMDS_")) {
+                found.insert(("map", map.id()), name.to_owned());
+            }
+        }
+        KernelObjects(found)
+    }
+
+    /// What is here that was not in `before`, as `program <name> (id <id>)`.
+    pub fn since(&self, before: &KernelObjects) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(key, _)| !before.0.contains_key(key))
+            .map(|((kind, id), name)| format!("{kind} {name} (id {id})"))
+            .collect()
+    }
+}
+
+/// imds-proxy's programs and maps loaded since `before`.
+pub fn kernel_objects_since(before: &KernelObjects) -> Vec<String> {
+    KernelObjects::now().since(before)
 }
 
 /// Wait (bounded: the kernel frees detached programs and maps asynchronously) until none of
-/// imds-proxy's programs and maps is left; what is left otherwise.
-pub fn wait_kernel_objects_gone() -> Vec<String> {
+/// imds-proxy's programs and maps loaded since `before` is left; what is left otherwise.
+pub fn wait_kernel_objects_gone(before: &KernelObjects) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let left = kernel_objects();
+        let left = kernel_objects_since(before);
         if left.is_empty() || Instant::now() > deadline {
             return left;
         }

@@ -254,6 +254,11 @@ impl Proxy {
         self.child.wait().expect("the proxy is our child")
     }
 
+    /// Wait for the proxy to exit on its own; its exit status.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("the proxy is our child")
+    }
+
     /// The proxy's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -310,6 +315,13 @@ impl Proxy {
     pub fn metric(&self, name: &str) -> u64 {
         let text = Request::get("/metrics").send(self.ops).unwrap().text();
         metric_value(&text, name).unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
+    /// A labelled counter, 0 while its label has not been counted yet (a label is rendered once
+    /// counted). Only for a value the test then sees grow: a misspelt name stays 0.
+    pub fn counted(&self, name: &str) -> u64 {
+        let text = Request::get("/metrics").send(self.ops).unwrap().text();
+        metric_value(&text, name).unwrap_or(0)
     }
 }
 

@@ -252,21 +252,39 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
         let root = root.to_owned();
         std::thread::spawn(move || fuzz(&root))
     };
+    // One STS peer (moto) per address the scenes use, for the whole run: a scene resets it
+    // instead of starting its own (outage tests still start their own).
+    let shared_sts = start_shared_sts(root, &env.venv)?;
     let integration = step("integration and end-to-end tests", || {
+        // cargo-nextest (.config/nextest.toml): one test at a time, each in its own process and
+        // killed when it hangs, with each test's time in the report.
         let mut cmd = Command::new("cargo");
         cmd.current_dir(root)
             .args([
-                "test",
+                "nextest",
+                "run",
                 "--no-fail-fast",
                 "--package",
                 "imds-tests",
-                "--",
-                "--test-threads=1",
             ])
+            .args(if test_args.is_empty() {
+                &[][..]
+            } else {
+                &["--"][..]
+            })
             .args(test_args)
-            .env("IMDS_VENV", &env.venv);
+            .env("IMDS_VENV", &env.venv)
+            .env(
+                ec2sim::scene::SHARED_STS_ENV,
+                shared_sts
+                    .iter()
+                    .map(|sts| sts.endpoint().to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
         run(&mut cmd)
     });
+    drop(shared_sts);
     let fuzzed = fuzzing
         .join()
         .map_err(|_| anyhow::anyhow!("the fuzzing thread panicked"))?;
@@ -274,6 +292,21 @@ fn test(root: &Path, test_args: &[String]) -> anyhow::Result<()> {
     fuzzed?;
     println!("xtask test: everything passed in {:.0?}", started.elapsed());
     Ok(())
+}
+
+/// moto on loopback (most scenes) and on the docker0 gateway (scenes whose containers call STS
+/// themselves), each on a free port, for the scenes of one test run ([`ec2sim::scene::SharedSts`]).
+fn start_shared_sts(root: &Path, venv: &Path) -> anyhow::Result<Vec<ec2sim::scene::SharedSts>> {
+    let log = root.join("target/shared-sts.log");
+    let mut binds = vec![std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST)];
+    binds.push(ec2sim::images::docker0_gateway()?);
+    binds
+        .into_iter()
+        .map(|bind| {
+            ec2sim::scene::SharedSts::start(venv, bind, &log)
+                .with_context(|| format!("starting the run's shared STS on {bind}"))
+        })
+        .collect()
 }
 
 /// The cargo-fuzz targets (`fuzz/fuzz_targets`) and how long each runs in `cargo xtask test`.

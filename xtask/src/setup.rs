@@ -55,6 +55,7 @@ pub fn run(root: &Path) -> anyhow::Result<Env> {
     ])?;
     bpf_linker(llvm)?;
     cargo_fuzz()?;
+    cargo_nextest()?;
     musl_target()?;
     docker()?;
     bpffs()?;
@@ -236,6 +237,26 @@ fn cargo_fuzz() -> anyhow::Result<()> {
     ]))
     .with_context(|| format!("installing cargo-fuzz {CARGO_FUZZ_VERSION}"))?;
     say("cargo-fuzz", format!("{CARGO_FUZZ_VERSION} installed"));
+    Ok(())
+}
+
+/// cargo-nextest, which runs the integration tests (`.config/nextest.toml`): any release the
+/// machine has, else this one.
+fn cargo_nextest() -> anyhow::Result<()> {
+    const VERSION: &str = "0.9.143";
+    if let Ok(version) = output(Command::new("cargo").args(["nextest", "--version"])) {
+        say("nextest", version.lines().next().unwrap_or_default().trim());
+        return Ok(());
+    }
+    exec(Command::new("cargo").args([
+        "install",
+        "cargo-nextest",
+        "--version",
+        VERSION,
+        "--locked",
+    ]))
+    .with_context(|| format!("installing cargo-nextest {VERSION}"))?;
+    say("nextest", format!("{VERSION} installed"));
     Ok(())
 }
 

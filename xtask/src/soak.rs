@@ -476,7 +476,7 @@ fn report(
         out,
         "Command: `cargo xtask soak --minutes {minutes}` (release build, cgroup mode). Date: {date}.\n\
          Every number below was measured by that run. What each fault does is also asserted, in \
-         both modes, by `tests/tests/faults.rs` (part of `cargo xtask test`).\n"
+         both modes, by `tests/tests/suite/faults.rs` (part of `cargo xtask test`).\n"
     );
     let _ = writeln!(
         out,

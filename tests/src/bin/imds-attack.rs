@@ -1,5 +1,5 @@
 //! What a hostile process in a container does to the IMDS endpoint, byte by byte; run by
-//! `tests/tests/attacks.rs` inside real containers. Each command prints `key=value` lines the test
+//! `tests/tests/suite/attacks.rs` inside real containers. Each command prints `key=value` lines the test
 //! reads, and exits 0 whatever the server did.
 //!
 //! - `raw ADDR REQUEST`: send REQUEST (`\r`, `\n`, `\t`, `\\` and `\xNN` escapes understood;

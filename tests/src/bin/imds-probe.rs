@@ -4,7 +4,8 @@
 //!
 //! `--how` picks the way a socket reaches the address, as an attacker in a container would try
 //! them: `connect` (plain), `bound` (bind to the wildcard address first), `fastopen`
-//! (`sendto(MSG_FASTOPEN)` carrying the request, no connect), `udp` (a datagram, `sendto`), `raw`
+//! (`sendto(MSG_FASTOPEN)` carrying the request, no connect), `udp` (a datagram, `sendto`),
+//! `udp-connect` (a UDP socket connected to the address, then a datagram), `raw`
 //! (a TCP SYN written on a raw IP socket). The address may be v4-mapped (`[::ffff:a.b.c.d]:80`,
 //! an AF_INET6 socket talking IPv4) and may carry a scope id (`--scope-id`).
 use std::{
@@ -36,6 +37,7 @@ enum How {
     Bound,
     Fastopen,
     Udp,
+    UdpConnect,
     Raw,
 }
 
@@ -139,6 +141,18 @@ fn send_only(addr: SocketAddr, how: How) -> Result<serde_json::Value, std::io::E
     Ok(serde_json::json!({ "sent": sent }))
 }
 
+/// A UDP socket connected to `addr` (the connect hooks see this one), then one datagram.
+fn udp_connect(addr: SocketAddr) -> Result<serde_json::Value, std::io::Error> {
+    let any: SocketAddr = match addr {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("an address"),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("an address"),
+    };
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.connect(addr)?;
+    let sent = socket.send(b"GET /latest/meta-data/ HTTP/1.0\r\n\r\n")?;
+    Ok(serde_json::json!({ "sent": sent }))
+}
+
 fn main() {
     let cli = Cli::parse();
     let addr = match (cli.addr, cli.scope_id) {
@@ -150,6 +164,7 @@ fn main() {
     for _ in 0..cli.count {
         let result = match cli.how {
             How::Udp | How::Raw => send_only(addr, cli.how),
+            How::UdpConnect => udp_connect(addr),
             how => one(addr, &cli.path, how),
         };
         let line = match result {

@@ -39,6 +39,14 @@ fn podman_containers_get_their_own_roles_in(mode: Mode) {
         assert_own_role_only(&scene, &out, own, other, &container.name(), &|| proxy.log());
     }
 
+    // Podman's `remove` event (Docker says `destroy`): a removed container is forgotten, and
+    // its prefetched session with it.
+    let destroyed = || proxy.counted("imds_proxy_container_events_total{event=\"destroyed\"}");
+    let before = destroyed();
+    podman::podman_ok(&["rm", "-f", "-t", "0", &a.0]).unwrap();
+    proxy.wait_for_log(&["forgotten", &a.0]);
+    assert_eq!(destroyed(), before + 1, "announced as destroyed");
+
     // A real SDK client (aws-config's default chain, then STS).
     ensure_imds_is_simulated().unwrap();
     let endpoint = format!(

@@ -20,7 +20,7 @@ use imds_proxy::{
 use imds_tests::{
     http::Request,
     images::{curl_image, docker, docker_ok},
-    kernel::{TestCgroup, TestNetns, cgroup2_root, kernel_objects, place},
+    kernel::{KernelObjects, TestCgroup, TestNetns, cgroup2_root, place, wait_kernel_objects_gone},
     proxy::{TEST_IF, detach, proxy_bin},
     scene::{Scene, SceneConfig, ensure_imds_is_simulated},
 };
@@ -509,6 +509,51 @@ fn every_tcp_address_form_is_redirected_on_the_host_network() {
     every_tcp_address_form_is_redirected(None, "imds-test-forms-host");
 }
 
+/// README: "a container's UDP connect or TCP connect to another port of IMDS is refused
+/// (EPERM)". Each form from a container's cgroup gets `Operation not permitted`, and nothing
+/// arrives at the simulated IMDS. The premise, from the host (outside the attach point): the same
+/// UDP connects succeed and the TCP connects to port 443 are refused by the simulator's kernel
+/// (ECONNREFUSED), so the EPERM is the hook's.
+#[test]
+fn udp_connects_and_other_imds_ports_are_refused() {
+    let _scene = scene();
+    let parent = TestCgroup::new("imds-test-ports").unwrap();
+    let container = parent.child("c1").unwrap();
+    let _proxy = TestProxy::start(vec![parent.path().to_owned()], 0);
+    let port = |addr: SocketAddr, port: u16| SocketAddr::new(addr.ip(), port);
+    let v4 = imds_v4();
+    let v6 = imds_tests::scene::imds_v6();
+    let mapped = imds_v4_mapped();
+    let cases = [
+        ("TCP, IPv4, port 443", port(v4, 443), "connect"),
+        ("TCP, IPv6, port 443", port(v6, 443), "connect"),
+        ("TCP, v4-mapped, port 443", port(mapped, 443), "connect"),
+        ("UDP connect, IPv4, port 80", v4, "udp-connect"),
+        ("UDP connect, IPv4, port 53", port(v4, 53), "udp-connect"),
+        ("UDP connect, IPv6, port 80", v6, "udp-connect"),
+        ("UDP connect, v4-mapped, port 80", mapped, "udp-connect"),
+    ];
+    let before = sim_arrivals();
+    for (what, addr, how) in cases {
+        let got = probe_with(container.path(), None, addr, 1, &["--how", how]);
+        assert_eq!(got.len(), 1, "{what}: {got:?}");
+        assert_eq!(
+            got[0]["error"], "Operation not permitted (os error 1)",
+            "{what}: {got:?}"
+        );
+    }
+    assert_eq!(sim_arrivals(), before, "nothing arrived at IMDS");
+    let host = TestCgroup::new("imds-test-ports-host").unwrap();
+    for (what, addr, how) in cases {
+        let got = probe_with(host.path(), None, addr, 1, &["--how", how]);
+        let expected = match how {
+            "connect" => got[0]["kind"] == "ConnectionRefused",
+            _ => got[0]["sent"].as_u64().is_some(),
+        };
+        assert!(expected, "from the host, {what}: {got:?}");
+    }
+}
+
 /// Counters of the simulated IMDS's network namespace: TCP segments and UDP datagrams that
 /// arrived there, both families.
 fn sim_arrivals() -> (u64, u64) {
@@ -774,6 +819,7 @@ fn pinned_record_counts(pin: &Path) -> (usize, usize) {
 #[test]
 fn a_killed_pinned_proxy_fails_closed_restarts_and_detaches_cleanly() {
     let scene = scene();
+    let loaded_before = KernelObjects::now();
     let parent = TestCgroup::new("imds-test-pin").unwrap();
     let container = parent.child("c1").unwrap();
     let pin = PathBuf::from("/sys/fs/bpf/imds-test-pin");
@@ -831,11 +877,10 @@ fn a_killed_pinned_proxy_fails_closed_restarts_and_detaches_cleanly() {
     assert!(!pin.exists(), "pins removed");
     assert!(!netdev::exists(TEST_IF), "interface removed");
     // The kernel frees detached programs and their maps asynchronously: wait for it, bounded.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !kernel_objects().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(kernel_objects(), Vec::<String>::new());
+    assert_eq!(
+        wait_kernel_objects_gone(&loaded_before),
+        Vec::<String>::new()
+    );
     // Detached: the container now reaches the (simulated) IMDS directly.
     let before = scene.sim_requests().len();
     let direct = probe(container.path(), None, imds_v4(), 1);

@@ -177,3 +177,60 @@ fn a_pod_the_runtime_cannot_describe_does_not_stop_the_others() {
     containerd.remove_pod(&bloated);
     containerd.remove_pod(&web);
 }
+
+/// README: "`--default-role` applies to pods without the annotation". A pod with no annotation
+/// gets the default role (session `<namespace>.<pod>`); an annotated pod still gets its own; in a
+/// namespace whose allowed roles exclude the default, an unannotated pod gets none.
+/// And README: "a request from a container not listed yet is answered by asking the runtime
+/// directly": the runtime is listed once at start only (`--cri-poll 1h`), so every pod here is
+/// found by asking, and counted (`imds_proxy_containers_found_before_indexed_total`).
+#[test]
+fn pods_not_listed_yet_are_found_by_asking_and_get_the_default_role() {
+    let scene = containers_scene(env!("CARGO_BIN_EXE_imds-sim"));
+    let containerd = Containerd::start();
+    let curl = containerd.import(curl_image().unwrap());
+    let endpoint = cri::endpoint();
+    let allowed = format!("team-a={PREFIX}TeamA*,team-b={PREFIX}TeamB*");
+    let proxy = Proxy::start_in(
+        &scene,
+        Mode::Cgroup,
+        &[
+            "--runtime",
+            "cri",
+            "--cri-endpoint",
+            &endpoint,
+            "--default-role",
+            "TeamADefault",
+            "--namespace-allowed-roles",
+            &allowed,
+            "--cri-poll",
+            "1h",
+        ],
+    );
+    proxy.wait_for_log(&["CRI index synchronised"]);
+    ensure_imds_is_simulated().unwrap();
+    let sleep = ["sleep", "3600"];
+    let bare = containerd.run_pod("team-a", "bare", 0, &[], &curl, &sleep);
+    let web = containerd.run_pod("team-a", "web", 0, &[(ROLE, "TeamAWeb")], &curl, &sleep);
+    let elsewhere = containerd.run_pod("team-b", "bare", 0, &[], &curl, &sleep);
+    let check = |pod: &cri::Pod, own: &str, other: &str| {
+        let out = containerd.exec(&pod.container, &own_role_flow(other));
+        assert_own_role_only(&scene, &out, own, other, &pod.session(), &|| proxy.log());
+    };
+    check(&bare, "TeamADefault", "TeamAWeb");
+    check(&web, "TeamAWeb", "TeamADefault");
+    assert_eq!(
+        containerd.exec(&elsewhere.container, LISTING),
+        "404",
+        "{:#?}",
+        proxy.log()
+    );
+    assert_eq!(
+        proxy.metric("imds_proxy_containers_found_before_indexed_total"),
+        3,
+        "each pod found by asking the runtime, once"
+    );
+    for pod in [&bare, &web, &elsewhere] {
+        containerd.remove_pod(pod);
+    }
+}

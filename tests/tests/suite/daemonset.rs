@@ -49,6 +49,7 @@ fn the_proxy_runs_as_a_privileged_container_from_the_dockerfile_in_tc_mode() {
 
 fn daemonset(mode: Mode) {
     let scene = containers_scene(env!("CARGO_BIN_EXE_imds-sim"));
+    let before = imds_tests::kernel::KernelObjects::now();
     // `cargo xtask test` builds the image from the Dockerfile first, as `cargo xtask build --image`.
     let id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", IMAGE]);
     assert!(
@@ -212,13 +213,208 @@ curl -s -H "X-aws-ec2-metadata-token: $T" "http://169.254.169.254/latest/meta-da
         "links pinned in {PIN}"
     );
     assert!(
-        !imds_tests::kernel::kernel_objects().is_empty(),
+        !imds_tests::kernel::kernel_objects_since(&before).is_empty(),
         "still attached"
     );
     imds_tests::proxy::detach(PIN.as_ref());
     assert_eq!(
-        imds_tests::kernel::wait_kernel_objects_gone(),
+        imds_tests::kernel::wait_kernel_objects_gone(&before),
         Vec::<String>::new(),
         "detached"
     );
+}
+
+/// The Kubernetes manifest (`deploy/kubernetes/daemonset.yaml`) as shipped: its container's own
+/// arguments (`--runtime=cri`, its CRI endpoint, pin path, role prefix, namespace policy, ops
+/// address, JSON logs) and its mounts, run from the Dockerfile's image against the test's
+/// containerd, whose socket is mounted where the manifest mounts the node's. Only what differs
+/// on this machine is given apart, never as an argument: the STS endpoint (moto, through the
+/// standard environment) and where the manifest's bpffs volume comes from (a directory of the
+/// test's, so a developer's own pins are not touched). A pod in `default` gets the role its
+/// annotation names within `default-*`; one naming a role outside it gets none.
+#[test]
+fn the_manifest_s_own_arguments_run_against_containerd() {
+    use imds_tests::{
+        containers::{assert_own_role_only, own_role_flow},
+        cri::{self, Containerd},
+    };
+    const NAME: &str = "imds-proxy-manifest-test";
+    const BPFFS: &str = "/sys/fs/bpf/imds-test-manifest";
+    struct Manifested;
+    impl Drop for Manifested {
+        fn drop(&mut self) {
+            if std::thread::panicking()
+                && let Ok(logs) = docker(&["logs", NAME])
+            {
+                eprintln!("{}", String::from_utf8_lossy(&logs.stderr));
+            }
+            let _ = docker(&["stop", "-t", "10", NAME]);
+            let _ = docker(&["rm", "-f", NAME]);
+            let _ = std::process::Command::new(imds_tests::proxy::proxy_bin())
+                .args(["detach", "--pin", &format!("{BPFFS}/imds-proxy")])
+                .args(["--interface", imds_proxy::netdev::DEFAULT_INTERFACE])
+                .output();
+            let _ = std::fs::remove_dir_all(BPFFS);
+        }
+    }
+
+    let manifest: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/kubernetes/daemonset.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let pod = &manifest["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["hostPID"], true);
+    let container = &pod["containers"][0];
+    let args: Vec<String> = container["args"]
+        .as_sequence()
+        .expect("the container's args")
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert!(args.contains(&"--runtime=cri".to_owned()), "{args:?}");
+    let ops: std::net::SocketAddr = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--ops-listen="))
+        .expect("--ops-listen")
+        .parse()
+        .unwrap();
+    // The manifest's volumes, each mounted from where this machine has it.
+    let test_socket = cri::endpoint().trim_start_matches("unix://").to_owned();
+    let mut volumes = Vec::new();
+    for mount in container["volumeMounts"].as_sequence().unwrap() {
+        let path = mount["mountPath"].as_str().unwrap();
+        let from = match path {
+            "/run/containerd/containerd.sock" => test_socket.clone(),
+            "/sys/fs/bpf" => BPFFS.to_owned(),
+            "/sys/fs/cgroup" => path.to_owned(),
+            other => panic!("a volume the test does not know how to mount: {other}"),
+        };
+        volumes.extend(["-v".to_owned(), format!("{from}:{path}")]);
+    }
+
+    let scene = containers_scene(env!("CARGO_BIN_EXE_imds-sim"));
+    let containerd = Containerd::start();
+    let curl = containerd.import(curl_image().unwrap());
+    let sts = format!(
+        "AWS_ENDPOINT_URL_STS=http://{}",
+        scene.sts_endpoint().unwrap()
+    );
+    let _ = docker(&["rm", "-f", NAME]);
+    std::fs::create_dir_all(BPFFS).unwrap();
+    ensure_imds_is_simulated().unwrap();
+    let mut run: Vec<String> = [
+        "run",
+        "-d",
+        "--name",
+        NAME,
+        // privileged: true, as far as this machine allows (see `daemonset` above).
+        "--cap-add",
+        "ALL",
+        "--cap-drop",
+        "SYS_RESOURCE",
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "apparmor=unconfined",
+        "--network",
+        "host",
+        "--pid",
+        "host",
+        // A pod's own cgroup namespace.
+        "--cgroupns",
+        "private",
+        "-e",
+        &sts,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    run.extend(volumes);
+    run.push(IMAGE.to_owned());
+    run.extend(args);
+    docker_ok(&run.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let _daemon = Manifested;
+    let logs = || {
+        docker(&["logs", NAME])
+            .map(|o| {
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = Request::get("/readyz").send(ops);
+        if ready.as_ref().is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready: {ready:?}\n{:#?}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Ready is the programs, the upstream and the runtime answering; the first listing of the
+    // runtime's containers may end just after.
+    while !logs().iter().any(|l| l.contains("CRI index synchronised")) {
+        assert!(
+            Instant::now() < deadline,
+            "never synchronised: {:#?}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let sleep = ["sleep", "3600"];
+    let role = "iam.amazonaws.com/role";
+    let web = containerd.run_pod("default", "web", 0, &[(role, "default-web")], &curl, &sleep);
+    let rogue = containerd.run_pod("default", "rogue", 0, &[(role, "admin")], &curl, &sleep);
+    let out = containerd.exec(&web.container, &own_role_flow("admin"));
+    assert_own_role_only(&scene, &out, "default-web", "admin", &web.session(), &logs);
+    // The audit line (README: "container id and name, role ARN, access key id, expiry"), in the
+    // manifest's JSON logs, for what the pod was handed.
+    let served: serde_json::Value =
+        serde_json::from_str(&imds_tests::containers::answers(&out)[1].1).unwrap();
+    let audit: Vec<serde_json::Value> = logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["access_key_id"] == served["AccessKeyId"])
+        .collect();
+    assert_eq!(audit.len(), 1, "one audit line for the vend: {:#?}", logs());
+    let audit = &audit[0];
+    assert_eq!(audit["target"], "audit", "{audit}");
+    let fields = &audit["fields"];
+    assert_eq!(fields["message"], "credentials vended", "{audit}");
+    assert_eq!(fields["container_id"], web.container.as_str(), "{audit}");
+    assert!(
+        fields["container"]
+            .as_str()
+            .is_some_and(|n| n.contains("web")),
+        "{audit}"
+    );
+    assert_eq!(
+        fields["role_arn"],
+        format!("arn:aws:iam::{ACCOUNT_ID}:role/pods/default-web"),
+        "{audit}"
+    );
+    assert_eq!(fields["session"], web.session().as_str(), "{audit}");
+    assert_eq!(fields["expiration"], served["Expiration"], "{audit}");
+    let listing = containerd.exec(
+        &rogue.container,
+        r#"
+T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
+curl -s -o /dev/null -w '%{http_code}' -H "X-aws-ec2-metadata-token: $T" http://169.254.169.254/latest/meta-data/iam/security-credentials/
+"#,
+    );
+    assert_eq!(listing, "404", "{:#?}", logs());
+    containerd.remove_pod(&web);
+    containerd.remove_pod(&rogue);
 }

@@ -566,12 +566,16 @@ curl -s -D - -o /dev/null -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 77' h
 #[test]
 fn fifty_concurrent_first_requests_make_one_sts_call() {
     let scene = scene();
-    // STS answers after 500 ms, so the container's requests come while the first call (the
+    // STS answers after 2 s, so the container's requests come while the first call (the
     // prefetch at its start, or the first request's) is still under way: the single flight is
-    // what they meet, not a session already cached.
+    // what they meet, not a session already cached. The answer budget is longer still, so that
+    // each request waits for that call's answer instead of a 503.
     let sts = Injector::start(scene.sts_endpoint().unwrap());
-    sts.set(Fault::Delay(Duration::from_millis(500)));
-    let proxy = Proxy::start(&scene, &["--sts-endpoint", &sts.url()]);
+    sts.set(Fault::Delay(Duration::from_secs(2)));
+    let proxy = Proxy::start(
+        &scene,
+        &["--sts-endpoint", &sts.url(), "--answer-within", "4s"],
+    );
     let script = r#"
 for i in $(seq 50); do
   curl -s -o /dev/null -w '== %{http_code}\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/Burst &
@@ -637,6 +641,30 @@ curl -s -o /dev/null -w '== %{http_code}\n' "$U/latest/meta-data/ami-id"
         "{:#?}",
         proxy.log()
     );
+}
+
+/// README: "a `--runtime` that does not match what answers stops the proxy". `--runtime podman`
+/// with Docker's socket: the proxy attaches, asks the engine what it is, says why in one line and
+/// exits non-zero (its containers would be read the wrong way: cgroups, events).
+#[test]
+fn a_runtime_that_does_not_match_the_engine_stops_the_proxy() {
+    let scene = scene();
+    let mut proxy = Proxy::start_until(
+        &scene,
+        Mode::Cgroup,
+        &[
+            "--runtime",
+            "podman",
+            "--docker-host",
+            "unix:///var/run/docker.sock",
+        ],
+        &[],
+        &[],
+        "name the other runtime",
+    );
+    let status = proxy.wait();
+    assert!(!status.success(), "{status}");
+    proxy.wait_for_log(&["--runtime Podman, but unix:///var/run/docker.sock is Docker's API"]);
 }
 
 #[test]
@@ -778,7 +806,13 @@ fn an_address_taken_from_a_running_container_is_not_its_identity_any_more_in(mod
 
 #[test]
 fn an_sts_outage_serves_cached_credentials_and_recovers() {
-    let mut scene = scene();
+    // Its own STS: this test stops it.
+    let mut scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
+        .http_tokens(HttpTokens::Optional)
+        .with_sts()
+        .own_sts()
+        .start()
+        .expect("the simulated EC2 host starts");
     let _proxy = Proxy::start(&scene, &[]);
     let cached = Running::start(&["--label", "iam.amazonaws.com/role=Steady"]);
     let (status, first) = get_credentials(&cached, "Steady");
@@ -861,13 +895,17 @@ imds_tests::per_mode! { a_stopped_proxy_leaves_nothing_behind => a_stopped_proxy
 /// detach every program and remove the listen interface, and the exit is clean; SIGKILL (no
 /// `--pin`) leaves no program attached either, since the links die with the process.
 fn a_stopped_proxy_leaves_nothing_behind_in(mode: Mode) {
-    use imds_tests::kernel::{kernel_objects, wait_kernel_objects_gone};
+    use imds_tests::kernel::{KernelObjects, kernel_objects_since, wait_kernel_objects_gone};
     use nix::sys::signal::Signal;
     let scene = scene();
+    let before = KernelObjects::now();
     let interface = std::path::Path::new("/sys/class/net").join(TEST_IF);
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
         let mut proxy = Proxy::start_in(&scene, mode, &[]);
-        assert!(!kernel_objects().is_empty(), "{mode:?}: attached");
+        assert!(
+            !kernel_objects_since(&before).is_empty(),
+            "{mode:?}: attached"
+        );
         assert!(interface.exists(), "{mode:?}: the listen interface is up");
         // A dummy interface, or (a kernel without the dummy driver, as here) an ifb device, and
         // the log says which.
@@ -891,7 +929,7 @@ fn a_stopped_proxy_leaves_nothing_behind_in(mode: Mode) {
         let status = proxy.stop_with(signal);
         assert!(status.success(), "{mode:?} {signal}: {status}");
         assert_eq!(
-            wait_kernel_objects_gone(),
+            wait_kernel_objects_gone(&before),
             Vec::<String>::new(),
             "{mode:?} {signal}: every program and map is gone"
         );
@@ -909,10 +947,13 @@ fn a_stopped_proxy_leaves_nothing_behind_in(mode: Mode) {
         );
     }
     let mut proxy = Proxy::start_in(&scene, mode, &[]);
-    assert!(!kernel_objects().is_empty(), "{mode:?}: attached");
+    assert!(
+        !kernel_objects_since(&before).is_empty(),
+        "{mode:?}: attached"
+    );
     proxy.kill();
     assert_eq!(
-        wait_kernel_objects_gone(),
+        wait_kernel_objects_gone(&before),
         Vec::<String>::new(),
         "{mode:?}: after SIGKILL without --pin, nothing stays attached"
     );
@@ -1102,23 +1143,99 @@ fn a_container_s_credentials_are_fetched_when_it_is_created() {
 }
 
 /// The proxy's STS client is configured as any AWS tool is: `AWS_ENDPOINT_URL_STS` names the
-/// endpoint when `--sts-endpoint` does not (before, the SDK's public endpoint was used anyway).
+/// endpoint when `--sts-endpoint` does not (before, the SDK's public endpoint was used anyway),
+/// and `AWS_MAX_ATTEMPTS` sets the attempts per call. But it signs only with the instance's
+/// credentials: never with `AWS_ACCESS_KEY_ID` nor a profile's keys, both set here. The injector
+/// in front of moto notes the key id of every signed request, and counts the attempts.
 #[test]
 fn the_sts_endpoint_can_come_from_the_standard_environment() {
     let scene = scene();
-    let sts = format!("http://{}", scene.sts_endpoint().unwrap());
+    let sts = Injector::start(scene.sts_endpoint().unwrap());
+    let endpoint = sts.url();
+    let dir = std::env::temp_dir().join(format!("imds-test-aws-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let credentials_file = dir.join("credentials");
+    std::fs::write(
+        &credentials_file,
+        "[leaky]\naws_access_key_id = AKIAPROFILEKEY000000\naws_secret_access_key = profile\n",
+    )
+    .unwrap();
+    let config_file = dir.join("config");
+    std::fs::write(&config_file, "[profile leaky]\nregion = us-east-1\n").unwrap();
     let proxy = Proxy::start_with_env(
         &scene,
         Mode::Cgroup,
         &[],
-        &[("AWS_ENDPOINT_URL_STS", &sts), ("AWS_MAX_ATTEMPTS", "2")],
+        &[
+            ("AWS_ENDPOINT_URL_STS", &endpoint),
+            ("AWS_MAX_ATTEMPTS", "2"),
+            ("AWS_ACCESS_KEY_ID", "AKIAENVIRONMENTKEY00"),
+            ("AWS_SECRET_ACCESS_KEY", "environment"),
+            ("AWS_PROFILE", "leaky"),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                credentials_file.to_str().unwrap(),
+            ),
+            ("AWS_CONFIG_FILE", config_file.to_str().unwrap()),
+        ],
     );
-    proxy.wait_for_log(&["STS client configured", &sts, "from the environment"]);
+    proxy.wait_for_log(&["STS client configured", &endpoint, "from the environment"]);
     let container = Running::start(&["--label", "iam.amazonaws.com/role=FromEnv"]);
     let (status, body) = get_credentials(&container, "FromEnv");
     assert_eq!(status, 200, "{body}");
     let creds: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(caller_arn(&scene, &creds).contains(":assumed-role/FromEnv/"));
+
+    // Signed with the instance's key, every time (the premise: STS was asked through the
+    // injector, signed).
+    let instance_key = &scene.instance_credentials().unwrap().access_key_id;
+    let signed: Vec<String> = sts.signed_with().into_iter().map(|(_, key)| key).collect();
+    assert!(!signed.is_empty(), "STS was asked through the injector");
+    assert!(
+        signed.iter().all(|key| key == instance_key),
+        "signed with {signed:?}, not only the instance's {instance_key}"
+    );
+
+    // Two attempts per call: with STS failing, every settled call made exactly two requests.
+    let (calls_before, requests_before) =
+        (proxy.metric("imds_proxy_sts_calls_total"), sts.requests());
+    sts.set(Fault::HttpError(500));
+    let broken = Running::start(&["--label", "iam.amazonaws.com/role=Broken"]);
+    let (status, body) = get_credentials(&broken, "Broken");
+    assert_eq!(status, 503, "{body}");
+    let (calls, requests) = settled_sts_calls(&proxy, &sts);
+    assert!(calls > calls_before, "a call for Broken was made");
+    assert_eq!(
+        requests - requests_before,
+        2 * (calls - calls_before),
+        "AWS_MAX_ATTEMPTS=2: two attempts per call"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The proxy's STS call count and the injector's request count at a moment when no call is under
+/// way (every call counted has finished: `imds_proxy_sts_call_seconds_count` caught up), read
+/// twice the same around the injector's count.
+fn settled_sts_calls(proxy: &Proxy, sts: &Injector) -> (u64, u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let read = || {
+            (
+                proxy.metric("imds_proxy_sts_calls_total"),
+                proxy.metric("imds_proxy_sts_call_seconds_count"),
+            )
+        };
+        let (started, finished) = read();
+        let requests = sts.requests();
+        if started == finished && read() == (started, finished) {
+            return (started, requests);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "STS calls never settled: {started} started, {finished} finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `deploy/systemd/imds-proxy.service`, as shipped.
@@ -1160,6 +1277,26 @@ fn the_systemd_units_verify() {
         "/usr/local/bin/imds-proxy gate --pin /sys/fs/bpf/imds-proxy"
     );
     assert!(deployed("kubernetes/daemonset.yaml").contains("- --pin=/sys/fs/bpf/imds-proxy\n"));
+    // Fail closed across stops and crashes (README): restarted after a second, forever; pinned by
+    // its config; nothing run at stop that could detach; room for every container's connections.
+    assert_eq!(unit_value(&unit, "Restart"), "always");
+    assert_eq!(unit_value(&unit, "RestartSec"), "1");
+    assert_eq!(unit_value(&unit, "StartLimitIntervalSec"), "0");
+    let at_stop: Vec<&str> = unit
+        .lines()
+        .filter(|l| l.trim_start().starts_with("ExecStop"))
+        .collect();
+    assert!(at_stop.is_empty(), "nothing runs at stop: {at_stop:?}");
+    assert!(
+        unit_value(&unit, "LimitNOFILE").parse::<u64>().unwrap() >= 65536,
+        "LimitNOFILE"
+    );
+    assert!(
+        deployed("systemd/config.toml")
+            .lines()
+            .any(|l| l.trim() == r#"pin = "/sys/fs/bpf/imds-proxy""#),
+        "the unit's config pins the redirect"
+    );
     for unit in [&unit, &gate] {
         assert_eq!(unit_value(unit, "Type"), "notify");
         let before = unit_value(unit, "Before");

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use imds_tests::{
     http::Request,
-    kernel::wait_kernel_objects_gone,
+    kernel::{KernelObjects, wait_kernel_objects_gone},
     proxy::{Proxy, detach},
     scene::{Scene, SceneConfig, ensure_imds_is_simulated, ip},
     sim::HttpTokens,
@@ -171,6 +171,7 @@ fn tc_proxy(scene: &Scene, extra: &[&str]) -> Proxy {
 #[test]
 fn bridge_clients_are_redirected_with_tcx_and_with_netlink() {
     let scene = scene();
+    let before = KernelObjects::now();
     for attach in ["tcx", "netlink"] {
         let bridge = Bridge::new(0, 2);
         let sources = bridge.static_sources();
@@ -221,7 +222,11 @@ fn bridge_clients_are_redirected_with_tcx_and_with_netlink() {
             assert!(qdiscs().contains("clsact"), "{}", qdiscs());
         }
         drop(proxy); // SIGTERM: a graceful stop detaches
-        assert_eq!(wait_kernel_objects_gone(), Vec::<String>::new(), "{attach}");
+        assert_eq!(
+            wait_kernel_objects_gone(&before),
+            Vec::<String>::new(),
+            "{attach}"
+        );
         assert!(
             !qdiscs().contains("clsact"),
             "{attach}: the qdisc we added is gone: {}",
@@ -259,6 +264,7 @@ fn interfaces_that_come_later_are_attached_and_forgotten_when_gone() {
 #[test]
 fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     let scene = scene();
+    let loaded_before = KernelObjects::now();
     let pins = imds_tests::proxy::Pins::new("/sys/fs/bpf/imds-test-tc");
     let pin = pins.path().to_owned();
     let bridge = Bridge::new(2, 1);
@@ -295,7 +301,10 @@ fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     }
     detach(&pin);
     assert!(!pin.exists());
-    assert_eq!(wait_kernel_objects_gone(), Vec::<String>::new());
+    assert_eq!(
+        wait_kernel_objects_gone(&loaded_before),
+        Vec::<String>::new()
+    );
     drop(first);
 }
 

@@ -37,7 +37,8 @@ fn main() -> anyhow::Result<()> {
         .hop_limit(cli.hop_limit)
         .http_tokens(cli.http_tokens);
     if cli.sts {
-        config = config.with_sts();
+        // Its own moto, which goes with the scene (never a test run's shared one).
+        config = config.with_sts().own_sts();
     }
     let scene = config.start()?;
     println!(

@@ -119,6 +119,9 @@ imds_tests::per_mode! { sts_hangs => sts_hangs_in; }
 
 /// STS accepts connections and never answers (a stopped process): cached roles are served, a new
 /// role gets a 503 in bounded time (as often as it asks), and is served once STS answers again.
+/// The call itself is bounded (README: per attempt, and in all): it ends, as a timeout, after more
+/// than one attempt (one attempt does not eat the whole budget). Asserted from the counters and
+/// the injector, not the clock.
 fn sts_hangs_in(mode: Mode) {
     let scene = scene();
     let (sts, proxy) = behind_faulty_sts(&scene, mode);
@@ -126,6 +129,7 @@ fn sts_hangs_in(mode: Mode) {
     let key = cached_role_before(&steady, "Steady");
 
     sts.set(Fault::Hang);
+    let requests_before = sts.requests();
     let fresh = with_role("Fresh");
     for _ in 0..3 {
         let (status, body) = credentials(&fresh, "Fresh");
@@ -135,6 +139,20 @@ fn sts_hangs_in(mode: Mode) {
         assert!(body.contains(&key), "the cached session: {body}");
     }
     assert!(proxy.metric("imds_proxy_sts_answers_pending_total") >= 1);
+    let timed_out = || proxy.counted("imds_proxy_sts_errors_total{reason=\"sts_timeout\"}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while timed_out() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a call against a hanging STS never ended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let attempts = sts.requests() - requests_before;
+    assert!(
+        attempts >= 2,
+        "{attempts} attempt(s) before the call timed out: each attempt is bounded on its own"
+    );
 
     sts.set(Fault::Pass);
     until_served(&fresh, "Fresh");

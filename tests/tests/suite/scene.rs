@@ -11,8 +11,11 @@ use imds_tests::{
     scene::{self, SceneConfig},
 };
 
+/// A scene with an STS of its own: these tests check that its moto goes with it.
 fn config() -> SceneConfig {
-    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim")).with_sts()
+    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
+        .with_sts()
+        .own_sts()
 }
 
 /// The processes a scene started, so the test can check they are gone.

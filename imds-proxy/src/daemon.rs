@@ -18,18 +18,42 @@ use anyhow::{Context as _, bail};
 use crate::{
     cgroup::{self, Cgroups},
     config::{Config, RunArgs},
-    credentials, docker,
+    credentials,
     identity::{AttestedListener, Attestor, Proc},
     imds,
     metrics::Metrics,
     netdev,
     redirect::{Place, Redirect},
-    serve,
+    runtime, serve,
+    supervisor::Supervisor,
     tokens::Tokens,
     upstream::Upstream,
 };
 
-pub async fn run(mut config: Config) -> anyhow::Result<()> {
+/// `imds-proxy run`, as a list of steps; each is a function below, in this order.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let config = serve_ipv4_only_without_ipv6(config);
+    let host = prepare_host(&config).await?;
+    let supervisor = Supervisor::new();
+    let redirect = attach(&config, &host, &supervisor)?;
+    let docker = connect_and_check_engine(&config).await?;
+    let parts = build_parts(&config, &host, &redirect, docker, &supervisor).await?;
+    start_background_work(&config, &host, &redirect, &parts, &supervisor);
+    let (servers, attached) = serve(
+        &config,
+        host.listeners,
+        host.ops_listener,
+        parts,
+        &redirect,
+        supervisor,
+    );
+    wait_for_a_stop(servers).await?;
+    stop(&config, &redirect, &attached).await
+}
+
+/// With IPv6 disabled on the host, the IPv6 listen address is dropped (IPv6 IMDS connects are
+/// then refused by the kernel programs).
+fn serve_ipv4_only_without_ipv6(mut config: Config) -> Config {
     if config.listen.v6.is_some() && !netdev::ipv6_enabled() {
         tracing::warn!(
             listen_v6 = ?config.listen.v6,
@@ -38,6 +62,23 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         );
         config.listen.v6 = None;
     }
+    config
+}
+
+/// What this host alone decides, done before anything is attached.
+struct Host {
+    root: std::path::PathBuf,
+    own_path: String,
+    place: Place,
+    metrics: Arc<Metrics>,
+    ops_listener: tokio::net::TcpListener,
+    listeners: Vec<tokio::net::TcpListener>,
+}
+
+/// The checks and local work that can fail for reasons of this host alone: a flag conflict in
+/// the runtime flags, the cgroup v2 hierarchy and the proxy's place in it, the descriptor limit,
+/// the ops listener, the listen interface and the listeners (a redirected connect must find one).
+async fn prepare_host(config: &Config) -> anyhow::Result<Host> {
     let args = &config.args;
     // A flag conflict is the operator's to fix: said now, not waited on.
     args.engine_socket(|_| true)?;
@@ -51,13 +92,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         root: root.clone(),
     };
     fd_limit(args.limits.max_connections);
-    let metrics = Arc::new(Metrics::default());
-
     let ops_listener = tokio::net::TcpListener::bind(args.network.ops_listen)
         .await
         .with_context(|| format!("binding the ops listener {}", args.network.ops_listen))?;
     netdev::ensure(&args.network.interface, &config.listen.addresses()).await?;
-    // Listen before attaching: a redirected connect must find a listener.
     let mut listeners = Vec::new();
     for addr in [
         Some(SocketAddr::V4(config.listen.v4)),
@@ -71,11 +109,32 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding {addr}"))?;
         listeners.push(listener);
     }
+    Ok(Host {
+        root,
+        own_path,
+        place,
+        metrics: Arc::new(Metrics::default()),
+        ops_listener,
+        listeners,
+    })
+}
 
-    let redirect = Arc::new(Redirect::attach(&config, &place)?);
-    redirect.start(&config.hosts, &root)?;
+/// Attach the redirect, start the mode's own background work (none of it needs the engine), and
+/// tell the service manager the proxy is ready: the runtimes' units are ordered after it.
+fn attach(
+    config: &Config,
+    host: &Host,
+    supervisor: &Arc<Supervisor>,
+) -> anyhow::Result<Arc<Redirect>> {
+    let redirect = Arc::new(Redirect::attach(config, &host.place)?);
+    redirect.start(&config.hosts, &host.root, supervisor)?;
     crate::notify::ready("redirect attached; connecting to the container engine");
+    Ok(redirect)
+}
 
+/// The engine's index once it answers ([`connect_engine`]), checked against `--runtime`.
+async fn connect_and_check_engine(config: &Config) -> anyhow::Result<Arc<runtime::Index>> {
+    let args = &config.args;
     let (docker, socket) = connect_engine(args).await;
     let (engine, driver) = docker.engine().await?;
     let wanted = match args.runtime {
@@ -100,6 +159,28 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         );
     }
     tracing::info!(?engine, cgroup_driver = %driver, %socket, "container engine");
+    Ok(docker)
+}
+
+/// The parts that answer requests, wired together.
+struct Parts {
+    docker: Arc<runtime::Index>,
+    cache: Arc<credentials::Cache>,
+    attestor: Arc<Attestor>,
+    app: Arc<imds::App>,
+}
+
+/// The STS client and credential cache, the attestor and the IMDS application; the instance's
+/// `HttpTokens` learnt before the first request is served, and followed after.
+async fn build_parts(
+    config: &Config,
+    host: &Host,
+    redirect: &Arc<Redirect>,
+    docker: Arc<runtime::Index>,
+    supervisor: &Arc<Supervisor>,
+) -> anyhow::Result<Parts> {
+    let args = &config.args;
+    let metrics = &host.metrics;
     let sts = credentials::sts_client(
         &args.imds.upstream,
         args.sts.region.as_deref(),
@@ -117,10 +198,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         metrics.clone(),
     );
     let proc = Proc::default();
-    redirect.follow_containers(&docker, proc.clone());
+    redirect.follow_containers(&docker, proc.clone(), supervisor);
     let attestor = Arc::new(Attestor::new(
         Some(redirect.hooks().clone()),
-        Arc::new(Cgroups::new(root.clone())),
+        Arc::new(Cgroups::new(host.root.clone())),
         docker.clone(),
         proc,
         redirect.identifies_by_address(),
@@ -153,32 +234,62 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             // Known before the first request is served; followed after.
             let mut known = None;
             imds::learn_upstream_imdsv2(&app, &mut known).await;
-            tokio::spawn(imds::follow_upstream_imdsv2_from(
-                app.clone(),
-                imds::FOLLOW_UPSTREAM_IMDSV2_EVERY,
-                known,
-            ));
+            supervisor.spawn(
+                "upstream HttpTokens follower",
+                imds::follow_upstream_imdsv2_from(
+                    app.clone(),
+                    imds::FOLLOW_UPSTREAM_IMDSV2_EVERY,
+                    known,
+                ),
+            );
         }
     }
+    Ok(Parts {
+        docker,
+        cache,
+        attestor,
+        app,
+    })
+}
+
+/// The background work that follows the engine: the cache's prefetch and the coverage watch on
+/// the engine's events, the sweepers, and the index itself (subscribed to first, so that every
+/// container is seen, those running now included). Each under the supervisor.
+fn start_background_work(
+    config: &Config,
+    host: &Host,
+    redirect: &Arc<Redirect>,
+    parts: &Parts,
+    supervisor: &Arc<Supervisor>,
+) {
+    let (docker, cache, attestor, metrics) =
+        (&parts.docker, &parts.cache, &parts.attestor, &host.metrics);
+    let root = &host.root;
     // Run as a container itself, the proxy is one of Docker's containers: it never asks itself.
-    let own_container = cgroup::container_id(&own_path);
-    tokio::spawn(cache.clone().follow_containers(
-        config.roles.clone(),
-        docker.subscribe(),
-        own_container.clone(),
-    ));
-    tokio::spawn(crate::redirect::watch_coverage(
-        docker.subscribe(),
-        docker.clone(),
-        metrics.clone(),
-        redirect.attach_points(&root),
-        own_container,
-    ));
+    let own_container = cgroup::container_id(&host.own_path);
+    supervisor.spawn(
+        "credential prefetch",
+        cache.clone().follow_containers(
+            config.roles.clone(),
+            docker.subscribe(),
+            own_container.clone(),
+        ),
+    );
+    supervisor.spawn(
+        "coverage watch",
+        crate::redirect::watch_coverage(
+            docker.subscribe(),
+            docker.clone(),
+            metrics.clone(),
+            redirect.attach_points(root),
+            own_container,
+        ),
+    );
     // Every minute, the watched source addresses of containers gone give their descriptors back
     // (tc mode; a watch is otherwise dropped only when its address calls again).
     {
         let attestor = attestor.clone();
-        tokio::spawn(async move {
+        supervisor.spawn("address watch sweeper", async move {
             let mut every = tokio::time::interval(Duration::from_secs(60));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -191,12 +302,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         });
     }
     // Subscribed before the index starts: every container, those running now included.
-    tokio::spawn(docker.clone().run());
+    supervisor.spawn("container index", docker.clone().run());
     // Every minute the cache keeps only the indexed containers' sessions: a destroy event missed
     // (the subscriber lagged behind a burst of containers) leaves nothing behind for long.
     {
         let (cache, docker) = (cache.clone(), docker.clone());
-        tokio::spawn(async move {
+        supervisor.spawn("credential cache sweeper", async move {
             let mut every = tokio::time::interval(Duration::from_secs(60));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -214,7 +325,26 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             }
         });
     }
+}
 
+/// The listeners (redirected connections, attested) and the ops endpoints, each a task of the
+/// returned set; and the flag the ops endpoints read to say the programs are attached.
+fn serve(
+    config: &Config,
+    listeners: Vec<tokio::net::TcpListener>,
+    ops_listener: tokio::net::TcpListener,
+    parts: Parts,
+    redirect: &Arc<Redirect>,
+    supervisor: Arc<Supervisor>,
+) -> (tokio::task::JoinSet<std::io::Result<()>>, Arc<AtomicBool>) {
+    let args = &config.args;
+    let Parts {
+        docker,
+        attestor,
+        app,
+        ..
+    } = parts;
+    let metrics = app.metrics.clone();
     let router = imds::router(app.clone());
     let limits = serve::Limits {
         header_timeout: args.limits.header_timeout,
@@ -240,9 +370,17 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         redirect: redirect.clone(),
         attestor,
         attached: attached.clone(),
+        supervisor,
     });
     servers.spawn(async move { axum::serve(ops_listener, ops).await });
 
+    (servers, attached)
+}
+
+/// Until SIGINT or SIGTERM, or a listener that stops (an error).
+async fn wait_for_a_stop(
+    mut servers: tokio::task::JoinSet<std::io::Result<()>>,
+) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
@@ -254,6 +392,13 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     }
     crate::notify::stopping();
     servers.abort_all();
+    Ok(())
+}
+
+/// Stop: the ops endpoints say not attached; the redirect stays pinned (fail closed) or goes with
+/// the listen interface.
+async fn stop(config: &Config, redirect: &Redirect, attached: &AtomicBool) -> anyhow::Result<()> {
+    let args = &config.args;
     attached.store(false, Ordering::Relaxed);
     redirect.stop(args.redirect.pin.is_some());
     if args.redirect.pin.is_some() {
@@ -271,7 +416,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
 /// The container engine's index, once the engine answers: with the unit ordered before the
 /// runtimes, its socket may not exist yet. Said once, then retried (200 ms doubling to 5 s);
 /// what it says when it answers (its kind, its driver) is checked by the caller.
-async fn connect_engine(args: &RunArgs) -> (Arc<docker::Index>, String) {
+async fn connect_engine(args: &RunArgs) -> (Arc<runtime::Index>, String) {
     let mut backoff = Duration::from_millis(200);
     let mut waiting = false;
     loop {
@@ -279,10 +424,10 @@ async fn connect_engine(args: &RunArgs) -> (Arc<docker::Index>, String) {
             let (api, socket) = args.engine_socket(|path| std::path::Path::new(path).exists())?;
             let index = match api {
                 crate::config::RuntimeApi::Docker => {
-                    docker::Index::connect(&socket, args.roles.trust_image_role).await?
+                    runtime::Index::connect(&socket, args.roles.trust_image_role).await?
                 }
                 crate::config::RuntimeApi::Cri => {
-                    docker::Index::connect_cri(&socket, args.cri_poll).await?
+                    runtime::Index::connect_cri(&socket, args.cri_poll).await?
                 }
             };
             anyhow::Ok((index, socket))

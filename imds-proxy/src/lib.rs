@@ -12,9 +12,7 @@
 pub mod cgroup;
 pub mod config;
 pub(crate) mod credentials;
-pub mod cri;
 pub mod daemon;
-pub mod docker;
 pub mod gate;
 pub mod identity;
 pub(crate) mod imds;
@@ -22,8 +20,11 @@ pub(crate) mod metrics;
 pub mod netdev;
 pub(crate) mod notify;
 pub(crate) mod ops;
+pub mod process;
 pub mod redirect;
+pub mod runtime;
 pub(crate) mod serve;
+pub mod supervisor;
 pub(crate) mod upstream;
 
 pub use imds_policy::roles;

@@ -1,20 +1,23 @@
-//! The operations listener: `/healthz`, `/readyz` (programs attached, upstream IMDS and Docker
-//! answering) and `/metrics` (Prometheus text).
+//! The operations listener: `/healthz`, `/readyz` (programs attached, upstream IMDS and the
+//! container engine answering, the STS breaker closed, every background task running) and
+//! `/metrics` (Prometheus text).
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
 };
 
-use crate::{docker, identity::Attestor, imds, redirect::Redirect};
+use crate::{identity::Attestor, imds, redirect::Redirect, runtime};
 
 /// What the ops endpoints look at.
 pub struct Ops {
     pub app: Arc<imds::App>,
-    pub docker: Arc<docker::Index>,
+    pub docker: Arc<runtime::Index>,
     pub redirect: Arc<Redirect>,
     pub attestor: Arc<Attestor>,
     /// Cleared when the proxy starts to stop.
     pub attached: Arc<AtomicBool>,
+    /// The background tasks: one that stopped makes the proxy unready.
+    pub supervisor: Arc<crate::supervisor::Supervisor>,
 }
 
 pub fn router(ops: Ops) -> axum::Router {
@@ -35,8 +38,9 @@ pub fn router(ops: Ops) -> axum::Router {
                     let sts = ops.app.credentials.breaker();
                     let sts_usable =
                         !matches!(sts, crate::credentials::breaker::Status::Open { .. });
+                    let (background, background_line) = ops.supervisor.readiness();
                     let body = format!(
-                        "programs attached: {programs}\nupstream IMDS: {}\ndocker: {}\nsts: {}\n",
+                        "programs attached: {programs}\nupstream IMDS: {}\ndocker: {}\nsts: {}\n{background_line}\n",
                         if upstream {
                             "answering"
                         } else {
@@ -52,7 +56,7 @@ pub fn router(ops: Ops) -> axum::Router {
                             ),
                         },
                     );
-                    let status = if programs && upstream && docker && sts_usable {
+                    let status = if programs && upstream && docker && sts_usable && background {
                         StatusCode::OK
                     } else {
                         StatusCode::SERVICE_UNAVAILABLE
@@ -80,6 +84,7 @@ pub fn router(ops: Ops) -> axum::Router {
                         ),
                     ));
                     body.push_str(&crate::metrics::render_attested(ops.attestor.attested()));
+                    body.push_str(&ops.supervisor.render());
                     body.push_str(&ops.redirect.render_metrics(
                         ops.attestor.address_confirmations(),
                         ops.attestor.watched_addresses(),

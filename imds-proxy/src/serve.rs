@@ -298,7 +298,7 @@ mod tests {
             caller: Err(Refusal::NoRecord),
         };
         assert_eq!(CallerKey::of(&unattested), address(1));
-        let container = crate::docker::Container {
+        let container = crate::runtime::Container {
             id: "ab".repeat(32),
             ..Default::default()
         };

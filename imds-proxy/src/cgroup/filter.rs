@@ -21,7 +21,14 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use imds_policy::cgroups::{HostCgroups, Owner};
 
-use crate::redirect::cgroup::CgroupRedirect as Redirect;
+/// Where the classifications go: the kernel's map of classified cgroups (the cgroup redirect's,
+/// in the daemon and the gate). A trait, so this module knows nothing of the redirect.
+pub trait Classifications: Send + Sync + 'static {
+    /// Record cgroup `cgroup_id` as a container's (`true`) or a host service's.
+    fn classify_cgroup(&self, cgroup_id: u64, container: bool) -> Result<(), String>;
+    /// Forget a removed cgroup's classification.
+    fn forget_cgroup(&self, cgroup_id: u64);
+}
 
 /// Whose the cgroup directory `dir` is, by its path relative to the v2 `root`. A directory
 /// outside the root (which the walk never makes) is a container's.
@@ -33,7 +40,7 @@ pub fn owner(hosts: &HostCgroups, root: &Path, dir: &Path) -> Owner {
 }
 
 pub struct Feed {
-    redirect: Arc<Redirect>,
+    redirect: Arc<dyn Classifications>,
     hosts: HostCgroups,
     /// The v2 root (paths are classified relative to it) and the attach point.
     root: PathBuf,
@@ -49,7 +56,7 @@ impl Feed {
     /// Classify everything below `parent` (the attach point, under the v2 `root`) and start
     /// watching it.
     pub fn start(
-        redirect: Arc<Redirect>,
+        redirect: Arc<dyn Classifications>,
         hosts: HostCgroups,
         root: &Path,
         parent: &Path,

@@ -11,7 +11,6 @@
 //!   in its namespace), else by asking Docker. Once per connection.
 //!
 //! A connection with neither (someone connecting to the listen address directly) is refused.
-mod address;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -21,17 +20,17 @@ use std::{
     },
 };
 
-pub use address::{Proc, Watched};
+pub use crate::process::{Proc, Watched};
 use futures_util::future::BoxFuture;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     cgroup::{self, Cgroups},
-    docker::Container,
     redirect::cgroup::{CgroupRedirect, Record},
+    runtime::Container,
 };
 
-/// What the attestor needs of Docker: [`crate::docker::Index`] in the daemon, a table in tests.
+/// What the attestor needs of Docker: [`crate::runtime::Index`] in the daemon, a table in tests.
 pub trait Containers: Send + Sync + 'static {
     /// The container with this id: the index's, else Docker's (bounded wait).
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<Container>>>;
@@ -43,6 +42,23 @@ pub trait Containers: Send + Sync + 'static {
         ip: IpAddr,
         candidate: Option<&'a str>,
     ) -> BoxFuture<'a, Option<Arc<Container>>>;
+}
+
+/// The daemon's: the container index.
+impl Containers for crate::runtime::Index {
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<Container>>> {
+        Box::pin(crate::runtime::Index::get(self, id))
+    }
+    fn indexed_with_address(&self, ip: IpAddr) -> Option<Arc<Container>> {
+        crate::runtime::Index::indexed_with_address(self, ip)
+    }
+    fn ask_by_address<'a>(
+        &'a self,
+        ip: IpAddr,
+        candidate: Option<&'a str>,
+    ) -> BoxFuture<'a, Option<Arc<Container>>> {
+        Box::pin(crate::runtime::Index::ask_by_address(self, ip, candidate))
+    }
 }
 
 /// Who a connection is from.
@@ -368,7 +384,8 @@ impl AttestedListener {
 pub(crate) mod tests {
     use std::{collections::HashMap, sync::Mutex};
 
-    use super::{address::tests::*, *};
+    use super::*;
+    use crate::process::tests::*;
 
     /// Docker as a table: by id, and who answers for an address when asked.
     #[derive(Default)]

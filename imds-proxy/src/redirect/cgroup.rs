@@ -291,10 +291,12 @@ impl CgroupRedirect {
     }
 
     /// Forward the kernel programs' log records to this process's log until the task is
-    /// dropped. Once per `CgroupRedirect`; later calls return at once.
+    /// dropped. Once per `CgroupRedirect`: a later call has nothing to forward and waits forever
+    /// (it never ends, so its supervisor does not report it). It returns only when the log channel
+    /// cannot be read.
     pub async fn forward_kernel_logs(&self) {
         let Some(logger) = self.logger.lock().expect("logger lock poisoned").take() else {
-            return;
+            return std::future::pending().await;
         };
         // SAFETY: the AsyncFd owns the logger, which owns the fd: it stays open while registered.
         let fd = unsafe {
@@ -462,4 +464,13 @@ fn redirect_config(spec: &Spec) -> Result<RedirectConfig, Error> {
         gate: spec.gate.into(),
         ..listen_config(spec.listen_v4, spec.listen_v6)
     })
+}
+
+impl crate::cgroup::filter::Classifications for CgroupRedirect {
+    fn classify_cgroup(&self, cgroup_id: u64, container: bool) -> Result<(), String> {
+        CgroupRedirect::classify_cgroup(self, cgroup_id, container).map_err(|err| err.to_string())
+    }
+    fn forget_cgroup(&self, cgroup_id: u64) {
+        CgroupRedirect::forget_cgroup(self, cgroup_id)
+    }
 }

@@ -3,6 +3,7 @@
 //! stops. One file per mode ([`cgroup`], [`tc`]), the object they share ([`object`]) and the
 //! pinning both use ([`pin`]).
 pub mod cgroup;
+pub mod error;
 pub mod object;
 pub mod pin;
 pub mod tc;
@@ -19,8 +20,8 @@ pub use pin::unpin;
 
 use crate::{
     config::{Config, Mode},
-    docker,
-    identity::Proc,
+    process::Proc,
+    runtime,
 };
 use cgroup::{CgroupRedirect, Scope, Spec};
 use tc::{TcRedirect, TcSpec};
@@ -219,11 +220,13 @@ impl Redirect {
 
     /// Start the mode's own background work, which needs no container engine: the cgroup
     /// classification feed (filter mode), the kernel log forwarder, and the packet programs'
-    /// interface, route and address watches, NAT reaper and source expiry (both modes).
+    /// interface, route and address watches, NAT reaper and source expiry (both modes), each
+    /// under `supervisor`.
     pub fn start(
         &self,
         hosts: &imds_policy::cgroups::HostCgroups,
         root: &Path,
+        supervisor: &Arc<crate::supervisor::Supervisor>,
     ) -> anyhow::Result<()> {
         if self.filtered() {
             let mut feeds = Vec::new();
@@ -249,25 +252,37 @@ impl Redirect {
                 );
             }
             for feed in feeds {
+                let supervisor = supervisor.clone();
                 std::thread::spawn(move || {
-                    if let Err(err) = feed.run() {
+                    let why = match feed.run() {
                         // Unclassified cgroups go to the proxy, which gives them no role:
                         // closed, and loud.
-                        tracing::error!(%err, "cgroup watch failed; new cgroups' IMDS connects go to the proxy (no role)");
-                    }
+                        Err(err) => format!(
+                            "failed: {err}; new cgroups' IMDS connects go to the proxy (no role)"
+                        ),
+                        Ok(()) => "ended".to_owned(),
+                    };
+                    supervisor.stopped("cgroup watch", why);
                 });
             }
         }
         let logs = self.hooks().clone();
-        tokio::spawn(async move { logs.forward_kernel_logs().await });
+        supervisor.spawn("kernel log forwarder", async move {
+            logs.forward_kernel_logs().await
+        });
         let packets = self.packets();
         let follow = packets.clone();
-        tokio::spawn(async move { follow.follow_interfaces().await });
-        tokio::spawn(packets.clone().follow_peer_addresses());
+        supervisor.spawn("interface watch", async move {
+            follow.follow_interfaces().await
+        });
+        supervisor.spawn(
+            "peer address watch",
+            packets.clone().follow_peer_addresses(),
+        );
         // Every 5 s: idle NAT entries (tc mode's; cgroup mode's table stays empty) and provisional
         // sources the runtime never confirmed.
         let reaper = packets.clone();
-        tokio::spawn(async move {
+        supervisor.spawn("NAT reaper and source expiry", async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
@@ -284,8 +299,14 @@ impl Redirect {
     /// The containers' addresses on their ports, from the engine's events (subscribed now:
     /// every container, those running already included, once the index starts): what tc mode's
     /// source guard and both modes' reply guard check against.
-    pub fn follow_containers(&self, docker: &docker::Index, proc: Proc) {
-        tokio::spawn(
+    pub fn follow_containers(
+        &self,
+        docker: &runtime::Index,
+        proc: Proc,
+        supervisor: &Arc<crate::supervisor::Supervisor>,
+    ) {
+        supervisor.spawn(
+            "container sources",
             self.packets()
                 .clone()
                 .follow_sources(docker.subscribe(), proc),
@@ -347,20 +368,20 @@ fn covered(cgroup: &str, attached: &[String]) -> bool {
 /// connects are not redirected), and keep the containers gauge. The proxy's own container is
 /// not reported.
 pub async fn watch_coverage(
-    mut events: tokio::sync::broadcast::Receiver<docker::Event>,
-    docker: Arc<docker::Index>,
+    mut events: tokio::sync::broadcast::Receiver<runtime::Event>,
+    docker: Arc<runtime::Index>,
     metrics: Arc<crate::metrics::Metrics>,
     attached: Vec<String>,
     own_container: Option<String>,
 ) {
-    while let Some(event) = docker::next_event(&mut events, "coverage").await {
+    while let Some(event) = runtime::next_event(&mut events, "coverage").await {
         metrics.set_containers(docker.len());
         metrics.container_event(match &event {
-            docker::Event::Started(_) => "started",
-            docker::Event::Created(_) => "created",
-            docker::Event::Destroyed(_) => "destroyed",
+            runtime::Event::Started(_) => "started",
+            runtime::Event::Created(_) => "created",
+            runtime::Event::Destroyed(_) => "destroyed",
         });
-        if let docker::Event::Started(container) = event
+        if let runtime::Event::Started(container) = event
             && Some(&container.id) != own_container.as_ref()
             && !covered(&container.cgroup, &attached)
         {

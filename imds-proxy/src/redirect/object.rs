@@ -1,5 +1,5 @@
 //! The eBPF object built from `imds-ebpf`: loading it, configuring it before anything is
-//! attached, and the pieces both modes share (errors, map keys, per-CPU counters).
+//! attached, and the pieces both modes share (map keys, per-CPU counters; the errors are [`super::error`]'s).
 use std::{
     net::{SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
@@ -14,50 +14,7 @@ use imds_common::{MAP_CONFIG, RedirectConfig, raw_port, raw_v4, raw_v6};
 /// The eBPF object built from `imds-ebpf` by build.rs, embedded at compile time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
 
-/// `statfs` magic numbers.
-pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cgroup {path}: {reason}")]
-    Cgroup { path: PathBuf, reason: String },
-    #[error("pin directory {path}: {reason}")]
-    PinDir { path: PathBuf, reason: String },
-    #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
-    #[error("pinning {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
-    #[error("link of program {name}: {source}")]
-    Link {
-        name: &'static str,
-        source: aya::programs::links::LinkError,
-    },
-    #[error("updating pinned link {path} to this build's program: {source}")]
-    Update {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("adopting pinned link {path}: {source}")]
-    Adopt {
-        path: PathBuf,
-        source: aya::programs::links::LinkError,
-    },
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
+pub use super::error::Error;
 
 pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
 where
@@ -172,7 +129,7 @@ pub(crate) fn load_configured(
     let map_pins: Vec<(&str, PathBuf)> = match pin {
         Some(dir) => {
             super::pin::prepare_pin_dir(dir)?;
-            super::pin::replace_incompatible_maps(dir, maps)?;
+            super::pin::replace_incompatible_maps(dir, maps, OBJECT)?;
             maps.iter().map(|name| (*name, dir.join(name))).collect()
         }
         None => Vec::new(),
@@ -212,11 +169,6 @@ pub fn pinned_config(dir: &Path) -> Result<Option<RedirectConfig>, Error> {
         return Ok(None);
     };
     slot.get(&0, 0).map(Some).map_err(err)
-}
-
-pub(crate) fn statfs_type(path: &Path) -> std::io::Result<i64> {
-    let stat = nix::sys::statfs::statfs(path)?;
-    Ok(stat.filesystem_type().0 as i64)
 }
 
 /// Parse the embedded object and load its programs into the kernel, without attaching them.

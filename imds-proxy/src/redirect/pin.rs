@@ -5,7 +5,15 @@ use std::{os::fd::BorrowedFd, path::Path};
 
 use aya::programs::links::{FdLink, PinnedLink};
 
-use super::object::{BPF_FS_MAGIC, Error, statfs_type};
+use super::error::Error;
+
+/// `statfs` magic numbers.
+pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+pub(crate) fn statfs_type(path: &Path) -> std::io::Result<i64> {
+    let stat = nix::sys::statfs::statfs(path)?;
+    Ok(stat.filesystem_type().0 as i64)
+}
 
 /// What an attach closure of [`attach_or_adopt`] made.
 pub(crate) enum Fresh {
@@ -83,8 +91,12 @@ pub(crate) fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
 /// the proxy would crash-loop). Its entries are lost: the configuration is written again, the
 /// cgroup classification walked again, and connections in flight at that moment are refused
 /// (closed, never open). The names of the maps replaced.
-pub(crate) fn replace_incompatible_maps(dir: &Path, maps: &[&str]) -> Result<Vec<String>, Error> {
-    let object = aya_obj::Object::parse(super::object::OBJECT)
+pub(crate) fn replace_incompatible_maps(
+    dir: &Path,
+    maps: &[&str],
+    object: &[u8],
+) -> Result<Vec<String>, Error> {
+    let object = aya_obj::Object::parse(object)
         .map_err(|err| Error::Io(std::io::Error::other(format!("parsing the object: {err}"))))?;
     let mut replaced = Vec::new();
     for name in maps {

@@ -41,9 +41,20 @@ use imds_common::{
     SourceKey, TcStat, raw_v6,
 };
 
+mod follow;
+mod links;
+mod nat;
+mod netns;
 mod peer_addresses;
 mod sources;
 pub mod uplinks;
+
+pub use links::matches;
+use links::{
+    detach_gone, detach_interface, has_ports, is_bridge_named, master, present_interfaces,
+};
+pub use nat::{monotonic_ns, reap_idle};
+pub use netns::container_ports;
 
 use sources::{Refusal, Source, SourceBook};
 
@@ -59,6 +70,8 @@ pub const EGRESS_PROGRAM: &str = imds_common::PROG_TC_EGRESS;
 pub const GUARD_PROGRAM: &str = imds_common::PROG_TC_SOURCE_GUARD;
 pub const FORWARD_PROGRAM: &str = imds_common::PROG_TC_FORWARD_GUARD;
 pub const REPLY_PROGRAM: &str = imds_common::PROG_TC_REPLY_GUARD;
+pub use crate::config::{TcAttach, parse_static_source, valid_pattern};
+
 /// Maps pinned with `--pin` in tc mode.
 pub const MAPS: [&str; 4] = [MAP_CONFIG, MAP_NAT, MAP_TC_STATS, MAP_TC_SOURCES];
 
@@ -80,17 +93,6 @@ const REPLY_ONLY: [(&str, TcAttachType); 1] = [(REPLY_PROGRAM, TcAttachType::Egr
 /// The program on each interface a route to IMDS leaves by ([`uplinks`]).
 const UPLINK_PROGRAMS: [(&str, TcAttachType); 1] = [(FORWARD_PROGRAM, TcAttachType::Egress)];
 
-/// How an interface's programs are attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum TcAttach {
-    /// TCX links where the kernel has them (6.6+), else netlink.
-    Auto,
-    /// TCX links (kernel 6.6+); they can be pinned.
-    Tcx,
-    /// A clsact qdisc (created if absent) with direct-action filters.
-    Netlink,
-}
-
 /// Where and how to redirect.
 #[derive(Clone, Debug)]
 pub struct TcSpec {
@@ -106,20 +108,6 @@ pub struct TcSpec {
     /// of **every** bridge get the reply guard alone. tc mode: the ports of the matching bridges
     /// get the source guard and the reply guard.
     pub every_bridge: bool,
-}
-
-/// `IFACE=ADDR` of `--tc-static-source`.
-pub fn parse_static_source(text: &str) -> Result<(String, std::net::IpAddr), String> {
-    let (iface, addr) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not IFACE=ADDR"))?;
-    if !valid_pattern(iface) || iface.contains(['*', '?']) {
-        return Err(format!("{iface:?} is not an interface name"));
-    }
-    let addr = addr
-        .parse()
-        .map_err(|_| format!("{addr:?} is not an IP address"))?;
-    Ok((iface.to_owned(), addr))
 }
 
 impl TcAttach {
@@ -563,164 +551,6 @@ impl TcRedirect {
         Ok(interface)
     }
 
-    /// Follow interfaces as they come and go (rtnetlink link events) until the task is dropped.
-    /// A subscription that ends (its socket overflowed under a burst of link events, or closed)
-    /// is made again, and every interface looked at again, after a short back-off.
-    pub async fn follow_interfaces(&self) {
-        let mut backoff = std::time::Duration::from_millis(100);
-        loop {
-            let started = std::time::Instant::now();
-            match self.watch_interfaces().await {
-                Ok(()) => tracing::warn!(
-                    retry_in = ?backoff,
-                    "interface watch ended (its netlink socket overflowed or closed); watching \
-                     again and looking at every interface"
-                ),
-                Err(err) => tracing::error!(
-                    %err,
-                    retry_in = ?backoff,
-                    "cannot watch interfaces; new container interfaces are attached once the \
-                     watch is back"
-                ),
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = if started.elapsed() > std::time::Duration::from_secs(60) {
-                std::time::Duration::from_millis(100)
-            } else {
-                (backoff * 2).min(std::time::Duration::from_secs(5))
-            };
-        }
-    }
-
-    /// One subscription to link and route events: look at every interface and every route to
-    /// IMDS once subscribed (anything may have happened before), then again at each event, until
-    /// the subscription ends.
-    async fn watch_interfaces(&self) -> std::io::Result<()> {
-        use futures_util::StreamExt as _;
-        use rtnetlink::{
-            constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK},
-            packet_core::NetlinkPayload,
-            packet_route::RouteNetlinkMessage,
-            sys::{AsyncSocket as _, SocketAddr},
-        };
-        let (mut connection, handle, mut messages) = rtnetlink::new_connection()?;
-        let groups = SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE);
-        connection.socket_mut().socket_mut().bind(&groups)?;
-        let connection = tokio::spawn(connection);
-        self.reconcile();
-        self.follow_routes(&handle).await?;
-        while let Some((message, _)) = messages.next().await {
-            match message.payload {
-                NetlinkPayload::InnerMessage(
-                    RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_),
-                ) => self.follow_routes(&handle).await?,
-                // Link added, removed, renamed: look again (cheap: one sysfs listing).
-                _ => {
-                    self.reconcile();
-                }
-            }
-        }
-        connection.abort();
-        Ok(())
-    }
-
-    /// The forward guard onto the interfaces routes to IMDS leave by now.
-    async fn follow_routes(&self, handle: &rtnetlink::Handle) -> std::io::Result<()> {
-        let wanted = uplinks::imds_route_interfaces(handle)
-            .await
-            .map_err(std::io::Error::other)?;
-        self.set_uplinks(&wanted);
-        Ok(())
-    }
-
-    /// Vouch for addresses as the kernel announces them behind container ports (provisional
-    /// sources, [`sources`]) until the task is dropped. The announcements are read on a
-    /// thread of their own.
-    pub async fn follow_peer_addresses(self: std::sync::Arc<Self>) {
-        use peer_addresses::{Event, host_side, watch};
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            if let Err(err) = watch(|event| tx.send(event).is_ok()) {
-                tracing::error!(%err, "cannot hear containers' addresses as they are configured; a container's first connection to IMDS waits for Docker's report and a TCP retransmission");
-            }
-        });
-        let handle = match rtnetlink::new_connection() {
-            Ok((connection, handle, _)) => {
-                tokio::spawn(connection);
-                handle
-            }
-            Err(err) => {
-                tracing::error!(%err, "cannot read interfaces; containers' addresses are vouched for when Docker reports them");
-                return;
-            }
-        };
-        while let Some(event) = rx.recv().await {
-            let address = match event {
-                Event::Address(address) => address,
-                Event::Lost => {
-                    tracing::warn!(
-                        "address announcements lost (socket buffer full); those containers' addresses are vouched for when Docker reports them"
-                    );
-                    continue;
-                }
-            };
-            let port = match host_side(&handle, address.nsid, address.ifindex).await {
-                Ok(Some((port, Some(master)))) if self.is_bridge(master) => port,
-                Ok(_) => continue, // not behind a port of a bridge we guard
-                Err(err) => {
-                    tracing::warn!(%err, ?address, "cannot find the host side of an announced address");
-                    continue;
-                }
-            };
-            if let Err(err) = self.observe_source(port, address.addr, address.added) {
-                tracing::error!(port, %err, "recording a provisional source address failed");
-            }
-        }
-    }
-
-    /// Keep, for each container Docker reports, the addresses its own ports may send to IMDS
-    /// from (its ports read from its network namespace, through `proc`), until the events end.
-    pub async fn follow_sources(
-        self: std::sync::Arc<Self>,
-        mut events: tokio::sync::broadcast::Receiver<crate::docker::Event>,
-        proc: crate::identity::Proc,
-    ) {
-        use crate::docker::{Event, next_event};
-        while let Some(event) = next_event(&mut events, "source addresses").await {
-            let container = match event {
-                Event::Started(container) if container.running && container.pid != 0 => container,
-                Event::Started(_) | Event::Created(_) => continue,
-                Event::Destroyed(container) => {
-                    self.forget_sources(&container.id);
-                    continue;
-                }
-            };
-            let (id, pid, proc) = (container.id.clone(), container.pid, proc.clone());
-            let ports = tokio::task::spawn_blocking(move || container_ports(&proc, &id, pid))
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|ports| ports);
-            let ports = match ports {
-                Ok(ports) => ports,
-                Err(err) => {
-                    tracing::error!(container_id = %container.id, %err, "cannot read the container's interfaces; its IMDS traffic stays dropped");
-                    continue;
-                }
-            };
-            match self.set_sources(&container.id, &ports, &container.addresses) {
-                Ok(()) => tracing::debug!(
-                    container_id = %container.id,
-                    ?ports,
-                    addresses = ?container.addresses,
-                    "container's source addresses vouched for on its ports"
-                ),
-                Err(err) => {
-                    tracing::error!(container_id = %container.id, %err, "recording source addresses failed; its IMDS traffic stays dropped")
-                }
-            }
-        }
-    }
-
     /// Remove NAT entries idle for longer than `idle`; returns how many.
     pub fn reap(&self, idle: Duration) -> usize {
         let mut nat = self.nat.lock().expect("nat lock poisoned");
@@ -802,204 +632,6 @@ impl TcRedirect {
             detach_interface(&mut inner.ebpf, interface, false);
         }
     }
-}
-
-/// Detach and forget what `attached` holds for interfaces no longer `present` (by index and
-/// name: an index taken by another interface counts as gone); their names.
-fn detach_gone(
-    ebpf: &mut Ebpf,
-    attached: &mut BTreeMap<u32, Interface>,
-    present: &BTreeMap<u32, String>,
-) -> Vec<(u32, String)> {
-    let gone: Vec<u32> = attached
-        .iter()
-        .filter(|(index, i)| present.get(index) != Some(&i.name))
-        .map(|(index, _)| *index)
-        .collect();
-    gone.into_iter()
-        .filter_map(|index| Some((index, attached.remove(&index)?)))
-        .map(|(index, interface)| {
-            let name = interface.name.clone();
-            detach_interface(ebpf, interface, true);
-            (index, name)
-        })
-        .collect()
-}
-
-/// Detach one interface's links. `remove_pins`: the interface is gone, so are its pins' reasons.
-fn detach_interface(ebpf: &mut Ebpf, interface: Interface, remove_pins: bool) {
-    for link in interface.links {
-        match link {
-            Link::Owned { program: name, id } => {
-                if let Ok(prog) = program::<SchedClassifier>(ebpf, name)
-                    && let Err(err) = prog.detach(id)
-                {
-                    // The interface may be gone already, taking its attachments with it.
-                    tracing::debug!(interface = %interface.name, program = name, %err, "detach");
-                }
-            }
-            Link::Pinned { path, .. } if remove_pins => {
-                let _ = std::fs::remove_file(&path);
-            }
-            Link::Pinned { .. } => {}
-        }
-    }
-    if interface.created_clsact
-        && let Err(err) = remove_clsact(&interface.name)
-    {
-        tracing::warn!(interface = %interface.name, %err, "removing the clsact qdisc we added");
-    }
-}
-
-/// Remove the clsact qdisc of an interface (netlink mode, when this process added it).
-fn remove_clsact(name: &str) -> std::io::Result<()> {
-    let Ok(index) = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex")) else {
-        return Ok(()); // gone, and its qdiscs with it
-    };
-    let index: i32 = index.trim().parse().map_err(std::io::Error::other)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            runtime.block_on(async {
-                let (connection, handle, _) = rtnetlink::new_connection()?;
-                tokio::spawn(connection);
-                let mut request = handle.qdisc().del(index);
-                let header = &mut request.message_mut().header;
-                header.parent = rtnetlink::packet_route::tc::TcHandle::CLSACT;
-                header.handle = rtnetlink::packet_route::tc::TcHandle::from(0xffff_0000);
-                request.execute().await.map_err(std::io::Error::other)
-            })
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("qdisc removal panicked")))
-    })
-}
-
-/// Whether interface `name` is a bridge (`/sys/class/net/<name>/bridge/`).
-fn is_bridge_named(name: &str) -> bool {
-    std::path::Path::new(&format!("/sys/class/net/{name}/bridge")).is_dir()
-}
-
-/// Whether `name` is a bridge with at least one port (`/sys/class/net/<name>/brif/`).
-fn has_ports(name: &str) -> bool {
-    std::fs::read_dir(format!("/sys/class/net/{name}/brif"))
-        .is_ok_and(|mut ports| ports.next().is_some())
-}
-
-/// The bridge an interface is a port of, if any (`/sys/class/net/<name>/master`).
-fn master(name: &str) -> Option<String> {
-    let link = std::fs::read_link(format!("/sys/class/net/{name}/master")).ok()?;
-    Some(link.file_name()?.to_string_lossy().into_owned())
-}
-
-/// The ports of container `id` (whose first process Docker says is `pid`, in the host's pid
-/// namespace, which the proxy must share): the host-side interface indexes of the veths of that
-/// process's network namespace, i.e. for each interface there whose link partner is in another
-/// namespace, its partner's index (as the host numbers it). Read over rtnetlink from a thread
-/// that enters that namespace; blocking.
-pub fn container_ports(
-    proc: &crate::identity::Proc,
-    id: &str,
-    pid: u32,
-) -> std::io::Result<Vec<u32>> {
-    use futures_util::TryStreamExt as _;
-    use rtnetlink::packet_route::link::LinkAttribute;
-    if !proc.in_container(pid, id) {
-        return Err(std::io::Error::other(format!(
-            "process {pid} is not in container {id}'s cgroup: the proxy does not see the host's \
-             processes (tc mode needs the host's pid namespace: run its container with --pid host)"
-        )));
-    }
-    let netns = std::fs::File::open(proc.netns(pid))?;
-    std::thread::spawn(move || -> std::io::Result<Vec<u32>> {
-        // Only this thread changes namespace; it ends with the lookup.
-        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async {
-            let (connection, handle, _) = rtnetlink::new_connection()?;
-            tokio::spawn(connection);
-            let mut links = handle.link().get().execute();
-            let mut ports = Vec::new();
-            while let Some(link) = links.try_next().await.map_err(std::io::Error::other)? {
-                let mut partner = None;
-                let mut elsewhere = false;
-                for attribute in &link.attributes {
-                    match attribute {
-                        LinkAttribute::Link(index) => partner = Some(*index),
-                        LinkAttribute::LinkNetNsId(_) => elsewhere = true,
-                        _ => {}
-                    }
-                }
-                if let (Some(index), true) = (partner, elsewhere) {
-                    ports.push(index);
-                }
-            }
-            Ok(ports)
-        })
-    })
-    .join()
-    .unwrap_or_else(|_| Err(std::io::Error::other("the namespace lookup panicked")))
-}
-
-/// Interfaces present now: index → name.
-fn present_interfaces() -> BTreeMap<u32, String> {
-    let mut found = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Ok(index) = std::fs::read_to_string(entry.path().join("ifindex"))
-            && let Ok(index) = index.trim().parse()
-        {
-            found.insert(index, name);
-        }
-    }
-    found
-}
-
-/// Shell-style match of an interface name: `*` any run, `?` any one character.
-pub fn matches(pattern: &str, name: &str) -> bool {
-    crate::roles::wildcard_match(pattern.as_bytes(), name.as_bytes())
-}
-
-/// Whether a `--container-iface` value is acceptable: an interface name (at most 15 bytes, no
-/// `/`, whitespace or `:`) in which `*` and `?` may stand for characters.
-pub fn valid_pattern(pattern: &str) -> bool {
-    !pattern.is_empty()
-        && pattern.len() <= 15
-        && pattern
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-/// Remove the entries of a NAT map idle for longer than `idle` at `now_ns` (`CLOCK_MONOTONIC`,
-/// the clock of `bpf_ktime_get_ns`); how many.
-pub fn reap_idle<T: std::borrow::BorrowMut<MapData>>(
-    nat: &mut HashMap<T, ConnKey, NatEntry>,
-    now_ns: u64,
-    idle: Duration,
-) -> usize {
-    let stale: Vec<ConnKey> = nat
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, entry)| now_ns.saturating_sub(entry.last_seen_ns) > idle.as_nanos() as u64)
-        .map(|(key, _)| key)
-        .collect();
-    stale.iter().filter(|key| nat.remove(key).is_ok()).count()
-}
-
-/// Now on `CLOCK_MONOTONIC`, in nanoseconds.
-pub fn monotonic_ns() -> u64 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
-    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
 #[cfg(test)]

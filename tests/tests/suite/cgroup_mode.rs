@@ -12,10 +12,10 @@ use std::{
 
 use imds_proxy::{
     cgroup::Cgroups,
-    docker,
     identity::{AttestedListener, Attestor, Caller, Evidence, Proc},
     netdev,
     redirect::cgroup::{CgroupRedirect as Redirect, Scope, Spec},
+    runtime,
 };
 use imds_tests::{
     http::Request,
@@ -130,7 +130,7 @@ impl TestProxy {
                 tokio::net::TcpListener::bind(LISTEN_V6).await.unwrap(),
             ];
             let redirect = Arc::new(Redirect::attach(&spec).expect("the redirect attaches"));
-            let docker = docker::Index::connect("unix:///var/run/docker.sock", false)
+            let docker = runtime::Index::connect("unix:///var/run/docker.sock", false)
                 .await
                 .expect("Docker answers");
             let attestor = Arc::new(Attestor::new(

@@ -1045,6 +1045,24 @@ fn readyz_is_503_while_the_upstream_does_not_answer() {
     let proxy = Proxy::start(&scene, &[]);
     let ready = Request::get("/readyz").send(proxy.ops).unwrap();
     assert_eq!(ready.status, 200, "{}", ready.text());
+    // Every background task runs, and none has stopped (supervisor::tests make one stop).
+    assert!(
+        ready.text().contains("background tasks: running"),
+        "{}",
+        ready.text()
+    );
+    assert_eq!(
+        proxy.counted("imds_proxy_background_tasks_stopped_total{task=\"container index\"}"),
+        0
+    );
+    assert!(
+        !proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("background task stopped")),
+        "{:#?}",
+        proxy.log()
+    );
 }
 
 imds_tests::per_mode! { ipv6_credentials_end_to_end => ipv6_credentials_end_to_end_in; }

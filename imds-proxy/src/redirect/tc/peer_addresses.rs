@@ -3,7 +3,7 @@
 //! that has an id in the proxy's (a container's does, once its veth's partner is in the host),
 //! each tagged with that id. tc mode uses it to vouch for a container's address on its port the
 //! moment Docker configures it, before the container's first process runs
-//! ([`crate::sources`]).
+//! ([`super::sources`]).
 use std::{io, net::IpAddr, os::fd::AsRawFd as _};
 
 use rtnetlink::{

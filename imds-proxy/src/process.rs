@@ -1,4 +1,9 @@
-//! tc mode's confirmation of a source address, from the kernel instead of Docker: the container
+//! A container's first process, read from `/proc`, and a watch on it: tc mode's confirmation of a
+//! source address from the kernel instead of Docker (the identity module's), and the way into a
+//! container's network namespace (the redirect's source book). A leaf: it knows nothing of the
+//! proxy's other modules.
+//!
+//! The confirmation, from the kernel instead of Docker: the container
 //! Docker's index says has the address is the caller if its first process is alive in its cgroup
 //! and that process's network namespace holds the address as a local one, now. Read from a
 //! `/proc` of the host's pid namespace (a directory of test files in unit tests).
@@ -128,13 +133,31 @@ impl Watch {
     }
 }
 
-/// A netlink route socket created inside the network namespace `netns`, subscribed to its link
-/// and address changes. Created on a thread of its own that enters the namespace and ends (a
-/// thread's namespace dies with it), so no thread of the proxy is ever left in a container's
-/// namespace.
-fn netlink_in(netns: std::fs::File) -> Option<OwnedFd> {
+/// Run `work` on a thread of its own that enters the network namespace `netns` and ends with the
+/// work (a thread's namespace dies with it): no thread of the proxy is ever left in a container's
+/// namespace. Blocking. The one way the proxy works inside another namespace (the identity's
+/// watches, tc mode's port lookup).
+pub fn in_netns<T: Send + 'static>(
+    netns: std::fs::File,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
     std::thread::spawn(move || {
-        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        work()
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(std::io::Error::other(
+            "work in another network namespace panicked",
+        ))
+    })
+}
+
+/// A netlink route socket created inside the network namespace `netns`, subscribed to its link
+/// and address changes ([`in_netns`]).
+fn netlink_in(netns: std::fs::File) -> Option<OwnedFd> {
+    in_netns(netns, || {
         // SAFETY: socket(2) with constant arguments.
         let fd = unsafe {
             libc::socket(
@@ -144,7 +167,7 @@ fn netlink_in(netns: std::fs::File) -> Option<OwnedFd> {
             )
         };
         if fd < 0 {
-            return None;
+            return Err(std::io::Error::last_os_error());
         }
         // SAFETY: a descriptor just returned to us.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -161,11 +184,12 @@ fn netlink_in(netns: std::fs::File) -> Option<OwnedFd> {
                 std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
             )
         };
-        (bound == 0).then_some(fd)
+        if bound != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(fd)
     })
-    .join()
     .ok()
-    .flatten()
 }
 
 /// The watched confirmations, by source address. Bounded: beyond [`Watched::LIMIT`] entries (two

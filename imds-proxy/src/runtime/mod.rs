@@ -1,17 +1,12 @@
-//! The container source: an index of running containers, kept from a full list at start and the
-//! events stream after (start, die, destroy, rename, update), with a direct inspect on a miss — a
-//! request can arrive in the first milliseconds of a container's life, before its start event.
-//! When the daemon goes away (restart), the index reconnects and lists again.
+//! The container runtimes, behind one index: what the proxy knows of a container
+//! ([`container`]), kept from a full list at start and the engine's events after (start, die,
+//! destroy, rename, update), or polls for a CRI runtime ([`poll`], [`cri`]), with a direct inspect
+//! on a miss: a request can arrive in the first milliseconds of a container's life, before its
+//! start event. When the engine goes away (restart), the index reconnects and lists again.
 //!
 //! One index, two kinds of source ([`Source`]): a Docker-API engine (Docker, or Podman's
-//! compatible service) followed by its events, and a Kubernetes node's CRI runtime
-//! ([`crate::cri`]), listed every second.
-//!
-//! Docker merges an image's own `LABEL`s and `ENV` into the container's configuration, so an image
-//! author could name a role (`LABEL iam.amazonaws.com/role=Admin`, `ENV IAM_ROLE=Admin`) that the
-//! person running it never asked for. Unless `--trust-image-role` is given, the role label, the
-//! external-id label and `IAM_ROLE` count only when set on the container itself: a value equal to
-//! the image's own is taken out of the container's configuration here, and logged.
+//! compatible service) followed by its events, and a Kubernetes node's CRI runtime (containerd,
+//! CRI-O), listed every second. Image-set roles are taken out here ([`image_roles`]).
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -27,96 +22,18 @@ use bollard::{
     query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions},
 };
 use futures_util::StreamExt as _;
-use futures_util::future::BoxFuture;
 use tokio::sync::broadcast;
 
 use crate::cgroup::Engine;
 
-/// What the proxy needs to know about a container.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Container {
-    pub id: String,
-    /// Without the leading `/`.
-    pub name: String,
-    pub labels: HashMap<String, String>,
-    pub env: Vec<String>,
-    /// Its addresses on every network it is attached to (tc mode identifies callers by them).
-    pub addresses: Vec<IpAddr>,
-    /// Whether it was running when Docker was last asked.
-    pub running: bool,
-    /// Its first process, in Docker's pid namespace, when it was running (else 0).
-    pub pid: u32,
-    /// The cgroup (relative to the v2 root) Docker put it in, from its cgroup driver and
-    /// `--cgroup-parent`: a kernel record's cgroup must be this one or inside it.
-    pub cgroup: String,
-    /// The pod it belongs to (CRI runtimes); its name is then `<namespace>.<pod>` and its labels
-    /// are the pod's role annotations.
-    pub pod: Option<Pod>,
-}
+pub mod container;
+pub mod cri;
+mod image_roles;
+mod poll;
 
-/// A Kubernetes pod, as its sandbox tells it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Pod {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub sandbox_id: String,
-}
+use image_roles::{ImageConfig, ROLE_LABELS, without_image_roles};
 
-impl Container {
-    /// Whose role settings these are, for [`crate::roles::Policy::resolve_for`].
-    pub fn subject(&self) -> crate::roles::Subject<'_> {
-        match &self.pod {
-            Some(pod) => crate::roles::Subject::Pod {
-                annotations: &self.labels,
-                namespace: &pod.namespace,
-            },
-            None => crate::roles::Subject::Container {
-                labels: &self.labels,
-                env: &self.env,
-            },
-        }
-    }
-}
-
-/// The role-bearing settings the proxy reads from a container's configuration.
-const ROLE_LABELS: [&str; 2] = [crate::roles::ROLE_LABEL, crate::roles::EXTERNAL_ID_LABEL];
-
-/// An image's own labels and environment.
-#[derive(Debug, Default)]
-struct ImageConfig {
-    labels: HashMap<String, String>,
-    env: Vec<String>,
-}
-
-/// Take out of a container's labels and environment the role settings it only has because its
-/// image set them (same key, same value): an image must not choose its own role. Returns what
-/// was taken out, for the log.
-fn without_image_roles(
-    labels: &mut HashMap<String, String>,
-    env: &mut Vec<String>,
-    image_labels: &HashMap<String, String>,
-    image_env: &[String],
-) -> Vec<String> {
-    let mut ignored = Vec::new();
-    for key in ROLE_LABELS {
-        if let (Some(value), Some(image_value)) = (labels.get(key), image_labels.get(key))
-            && value == image_value
-        {
-            ignored.push(format!("label {key}={value:?}"));
-            labels.remove(key);
-        }
-    }
-    let prefix = format!("{}=", crate::roles::ROLE_ENV);
-    env.retain(|entry| {
-        let from_image = entry.starts_with(&prefix) && image_env.iter().any(|e| e == entry);
-        if from_image {
-            ignored.push(format!("env {entry:?}"));
-        }
-        !from_image
-    });
-    ignored
-}
+pub use container::{Container, Pod};
 
 /// Changes the rest of the proxy reacts to.
 #[derive(Clone, Debug)]
@@ -144,7 +61,7 @@ pub enum SourceError {
     #[error(transparent)]
     Docker(#[from] bollard::errors::Error),
     #[error(transparent)]
-    Cri(#[from] crate::cri::CriError),
+    Cri(#[from] crate::runtime::cri::CriError),
 }
 
 /// Where containers come from.
@@ -153,7 +70,7 @@ enum Source {
     Docker(Docker),
     /// A CRI runtime (containerd, CRI-O): polled.
     Cri {
-        cri: crate::cri::Cri,
+        cri: crate::runtime::cri::Cri,
         /// How often its running containers are listed.
         poll: Duration,
     },
@@ -219,13 +136,13 @@ impl Index {
     }
 
     /// Follow the pods of the CRI runtime at `endpoint` (`unix:///run/containerd/containerd.sock`).
-    /// A CRI runtime's index, listing its running containers every `poll` ([`crate::cri::POLL`]).
+    /// A CRI runtime's index, listing its running containers every `poll` ([`crate::runtime::cri::POLL`]).
     pub async fn connect_cri(endpoint: &str, poll: Duration) -> Result<Arc<Self>, Error> {
-        let err = |source: crate::cri::CriError| Error {
+        let err = |source: crate::runtime::cri::CriError| Error {
             host: endpoint.to_owned(),
             cause: source.into(),
         };
-        let cri = crate::cri::Cri::connect(endpoint);
+        let cri = crate::runtime::cri::Cri::connect(endpoint);
         // Answering now, or the proxy does not start.
         cri.version().await.map_err(err)?;
         Ok(Self::with_source(
@@ -369,7 +286,7 @@ impl Index {
 
     /// The indexed container that has this address, unconfirmed: an address is reused as soon
     /// as its container is gone, and a stale entry must never hand one container's role to
-    /// another ([`crate::identity`] confirms it).
+    /// another (the identity module confirms it).
     pub fn indexed_with_address(&self, ip: IpAddr) -> Option<Arc<Container>> {
         self.containers
             .read()
@@ -727,98 +644,6 @@ impl Index {
     }
 }
 
-impl Index {
-    /// A CRI runtime has no event stream (containerd 1.6): list the running containers every
-    /// `poll` ([`crate::cri::POLL`]); a new one is indexed and announced, one gone is forgotten
-    /// and announced. A request from a container not listed yet finds it by [`Index::get`].
-    async fn poll(&self, cri: &crate::cri::Cri, poll: Duration) -> Result<(), SourceError> {
-        self.resync_quietly(cri).await?;
-        self.connected.store(true, Ordering::Relaxed);
-        tracing::info!(containers = self.len(), "CRI index synchronised");
-        let mut every = tokio::time::interval(poll);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            self.resync_quietly(cri).await?;
-        }
-    }
-
-    /// One poll: index what is new, forget what is gone, and announce only those.
-    async fn resync_quietly(&self, cri: &crate::cri::Cri) -> Result<(), SourceError> {
-        let running: std::collections::HashSet<String> = cri.running().await?.into_iter().collect();
-        let known: Vec<(String, bool)> = self
-            .containers
-            .read()
-            .expect("index poisoned")
-            .iter()
-            .map(|(id, c)| (id.clone(), c.running))
-            .collect();
-        for (id, was_running) in &known {
-            if !running.contains(id) {
-                let removed = self.containers.write().expect("index poisoned").remove(id);
-                if let Some(container) = removed {
-                    tracing::debug!(container_id = %id, pod = %container.name, "forgotten");
-                    let _ = self.events.send(Event::Destroyed(container));
-                }
-            } else if !was_running {
-                // Indexed by a miss before it ran: look again.
-                self.index_or_skip(id).await;
-            }
-        }
-        for id in &running {
-            if !known.iter().any(|(k, _)| k == id) {
-                self.index_or_skip(id).await;
-            }
-        }
-        // A skipped container that is gone is forgotten: its id is logged again if it comes back.
-        self.skipped_logged
-            .lock()
-            .expect("skipped poisoned")
-            .retain(|id| running.contains(id));
-        Ok(())
-    }
-
-    /// Index one container of a poll; one that cannot be inspected (its status fails, or is
-    /// larger than a gRPC message may be) is skipped and counted, and the poll goes on: the
-    /// others are indexed. It is tried again at the next poll; logged once.
-    async fn index_or_skip(&self, id: &str) {
-        let Err(err) = self.index_and_announce(id).await else {
-            self.skipped_logged
-                .lock()
-                .expect("skipped poisoned")
-                .remove(id);
-            return;
-        };
-        self.skipped.fetch_add(1, Ordering::Relaxed);
-        if self
-            .skipped_logged
-            .lock()
-            .expect("skipped poisoned")
-            .insert(id.to_owned())
-        {
-            tracing::warn!(
-                container_id = %id,
-                %err,
-                "cannot inspect this container; skipped (no role until it can be; tried again \
-                 at every poll)"
-            );
-        }
-    }
-
-    async fn index_and_announce(&self, id: &str) -> Result<(), SourceError> {
-        if let Some(container) = self.inspect(id).await? {
-            let container = Arc::new(container);
-            self.containers
-                .write()
-                .expect("index poisoned")
-                .insert(id.to_owned(), container.clone());
-            tracing::debug!(container_id = %id, pod = %container.name, "indexed");
-            let _ = self.events.send(Event::Started(container));
-        }
-        Ok(())
-    }
-}
-
 /// The next container event; missed ones are logged (for `who`), `None` when the index is gone.
 pub async fn next_event(events: &mut broadcast::Receiver<Event>, who: &str) -> Option<Event> {
     loop {
@@ -829,69 +654,5 @@ pub async fn next_event(events: &mut broadcast::Receiver<Event>, who: &str) -> O
             }
             Err(broadcast::error::RecvError::Closed) => return None,
         }
-    }
-}
-
-impl crate::identity::Containers for Index {
-    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<Container>>> {
-        Box::pin(Index::get(self, id))
-    }
-    fn indexed_with_address(&self, ip: IpAddr) -> Option<Arc<Container>> {
-        Index::indexed_with_address(self, ip)
-    }
-    fn ask_by_address<'a>(
-        &'a self,
-        ip: IpAddr,
-        candidate: Option<&'a str>,
-    ) -> BoxFuture<'a, Option<Arc<Container>>> {
-        Box::pin(Index::ask_by_address(self, ip, candidate))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
-
-    #[test]
-    fn role_settings_from_the_image_are_taken_out() {
-        let image_labels = labels(&[
-            ("iam.amazonaws.com/role", "Admin"),
-            ("iam.amazonaws.com/external-id", "img-secret"),
-            ("maintainer", "someone"),
-        ]);
-        let image_env = vec!["IAM_ROLE=Admin".to_owned(), "PATH=/bin".to_owned()];
-        // A container that only inherited them.
-        let mut l = image_labels.clone();
-        let mut e = image_env.clone();
-        let ignored = without_image_roles(&mut l, &mut e, &image_labels, &image_env);
-        assert_eq!(l, labels(&[("maintainer", "someone")]));
-        assert_eq!(e, vec!["PATH=/bin".to_owned()]);
-        assert_eq!(ignored.len(), 3, "{ignored:?}");
-        // A container whose runner set its own values: kept.
-        let mut l = labels(&[
-            ("iam.amazonaws.com/role", "Web"),
-            ("iam.amazonaws.com/external-id", "mine"),
-        ]);
-        let mut e = vec!["IAM_ROLE=Worker".to_owned()];
-        let ignored = without_image_roles(&mut l, &mut e, &image_labels, &image_env);
-        assert!(ignored.is_empty());
-        assert_eq!(
-            l.get("iam.amazonaws.com/role").map(String::as_str),
-            Some("Web")
-        );
-        assert_eq!(e, vec!["IAM_ROLE=Worker".to_owned()]);
-        // An image without role settings takes nothing out.
-        let mut l = labels(&[("iam.amazonaws.com/role", "Web")]);
-        let mut e = vec!["IAM_ROLE=Web".to_owned()];
-        assert!(without_image_roles(&mut l, &mut e, &HashMap::new(), &[]).is_empty());
-        assert_eq!(l.len(), 1);
-        assert_eq!(e.len(), 1);
     }
 }

@@ -21,7 +21,7 @@ use k8s_cri::v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::docker::{Container, Pod};
+use crate::runtime::container::{Container, Pod};
 
 /// How often the running containers are listed (unless `--cri-poll` says otherwise).
 pub const POLL: Duration = Duration::from_secs(1);

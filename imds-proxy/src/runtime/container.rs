@@ -1,0 +1,51 @@
+//! What the proxy knows of a container, whichever runtime reported it: the Docker API (Docker,
+//! Podman) or a Kubernetes node's CRI runtime. A leaf: the sources ([`crate::runtime`],
+//! [`crate::runtime::cri`]) fill it in, the attestor and the cache read it.
+use std::{collections::HashMap, net::IpAddr};
+
+/// What the proxy needs to know about a container.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Container {
+    pub id: String,
+    /// Without the leading `/`.
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    pub env: Vec<String>,
+    /// Its addresses on every network it is attached to (tc mode identifies callers by them).
+    pub addresses: Vec<IpAddr>,
+    /// Whether it was running when Docker was last asked.
+    pub running: bool,
+    /// Its first process, in Docker's pid namespace, when it was running (else 0).
+    pub pid: u32,
+    /// The cgroup (relative to the v2 root) Docker put it in, from its cgroup driver and
+    /// `--cgroup-parent`: a kernel record's cgroup must be this one or inside it.
+    pub cgroup: String,
+    /// The pod it belongs to (CRI runtimes); its name is then `<namespace>.<pod>` and its labels
+    /// are the pod's role annotations.
+    pub pod: Option<Pod>,
+}
+
+/// A Kubernetes pod, as its sandbox tells it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub sandbox_id: String,
+}
+
+impl Container {
+    /// Whose role settings these are, for [`crate::roles::Policy::resolve_for`].
+    pub fn subject(&self) -> crate::roles::Subject<'_> {
+        match &self.pod {
+            Some(pod) => crate::roles::Subject::Pod {
+                annotations: &self.labels,
+                namespace: &pod.namespace,
+            },
+            None => crate::roles::Subject::Container {
+                labels: &self.labels,
+                env: &self.env,
+            },
+        }
+    }
+}

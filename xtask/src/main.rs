@@ -1,8 +1,6 @@
 //! Developer commands of imds-proxy: `cargo xtask setup | build | run | test | bench | soak`.
-mod bench;
 mod run;
 mod setup;
-mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -95,12 +93,13 @@ fn main() -> anyhow::Result<()> {
             load_rounds,
             containers,
             calling,
-        } => bench::run(
+        } => perf::bench::run(
             &root,
-            &bench::Settings {
+            &release_binaries(&root)?,
+            &perf::bench::Settings {
                 runs,
                 rounds,
-                load: bench::LoadSettings {
+                load: perf::bench::LoadSettings {
                     connections,
                     duration,
                     rounds: load_rounds,
@@ -109,7 +108,7 @@ fn main() -> anyhow::Result<()> {
                 },
             },
         ),
-        Task::Soak { minutes } => soak::run(&root, minutes),
+        Task::Soak { minutes } => perf::soak::run(&root, &release_binaries(&root)?, minutes),
         Task::Run {
             simulate_ec2,
             proxy_args,
@@ -393,6 +392,12 @@ fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     run(Command::new("cargo").current_dir(root).args(args))
 }
 
+/// The machine set up and the release binaries built, for `bench` and `soak` (crate `perf`).
+fn release_binaries(root: &Path) -> anyhow::Result<PathBuf> {
+    setup::run(root)?;
+    binaries(root, true)
+}
+
 /// Build the proxy and the test binaries (simulator, clients), in release mode or not; their
 /// directory.
 fn binaries(root: &Path, release: bool) -> anyhow::Result<std::path::PathBuf> {
@@ -413,17 +418,6 @@ fn binaries(root: &Path, release: bool) -> anyhow::Result<std::path::PathBuf> {
     } else {
         "target/debug"
     }))
-}
-
-/// A process's resident set (VmRSS), KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    use anyhow::Context as _;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS in /proc/<pid>/status")
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {

@@ -1,22 +1,16 @@
 //! `cargo xtask run`: imds-proxy on this host. On an EC2 instance, the real thing; anywhere else
 //! (or with `--simulate-ec2`), on a simulated EC2 host: IMDS simulator (hop limit 1, IMDSv2
 //! required), moto as STS, instance role `InstanceRole` in account 123456789012.
-use std::{
-    net::SocketAddr,
-    os::unix::process::CommandExt as _,
-    path::Path,
-    process::{Child, Command},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, os::unix::process::CommandExt as _, path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 use ec2sim::{
-    http::{Request, Response},
     images,
     scene::{ACCOUNT_ID, SceneConfig},
     sim::HttpTokens,
 };
 use nix::sys::signal::{SigSet, Signal};
+use perf::process::{stop, wait_ready};
 
 const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
 
@@ -170,38 +164,4 @@ fn ops_listen(args: &[String]) -> SocketAddr {
     value
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| "127.0.0.1:9181".parse().expect("a socket address"))
-}
-
-/// Wait (at most 60 s) until `ready` accepts the proxy's `/readyz` answer on `ops`; the proxy
-/// exiting first is an error.
-pub(crate) fn wait_ready(
-    proxy: &mut Child,
-    ops: SocketAddr,
-    ready: impl Fn(&Response) -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = proxy.try_wait()? {
-            bail!("imds-proxy exited with {status} before it was ready");
-        }
-        let answer = Request::get("/readyz")
-            .timeout(Duration::from_secs(2))
-            .send(ops);
-        if answer.as_ref().is_ok_and(&ready) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("imds-proxy not ready after 60 s: {answer:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// SIGTERM (the proxy detaches), then reap it.
-pub(crate) fn stop(proxy: &mut Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(proxy.id() as i32),
-        Signal::SIGTERM,
-    );
-    let _ = proxy.wait();
 }

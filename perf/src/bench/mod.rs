@@ -226,7 +226,7 @@ fn loopback_sim(target: &Path) -> anyhow::Result<(std::process::Child, String)> 
     match ready {
         Ok(()) => Ok((sim, addr)),
         Err(err) => {
-            crate::run::stop(&mut sim);
+            crate::process::stop(&mut sim);
             Err(err)
         }
     }
@@ -251,7 +251,7 @@ fn on_loopback(target: &Path, runs: usize) -> anyhow::Result<Sample> {
         ensure!(out.status.success(), "imds-bench: {}", out.status);
         sample(&String::from_utf8_lossy(&out.stdout))
     })();
-    crate::run::stop(&mut sim);
+    crate::process::stop(&mut sim);
     result
 }
 
@@ -350,7 +350,7 @@ impl BenchProxy {
             child,
             rule,
         };
-        crate::run::wait_ready(&mut proxy.child, OPS.parse()?, |r| serving(redirect, r))?;
+        crate::process::wait_ready(&mut proxy.child, OPS.parse()?, |r| serving(redirect, r))?;
         Ok(proxy)
     }
 
@@ -400,7 +400,7 @@ impl BenchProxy {
 
 impl Drop for BenchProxy {
     fn drop(&mut self) {
-        crate::run::stop(&mut self.child);
+        crate::process::stop(&mut self.child);
     }
 }
 
@@ -458,7 +458,8 @@ pub struct Settings {
     pub load: load::Settings,
 }
 
-pub fn run(root: &Path, settings: &Settings) -> anyhow::Result<()> {
+/// `target`: the directory of the release binaries (xtask builds them).
+pub fn run(root: &Path, target: &Path, settings: &Settings) -> anyhow::Result<()> {
     let (runs, rounds) = (settings.runs, settings.rounds);
     ensure!(
         runs >= 10,
@@ -486,8 +487,7 @@ pub fn run(root: &Path, settings: &Settings) -> anyhow::Result<()> {
         l.duration >= Duration::from_secs(1),
         "--duration: at least a second"
     );
-    crate::setup::run(root)?;
-    let target = crate::binaries(root, true)?;
+    let target = target.to_owned();
     let image = images::bench_image(&target.join("imds-bench"))?;
     let load_image = images::load_image(&target.join("imds-load"))?;
     let scene = SceneConfig::new(target.join("imds-sim"))

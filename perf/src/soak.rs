@@ -105,7 +105,7 @@ struct Sample {
 }
 
 fn sample(pid: u32, started: Instant) -> anyhow::Result<Sample> {
-    let rss_kib = crate::rss_kib(pid)?;
+    let rss_kib = crate::process::rss_kib(pid)?;
     Ok(Sample {
         at: started.elapsed(),
         rss_kib,
@@ -127,10 +127,10 @@ struct Walked {
     loop_requests: Option<(usize, usize, &'static str, &'static str)>,
 }
 
-pub fn run(root: &Path, minutes: u64) -> anyhow::Result<()> {
+/// `target`: the directory of the release binaries (xtask builds them).
+pub fn run(root: &Path, target: &Path, minutes: u64) -> anyhow::Result<()> {
     ensure!((1..=120).contains(&minutes), "--minutes: 1 to 120");
-    crate::setup::run(root)?;
-    let target = crate::binaries(root, true)?;
+    let target = target.to_owned();
     let scene = SceneConfig::new(target.join("imds-sim"))
         .http_tokens(HttpTokens::Optional)
         .with_sts()
@@ -156,7 +156,7 @@ pub fn run(root: &Path, minutes: u64) -> anyhow::Result<()> {
             .env("RUST_LOG", "warn")
             .spawn()
             .context("starting imds-proxy")?;
-        crate::run::wait_ready(&mut proxy, OPS.parse()?, |r| r.status == 200)?;
+        crate::process::wait_ready(&mut proxy, OPS.parse()?, |r| r.status == 200)?;
         Ok(proxy)
     };
     let _ = std::fs::remove_dir_all(PIN);
@@ -172,7 +172,7 @@ pub fn run(root: &Path, minutes: u64) -> anyhow::Result<()> {
         println!("\n{report}\nsoak: written to {}", path.display());
         check(&samples)
     })();
-    crate::run::stop(&mut proxy);
+    crate::process::stop(&mut proxy);
     // Pinned: the stop left everything attached; detach removes it.
     let detached = Command::new(target.join("imds-proxy"))
         .args(["detach", "--pin", PIN, "--interface", INTERFACE])

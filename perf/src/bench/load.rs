@@ -147,7 +147,7 @@ fn usage(pid: u32) -> anyhow::Result<(Duration, u64)> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Ok((
         Duration::from_millis(ticks * 1000 / hz),
-        crate::rss_kib(pid)?,
+        crate::process::rss_kib(pid)?,
     ))
 }
 
@@ -324,7 +324,7 @@ fn lower_bound(target: &Path, kind: Kind, s: &Settings) -> anyhow::Result<Load> 
         s.duration,
         None,
     );
-    crate::run::stop(&mut sim);
+    crate::process::stop(&mut sim);
     result
 }
 

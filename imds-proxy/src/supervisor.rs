@@ -2,9 +2,9 @@
 //! container index, following containers for the cache and the redirect, the reapers, the kernel
 //! log forwarder, the cgroup watches) is started through one [`Supervisor`], under a name.
 //!
-//! Contract: none of these tasks is meant to end while the proxy runs. When one does (it returns,
-//! returns an error, or panics), that is said once in the log (`background task stopped`, with the
-//! task and why), counted (`imds_proxy_background_tasks_stopped_total{task}`), and `/readyz` turns
+//! Contract: none of these tasks is meant to end while the proxy runs. When one does (a task
+//! returns or panics, a watch thread fails), that is said once in the log (`background task
+//! stopped`, with the task and why), counted (`imds_proxy_background_tasks_stopped_total{task}`), and `/readyz` turns
 //! 503 naming it, for as long as the process lives. It is not restarted in place: a follower that
 //! stopped has lost events, and only a fresh start (systemd's `Restart=always`, the kubelet on a
 //! failed readiness) rebuilds its state from the engine; with `--pin` containers fail closed
@@ -49,23 +49,6 @@ impl Supervisor {
                 Err(_) => "cancelled".to_owned(),
             };
             supervisor.stopped(name, why);
-        });
-    }
-
-    /// As [`Supervisor::spawn`], for a task that can fail: its error is the reason.
-    pub fn spawn_fallible<E: std::fmt::Display>(
-        self: &Arc<Self>,
-        name: &'static str,
-        task: impl Future<Output = Result<(), E>> + Send + 'static,
-    ) {
-        let supervisor = self.clone();
-        self.spawn(name, async move {
-            let failed = task.await.err().map(|err| format!("failed: {err}"));
-            if let Some(why) = failed {
-                supervisor.stopped(name, why);
-                // Reported; what follows (an `ended`) is not news.
-                std::future::pending::<()>().await;
-            }
         });
     }
 
@@ -143,7 +126,7 @@ mod tests {
         }
     }
 
-    /// A task that panics, one that fails and one that returns are each reported once, by name
+    /// A task that panics and one that returns are each reported once, by name
     /// and why; readiness turns false and says which; the counter counts them. A task that keeps
     /// running is not reported.
     #[tokio::test]
@@ -165,9 +148,8 @@ mod tests {
                 why: "panicked: the index broke".to_owned()
             }]
         );
-        supervisor.spawn_fallible("fallible", async { Err::<(), _>("the engine went away") });
         supervisor.spawn("returning", async {});
-        let mut stopped = until_stopped(&supervisor, 3).await;
+        let mut stopped = until_stopped(&supervisor, 2).await;
         stopped.sort_by_key(|s| s.task);
         assert_eq!(
             stopped
@@ -175,7 +157,6 @@ mod tests {
                 .map(|s| (s.task, s.why.as_str()))
                 .collect::<Vec<_>>(),
             [
-                ("fallible", "failed: the engine went away"),
                 ("panicky", "panicked: the index broke"),
                 ("returning", "ended"),
             ]
@@ -192,8 +173,8 @@ mod tests {
             "{metrics}"
         );
         assert!(!metrics.contains("forever"), "{metrics}");
-        // A failure is reported once, not again as `ended`.
+        // Each is reported once.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert_eq!(supervisor.stopped_tasks().len(), 3);
+        assert_eq!(supervisor.stopped_tasks().len(), 2);
     }
 }

@@ -17,23 +17,42 @@ const NAME: &str = "imds-proxy-daemonset-test";
 /// Pinned as the README runs it (`--pin /sys/fs/bpf/imds-proxy`), in a directory of the test's.
 const PIN: &str = "/sys/fs/bpf/imds-test-daemonset";
 
-/// The proxy container; stopped (SIGTERM: it detaches) and removed on drop.
-struct Daemon;
+/// `--privileged` on a real host. This machine withholds CAP_SYS_RESOURCE from everything, so
+/// runc cannot grant all capabilities: grant all but that one and let bpf(2) through seccomp,
+/// which is what --privileged amounts to for the proxy.
+const PRIVILEGED: [&str; 8] = [
+    "--cap-add",
+    "ALL",
+    "--cap-drop",
+    "SYS_RESOURCE",
+    "--security-opt",
+    "seccomp=unconfined",
+    "--security-opt",
+    "apparmor=unconfined",
+];
+
+/// A proxy container (`name`, pinned in `pin`, its listen interface `interface`); on drop its log
+/// is shown if the test failed, it is stopped (SIGTERM: it detaches) and removed, and its pinned
+/// links (which outlive the container) are detached.
+struct Daemon {
+    name: &'static str,
+    pin: String,
+    interface: &'static str,
+}
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking()
-            && let Ok(logs) = docker(&["logs", NAME])
+            && let Ok(logs) = docker(&["logs", self.name])
         {
             eprintln!("{}", String::from_utf8_lossy(&logs.stderr));
         }
-        let _ = docker(&["stop", "-t", "10", NAME]);
-        let _ = docker(&["rm", "-f", NAME]);
-        // Pinned: the links outlive the container until detached.
+        let _ = docker(&["stop", "-t", "10", self.name]);
+        let _ = docker(&["rm", "-f", self.name]);
         let _ = std::process::Command::new(imds_tests::proxy::proxy_bin())
-            .args(["detach", "--pin", PIN, "--interface", TEST_IF])
+            .args(["detach", "--pin", &self.pin, "--interface", self.interface])
             .output();
-        let _ = imds_tests::scene::ip(&["link", "del", TEST_IF]);
+        let _ = imds_tests::scene::ip(&["link", "del", self.interface]);
     }
 }
 
@@ -61,66 +80,57 @@ fn daemonset(mode: Mode) {
     let sts = format!("http://{}", scene.sts_endpoint().unwrap());
     ensure_imds_is_simulated().unwrap();
     docker_ok(
-        &[
-            "run",
-            "-d",
-            "--name",
-            NAME,
-            // `--privileged` on a real host. This machine withholds CAP_SYS_RESOURCE from
-            // everything, so runc cannot grant all capabilities: grant all but that one and let
-            // bpf(2) through seccomp, which is what --privileged amounts to for the proxy.
-            "--cap-add",
-            "ALL",
-            "--cap-drop",
-            "SYS_RESOURCE",
-            "--security-opt",
-            "seccomp=unconfined",
-            "--security-opt",
-            "apparmor=unconfined",
-            "-e",
-            "NO_COLOR=1",
-            "--network",
-            "host",
-            // As the README runs it (tc mode), and as a Kubernetes pod is (cgroup mode): in a
-            // cgroup namespace of its own, which the proxy leaves for the host's (hostPID).
-            "--cgroupns",
-            if mode == Mode::Tc { "host" } else { "private" },
-            // tc mode reads each container's interfaces through its first process.
-            "--pid",
-            "host",
-            "-v",
-            "/sys/fs/cgroup:/sys/fs/cgroup",
-            "-v",
-            "/sys/fs/bpf:/sys/fs/bpf",
-            "-v",
-            "/var/run/docker.sock:/var/run/docker.sock",
-            IMAGE,
-            "run",
-            "--pin",
-            PIN,
-            "--listen",
-            TEST_LISTEN[0],
-            "--listen",
-            TEST_LISTEN[1],
-            "--interface",
-            TEST_IF,
-            "--ops-listen",
-            ops,
-            "--sts-endpoint",
-            &sts,
-            "--region",
-            "us-east-1",
-            "--role-arn-prefix",
-            PREFIX,
-            "--default-role",
-            "DefaultRole",
-        ]
-        .into_iter()
-        .chain(mode.args().iter().copied())
-        .collect::<Vec<_>>(),
+        &["run", "-d", "--name", NAME]
+            .into_iter()
+            .chain(PRIVILEGED)
+            .chain([
+                "-e",
+                "NO_COLOR=1",
+                "--network",
+                "host",
+                // As the README runs it (tc mode), and as a Kubernetes pod is (cgroup mode): in a
+                // cgroup namespace of its own, which the proxy leaves for the host's (hostPID).
+                "--cgroupns",
+                if mode == Mode::Tc { "host" } else { "private" },
+                // tc mode reads each container's interfaces through its first process.
+                "--pid",
+                "host",
+                "-v",
+                "/sys/fs/cgroup:/sys/fs/cgroup",
+                "-v",
+                "/sys/fs/bpf:/sys/fs/bpf",
+                "-v",
+                "/var/run/docker.sock:/var/run/docker.sock",
+                IMAGE,
+                "run",
+                "--pin",
+                PIN,
+                "--listen",
+                TEST_LISTEN[0],
+                "--listen",
+                TEST_LISTEN[1],
+                "--interface",
+                TEST_IF,
+                "--ops-listen",
+                ops,
+                "--sts-endpoint",
+                &sts,
+                "--region",
+                "us-east-1",
+                "--role-arn-prefix",
+                PREFIX,
+                "--default-role",
+                "DefaultRole",
+            ])
+            .chain(mode.args().iter().copied())
+            .collect::<Vec<_>>(),
     )
     .unwrap();
-    let _daemon = Daemon;
+    let _daemon = Daemon {
+        name: NAME,
+        pin: PIN.to_owned(),
+        interface: TEST_IF,
+    };
     // Ready means: programs attached, upstream IMDS and Docker answering (bounded wait).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -240,24 +250,6 @@ fn the_manifest_s_own_arguments_run_against_containerd() {
     };
     const NAME: &str = "imds-proxy-manifest-test";
     const BPFFS: &str = "/sys/fs/bpf/imds-test-manifest";
-    struct Manifested;
-    impl Drop for Manifested {
-        fn drop(&mut self) {
-            if std::thread::panicking()
-                && let Ok(logs) = docker(&["logs", NAME])
-            {
-                eprintln!("{}", String::from_utf8_lossy(&logs.stderr));
-            }
-            let _ = docker(&["stop", "-t", "10", NAME]);
-            let _ = docker(&["rm", "-f", NAME]);
-            let _ = std::process::Command::new(imds_tests::proxy::proxy_bin())
-                .args(["detach", "--pin", &format!("{BPFFS}/imds-proxy")])
-                .args(["--interface", imds_proxy::netdev::DEFAULT_INTERFACE])
-                .output();
-            let _ = std::fs::remove_dir_all(BPFFS);
-        }
-    }
-
     let manifest: serde_yaml::Value = serde_yaml::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -307,38 +299,40 @@ fn the_manifest_s_own_arguments_run_against_containerd() {
     let _ = docker(&["rm", "-f", NAME]);
     std::fs::create_dir_all(BPFFS).unwrap();
     ensure_imds_is_simulated().unwrap();
-    let mut run: Vec<String> = [
-        "run",
-        "-d",
-        "--name",
-        NAME,
-        // privileged: true, as far as this machine allows (see `daemonset` above).
-        "--cap-add",
-        "ALL",
-        "--cap-drop",
-        "SYS_RESOURCE",
-        "--security-opt",
-        "seccomp=unconfined",
-        "--security-opt",
-        "apparmor=unconfined",
-        "--network",
-        "host",
-        "--pid",
-        "host",
-        // A pod's own cgroup namespace.
-        "--cgroupns",
-        "private",
-        "-e",
-        &sts,
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    let mut run: Vec<String> = ["run", "-d", "--name", NAME]
+        .into_iter()
+        // privileged: true, as far as this machine allows.
+        .chain(PRIVILEGED)
+        .chain([
+            "--network",
+            "host",
+            "--pid",
+            "host",
+            // A pod's own cgroup namespace.
+            "--cgroupns",
+            "private",
+            "-e",
+            &sts,
+        ])
+        .map(str::to_owned)
+        .collect();
     run.extend(volumes);
     run.push(IMAGE.to_owned());
     run.extend(args);
     docker_ok(&run.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
-    let _daemon = Manifested;
+    // The manifest's bpffs volume is a directory of the test's, removed with its pins.
+    struct Bpffs;
+    impl Drop for Bpffs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(BPFFS);
+        }
+    }
+    let _bpffs = Bpffs;
+    let _daemon = Daemon {
+        name: NAME,
+        pin: format!("{BPFFS}/imds-proxy"),
+        interface: imds_proxy::netdev::DEFAULT_INTERFACE,
+    };
     let logs = || {
         docker(&["logs", NAME])
             .map(|o| {

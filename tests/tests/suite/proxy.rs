@@ -19,11 +19,15 @@ use imds_tests::{
 /// plain GETs too: these tests are about roles. The proxy still talks to the upstream with its
 /// own token. Token rules have tests of their own, with the instance requiring them.
 fn scene() -> Scene {
+    scene_config()
+        .start()
+        .expect("the simulated EC2 host starts")
+}
+
+fn scene_config() -> SceneConfig {
     SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
         .http_tokens(HttpTokens::Optional)
         .with_sts()
-        .start()
-        .expect("the simulated EC2 host starts")
 }
 
 /// The seed's flow: PUT a token, GET the role name, GET the credentials. Prints each status and
@@ -807,9 +811,7 @@ fn an_address_taken_from_a_running_container_is_not_its_identity_any_more_in(mod
 #[test]
 fn an_sts_outage_serves_cached_credentials_and_recovers() {
     // Its own STS: this test stops it.
-    let mut scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
-        .http_tokens(HttpTokens::Optional)
-        .with_sts()
+    let mut scene = scene_config()
         .own_sts()
         .start()
         .expect("the simulated EC2 host starts");

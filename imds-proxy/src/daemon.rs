@@ -36,8 +36,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let host = prepare_host(&config).await?;
     let supervisor = Supervisor::new();
     let redirect = attach(&config, &host, &supervisor)?;
-    let docker = connect_and_check_engine(&config).await?;
-    let parts = build_parts(&config, &host, &redirect, docker, &supervisor).await?;
+    let index = connect_and_check_engine(&config).await?;
+    let parts = build_parts(&config, &host, &redirect, index, &supervisor).await?;
     start_background_work(&config, &host, &redirect, &parts, &supervisor);
     let (servers, attached) = serve(
         &config,
@@ -132,39 +132,41 @@ fn attach(
     Ok(redirect)
 }
 
-/// The engine's index once it answers ([`connect_engine`]), checked against `--runtime`.
+/// The runtime's index once it answers ([`connect_engine`]), checked against `--runtime`.
 async fn connect_and_check_engine(config: &Config) -> anyhow::Result<Arc<runtime::Index>> {
     let args = &config.args;
-    let (docker, socket) = connect_engine(args).await;
-    let (engine, driver) = docker.engine().await?;
-    let wanted = match args.runtime {
-        crate::config::RuntimeName::Auto => None,
-        crate::config::RuntimeName::Docker => Some(cgroup::Engine::Docker),
-        crate::config::RuntimeName::Podman => Some(cgroup::Engine::Podman),
-        crate::config::RuntimeName::Cri => Some(cgroup::Engine::Cri),
-    };
-    if let Some(wanted) = wanted
-        && wanted != engine
+    let (index, endpoint) = connect_engine(args).await;
+    let found = index.runtime();
+    if let Some(wanted) = args.runtime.kind()
+        && wanted != found.kind
     {
         anyhow::bail!(
-            "--runtime {wanted:?}, but {socket} is {engine:?}'s API: name the other runtime or \
-             its socket (--docker-host)"
+            "--runtime {wanted}, but {endpoint} is {}'s API: name the other runtime or its socket \
+             (--docker-host)",
+            found.kind
         );
     }
-    if engine != cgroup::Engine::Cri && !config.roles.namespaces.is_empty() {
+    if found.kind != runtime::Kind::Cri && !config.roles.namespaces.is_empty() {
         tracing::warn!(
-            ?engine,
+            runtime = %found.kind,
             "--namespace-allowed-roles applies to Kubernetes pods only (--runtime cri); this \
-             engine's containers are not restricted by it"
+             runtime's containers are not restricted by it"
         );
     }
-    tracing::info!(?engine, cgroup_driver = %driver, %socket, "container engine");
-    Ok(docker)
+    tracing::info!(
+        runtime = %found.kind,
+        name = %found.name,
+        version = %found.version,
+        cgroup_driver = %found.cgroup_driver,
+        %endpoint,
+        "container runtime"
+    );
+    Ok(index)
 }
 
 /// The parts that answer requests, wired together.
 struct Parts {
-    docker: Arc<runtime::Index>,
+    index: Arc<runtime::Index>,
     cache: Arc<credentials::Cache>,
     attestor: Arc<Attestor>,
     app: Arc<imds::App>,
@@ -176,7 +178,7 @@ async fn build_parts(
     config: &Config,
     host: &Host,
     redirect: &Arc<Redirect>,
-    docker: Arc<runtime::Index>,
+    index: Arc<runtime::Index>,
     supervisor: &Arc<Supervisor>,
 ) -> anyhow::Result<Parts> {
     let args = &config.args;
@@ -198,11 +200,11 @@ async fn build_parts(
         metrics.clone(),
     );
     let proc = Proc::default();
-    redirect.follow_containers(&docker, proc.clone(), supervisor);
+    redirect.follow_containers(&index, proc.clone(), supervisor);
     let attestor = Arc::new(Attestor::new(
         Some(redirect.hooks().clone()),
         Arc::new(Cgroups::new(host.root.clone())),
-        docker.clone(),
+        index.clone(),
         proc,
         redirect.identifies_by_address(),
     ));
@@ -245,7 +247,7 @@ async fn build_parts(
         }
     }
     Ok(Parts {
-        docker,
+        index,
         cache,
         attestor,
         app,
@@ -262,8 +264,8 @@ fn start_background_work(
     parts: &Parts,
     supervisor: &Arc<Supervisor>,
 ) {
-    let (docker, cache, attestor, metrics) =
-        (&parts.docker, &parts.cache, &parts.attestor, &host.metrics);
+    let (index, cache, attestor, metrics) =
+        (&parts.index, &parts.cache, &parts.attestor, &host.metrics);
     let root = &host.root;
     // Run as a container itself, the proxy is one of Docker's containers: it never asks itself.
     let own_container = cgroup::container_id(&host.own_path);
@@ -271,15 +273,15 @@ fn start_background_work(
         "credential prefetch",
         cache.clone().follow_containers(
             config.roles.clone(),
-            docker.subscribe(),
+            index.subscribe(),
             own_container.clone(),
         ),
     );
     supervisor.spawn(
         "coverage watch",
         crate::redirect::watch_coverage(
-            docker.subscribe(),
-            docker.clone(),
+            index.subscribe(),
+            index.clone(),
             metrics.clone(),
             redirect.attach_points(root),
             own_container,
@@ -302,20 +304,20 @@ fn start_background_work(
         });
     }
     // Subscribed before the index starts: every container, those running now included.
-    supervisor.spawn("container index", docker.clone().run());
+    supervisor.spawn("container index", index.clone().run());
     // Every minute the cache keeps only the indexed containers' sessions: a destroy event missed
     // (the subscriber lagged behind a burst of containers) leaves nothing behind for long.
     {
-        let (cache, docker) = (cache.clone(), docker.clone());
+        let (cache, index) = (cache.clone(), index.clone());
         supervisor.spawn("credential cache sweeper", async move {
             let mut every = tokio::time::interval(Duration::from_secs(60));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                if !docker.connected() {
+                if !index.connected() {
                     continue; // the index is not current: nothing to compare with
                 }
-                let dropped = cache.retain_sessions(&docker.session_names());
+                let dropped = cache.retain_sessions(&index.session_names());
                 if dropped > 0 {
                     tracing::info!(
                         dropped,
@@ -339,7 +341,7 @@ fn serve(
 ) -> (tokio::task::JoinSet<std::io::Result<()>>, Arc<AtomicBool>) {
     let args = &config.args;
     let Parts {
-        docker,
+        index,
         attestor,
         app,
         ..
@@ -366,7 +368,7 @@ fn serve(
     let attached = Arc::new(AtomicBool::new(true));
     let ops = crate::ops::router(crate::ops::Ops {
         app,
-        docker,
+        index,
         redirect: redirect.clone(),
         attestor,
         attached: attached.clone(),
@@ -413,40 +415,35 @@ async fn stop(config: &Config, redirect: &Redirect, attached: &AtomicBool) -> an
     Ok(())
 }
 
-/// The container engine's index, once the engine answers: with the unit ordered before the
+/// The container runtime's index, once the runtime answers: with the unit ordered before the
 /// runtimes, its socket may not exist yet. Said once, then retried (200 ms doubling to 5 s);
 /// what it says when it answers (its kind, its driver) is checked by the caller.
-async fn connect_engine(args: &RunArgs) -> (Arc<runtime::Index>, String) {
+async fn connect_engine(args: &RunArgs) -> (Arc<runtime::Index>, runtime::Endpoint) {
     let mut backoff = Duration::from_millis(200);
     let mut waiting = false;
     loop {
         let attempt = async {
-            let (api, socket) = args.engine_socket(|path| std::path::Path::new(path).exists())?;
-            let index = match api {
-                crate::config::RuntimeApi::Docker => {
-                    runtime::Index::connect(&socket, args.roles.trust_image_role).await?
-                }
-                crate::config::RuntimeApi::Cri => {
-                    runtime::Index::connect_cri(&socket, args.cri_poll).await?
-                }
-            };
-            anyhow::Ok((index, socket))
+            let endpoint = args.engine_socket(|path| std::path::Path::new(path).exists())?;
+            let index = endpoint
+                .connect(args.roles.trust_image_role, args.cri_poll)
+                .await?;
+            anyhow::Ok((index, endpoint))
         };
         match attempt.await {
             Ok(connected) => {
                 if waiting {
-                    tracing::info!(socket = %connected.1, "the container engine answers");
+                    tracing::info!(endpoint = %connected.1, "the container runtime answers");
                 }
                 return connected;
             }
             Err(err) if !waiting => {
                 tracing::warn!(
-                    "waiting for the container engine ({err:#}); containers' IMDS connects wait \
+                    "waiting for the container runtime ({err:#}); containers' IMDS connects wait \
                      meanwhile"
                 );
                 waiting = true;
             }
-            Err(err) => tracing::debug!("still waiting for the container engine: {err:#}"),
+            Err(err) => tracing::debug!("still waiting for the container runtime: {err:#}"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

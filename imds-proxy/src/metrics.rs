@@ -263,7 +263,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP imds_proxy_containers Containers in the Docker index.\n# TYPE imds_proxy_containers gauge\nimds_proxy_containers {}",
+            "# HELP imds_proxy_containers Containers in the container index.\n# TYPE imds_proxy_containers gauge\nimds_proxy_containers {}",
             load(&self.containers)
         );
         self.container_events.render(
@@ -323,17 +323,32 @@ impl Metrics {
     }
 }
 
-/// The Docker index's counters, in the same text format.
-pub fn render_docker(found_before_indexed: u64, skipped: u64) -> String {
+/// The container index's counters, and which runtime it follows, in the same text format.
+pub fn render_index(
+    runtime: &crate::runtime::Description,
+    found_before_indexed: u64,
+    skipped: u64,
+) -> String {
+    let label = |v: &str| {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', " ")
+    };
     format!(
-        "# HELP imds_proxy_containers_skipped_total Containers a CRI poll could not inspect \
-         (skipped, tried again at the next poll).\n\
+        "# HELP imds_proxy_runtime_info The container runtime the index follows.\n\
+         # TYPE imds_proxy_runtime_info gauge\n\
+         imds_proxy_runtime_info{{kind=\"{}\",name=\"{}\",version=\"{}\"}} 1\n\
+         # HELP imds_proxy_containers_skipped_total Containers the runtime named that could not \
+         be inspected (skipped, tried again when it names them again).\n\
          # TYPE imds_proxy_containers_skipped_total counter\n\
          imds_proxy_containers_skipped_total {skipped}\n\
          # HELP imds_proxy_containers_found_before_indexed_total Callers whose container the \
-         Docker index did not hold yet (asked Docker directly).\n\
+         index did not hold yet (asked the runtime directly).\n\
          # TYPE imds_proxy_containers_found_before_indexed_total counter\n\
-         imds_proxy_containers_found_before_indexed_total {found_before_indexed}\n"
+         imds_proxy_containers_found_before_indexed_total {found_before_indexed}\n",
+        runtime.kind,
+        label(&runtime.name),
+        label(&runtime.version),
     )
 }
 
@@ -404,7 +419,7 @@ pub fn render_tc(
     nat_entries: usize,
     source_entries: usize,
     interfaces: usize,
-    (by_watch, by_kernel, by_docker): (u64, u64, u64),
+    (by_watch, by_kernel, by_runtime): (u64, u64, u64),
     watched: usize,
 ) -> String {
     let mut out = String::new();
@@ -420,7 +435,7 @@ pub fn render_tc(
     );
     let _ = writeln!(
         out,
-        "# HELP imds_proxy_tc_address_confirmations_total Callers' source addresses confirmed as their container's: by a watch on an earlier confirmation (process alive, no address or link change in its namespace), by the kernel (/proc), or by asking Docker.\n# TYPE imds_proxy_tc_address_confirmations_total counter\nimds_proxy_tc_address_confirmations_total{{by=\"watch\"}} {by_watch}\nimds_proxy_tc_address_confirmations_total{{by=\"kernel\"}} {by_kernel}\nimds_proxy_tc_address_confirmations_total{{by=\"docker\"}} {by_docker}"
+        "# HELP imds_proxy_tc_address_confirmations_total Callers' source addresses confirmed as their container's: by a watch on an earlier confirmation (process alive, no address or link change in its namespace), by the kernel (/proc), or by asking the container runtime.\n# TYPE imds_proxy_tc_address_confirmations_total counter\nimds_proxy_tc_address_confirmations_total{{by=\"watch\"}} {by_watch}\nimds_proxy_tc_address_confirmations_total{{by=\"kernel\"}} {by_kernel}\nimds_proxy_tc_address_confirmations_total{{by=\"runtime\"}} {by_runtime}"
     );
     let _ = writeln!(
         out,

@@ -1,5 +1,5 @@
 //! The operations listener: `/healthz`, `/readyz` (programs attached, upstream IMDS and the
-//! container engine answering, the STS breaker closed, every background task running) and
+//! container runtime answering, the STS breaker closed, every background task running) and
 //! `/metrics` (Prometheus text).
 use std::sync::{
     Arc,
@@ -11,7 +11,7 @@ use crate::{identity::Attestor, imds, redirect::Redirect, runtime};
 /// What the ops endpoints look at.
 pub struct Ops {
     pub app: Arc<imds::App>,
-    pub docker: Arc<runtime::Index>,
+    pub index: Arc<runtime::Index>,
     pub redirect: Arc<Redirect>,
     pub attestor: Arc<Attestor>,
     /// Cleared when the proxy starts to stop.
@@ -33,20 +33,21 @@ pub fn router(ops: Ops) -> axum::Router {
                 async move {
                     // tc mode: attached means attached to at least one container interface.
                     let programs = ops.attached.load(Ordering::Relaxed) && ops.redirect.ready();
-                    let (upstream, docker) =
-                        tokio::join!(ops.app.upstream.ready(), ops.docker.ping());
+                    let (upstream, runtime) =
+                        tokio::join!(ops.app.upstream.ready(), ops.index.ping());
                     let sts = ops.app.credentials.breaker();
                     let sts_usable =
                         !matches!(sts, crate::credentials::breaker::Status::Open { .. });
                     let (background, background_line) = ops.supervisor.readiness();
                     let body = format!(
-                        "programs attached: {programs}\nupstream IMDS: {}\ndocker: {}\nsts: {}\n{background_line}\n",
+                        "programs attached: {programs}\nupstream IMDS: {}\ncontainer runtime {}: {}\nsts: {}\n{background_line}\n",
                         if upstream {
                             "answering"
                         } else {
                             "not answering"
                         },
-                        if docker { "answering" } else { "not answering" },
+                        ops.index.runtime().name,
+                        if runtime { "answering" } else { "not answering" },
                         match sts {
                             crate::credentials::breaker::Status::Closed => "answering".to_owned(),
                             crate::credentials::breaker::Status::HalfOpen =>
@@ -56,7 +57,7 @@ pub fn router(ops: Ops) -> axum::Router {
                             ),
                         },
                     );
-                    let status = if programs && upstream && docker && sts_usable && background {
+                    let status = if programs && upstream && runtime && sts_usable && background {
                         StatusCode::OK
                     } else {
                         StatusCode::SERVICE_UNAVAILABLE
@@ -71,9 +72,10 @@ pub fn router(ops: Ops) -> axum::Router {
                 let ops = metrics_ops.clone();
                 async move {
                     let mut body = ops.app.metrics.render();
-                    body.push_str(&crate::metrics::render_docker(
-                        ops.docker.found_before_indexed(),
-                        ops.docker.skipped(),
+                    body.push_str(&crate::metrics::render_index(
+                        ops.index.runtime(),
+                        ops.index.found_before_indexed(),
+                        ops.index.skipped(),
                     ));
                     body.push_str(&crate::metrics::render_cache(
                         ops.app.credentials.len(),

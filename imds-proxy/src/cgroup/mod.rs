@@ -144,7 +144,7 @@ pub fn v2_path(proc_cgroup: &str) -> Option<&str> {
 /// The deepest such segment counts: a container started with `--cgroup-parent` inside another
 /// container's cgroup (`/docker/<a>/<b>`) is `b`, not `a`, and cgroups nested inside a
 /// container's (`/docker/<id>/init.scope`) belong to it. The id alone is only a claim: the caller
-/// checks it against the cgroup Docker reports for that container ([`expected_cgroup`]), so a
+/// checks it against the cgroup Docker reports for that container ([`crate::runtime::Kind::cgroup_of`]), so a
 /// directory named after another container inside one's own cgroup proves nothing.
 pub fn container_id(cgroup_path: &str) -> Option<String> {
     let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
@@ -170,62 +170,8 @@ pub fn container_id(cgroup_path: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The engine behind the container source: Docker itself, Podman's Docker-compatible service, or
-/// a Kubernetes CRI runtime. They name containers' cgroups differently.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    Docker,
-    Podman,
-    /// containerd or CRI-O: a container's cgroup is read from its OCI runtime spec
-    /// ([`from_cgroups_path`]); what follows is containerd's choice when the kubelet gives no
-    /// parent.
-    Cri,
-}
-
-impl Engine {
-    /// Where containers go without a `--cgroup-parent`, per cgroup driver.
-    fn default_parent(self, systemd: bool) -> &'static str {
-        match (self, systemd) {
-            (Engine::Docker, false) => "/docker",
-            (Engine::Docker, true) => "system.slice",
-            (Engine::Podman, false) => "/libpod_parent",
-            (Engine::Podman, true) => "machine.slice",
-            (Engine::Cri, false) => "/k8s.io",
-            (Engine::Cri, true) => "system.slice",
-        }
-    }
-
-    /// A container's own cgroup under its parent, per cgroup driver.
-    fn leaf(self, systemd: bool, id: &str) -> String {
-        match (self, systemd) {
-            (Engine::Docker, false) => id.to_owned(),
-            (Engine::Docker, true) => format!("docker-{id}.scope"),
-            (Engine::Podman, false) => format!("libpod-{id}"),
-            (Engine::Podman, true) => format!("libpod-{id}.scope"),
-            (Engine::Cri, false) => id.to_owned(),
-            (Engine::Cri, true) => format!("cri-containerd-{id}.scope"),
-        }
-    }
-}
-
-/// The cgroup (relative to the v2 root) the engine puts container `id` in, for its cgroup
-/// `driver` and the container's `--cgroup-parent` (empty: the engine's default).
-pub fn expected_cgroup(engine: Engine, driver: &str, cgroup_parent: &str, id: &str) -> String {
-    let systemd = driver == "systemd";
-    let parent = if cgroup_parent.is_empty() {
-        engine.default_parent(systemd)
-    } else {
-        cgroup_parent
-    };
-    let leaf = engine.leaf(systemd, id);
-    if systemd {
-        return format!("{}/{leaf}", slice_path(parent));
-    }
-    format!("/{}/{leaf}", parent.trim_matches('/'))
-}
-
 /// Where a systemd slice lives: `a-b.slice` at `/a.slice/a-b.slice`.
-fn slice_path(slice: &str) -> String {
+pub fn slice_path(slice: &str) -> String {
     let Some(name) = slice.strip_suffix(".slice") else {
         return format!("/{}", slice.trim_matches('/'));
     };
@@ -451,57 +397,12 @@ mod tests {
     }
 
     #[test]
-    fn podman_s_expected_cgroups() {
-        assert_eq!(
-            expected_cgroup(Engine::Podman, "cgroupfs", "", ID),
-            format!("/libpod_parent/libpod-{ID}")
-        );
-        assert_eq!(
-            expected_cgroup(Engine::Podman, "cgroupfs", "/mine", ID),
-            format!("/mine/libpod-{ID}")
-        );
-        assert_eq!(
-            expected_cgroup(Engine::Podman, "systemd", "", ID),
-            format!("/machine.slice/libpod-{ID}.scope")
-        );
-        // A Docker container's cgroup is not where Podman would put the same id.
-        assert!(!within(
-            &expected_cgroup(Engine::Docker, "cgroupfs", "", ID),
-            &expected_cgroup(Engine::Podman, "cgroupfs", "", ID)
-        ));
-    }
-
-    #[test]
-    fn expected_cgroups_for_both_drivers_and_custom_parents() {
-        assert_eq!(
-            expected_cgroup(Engine::Docker, "cgroupfs", "", ID),
-            format!("/docker/{ID}")
-        );
-        assert_eq!(
-            expected_cgroup(Engine::Docker, "cgroupfs", "/docker/abc", ID),
-            format!("/docker/abc/{ID}")
-        );
-        assert_eq!(
-            expected_cgroup(Engine::Docker, "systemd", "", ID),
-            format!("/system.slice/docker-{ID}.scope")
-        );
-        assert_eq!(
-            expected_cgroup(Engine::Docker, "systemd", "a-b.slice", ID),
-            format!("/a.slice/a-b.slice/docker-{ID}.scope")
-        );
+    fn within_is_the_cgroup_or_below_it() {
         let expected = format!("/docker/{ID}");
         assert!(within(&expected, &expected));
         assert!(within(&format!("{expected}/init.scope"), &expected));
         assert!(!within(&format!("{expected}0"), &expected));
         assert!(!within("/docker", &expected));
-        // A directory named after another container inside one's own cgroup.
-        let other = "1".repeat(64);
-        let forged = format!("/docker/{ID}/{other}");
-        let claimed = container_id(&forged).unwrap();
-        assert!(!within(
-            &forged,
-            &expected_cgroup(Engine::Docker, "cgroupfs", "", &claimed)
-        ));
     }
 
     #[test]

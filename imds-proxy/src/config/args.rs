@@ -13,6 +13,18 @@ pub enum RuntimeName {
     Cri,
 }
 
+impl RuntimeName {
+    /// The runtime it names; `None` for `auto` (whichever answers).
+    pub fn kind(self) -> Option<crate::runtime::Kind> {
+        match self {
+            RuntimeName::Auto => None,
+            RuntimeName::Docker => Some(crate::runtime::Kind::Docker),
+            RuntimeName::Podman => Some(crate::runtime::Kind::Podman),
+            RuntimeName::Cri => Some(crate::runtime::Kind::Cri),
+        }
+    }
+}
+
 /// `--mode`: how containers' IMDS traffic is intercepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModeName {

@@ -11,7 +11,10 @@ use std::{
 
 use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, parser::ValueSource};
 
-use crate::roles::{self, Glob, RoleName};
+use crate::{
+    roles::{self, Glob, RoleName},
+    runtime::Endpoint,
+};
 
 mod args;
 pub use args::*;
@@ -30,15 +33,6 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// The two APIs the proxy speaks to a runtime.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RuntimeApi {
-    /// Docker's (Docker, Podman's compatible service): `--docker-host`.
-    Docker,
-    /// The Kubernetes CRI (containerd, CRI-O): `--cri-endpoint`.
-    Cri,
-}
-
 /// The usual API sockets, in the order `auto` looks for them: Docker's before containerd's (a
 /// host with Docker has a containerd socket too, whose containers are Docker's).
 pub const RUNTIME_SOCKETS: [(RuntimeName, &str); 4] = [
@@ -51,20 +45,17 @@ pub const RUNTIME_SOCKETS: [(RuntimeName, &str); 4] = [
 impl RunArgs {
     /// The runtime's API and socket: `--docker-host` or `--cri-endpoint`, else the runtime's
     /// usual one, else (`auto`) the first usual one that `exists`.
-    pub fn engine_socket(
-        &self,
-        exists: impl Fn(&str) -> bool,
-    ) -> Result<(RuntimeApi, String), ConfigError> {
-        let api = |runtime| match runtime {
-            RuntimeName::Cri => RuntimeApi::Cri,
-            _ => RuntimeApi::Docker,
+    pub fn engine_socket(&self, exists: impl Fn(&str) -> bool) -> Result<Endpoint, ConfigError> {
+        let api = |runtime, socket: &str| match runtime {
+            RuntimeName::Cri => Endpoint::Cri(socket.to_owned()),
+            _ => Endpoint::DockerApi(socket.to_owned()),
         };
         let first_existing = |wanted: &dyn Fn(RuntimeName) -> bool| {
             RUNTIME_SOCKETS
                 .iter()
                 .filter(|(r, _)| wanted(*r))
                 .find(|(_, socket)| exists(socket.trim_start_matches("unix://")))
-                .map(|(r, socket)| (api(*r), (*socket).to_owned()))
+                .map(|(r, socket)| api(*r, socket))
         };
         let usual = |runtime: RuntimeName| {
             RUNTIME_SOCKETS
@@ -87,8 +78,8 @@ impl RunArgs {
                 "cri-endpoint",
                 "--cri-endpoint is for --runtime cri (or auto)",
             )),
-            (_, Some(host), None) => Ok((RuntimeApi::Docker, host.clone())),
-            (_, None, Some(endpoint)) => Ok((RuntimeApi::Cri, endpoint.clone())),
+            (_, Some(host), None) => Ok(Endpoint::DockerApi(host.clone())),
+            (_, None, Some(endpoint)) => Ok(Endpoint::Cri(endpoint.clone())),
             (RuntimeName::Auto, None, None) => first_existing(&|_| true).ok_or_else(|| {
                 invalid(
                     "runtime",
@@ -109,7 +100,7 @@ impl RunArgs {
                         ),
                     )
                 }),
-            (runtime, None, None) => Ok((RuntimeApi::Docker, usual(runtime))),
+            (runtime, None, None) => Ok(Endpoint::DockerApi(usual(runtime))),
         }
     }
 }

@@ -77,8 +77,8 @@ fn the_engine_socket_is_given_or_the_runtime_s_usual_one() {
     let containerd_only = |p: &str| p == "/run/containerd/containerd.sock";
     let crio_only = |p: &str| p == "/var/run/crio/crio.sock";
     let both = |_: &str| true;
-    let docker = |s: &str| Ok((RuntimeApi::Docker, s.to_owned()));
-    let cri = |s: &str| Ok((RuntimeApi::Cri, s.to_owned()));
+    let docker = |s: &str| Ok(Endpoint::DockerApi(s.to_owned()));
+    let cri = |s: &str| Ok(Endpoint::Cri(s.to_owned()));
     assert_eq!(
         args(&["--docker-host", "unix:///x.sock"]).engine_socket(none),
         docker("unix:///x.sock")

@@ -21,45 +21,13 @@ use std::{
 };
 
 pub use crate::process::{Proc, Watched};
-use futures_util::future::BoxFuture;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     cgroup::{self, Cgroups},
     redirect::cgroup::{CgroupRedirect, Record},
-    runtime::Container,
+    runtime::{Container, Containers},
 };
-
-/// What the attestor needs of Docker: [`crate::runtime::Index`] in the daemon, a table in tests.
-pub trait Containers: Send + Sync + 'static {
-    /// The container with this id: the index's, else Docker's (bounded wait).
-    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<Container>>>;
-    /// The indexed running container that has `ip`, unconfirmed.
-    fn indexed_with_address(&self, ip: IpAddr) -> Option<Arc<Container>>;
-    /// Ask Docker which running container has `ip` now (`candidate` first); bounded wait.
-    fn ask_by_address<'a>(
-        &'a self,
-        ip: IpAddr,
-        candidate: Option<&'a str>,
-    ) -> BoxFuture<'a, Option<Arc<Container>>>;
-}
-
-/// The daemon's: the container index.
-impl Containers for crate::runtime::Index {
-    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Arc<Container>>> {
-        Box::pin(crate::runtime::Index::get(self, id))
-    }
-    fn indexed_with_address(&self, ip: IpAddr) -> Option<Arc<Container>> {
-        crate::runtime::Index::indexed_with_address(self, ip)
-    }
-    fn ask_by_address<'a>(
-        &'a self,
-        ip: IpAddr,
-        candidate: Option<&'a str>,
-    ) -> BoxFuture<'a, Option<Arc<Container>>> {
-        Box::pin(crate::runtime::Index::ask_by_address(self, ip, candidate))
-    }
-}
 
 /// Who a connection is from.
 #[derive(Clone, Debug)]
@@ -155,7 +123,7 @@ pub struct Attestor {
     watched: Watched,
     confirmed_by_watch: AtomicU64,
     confirmed_by_kernel: AtomicU64,
-    confirmed_by_docker: AtomicU64,
+    confirmed_by_runtime: AtomicU64,
     /// Connections identified by a kernel record; connections refused for want of any evidence.
     by_record: AtomicU64,
     refused: AtomicU64,
@@ -178,7 +146,7 @@ impl Attestor {
             watched: Watched::default(),
             confirmed_by_watch: AtomicU64::new(0),
             confirmed_by_kernel: AtomicU64::new(0),
-            confirmed_by_docker: AtomicU64::new(0),
+            confirmed_by_runtime: AtomicU64::new(0),
             by_record: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         }
@@ -239,7 +207,7 @@ impl Attestor {
                     tracing::warn!(
                         container_id = id,
                         caller_cgroup = cgroup.as_deref().unwrap_or_default(),
-                        docker_cgroup = %container.cgroup,
+                        runtime_cgroup = %container.cgroup,
                         "refused: the caller's cgroup is not where Docker put the container it \
                          names; no role"
                     );
@@ -282,7 +250,7 @@ impl Attestor {
                 return Ok(Caller::at_address(container.clone(), peer));
             }
         }
-        self.confirmed_by_docker.fetch_add(1, Ordering::Relaxed);
+        self.confirmed_by_runtime.fetch_add(1, Ordering::Relaxed);
         let candidate_id = candidate.as_ref().map(|c| c.id.as_str());
         match self.containers.ask_by_address(ip, candidate_id).await {
             Some(container) => Ok(Caller::at_address(container, peer)),
@@ -304,7 +272,7 @@ impl Attestor {
         (
             self.confirmed_by_watch.load(Ordering::Relaxed),
             self.confirmed_by_kernel.load(Ordering::Relaxed),
-            self.confirmed_by_docker.load(Ordering::Relaxed),
+            self.confirmed_by_runtime.load(Ordering::Relaxed),
         )
     }
 
@@ -386,6 +354,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::process::tests::*;
+    use futures_util::future::BoxFuture;
 
     /// Docker as a table: by id, and who answers for an address when asked.
     #[derive(Default)]

@@ -21,39 +21,31 @@ use k8s_cri::v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::runtime::container::{Container, Pod};
+use futures_util::{FutureExt as _, StreamExt as _, future::BoxFuture, stream::BoxStream};
+
+use super::{
+    Kind,
+    container::{Container, Pod},
+    source::{Change, Description, Source, SourceError},
+};
 
 /// How often the running containers are listed (unless `--cri-poll` says otherwise).
 pub const POLL: Duration = Duration::from_secs(1);
 /// How long one call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What a CRI call can fail with, in one readable line.
-#[derive(Debug, thiserror::Error)]
-pub enum CriError {
-    #[error("CRI call failed ({code}): {message}")]
-    Status { code: tonic::Code, message: String },
-}
-
-impl From<tonic::Status> for CriError {
-    fn from(status: tonic::Status) -> Self {
-        CriError::Status {
-            code: status.code(),
-            message: status.message().to_owned(),
-        }
-    }
-}
-
-/// A CRI runtime's client.
+/// A CRI runtime's client, and how often its containers are listed.
 #[derive(Clone)]
 pub struct Cri {
     client: RuntimeServiceClient<Channel>,
+    poll: Duration,
 }
 
 impl Cri {
-    /// A client of the runtime at `endpoint` (`unix:///run/containerd/containerd.sock`). The
-    /// connection is made on first use and remade after a failure (the runtime restarted).
-    pub fn connect(endpoint: &str) -> Self {
+    /// A client of the runtime at `endpoint` (`unix:///run/containerd/containerd.sock`), whose
+    /// running containers are listed every `poll` ([`POLL`]). The connection is made on first
+    /// use and remade after a failure (the runtime restarted).
+    pub fn connect(endpoint: &str, poll: Duration) -> Self {
         let path = endpoint.trim_start_matches("unix://").to_owned();
         // The URI is a placeholder: the connector below dials the socket.
         let channel = Endpoint::from_static("http://[::1]:50051")
@@ -69,11 +61,12 @@ impl Cri {
             }));
         Self {
             client: RuntimeServiceClient::new(channel),
+            poll,
         }
     }
 
     /// The runtime's name and version (`containerd`, `1.6.20`).
-    pub async fn version(&self) -> Result<(String, String), CriError> {
+    pub async fn version(&self) -> Result<(String, String), SourceError> {
         let v = self
             .client
             .clone()
@@ -86,7 +79,7 @@ impl Cri {
     }
 
     /// The ids of the running containers.
-    pub async fn running(&self) -> Result<Vec<String>, CriError> {
+    pub async fn running(&self) -> Result<Vec<String>, SourceError> {
         Ok(self
             .client
             .clone()
@@ -108,7 +101,7 @@ impl Cri {
 
     /// Container `id` and its pod, now; `Ok(None)` when the runtime has no such container, or it
     /// belongs to no pod the runtime knows.
-    pub async fn inspect(&self, id: &str) -> Result<Option<Container>, CriError> {
+    pub async fn inspect(&self, id: &str) -> Result<Option<Container>, SourceError> {
         let mut client = self.client.clone();
         let response = match client
             .container_status(cri::ContainerStatusRequest {
@@ -157,6 +150,52 @@ impl Cri {
             Err(status) => return Err(status.into()),
         };
         Ok(sandbox.and_then(|sandbox| pod_container(&status, &runtime, &sandbox)))
+    }
+}
+
+impl Source for Cri {
+    fn describe(&self) -> BoxFuture<'_, Result<Description, SourceError>> {
+        async move {
+            let (name, version) = self.version().await?;
+            Ok(Description {
+                kind: Kind::Cri,
+                name,
+                version,
+                // Each container's cgroup is read from its runtime spec, whatever the driver.
+                cgroup_driver: "per container (OCI runtime spec)".to_owned(),
+            })
+        }
+        .boxed()
+    }
+
+    fn ping(&self) -> BoxFuture<'_, bool> {
+        async move { self.version().await.is_ok() }.boxed()
+    }
+
+    fn inspect<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Container>, SourceError>> {
+        Cri::inspect(self, id).boxed()
+    }
+
+    /// Every running container: the sandbox's addresses are the runtime's answer now.
+    fn candidates(&self, _ip: IpAddr) -> BoxFuture<'_, Result<Vec<String>, SourceError>> {
+        self.running().boxed()
+    }
+
+    /// No event stream (containerd 1.6): the running containers, listed every `poll`.
+    fn changes(&self) -> BoxStream<'static, Result<Change, SourceError>> {
+        let cri = self.clone();
+        let mut every = tokio::time::interval(self.poll);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        futures_util::stream::unfold((cri, every, true), |(cri, mut every, first)| async move {
+            every.tick().await;
+            let listed = cri.running().await;
+            let change = listed.map(|ids| Change::Running {
+                ids,
+                all_again: first,
+            });
+            Some((change, (cri, every, false)))
+        })
+        .boxed()
     }
 }
 

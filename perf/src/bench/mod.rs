@@ -294,7 +294,8 @@ fn serving(redirect: Redirect, readyz: &Response) -> bool {
     match redirect {
         Redirect::IptablesDnat => {
             let body = readyz.text();
-            body.contains("upstream IMDS: answering") && body.contains("docker: answering")
+            body.contains("upstream IMDS: answering")
+                && body.contains("container runtime docker: answering")
         }
         _ => readyz.status == 200,
     }
@@ -388,10 +389,10 @@ impl BenchProxy {
             };
             let _ = write!(
                 evidence,
-                "; source addresses confirmed by a watch {}, by the kernel {}, by Docker {}",
+                "; source addresses confirmed by a watch {}, by the kernel {}, by the runtime {}",
                 by("watch"),
                 by("kernel"),
-                by("docker")
+                by("runtime")
             );
         }
         Ok(evidence)

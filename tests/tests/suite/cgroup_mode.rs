@@ -130,7 +130,8 @@ impl TestProxy {
                 tokio::net::TcpListener::bind(LISTEN_V6).await.unwrap(),
             ];
             let redirect = Arc::new(Redirect::attach(&spec).expect("the redirect attaches"));
-            let docker = runtime::Index::connect("unix:///var/run/docker.sock", false)
+            let docker = runtime::Endpoint::DockerApi("unix:///var/run/docker.sock".into())
+                .connect(false, Duration::from_secs(1))
                 .await
                 .expect("Docker answers");
             let attestor = Arc::new(Attestor::new(

@@ -462,7 +462,7 @@ fn a_program_that_asks_before_docker_reports_it_running_in(mode: Mode) {
                 "imds_proxy_tc_address_confirmations_total{{by=\"{how}\"}}"
             ))
         };
-        let (watch, kernel, docker) = (by("watch"), by("kernel"), by("docker"));
+        let (watch, kernel, docker) = (by("watch"), by("kernel"), by("runtime"));
         eprintln!("confirmed by a watch {watch}, by the kernel {kernel}, by Docker {docker}");
         assert_eq!(
             watch + kernel + docker,
@@ -866,7 +866,8 @@ fn the_docker_index_recovers_from_a_daemon_restart() {
     let down = down.unwrap();
     assert_eq!(down.status, 503, "{}", down.text());
     assert!(
-        down.text().contains("docker: not answering"),
+        down.text()
+            .contains("container runtime docker: not answering"),
         "{}",
         down.text()
     );
@@ -1039,7 +1040,7 @@ fn readyz_is_503_while_the_upstream_does_not_answer() {
         ready.text()
     );
     assert!(
-        ready.text().contains("docker: answering"),
+        ready.text().contains("container runtime docker: answering"),
         "{}",
         ready.text()
     );

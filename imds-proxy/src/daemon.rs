@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cgroup::{self, Cgroups},
-    config::{Config, RunArgs},
+    config::Config,
     credentials,
     identity::{AttestedListener, Attestor, Proc},
     imds,
@@ -54,13 +54,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// With IPv6 disabled on the host, the IPv6 listen address is dropped (IPv6 IMDS connects are
 /// then refused by the kernel programs).
 fn serve_ipv4_only_without_ipv6(mut config: Config) -> Config {
-    if config.listen.v6.is_some() && !netdev::ipv6_enabled() {
+    if config.network.listen.v6.is_some() && !netdev::ipv6_enabled() {
         tracing::warn!(
-            listen_v6 = ?config.listen.v6,
+            listen_v6 = ?config.network.listen.v6,
             "IPv6 is disabled on this host (net.ipv6.conf.{{all,default}}.disable_ipv6, or no \
              IPv6 at all): serving IPv4 only; IPv6 IMDS connects are refused"
         );
-        config.listen.v6 = None;
+        config.network.listen.v6 = None;
     }
     config
 }
@@ -75,13 +75,10 @@ struct Host {
     listeners: Vec<tokio::net::TcpListener>,
 }
 
-/// The checks and local work that can fail for reasons of this host alone: a flag conflict in
-/// the runtime flags, the cgroup v2 hierarchy and the proxy's place in it, the descriptor limit,
+/// The checks and local work that can fail for reasons of this host alone: the cgroup v2
+/// hierarchy and the proxy's place in it, the descriptor limit,
 /// the ops listener, the listen interface and the listeners (a redirected connect must find one).
 async fn prepare_host(config: &Config) -> anyhow::Result<Host> {
-    let args = &config.args;
-    // A flag conflict is the operator's to fix: said now, not waited on.
-    args.engine_socket(|_| true)?;
     // Both modes attach the cgroup programs (tc mode for host-network containers): both need the
     // v2 hierarchy and the proxy's place in it.
     let root = cgroup::cgroup2_root().context("the cgroup v2 hierarchy")?;
@@ -91,15 +88,19 @@ async fn prepare_host(config: &Config) -> anyhow::Result<Host> {
         own_path: own_path.clone(),
         root: root.clone(),
     };
-    fd_limit(args.limits.max_connections);
-    let ops_listener = tokio::net::TcpListener::bind(args.network.ops_listen)
+    fd_limit(config.limits.max_connections);
+    let ops_listener = tokio::net::TcpListener::bind(config.network.ops_listen)
         .await
-        .with_context(|| format!("binding the ops listener {}", args.network.ops_listen))?;
-    netdev::ensure(&args.network.interface, &config.listen.addresses()).await?;
+        .with_context(|| format!("binding the ops listener {}", config.network.ops_listen))?;
+    netdev::ensure(
+        &config.network.interface,
+        &config.network.listen.addresses(),
+    )
+    .await?;
     let mut listeners = Vec::new();
     for addr in [
-        Some(SocketAddr::V4(config.listen.v4)),
-        config.listen.v6.map(SocketAddr::V6),
+        Some(SocketAddr::V4(config.network.listen.v4)),
+        config.network.listen.v6.map(SocketAddr::V6),
     ]
     .into_iter()
     .flatten()
@@ -127,17 +128,16 @@ fn attach(
     supervisor: &Arc<Supervisor>,
 ) -> anyhow::Result<Arc<Redirect>> {
     let redirect = Arc::new(Redirect::attach(config, &host.place)?);
-    redirect.start(&config.hosts, &host.root, supervisor)?;
+    redirect.start(&config.redirect.hosts, &host.root, supervisor)?;
     crate::notify::ready("redirect attached; connecting to the container engine");
     Ok(redirect)
 }
 
 /// The runtime's index once it answers ([`connect_engine`]), checked against `--runtime`.
 async fn connect_and_check_engine(config: &Config) -> anyhow::Result<Arc<runtime::Index>> {
-    let args = &config.args;
-    let (index, endpoint) = connect_engine(args).await;
+    let (index, endpoint) = connect_engine(config).await;
     let found = index.runtime();
-    if let Some(wanted) = args.runtime.kind()
+    if let Some(wanted) = config.runtime.name.kind()
         && wanted != found.kind
     {
         anyhow::bail!(
@@ -146,7 +146,7 @@ async fn connect_and_check_engine(config: &Config) -> anyhow::Result<Arc<runtime
             found.kind
         );
     }
-    if found.kind != runtime::Kind::Cri && !config.roles.namespaces.is_empty() {
+    if found.kind != runtime::Kind::Cri && !config.roles.policy.namespaces.is_empty() {
         tracing::warn!(
             runtime = %found.kind,
             "--namespace-allowed-roles applies to Kubernetes pods only (--runtime cri); this \
@@ -181,21 +181,20 @@ async fn build_parts(
     index: Arc<runtime::Index>,
     supervisor: &Arc<Supervisor>,
 ) -> anyhow::Result<Parts> {
-    let args = &config.args;
     let metrics = &host.metrics;
     let sts = credentials::sts_client(
-        &args.imds.upstream,
-        args.sts.region.as_deref(),
-        args.sts.sts_endpoint.as_deref(),
+        &config.imds.upstream,
+        config.sts.region.as_deref(),
+        config.sts.endpoint.as_deref(),
     )
     .await?;
     let cache = credentials::Cache::new(
         Arc::new(credentials::Sts(sts)),
         Arc::new(credentials::SystemClock),
         credentials::Settings {
-            duration: Duration::from_secs(args.sts.session_duration.into()),
-            refresh_before: args.sts.refresh_before,
-            answer_within: args.sts.answer_within,
+            duration: config.sts.session_duration,
+            refresh_before: config.sts.refresh_before,
+            answer_within: config.sts.answer_within,
         },
         metrics.clone(),
     );
@@ -210,27 +209,27 @@ async fn build_parts(
     ));
     let app = Arc::new(imds::App {
         tokens: Tokens::new(),
-        roles: config.roles.clone(),
+        roles: config.roles.policy.clone(),
         credentials: cache.clone(),
         upstream: Upstream::new(
-            &args.imds.upstream,
-            args.imds.upstream_concurrency,
-            args.imds.metadata_cache_ttl,
+            &config.imds.upstream,
+            config.imds.upstream_concurrency,
+            config.imds.metadata_cache_ttl,
         ),
         rate: crate::limits::PerKey::new(
-            args.limits.requests_per_second,
-            args.limits.request_burst,
+            config.limits.requests_per_second,
+            config.limits.request_burst,
             65_536,
         ),
         metrics: metrics.clone(),
         // Until the upstream is asked (when not configured): required.
-        require_imdsv2: AtomicBool::new(args.imds.require_imdsv2.unwrap_or(true)),
+        require_imdsv2: AtomicBool::new(config.imds.require_imdsv2.unwrap_or(true)),
         exposure: imds::Exposure {
-            user_data: args.imds.allow_user_data,
-            identity_signatures: args.imds.allow_identity_signatures,
+            user_data: config.imds.allow_user_data,
+            identity_signatures: config.imds.allow_identity_signatures,
         },
     });
-    match args.imds.require_imdsv2 {
+    match config.imds.require_imdsv2 {
         Some(required) => tracing::info!(require_imdsv2 = required, "IMDSv2 tokens as configured"),
         None => {
             // Known before the first request is served; followed after.
@@ -272,7 +271,7 @@ fn start_background_work(
     supervisor.spawn(
         "credential prefetch",
         cache.clone().follow_containers(
-            config.roles.clone(),
+            config.roles.policy.clone(),
             index.subscribe(),
             own_container.clone(),
         ),
@@ -339,7 +338,6 @@ fn serve(
     redirect: &Arc<Redirect>,
     supervisor: Arc<Supervisor>,
 ) -> (tokio::task::JoinSet<std::io::Result<()>>, Arc<AtomicBool>) {
-    let args = &config.args;
     let Parts {
         index,
         attestor,
@@ -349,9 +347,9 @@ fn serve(
     let metrics = app.metrics.clone();
     let router = imds::router(app.clone());
     let limits = serve::Limits {
-        header_timeout: args.limits.header_timeout,
-        max_connections: args.limits.max_connections,
-        max_connections_per_caller: args.limits.max_connections_per_caller,
+        header_timeout: config.limits.header_timeout,
+        max_connections: config.limits.max_connections,
+        max_connections_per_caller: config.limits.max_connections_per_caller,
     };
     let admission =
         serve::Admission::new(limits.max_connections, limits.max_connections_per_caller);
@@ -400,16 +398,15 @@ async fn wait_for_a_stop(
 /// Stop: the ops endpoints say not attached; the redirect stays pinned (fail closed) or goes with
 /// the listen interface.
 async fn stop(config: &Config, redirect: &Redirect, attached: &AtomicBool) -> anyhow::Result<()> {
-    let args = &config.args;
     attached.store(false, Ordering::Relaxed);
-    redirect.stop(args.redirect.pin.is_some());
-    if args.redirect.pin.is_some() {
+    redirect.stop(config.redirect.pin.is_some());
+    if config.redirect.pin.is_some() {
         tracing::info!(
             "stopping; the pinned redirect stays attached (containers fail closed until a proxy \
              runs again; `imds-proxy detach --pin DIR` removes it)"
         );
     } else {
-        netdev::remove(&args.network.interface).await?;
+        netdev::remove(&config.network.interface).await?;
         tracing::info!("stopped; programs detached and dummy interface removed");
     }
     Ok(())
@@ -418,14 +415,14 @@ async fn stop(config: &Config, redirect: &Redirect, attached: &AtomicBool) -> an
 /// The container runtime's index, once the runtime answers: with the unit ordered before the
 /// runtimes, its socket may not exist yet. Said once, then retried (200 ms doubling to 5 s);
 /// what it says when it answers (its kind, its driver) is checked by the caller.
-async fn connect_engine(args: &RunArgs) -> (Arc<runtime::Index>, runtime::Endpoint) {
+async fn connect_engine(config: &Config) -> (Arc<runtime::Index>, runtime::Endpoint) {
     let mut backoff = Duration::from_millis(200);
     let mut waiting = false;
     loop {
         let attempt = async {
-            let endpoint = args.engine_socket(|path| std::path::Path::new(path).exists())?;
+            let endpoint = (config.runtime).endpoint(|path| std::path::Path::new(path).exists())?;
             let index = endpoint
-                .connect(args.roles.trust_image_role, args.cri_poll)
+                .connect(config.roles.trust_image_role, config.runtime.cri_poll)
                 .await?;
             anyhow::Ok((index, endpoint))
         };

@@ -53,7 +53,7 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::from(2);
                 }
             };
-            init_logging(config.args.log_format);
+            init_logging(config.log_format);
             // Before the runtime's threads exist: a namespace is joined per thread.
             match imds_proxy::cgroup::join_host_cgroup_namespace() {
                 Ok(()) => run(config),

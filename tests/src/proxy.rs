@@ -155,7 +155,7 @@ impl Proxy {
     }
 
     /// Started as [`Proxy::start_wrapped`], and returned once a log line contains `ready`
-    /// ("docker index synchronised", "CRI index synchronised" for the others).
+    /// ("container index synchronised", naming the runtime).
     pub fn start_until(
         scene: &Scene,
         mode: Mode,

@@ -17,6 +17,7 @@ use crate::{
 };
 
 mod args;
+mod validate;
 pub use args::*;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,10 +43,10 @@ pub const RUNTIME_SOCKETS: [(RuntimeName, &str); 4] = [
     (RuntimeName::Cri, "unix:///var/run/crio/crio.sock"),
 ];
 
-impl RunArgs {
+impl Runtime {
     /// The runtime's API and socket: `--docker-host` or `--cri-endpoint`, else the runtime's
     /// usual one, else (`auto`) the first usual one that `exists`.
-    pub fn engine_socket(&self, exists: impl Fn(&str) -> bool) -> Result<Endpoint, ConfigError> {
+    pub fn endpoint(&self, exists: impl Fn(&str) -> bool) -> Result<Endpoint, ConfigError> {
         let api = |runtime, socket: &str| match runtime {
             RuntimeName::Cri => Endpoint::Cri(socket.to_owned()),
             _ => Endpoint::DockerApi(socket.to_owned()),
@@ -65,7 +66,7 @@ impl RunArgs {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        match (self.runtime, &self.docker_host, &self.cri_endpoint) {
+        match (self.name, &self.docker_host, &self.cri_endpoint) {
             (_, Some(_), Some(_)) => Err(invalid(
                 "cri-endpoint",
                 "give --docker-host or --cri-endpoint, not both: the proxy follows one runtime",
@@ -105,25 +106,100 @@ impl RunArgs {
     }
 }
 
-/// A Kubernetes namespace name (an RFC 1123 label).
-fn is_namespace_name(name: &str) -> bool {
-    (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
-/// The validated configuration: what the flags said, and what they mean, typed.
+/// The validated configuration: what the flags mean, typed, one value per argument group, each
+/// checked by its own group's `validate` ([`validate`]). Nothing raw is kept.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub args: RunArgs,
-    pub roles: roles::Policy,
+    pub network: Network,
+    pub redirect: Redirection,
+    pub roles: Roles,
+    pub runtime: Runtime,
+    pub sts: Sts,
+    pub imds: Imds,
+    pub limits: Limits,
+    pub log_format: LogFormat,
+}
+
+/// Where the proxy listens.
+#[derive(Clone, Debug)]
+pub struct Network {
+    pub listen: Listen,
+    pub ops_listen: SocketAddr,
+    /// The listen interface's name (1–15 characters).
+    pub interface: String,
+}
+
+/// How containers' IMDS traffic is intercepted.
+#[derive(Clone, Debug)]
+pub struct Redirection {
+    pub mode: Mode,
     /// Which cgroups are the host's (filter mode).
     pub hosts: imds_policy::cgroups::HostCgroups,
-    pub listen: Listen,
-    pub mode: Mode,
+    /// `--pin`: the links and maps stay attached across restarts, pinned here.
+    pub pin: Option<PathBuf>,
+}
+
+/// Which role a container may have.
+#[derive(Clone, Debug)]
+pub struct Roles {
+    pub policy: roles::Policy,
+    /// `--trust-image-role`: role settings an image carries count as the container's own.
+    pub trust_image_role: bool,
+}
+
+/// Which runtime's containers get roles, and where it is asked ([`Runtime::endpoint`]): chosen
+/// when it answers, as `auto` takes the first usual socket that exists.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    pub name: RuntimeName,
+    /// `unix://` sockets only.
+    pub docker_host: Option<String>,
+    pub cri_endpoint: Option<String>,
+    pub cri_poll: Duration,
+}
+
+/// How STS is called.
+#[derive(Clone, Debug)]
+pub struct Sts {
+    /// An http(s) URL, or the SDK's own resolution.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// 900 s – 12 h.
+    pub session_duration: Duration,
+    /// Shorter than the session.
+    pub refresh_before: Duration,
+    /// 1 ms – 10 s.
+    pub answer_within: Duration,
+}
+
+/// The IMDS API served.
+#[derive(Clone, Debug)]
+pub struct Imds {
+    /// A plain http:// URL.
+    pub upstream: String,
+    /// `None`: follow the instance's `HttpTokens`.
+    pub require_imdsv2: Option<bool>,
+    /// At least 1.
+    pub upstream_concurrency: usize,
+    /// At most 1 h.
+    pub metadata_cache_ttl: Duration,
+    pub allow_user_data: bool,
+    pub allow_identity_signatures: bool,
+}
+
+/// What one caller, and all of them, may use.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// 100 ms – 300 s.
+    pub header_timeout: Duration,
+    /// At least 1.
+    pub max_connections: usize,
+    /// 1 – `max_connections`.
+    pub max_connections_per_caller: usize,
+    /// Positive.
+    pub requests_per_second: f64,
+    /// At least 1.
+    pub request_burst: f64,
 }
 
 /// The dedicated listen addresses: one IPv4, at most one IPv6.
@@ -183,257 +259,6 @@ impl RunArgs {
             .try_get_matches_from(&layered)
             .map_err(|e| clap_error(&e))?;
         RunArgs::from_arg_matches(&matches).map_err(|e| clap_error(&e))
-    }
-
-    /// Check every setting; the first problem, naming its key.
-    pub fn validate(self) -> Result<Config, ConfigError> {
-        let (mut v4, mut v6): (Vec<SocketAddrV4>, Vec<SocketAddrV6>) = (Vec::new(), Vec::new());
-        for addr in &self.network.listen {
-            match addr {
-                SocketAddr::V4(a) => v4.push(*a),
-                SocketAddr::V6(a) => v6.push(*a),
-            }
-        }
-        let listen = match (v4.as_slice(), v6.as_slice()) {
-            ([v4], []) => Listen { v4: *v4, v6: None },
-            ([v4], [v6]) => Listen {
-                v4: *v4,
-                v6: Some(*v6),
-            },
-            _ => {
-                return Err(invalid(
-                    "listen",
-                    "give exactly one IPv4 and at most one IPv6 address",
-                ));
-            }
-        };
-        for addr in &self.network.listen {
-            if addr.ip().is_unspecified() || addr.ip().is_loopback() {
-                return Err(invalid(
-                    "listen",
-                    format!(
-                        "{addr} cannot be a dedicated listen address (use a link-local or ULA address of its own)"
-                    ),
-                ));
-            }
-        }
-        let mode = match self.redirect.mode {
-            ModeName::Cgroup => {
-                if !self.redirect.container_ifaces.is_empty() {
-                    return Err(invalid("container-iface", "applies to --mode tc only"));
-                }
-                if !self.redirect.tc_static_sources.is_empty() {
-                    return Err(invalid("tc-static-source", "applies to --mode tc only"));
-                }
-                Mode::Cgroup {
-                    cgroups: self.redirect.cgroups.clone(),
-                    filter: self.redirect.cgroup_filter,
-                }
-            }
-            ModeName::Tc => {
-                if !self.redirect.cgroups.is_empty() || self.redirect.cgroup_filter {
-                    return Err(invalid(
-                        if self.redirect.cgroup_filter {
-                            "cgroup-filter"
-                        } else {
-                            "cgroup"
-                        },
-                        "applies to --mode cgroup only",
-                    ));
-                }
-                if let Some(bad) = self
-                    .redirect
-                    .container_ifaces
-                    .iter()
-                    .find(|p| !valid_pattern(p))
-                {
-                    return Err(invalid(
-                        "container-iface",
-                        format!(
-                            "{bad:?} is not an interface name or pattern (at most 15 characters, no spaces, '/' or ':')"
-                        ),
-                    ));
-                }
-                let static_sources = self
-                    .redirect
-                    .tc_static_sources
-                    .iter()
-                    .map(|source| parse_static_source(source))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|reason| invalid("tc-static-source", reason))?;
-                let attach = self.redirect.tc_attach.resolve();
-                if self.redirect.pin.is_some() && attach != TcAttach::Tcx {
-                    return Err(invalid(
-                        "pin",
-                        "pinning in tc mode needs TCX links (--tc-attach tcx, or auto on kernel 6.6+)",
-                    ));
-                }
-                Mode::Tc {
-                    interfaces: if self.redirect.container_ifaces.is_empty() {
-                        vec!["docker0".to_owned()]
-                    } else {
-                        self.redirect.container_ifaces.clone()
-                    },
-                    attach,
-                    static_sources,
-                }
-            }
-        };
-        check_http_url("upstream", &self.imds.upstream)?;
-        if let Some(endpoint) = &self.sts.sts_endpoint {
-            check_url("sts-endpoint", endpoint)?;
-        }
-        if let Some(region) = &self.sts.region
-            && (region.is_empty()
-                || !region
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
-        {
-            return Err(invalid(
-                "region",
-                format!("{region:?} is not a region name"),
-            ));
-        }
-        if !(900..=43_200).contains(&self.sts.session_duration) {
-            return Err(invalid(
-                "session-duration",
-                format!(
-                    "{} is outside 900–43200 seconds (STS limits)",
-                    self.sts.session_duration
-                ),
-            ));
-        }
-        if self.sts.answer_within.is_zero() || self.sts.answer_within > Duration::from_secs(10) {
-            return Err(invalid(
-                "answer-within",
-                format!(
-                    "{} is not between 1ms and 10s",
-                    humantime::format_duration(self.sts.answer_within)
-                ),
-            ));
-        }
-        if self.sts.refresh_before >= Duration::from_secs(self.sts.session_duration.into()) {
-            return Err(invalid(
-                "refresh-before",
-                format!(
-                    "{} is not shorter than the session duration ({} s)",
-                    humantime::format_duration(self.sts.refresh_before),
-                    self.sts.session_duration
-                ),
-            ));
-        }
-        let prefix = self
-            .roles
-            .role_arn_prefix
-            .as_deref()
-            .map(roles::ArnPrefix::parse)
-            .transpose()
-            .map_err(|reason| invalid("role-arn-prefix", reason))?;
-        let allowed = self
-            .roles
-            .allowed_roles
-            .iter()
-            .map(|g| Glob::parse(g))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|reason| invalid("allowed-roles", reason))?;
-        let default_role = self
-            .roles
-            .default_role
-            .as_deref()
-            .map(RoleName::parse)
-            .transpose()
-            .map_err(|reason| invalid("default-role", reason))?;
-        let mut namespaces = std::collections::BTreeMap::<String, Vec<Glob>>::new();
-        for entry in &self.roles.namespace_allowed_roles {
-            let (namespace, glob) = entry
-                .split_once('=')
-                .filter(|(ns, _)| is_namespace_name(ns))
-                .ok_or_else(|| {
-                    invalid(
-                        "namespace-allowed-roles",
-                        format!(
-                            "{entry:?}: give <namespace>=<glob>, a Kubernetes namespace name \
-                             (lowercase letters, digits, '-'; at most 63) and a glob on role ARNs"
-                        ),
-                    )
-                })?;
-            let glob = Glob::parse(glob).map_err(|reason| {
-                invalid("namespace-allowed-roles", format!("{entry:?}: {reason}"))
-            })?;
-            namespaces
-                .entry(namespace.to_owned())
-                .or_default()
-                .push(glob);
-        }
-        let policy = roles::Policy {
-            prefix,
-            allowed,
-            default_role,
-            namespaces,
-        };
-        if let Some(default) = &policy.default_role {
-            policy
-                .arn_for(default)
-                .map_err(|e| invalid("default-role", e.to_string()))?;
-        }
-        for (key, socket) in [
-            ("docker-host", &self.docker_host),
-            ("cri-endpoint", &self.cri_endpoint),
-        ] {
-            if let Some(socket) = socket
-                && !socket.starts_with("unix://")
-            {
-                return Err(invalid(
-                    key,
-                    format!("{socket:?}: only unix:// sockets are supported"),
-                ));
-            }
-        }
-        if self.limits.header_timeout < Duration::from_millis(100)
-            || self.limits.header_timeout > Duration::from_secs(300)
-        {
-            return Err(invalid("header-timeout", "give 100ms–300s"));
-        }
-        if !(self.limits.requests_per_second.is_finite() && self.limits.requests_per_second > 0.0) {
-            return Err(invalid("requests-per-second", "must be a positive number"));
-        }
-        if !(self.limits.request_burst.is_finite() && self.limits.request_burst >= 1.0) {
-            return Err(invalid("request-burst", "must be at least 1"));
-        }
-        if self.imds.upstream_concurrency == 0 {
-            return Err(invalid("upstream-concurrency", "must be at least 1"));
-        }
-        if self.imds.metadata_cache_ttl > Duration::from_secs(3600) {
-            return Err(invalid("metadata-cache-ttl", "at most 1h"));
-        }
-        if self.limits.max_connections == 0 {
-            return Err(invalid("max-connections", "must be at least 1"));
-        }
-        if self.limits.max_connections_per_caller == 0
-            || self.limits.max_connections_per_caller > self.limits.max_connections
-        {
-            return Err(invalid(
-                "max-connections-per-caller",
-                format!(
-                    "must be 1–{} (--max-connections)",
-                    self.limits.max_connections
-                ),
-            ));
-        }
-        if self.network.interface.is_empty() || self.network.interface.len() > 15 {
-            return Err(invalid("interface", "interface names are 1–15 characters"));
-        }
-        let hosts = imds_policy::cgroups::HostCgroups::parse(
-            self.redirect.host_cgroups.iter().map(String::as_str),
-        )
-        .map_err(|reason| invalid("host-cgroup", reason))?;
-        Ok(Config {
-            hosts,
-            roles: policy,
-            listen,
-            mode,
-            args: self,
-        })
     }
 }
 
@@ -522,25 +347,6 @@ fn file_args(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>, ConfigE
         }
     }
     Ok(args)
-}
-
-fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| invalid(key, format!("{url:?} is not an http:// or https:// URL")))?;
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err(invalid(key, format!("{url:?} has no host")));
-    }
-    Ok(())
-}
-
-fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
-    check_url(key, url)?;
-    if !url.starts_with("http://") {
-        return Err(invalid(key, format!("{url:?}: IMDS is plain http://")));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

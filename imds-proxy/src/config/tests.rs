@@ -8,10 +8,28 @@ fn parse(args: &[&str]) -> Result<Config, ConfigError> {
     RunArgs::parse_layered(args.iter().copied()).and_then(RunArgs::validate)
 }
 
+/// What the layers said, raw, once the whole is valid: for the tests of parsing.
+fn parse_args(args: &[&str]) -> Result<RunArgs, ConfigError> {
+    let parsed = RunArgs::parse_layered(args.iter().copied())?;
+    parsed.clone().validate()?;
+    Ok(parsed)
+}
+
+/// The runtime flags as parsed, not validated (the conflicts are the endpoint's to find).
+fn runtime(args: &[&str]) -> Runtime {
+    let a = RunArgs::parse_layered(args.iter().copied()).unwrap();
+    Runtime {
+        name: a.runtime,
+        docker_host: a.docker_host,
+        cri_endpoint: a.cri_endpoint,
+        cri_poll: a.cri_poll,
+    }
+}
+
 #[test]
 fn defaults_are_documented_values() {
     let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
-    let c = parse(&[]).unwrap().args;
+    let c = parse_args(&[]).unwrap();
     assert_eq!(c.network.ops_listen.to_string(), "127.0.0.1:9181");
     assert_eq!(c.imds.upstream, "http://169.254.169.254");
     assert_eq!(c.sts.session_duration, 3600);
@@ -71,7 +89,6 @@ fn errors_name_the_key() {
 #[test]
 fn the_engine_socket_is_given_or_the_runtime_s_usual_one() {
     let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
-    let args = |a: &[&str]| parse(a).unwrap().args;
     let none = |_: &str| false;
     let podman_only = |p: &str| p == "/run/podman/podman.sock";
     let containerd_only = |p: &str| p == "/run/containerd/containerd.sock";
@@ -80,46 +97,46 @@ fn the_engine_socket_is_given_or_the_runtime_s_usual_one() {
     let docker = |s: &str| Ok(Endpoint::DockerApi(s.to_owned()));
     let cri = |s: &str| Ok(Endpoint::Cri(s.to_owned()));
     assert_eq!(
-        args(&["--docker-host", "unix:///x.sock"]).engine_socket(none),
+        runtime(&["--docker-host", "unix:///x.sock"]).endpoint(none),
         docker("unix:///x.sock")
     );
     assert_eq!(
-        args(&["--runtime", "podman"]).engine_socket(none),
+        runtime(&["--runtime", "podman"]).endpoint(none),
         docker("unix:///run/podman/podman.sock")
     );
     assert_eq!(
-        args(&["--runtime", "docker"]).engine_socket(none),
+        runtime(&["--runtime", "docker"]).endpoint(none),
         docker("unix:///var/run/docker.sock")
     );
     // auto: Docker's first, then Podman's, then the CRI runtimes'; none is a clear error.
     assert_eq!(
-        args(&[]).engine_socket(both),
+        runtime(&[]).endpoint(both),
         docker("unix:///var/run/docker.sock")
     );
     assert_eq!(
-        args(&[]).engine_socket(podman_only),
+        runtime(&[]).endpoint(podman_only),
         docker("unix:///run/podman/podman.sock")
     );
     assert_eq!(
-        args(&[]).engine_socket(containerd_only),
+        runtime(&[]).endpoint(containerd_only),
         cri("unix:///run/containerd/containerd.sock")
     );
-    let err = args(&[]).engine_socket(none).unwrap_err();
+    let err = runtime(&[]).endpoint(none).unwrap_err();
     assert_eq!(err.key, "runtime");
     assert!(err.reason.contains("/run/podman/podman.sock"), "{err}");
     assert!(err.reason.contains("crio.sock"), "{err}");
     // cri: the endpoint, else containerd's or CRI-O's usual socket.
     assert_eq!(
-        args(&["--cri-endpoint", "unix:///c.sock"]).engine_socket(none),
+        runtime(&["--cri-endpoint", "unix:///c.sock"]).endpoint(none),
         cri("unix:///c.sock")
     );
     assert_eq!(
-        args(&["--runtime", "cri"]).engine_socket(crio_only),
+        runtime(&["--runtime", "cri"]).endpoint(crio_only),
         cri("unix:///var/run/crio/crio.sock")
     );
     assert_eq!(
-        args(&["--runtime", "cri"])
-            .engine_socket(none)
+        runtime(&["--runtime", "cri"])
+            .endpoint(none)
             .unwrap_err()
             .key,
         "runtime"
@@ -139,7 +156,8 @@ fn the_engine_socket_is_given_or_the_runtime_s_usual_one() {
             "cri-endpoint",
         ),
     ] {
-        assert_eq!(args(a).engine_socket(both).unwrap_err().key, key, "{a:?}");
+        assert_eq!(runtime(a).endpoint(both).unwrap_err().key, key, "{a:?}");
+        assert_eq!(parse(a).unwrap_err().key, key, "said at validation: {a:?}");
     }
     assert_eq!(
         parse(&["--cri-endpoint", "/run/containerd/containerd.sock"])
@@ -160,8 +178,8 @@ fn namespace_allowed_roles_are_namespace_equals_glob() {
         "team-b=*",
     ])
     .unwrap();
-    assert_eq!(c.roles.namespaces.len(), 2);
-    assert_eq!(c.roles.namespaces["team-a"].len(), 2);
+    assert_eq!(c.roles.policy.namespaces.len(), 2);
+    assert_eq!(c.roles.policy.namespaces["team-a"].len(), 2);
     for bad in ["team-a", "=x", "Team=x", "-a=x", "a=", "a b=x"] {
         let err = parse(&[&format!("--namespace-allowed-roles={bad}")]).unwrap_err();
         assert_eq!(err.key, "namespace-allowed-roles", "{bad:?}");
@@ -174,7 +192,7 @@ fn namespace_allowed_roles_are_namespace_equals_glob() {
 fn the_shipped_config_file_is_valid() {
     let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/systemd/config.toml");
-    let c = parse(&["--config", shipped]).unwrap().args;
+    let c = parse_args(&["--config", shipped]).unwrap();
     assert_eq!(
         c.redirect.pin.as_deref(),
         Some(std::path::Path::new("/sys/fs/bpf/imds-proxy"))
@@ -198,7 +216,7 @@ fn the_shipped_config_file_is_valid() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("config.toml");
     std::fs::write(&file, tc).unwrap();
-    let c = parse(&["--config", file.to_str().unwrap()]).unwrap().args;
+    let c = parse_args(&["--config", file.to_str().unwrap()]).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(c.redirect.mode, ModeName::Tc);
     assert_eq!(c.redirect.container_ifaces, ["docker0"]);
@@ -223,12 +241,12 @@ fn flags_override_environment_override_file() {
         std::env::set_var("IMDS_PROXY_REGION", "us-west-2");
         std::env::set_var("IMDS_PROXY_SESSION_DURATION", "2400");
     }
-    let c = parse(&["--config", file_arg, "--session-duration", "1200"]);
+    let c = parse_args(&["--config", file_arg, "--session-duration", "1200"]);
     unsafe {
         std::env::remove_var("IMDS_PROXY_REGION");
         std::env::remove_var("IMDS_PROXY_SESSION_DURATION");
     }
-    let c = c.unwrap().args;
+    let c = c.unwrap();
     assert_eq!(
         c.roles.default_role.as_deref(),
         Some("FromFile"),
@@ -239,24 +257,19 @@ fn flags_override_environment_override_file() {
     assert_eq!(c.imds.require_imdsv2, Some(true));
     assert_eq!(c.roles.allowed_roles.len(), 2);
     std::fs::write(&file, "require-imdsv2 = false\n").unwrap();
-    let c = parse(&["--config", file_arg]).unwrap().args;
+    let c = parse_args(&["--config", file_arg]).unwrap();
     assert_eq!(
         c.imds.require_imdsv2,
         Some(false),
         "false in a file is not the default"
     );
     assert_eq!(
-        parse(&["--require-imdsv2"])
-            .unwrap()
-            .args
-            .imds
-            .require_imdsv2,
+        parse(&["--require-imdsv2"]).unwrap().imds.require_imdsv2,
         Some(true)
     );
     assert_eq!(
         parse(&["--require-imdsv2", "false"])
             .unwrap()
-            .args
             .imds
             .require_imdsv2,
         Some(false)

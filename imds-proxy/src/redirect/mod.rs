@@ -64,7 +64,7 @@ pub struct Place {
 impl Redirect {
     /// Attach as `config` says.
     pub fn attach(config: &Config, place: &Place) -> anyhow::Result<Self> {
-        let (listen_v4, listen_v6) = (config.listen.v4, config.listen.v6);
+        let (listen_v4, listen_v6) = (config.network.listen.v4, config.network.listen.v6);
         let hooks = |cgroups: Vec<PathBuf>, filter: bool, scope: Scope| -> anyhow::Result<_> {
             let spec = Spec {
                 listen_v4,
@@ -72,13 +72,13 @@ impl Redirect {
                 cgroups,
                 filter,
                 own_cgroup: place.own_cgroup,
-                pin: config.args.redirect.pin.clone(),
+                pin: config.redirect.pin.clone(),
                 scope,
                 gate: false,
             };
             Ok(Arc::new(CgroupRedirect::attach(&spec)?))
         };
-        let redirect = match &config.mode {
+        let redirect = match &config.redirect.mode {
             Mode::Cgroup { cgroups, filter } => {
                 let (cgroups, filter) = if cgroups.is_empty() {
                     // A container's cgroup is wherever its runner put it (`--cgroup-parent`, a
@@ -101,7 +101,7 @@ impl Redirect {
                     listen_v6,
                     interfaces: Vec::new(),
                     attach: tc::TcAttach::Auto,
-                    pin: config.args.redirect.pin.clone(),
+                    pin: config.redirect.pin.clone(),
                     static_sources: Vec::new(),
                     every_bridge: true,
                 })?);
@@ -124,7 +124,7 @@ impl Redirect {
                     listen_v6,
                     interfaces: interfaces.clone(),
                     attach: *attach,
-                    pin: config.args.redirect.pin.clone(),
+                    pin: config.redirect.pin.clone(),
                     static_sources: static_sources.clone(),
                     every_bridge: false,
                 })?);
@@ -158,8 +158,8 @@ impl Redirect {
                 Redirect::Tc { .. } =>
                     "host-network containers (kernel-attested); bridged ones through the tc programs",
             },
-            listen = ?config.args.network.listen,
-            pin = ?config.args.redirect.pin,
+            listen = ?config.network.listen,
+            pin = ?config.redirect.pin,
             adopted_links = redirect.hooks().adopted_links(),
             own_cgroup = %place.own_path,
             "redirect attached; serving"

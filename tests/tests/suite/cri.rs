@@ -44,7 +44,7 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
     }
     let proxy = Proxy::start_in(&scene, mode, &extra);
     proxy.wait_for_log(&["container engine", "Cri"]);
-    proxy.wait_for_log(&["CRI index synchronised"]);
+    proxy.wait_for_log(&["container index synchronised", "runtime=containerd"]);
 
     ensure_imds_is_simulated().unwrap();
     let sleep = ["sleep", "3600"];
@@ -146,7 +146,7 @@ fn a_pod_the_runtime_cannot_describe_does_not_stop_the_others() {
         Mode::Cgroup,
         &["--runtime", "cri", "--cri-endpoint", &endpoint],
     );
-    proxy.wait_for_log(&["CRI index synchronised"]);
+    proxy.wait_for_log(&["container index synchronised", "runtime=containerd"]);
     ensure_imds_is_simulated().unwrap();
     let sleep = ["sleep", "3600"];
     let bloat = "x".repeat(5 << 20);
@@ -207,7 +207,7 @@ fn pods_not_listed_yet_are_found_by_asking_and_get_the_default_role() {
             "1h",
         ],
     );
-    proxy.wait_for_log(&["CRI index synchronised"]);
+    proxy.wait_for_log(&["container index synchronised", "runtime=containerd"]);
     ensure_imds_is_simulated().unwrap();
     let sleep = ["sleep", "3600"];
     let bare = containerd.run_pod("team-a", "bare", 0, &[], &curl, &sleep);

@@ -358,7 +358,10 @@ fn the_manifest_s_own_arguments_run_against_containerd() {
     }
     // Ready is the programs, the upstream and the runtime answering; the first listing of the
     // runtime's containers may end just after.
-    while !logs().iter().any(|l| l.contains("CRI index synchronised")) {
+    while !logs()
+        .iter()
+        .any(|l| l.contains("container index synchronised"))
+    {
         assert!(
             Instant::now() < deadline,
             "never synchronised: {:#?}",

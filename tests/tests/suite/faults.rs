@@ -665,7 +665,7 @@ fn dockerd_restarts_under_load_in(mode: Mode) {
     let back = log
         .iter()
         .skip(lost)
-        .position(|l| l.contains("docker index synchronised"))
+        .position(|l| l.contains("container index synchronised") && l.contains("runtime=docker"))
         .map(|i| lost + i)
         .unwrap_or_else(|| panic!("never synchronised again: {log:#?}"));
     let served_meanwhile = log[lost..back]

@@ -73,13 +73,13 @@ fn the_daemonset_is_valid_for_the_kubernetes_api() {
     let config = imds_proxy::config::RunArgs::parse_layered(args[1..].iter().cloned())
         .and_then(imds_proxy::config::RunArgs::validate)
         .unwrap_or_else(|e| panic!("the manifest's arguments: {e}"));
-    assert_eq!(config.args.runtime, imds_proxy::config::RuntimeName::Cri);
+    assert_eq!(config.runtime.name, imds_proxy::config::RuntimeName::Cri);
     assert!(
-        config.args.redirect.pin.is_some(),
+        config.redirect.pin.is_some(),
         "pinned: fail closed across updates"
     );
-    assert!(!config.roles.namespaces.is_empty());
-    let ops = config.args.network.ops_listen;
+    assert!(!config.roles.policy.namespaces.is_empty());
+    let ops = config.network.ops_listen;
     assert!(
         ops.ip().is_loopback(),
         "pods must not reach the ops listener"
@@ -93,7 +93,7 @@ fn the_daemonset_is_valid_for_the_kubernetes_api() {
         );
     }
     let socket = config
-        .args
+        .runtime
         .cri_endpoint
         .as_deref()
         .unwrap()

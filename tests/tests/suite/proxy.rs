@@ -876,7 +876,7 @@ fn the_docker_index_recovers_from_a_daemon_restart() {
     while proxy
         .log()
         .iter()
-        .filter(|l| l.contains("docker index synchronised"))
+        .filter(|l| l.contains("container index synchronised") && l.contains("runtime=docker"))
         .count()
         < 2
     {

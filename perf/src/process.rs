@@ -53,3 +53,20 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("VmRSS in /proc/<pid>/status")
 }
+
+/// One counter or gauge from the proxy's `/metrics` at `ops`; `None` when it cannot be read.
+pub fn metric(ops: std::net::SocketAddr, name: &str) -> Option<u64> {
+    let body = Request::get("/metrics").send(ops).ok()?.text();
+    ec2sim::http::metric_value(&body, name)
+}
+
+/// The `p`th percentile of latencies in microseconds, in milliseconds (NaN for none).
+pub fn percentile_ms<T: Copy + Into<u64>>(micros: &[T], p: f64) -> f64 {
+    let mut sorted: Vec<u64> = micros.iter().map(|&m| m.into()).collect();
+    sorted.sort_unstable();
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i] as f64 / 1000.0
+}

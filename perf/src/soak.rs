@@ -25,13 +25,12 @@ use std::{
 use anyhow::{Context as _, ensure};
 use ec2sim::{
     faults::{Fault, Injector},
-    http::{Request, metric_value},
     images::{curl_image, docker, docker_ok},
+    launch::Launch,
     scene::{SceneConfig, ensure_imds_is_simulated, imds_v4},
     sim::HttpTokens,
 };
 
-const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
 const OPS: &str = "127.0.0.1:9183";
 const IMDS: &str = "http://169.254.169.254";
 const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
@@ -92,11 +91,11 @@ impl Drop for Container {
 }
 
 fn metric(name: &str) -> anyhow::Result<u64> {
-    let body = Request::get("/metrics").send(OPS.parse()?)?.text();
-    metric_value(&body, name).with_context(|| format!("no {name} in /metrics"))
+    crate::process::metric(OPS.parse()?, name).with_context(|| format!("no {name} in /metrics"))
 }
 
-struct Sample {
+/// The proxy's resources at one moment of the soak.
+struct Reading {
     at: Duration,
     rss_kib: u64,
     fds: usize,
@@ -104,9 +103,9 @@ struct Sample {
     containers: u64,
 }
 
-fn sample(pid: u32, started: Instant) -> anyhow::Result<Sample> {
+fn sample(pid: u32, started: Instant) -> anyhow::Result<Reading> {
     let rss_kib = crate::process::rss_kib(pid)?;
-    Ok(Sample {
+    Ok(Reading {
         at: started.elapsed(),
         rss_kib,
         fds: std::fs::read_dir(format!("/proc/{pid}/fd"))?.count(),
@@ -140,20 +139,14 @@ pub fn run(root: &Path, target: &Path, minutes: u64) -> anyhow::Result<()> {
     let upstream = Injector::start(imds_v4());
     let (sts_url, upstream_url) = (sts.url(), upstream.url());
     let spawn = || -> anyhow::Result<std::process::Child> {
-        let mut proxy = Command::new(target.join("imds-proxy"))
-            .args([
-                "run",
-                "--ops-listen",
-                OPS,
-                "--pin",
-                PIN,
-                "--interface",
-                INTERFACE,
-            ])
-            .args(["--listen", "169.254.44.1:80,[fd00:ec2:44::1]:80"])
-            .args(["--sts-endpoint", &sts_url, "--upstream", &upstream_url])
-            .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
-            .env("RUST_LOG", "warn")
+        let mut proxy = Launch::new()
+            .ops(OPS.parse()?)
+            .flag("pin", PIN)
+            .interface(INTERFACE)
+            .listen(&["169.254.44.1:80", "[fd00:ec2:44::1]:80"])
+            .sts(&sts_url)
+            .flag("upstream", &upstream_url)
+            .command(target.join("imds-proxy"))
             .spawn()
             .context("starting imds-proxy")?;
         crate::process::wait_ready(&mut proxy, OPS.parse()?, |r| r.status == 200)?;
@@ -300,7 +293,7 @@ fn engine_restart() -> anyhow::Result<Walked> {
 }
 
 /// Mixed load for `minutes`; the samples taken every 10 s (the first minute is the warm-up).
-fn soak(pid: u32, minutes: u64) -> anyhow::Result<(Vec<Sample>, usize, Vec<String>)> {
+fn soak(pid: u32, minutes: u64) -> anyhow::Result<(Vec<Reading>, usize, Vec<String>)> {
     println!("soak: {minutes} min of mixed load");
     let script = |role: &str| {
         format!(
@@ -434,9 +427,9 @@ fn until_served(c: &Container, role: &str, limit: Duration) -> anyhow::Result<()
 }
 
 /// RSS and descriptors flat after the warm-up minute, every loop request served.
-fn check((samples, _, failed): &(Vec<Sample>, usize, Vec<String>)) -> anyhow::Result<()> {
+fn check((samples, _, failed): &(Vec<Reading>, usize, Vec<String>)) -> anyhow::Result<()> {
     ensure!(failed.is_empty(), "loop requests not served: {failed:?}");
-    let warm: Vec<&Sample> = samples
+    let warm: Vec<&Reading> = samples
         .iter()
         .filter(|s| s.at >= Duration::from_secs(60))
         .collect();
@@ -466,7 +459,7 @@ fn status(answer: (u16, f64)) -> String {
 
 fn report(
     minutes: u64,
-    (samples, requests, failed): &(Vec<Sample>, usize, Vec<String>),
+    (samples, requests, failed): &(Vec<Reading>, usize, Vec<String>),
     walked: &[Walked],
 ) -> String {
     let mut out = String::new();

@@ -9,13 +9,15 @@ use std::{
     time::Duration,
 };
 
+use ec2sim::launch::Launch;
+
 use crate::{http::Request, scene::Scene};
 
 /// The dummy interface and listen addresses of proxies under test (not the defaults, so a
 /// proxy run by hand is left alone).
 pub const TEST_IF: &str = "imds-test0";
 pub const TEST_LISTEN: [&str; 2] = ["169.254.43.1:80", "[fd00:ec2:43::1]:80"];
-pub const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
+pub use ec2sim::launch::ROLE_ARN_PREFIX as PREFIX;
 
 /// The `imds-proxy` binary next to the running test's directory (`cargo xtask test` builds it).
 pub fn proxy_bin() -> PathBuf {
@@ -165,8 +167,6 @@ impl Proxy {
         ready: &str,
     ) -> Self {
         let ready = ready.to_owned();
-        let sts_given = extra.contains(&"--sts-endpoint")
-            || env.iter().any(|(k, _)| *k == "AWS_ENDPOINT_URL_STS");
         let ops = SocketAddr::from((
             Ipv4Addr::LOCALHOST,
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -175,40 +175,29 @@ impl Proxy {
                 .unwrap()
                 .port(),
         ));
-        let mut command = match wrapper {
-            [] => Command::new(proxy_bin()),
-            [program, args @ ..] => {
-                let mut c = Command::new(program);
-                c.args(args).arg(proxy_bin());
-                c
-            }
-        };
-        let mut child = command
-            .arg("run")
-            .args([
-                "--listen",
-                "169.254.43.1:80",
-                "--listen",
-                "[fd00:ec2:43::1]:80",
-            ])
-            .args(["--interface", TEST_IF])
-            .args(["--ops-listen", &ops.to_string()])
-            .args(if sts_given {
-                // The test puts something (a fault injector) in front of the scene's STS, or
-                // names it the standard way.
-                vec![]
-            } else {
-                vec![
-                    "--sts-endpoint".to_owned(),
-                    format!("http://{}", scene.sts_endpoint().unwrap()),
-                ]
-            })
-            .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
-            .args(mode.args())
-            .args(extra)
+        let mut launch = Launch::new()
+            .listen(&TEST_LISTEN)
+            .interface(TEST_IF)
+            .ops(ops)
             .env("RUST_LOG", "info,imds_proxy=debug")
-            .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
+            .env("NO_COLOR", "1");
+        for (key, value) in env {
+            launch = launch.env(key, value);
+        }
+        // Unless the test puts something (a fault injector) in front of the scene's STS, or
+        // names it the standard way.
+        if !launch.clone().args(extra).names_sts() {
+            launch = launch.sts(&scene.sts_endpoint().unwrap().to_string());
+        }
+        let launch = launch.args(mode.args()).args(extra);
+        let bin = proxy_bin();
+        let program: Vec<&std::ffi::OsStr> = wrapper
+            .iter()
+            .map(std::ffi::OsStr::new)
+            .chain([bin.as_os_str()])
+            .collect();
+        let mut child = launch
+            .wrapped(&program)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

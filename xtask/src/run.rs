@@ -6,13 +6,12 @@ use std::{net::SocketAddr, os::unix::process::CommandExt as _, path::Path, proce
 use anyhow::{Context as _, bail};
 use ec2sim::{
     images,
+    launch::Launch,
     scene::{ACCOUNT_ID, SceneConfig},
     sim::HttpTokens,
 };
 use nix::sys::signal::{SigSet, Signal};
 use perf::process::{stop, wait_ready};
-
-const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
 
 /// Is this an EC2 instance? From DMI, as cloud-init decides it — never by asking 169.254.169.254.
 fn ec2_from_dmi() -> (bool, String) {
@@ -85,19 +84,16 @@ pub fn run(root: &Path, simulate: bool, proxy_args: &[String]) -> anyhow::Result
     let image = images::whoami_image(&target.join("imds-whoami"))?;
 
     let ops = ops_listen(proxy_args);
-    let mut proxy = Command::new(target.join("imds-proxy"));
-    proxy
-        .arg("run")
-        .args(["--sts-endpoint", &format!("http://{sts}")])
-        .args([
-            "--region",
-            "us-east-1",
-            "--role-arn-prefix",
-            PREFIX,
-            "--default-role",
-            "DefaultRole",
-        ])
-        .args(proxy_args);
+    let mut proxy = Launch::new()
+        .sts(&sts.to_string())
+        .flag("default-role", "DefaultRole")
+        .args(proxy_args)
+        // The operator's own filter, else the proxy's default (info).
+        .env(
+            "RUST_LOG",
+            &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+        )
+        .command(target.join("imds-proxy"));
     // SAFETY: sigprocmask is async-signal-safe; the child starts with no signal blocked.
     unsafe {
         proxy.pre_exec(|| {

@@ -209,6 +209,16 @@ pub struct Listen {
     pub v6: Option<SocketAddrV6>,
 }
 
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.v4)?;
+        match self.v6 {
+            Some(v6) => write!(f, ", {v6}"),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Listen {
     pub fn addresses(&self) -> Vec<IpAddr> {
         let mut addresses = vec![IpAddr::V4(*self.v4.ip())];

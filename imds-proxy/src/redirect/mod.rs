@@ -158,7 +158,7 @@ impl Redirect {
                 Redirect::Tc { .. } =>
                     "host-network containers (kernel-attested); bridged ones through the tc programs",
             },
-            listen = ?config.network.listen,
+            listen = %config.network.listen,
             pin = ?config.redirect.pin,
             adopted_links = redirect.hooks().adopted_links(),
             own_cgroup = %place.own_path,

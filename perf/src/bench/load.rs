@@ -92,13 +92,7 @@ pub struct Load {
 
 impl Load {
     fn percentile(&self, p: f64) -> f64 {
-        let mut sorted = self.micros.clone();
-        sorted.sort_unstable();
-        if sorted.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-        f64::from(sorted[i]) / 1000.0
+        crate::process::percentile_ms(&self.micros, p)
     }
 
     fn add_client(&mut self, json: &str) -> anyhow::Result<()> {

@@ -20,13 +20,13 @@ mod load;
 pub use load::Settings as LoadSettings;
 
 use ec2sim::{
-    http::{Request, Response},
+    http::Response,
     images::{self, docker, docker_ok},
+    launch::Launch,
     scene::{SceneConfig, ensure_imds_is_simulated},
     sim::HttpTokens,
 };
 
-const PREFIX: &str = "arn:aws:iam::123456789012:role/containers/";
 const OPS: &str = "127.0.0.1:9182";
 /// The proxy's listen addresses for the n-th measurement (n ≥ 1): a fresh pair each time. The
 /// proxy closes first, so its side of every connection lingers in TIME_WAIT for 60 s; bench
@@ -53,10 +53,7 @@ struct Sample {
 
 impl Sample {
     fn percentile(&self, p: f64) -> f64 {
-        let mut sorted = self.micros.clone();
-        sorted.sort_unstable();
-        let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-        sorted[i] as f64 / 1000.0
+        crate::process::percentile_ms(&self.micros, p)
     }
 
     /// This sample and `other` as one.
@@ -302,11 +299,7 @@ fn serving(redirect: Redirect, readyz: &Response) -> bool {
 }
 
 fn metric(name: &str) -> Option<u64> {
-    let body = Request::get("/metrics")
-        .send(OPS.parse().ok()?)
-        .ok()?
-        .text();
-    ec2sim::http::metric_value(&body, name)
+    crate::process::metric(OPS.parse().ok()?, name)
 }
 
 /// A proxy started for one measurement, behind `redirect` (with the DNAT rule for the baseline);
@@ -328,22 +321,17 @@ impl BenchProxy {
             Redirect::IptablesDnat => Some(DnatRule::add(&listen_v4)?),
             _ => None,
         };
-        let child = Command::new(target.join("imds-proxy"))
-            .args(["run", "--ops-listen", OPS])
-            .args(["--listen", &format!("{listen_v4},{listen_v6}")])
+        let child = Launch::new()
+            .ops(OPS.parse()?)
+            .listen(&[&listen_v4, &listen_v6])
             .args(redirect.proxy_args())
-            .args(["--sts-endpoint", &format!("http://{sts}")])
-            .args(["--region", "us-east-1", "--role-arn-prefix", PREFIX])
+            .sts(sts)
             // One container makes every request here, thousands a second: the per-container rate
             // limit (50/s, bursts of 100) would answer most of them 429. What is measured is the
             // path.
-            .args([
-                "--requests-per-second",
-                "1000000",
-                "--request-burst",
-                "1000000",
-            ])
-            .env("RUST_LOG", "warn")
+            .flag("requests-per-second", 1_000_000)
+            .flag("request-burst", 1_000_000)
+            .command(target.join("imds-proxy"))
             .spawn()
             .context("starting imds-proxy")?;
         let mut proxy = Self {

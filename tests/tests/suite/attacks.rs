@@ -4,23 +4,16 @@
 //!
 //! The attacker is `imds-attack` (raw bytes on a socket) or curl, inside containers of locally
 //! built images; the proxy is the real binary on the simulated EC2 host, with moto as STS.
+use crate::{sim_host, sim_host_config};
 use imds_tests::{
     containers::{answers, fields, in_container, run_in},
     faults::{Fault, Injector},
     images::{attack_image, docker, docker_ok},
     kernel::RootCgroup,
     proxy::{Mode, Proxy},
-    scene::{INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
+    scene::{INSTANCE_ROLE, ensure_imds_is_simulated},
     sim::HttpTokens,
 };
-
-fn scene() -> Scene {
-    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
-        .http_tokens(HttpTokens::Required)
-        .with_sts()
-        .start()
-        .expect("the simulated EC2 host starts")
-}
 
 /// The two ways a container reaches IMDS: across a container interface, and from the host's own
 /// network namespace.
@@ -61,7 +54,7 @@ curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.25
 /// host routes fd00:ec2::254, as a Nitro instance does); Docker's bridge has no IPv6
 /// here, so a bridged container's IPv6 connect fails (status 0), and reaches nothing.
 fn address_forms_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let _proxy = Proxy::start_in(&scene, mode, &[]);
     let v4_forms = [
         "169.254.169.254",
@@ -126,7 +119,7 @@ fn address_forms_in_tc_mode() {
 /// Spellings of denied paths: each is refused as malformed (400) or not found (404); the
 /// container's own role is the control.
 fn deny_path_spellings_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let _proxy = Proxy::start_in(&scene, mode, &[]);
     let cases: &[(&str, u16)] = &[
         ("/latest/meta-data/iam/security-credentials/Web", 200),
@@ -232,7 +225,7 @@ fn deny_path_spellings_in_tc_mode() {
 /// A token is good only for the container it was minted for: another container replaying it, or
 /// anyone forging one, gets 401. Out-of-range TTLs and forwarded token requests are refused.
 fn tokens_cannot_be_forged_or_replayed_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let _proxy = Proxy::start_in(&scene, mode, &[]);
     for (network, args) in NETWORKS {
         let (_, _, out) = in_container(
@@ -280,7 +273,7 @@ fn tokens_cannot_be_forged_or_replayed_in_tc_mode() {
 /// Requests no client sends: each gets the answer stated, and never more than one response for
 /// one request (nothing smuggled through).
 fn malformed_and_smuggled_requests_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     // A short head timeout: an answered keep-alive connection is closed a second later, not five.
     let _proxy = Proxy::start_in(
         &scene,
@@ -392,7 +385,7 @@ fn malformed_and_smuggled_requests_in_tc_mode() {
 /// Slowloris: a request head that never completes, and a keep-alive connection left idle, are
 /// closed by the server (header timeout 1 s here), and counted.
 fn slow_and_idle_connections_are_closed_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let proxy = Proxy::start_in(&scene, mode, &["--header-timeout", "1s"]);
     for (network, args) in NETWORKS {
         let (got, out) = attack(&with_role(args), &["slow", IMDS]);
@@ -426,7 +419,7 @@ fn slow_and_idle_connections_are_closed_in_tc_mode() {
 /// requests it holds 8 (its cap), the other 4 are closed unserved, and another container is
 /// served meanwhile.
 fn one_container_cannot_take_every_connection_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let proxy = Proxy::start_in(
         &scene,
         mode,
@@ -483,7 +476,7 @@ fn one_container_cannot_take_every_connection_in_tc_mode() {
 /// A burst from one container is throttled (429, as IMDS answers) by its own budget, and
 /// another container is still served.
 fn bursts_are_throttled_per_container_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let proxy = Proxy::start_in(
         &scene,
         mode,
@@ -534,7 +527,7 @@ imds_tests::per_mode! {
 /// doubling), so ten quick requests make a few calls at most. A refusal says nothing about STS's
 /// health: it is counted as `sts_refused` and never opens the breaker.
 fn a_role_sts_refuses_does_not_make_an_sts_call_per_request_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let sts = Injector::start(scene.sts_endpoint().unwrap());
     sts.set(Fault::HttpError(403));
     let proxy = Proxy::start_in(&scene, mode, &["--sts-endpoint", &sts.url()]);
@@ -576,7 +569,7 @@ done
 /// (counted), so nothing spoofed is ever redirected to the proxy.
 #[test]
 fn a_spoofed_source_address_is_dropped_in_tc_mode() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let proxy = Proxy::start_in(&scene, Mode::Tc, &[]);
     let victim =
         imds_tests::containers::Running::start(&["--label", "iam.amazonaws.com/role=Victim"]);
@@ -604,7 +597,7 @@ fn a_spoofed_source_address_is_dropped_in_tc_mode() {
 /// container sends first is dropped.
 #[test]
 fn a_starting_container_is_served_from_its_first_packet_in_tc_mode() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let proxy = Proxy::start_in(&scene, Mode::Tc, &[]);
     let dropped = || proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_spoofed\"}");
     let before = dropped();
@@ -673,7 +666,7 @@ fn assert_reaches_instance(cgroup: &RootCgroup, own_pidns: bool, why: &str) {
 /// `system.slice` still reaches the instance's IMDS itself, and so does one the operator names
 /// with `--host-cgroup`.
 fn unrecognised_cgroup_layouts_get_no_role_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let hex = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
     let layouts = [
         // BuildKit's RUN steps: under Docker's parent, and with the systemd driver.
@@ -769,7 +762,7 @@ fn pin_foreign_map(path: &std::path::Path) {
 #[test]
 fn an_upgrade_replaces_the_pinned_programs_and_maps() {
     use std::os::fd::AsFd as _;
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let disguised = RootCgroup::new("/system.slice/imds-test-upgrade.service").unwrap();
     let pins = imds_tests::proxy::Pins::new("/sys/fs/bpf/imds-test-upgrade");
     let pin = pins.path().to_str().unwrap().to_owned();
@@ -915,7 +908,7 @@ imds_tests::per_mode! { the_gate_refuses_containers_until_a_proxy_adopts_it => t
 /// connection refused by an address nothing listens on) while the host's services still reach the instance; a proxy started
 /// with the same `--pin` adopts them, the gate exits, and the same containers get their roles.
 fn the_gate_refuses_containers_until_a_proxy_adopts_it_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let pins = imds_tests::proxy::Pins::new(&format!("/sys/fs/bpf/imds-test-gate-{mode:?}"));
     let pin = pins.path().to_str().unwrap().to_owned();
     let host_service = RootCgroup::new("/system.slice/imds-test-gate.service").unwrap();
@@ -974,7 +967,7 @@ fn the_gate_refuses_containers_until_a_proxy_adopts_it_in(mode: Mode) {
 /// they get the proxy's answers.
 #[test]
 fn the_proxy_attaches_and_is_ready_before_its_engine_answers() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let container =
         RootCgroup::new("/docker/0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f1")
             .unwrap();
@@ -1032,10 +1025,8 @@ echo "token=${T:+yes}"
 /// instance's token and role. The proxy also says which bridge it does not cover.
 #[test]
 fn an_unlisted_bridge_is_closed_in_tc_mode() {
-    let scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
-        .http_tokens(HttpTokens::Required)
+    let scene = sim_host_config(HttpTokens::Required)
         .hop_limit(2)
-        .with_sts()
         .start()
         .expect("the simulated EC2 host starts");
     /// A Docker network removed on drop, whatever happens in between.
@@ -1076,7 +1067,7 @@ fn an_unlisted_bridge_is_closed_in_tc_mode() {
 /// drops them (counted), so nothing comes back.
 #[test]
 fn raw_frames_to_imds_from_a_bridged_container_are_dropped_in_cgroup_mode() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let proxy = Proxy::start(&scene, &[]);
     proxy.wait_for_log(&["forward guard attached"]);
     let metric = "imds_proxy_tc_packets_total{event=\"dropped_forwarded\"}";
@@ -1100,7 +1091,7 @@ imds_tests::per_mode! { a_neighbour_claiming_a_victim_s_address_gets_none_of_its
 /// then sends there, while the victim fetches its credentials in a loop. None of the victim's
 /// credentials documents may reach the attacker's port.
 fn a_neighbour_claiming_a_victim_s_address_gets_none_of_its_credentials_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Required);
     let proxy = Proxy::start_in(&scene, mode, &[]);
     let victim =
         imds_tests::containers::Running::start(&["--label", "iam.amazonaws.com/role=Victim"]);

@@ -43,7 +43,7 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
         extra.extend(["--container-iface", cri::BRIDGE]);
     }
     let proxy = Proxy::start_in(&scene, mode, &extra);
-    proxy.wait_for_log(&["container engine", "Cri"]);
+    proxy.wait_for_log(&["container runtime", "runtime=cri", "name=containerd"]);
     proxy.wait_for_log(&["container index synchronised", "runtime=containerd"]);
 
     ensure_imds_is_simulated().unwrap();

@@ -4,11 +4,13 @@
 //! cgroup mode in a private cgroup namespace, as a Kubernetes pod is.
 use std::time::{Duration, Instant};
 
+use ec2sim::launch::Launch;
+
 use imds_tests::{
     containers::containers_scene,
     http::Request,
     images::{curl_image, docker, docker_ok, whoami_image},
-    proxy::{Mode, PREFIX, TEST_IF, TEST_LISTEN},
+    proxy::{Mode, TEST_IF, TEST_LISTEN},
     scene::{ACCOUNT_ID, ensure_imds_is_simulated},
 };
 
@@ -77,8 +79,17 @@ fn daemonset(mode: Mode) {
     );
     let _ = docker(&["rm", "-f", NAME]);
     let ops = "127.0.0.1:9199";
-    let sts = format!("http://{}", scene.sts_endpoint().unwrap());
     ensure_imds_is_simulated().unwrap();
+    // The container's command: the same launcher as every proxy under test.
+    let launch = Launch::new()
+        .flag("pin", PIN)
+        .listen(&TEST_LISTEN)
+        .interface(TEST_IF)
+        .ops(ops.parse().unwrap())
+        .sts(&scene.sts_endpoint().unwrap().to_string())
+        .flag("default-role", "DefaultRole")
+        .args(mode.args());
+    let proxy_args = launch.arguments();
     docker_ok(
         &["run", "-d", "--name", NAME]
             .into_iter()
@@ -102,27 +113,8 @@ fn daemonset(mode: Mode) {
                 "-v",
                 "/var/run/docker.sock:/var/run/docker.sock",
                 IMAGE,
-                "run",
-                "--pin",
-                PIN,
-                "--listen",
-                TEST_LISTEN[0],
-                "--listen",
-                TEST_LISTEN[1],
-                "--interface",
-                TEST_IF,
-                "--ops-listen",
-                ops,
-                "--sts-endpoint",
-                &sts,
-                "--region",
-                "us-east-1",
-                "--role-arn-prefix",
-                PREFIX,
-                "--default-role",
-                "DefaultRole",
             ])
-            .chain(mode.args().iter().copied())
+            .chain(proxy_args.iter().map(String::as_str))
             .collect::<Vec<_>>(),
     )
     .unwrap();
@@ -175,7 +167,10 @@ fn daemonset(mode: Mode) {
 
     // A real SDK client in a container gets its role through the containerised proxy.
     let whoami = whoami_image(env!("CARGO_BIN_EXE_imds-whoami").as_ref()).unwrap();
-    let endpoint = format!("AWS_ENDPOINT_URL_STS={sts}");
+    let endpoint = format!(
+        "AWS_ENDPOINT_URL_STS=http://{}",
+        scene.sts_endpoint().unwrap()
+    );
     let out = docker(&[
         "run",
         "--rm",

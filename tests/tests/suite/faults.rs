@@ -9,23 +9,16 @@
 //! not asserted here.
 use std::time::{Duration, Instant};
 
+use crate::{sim_host, sim_host_config};
 use imds_tests::{
     containers::{Running, answers},
     faults::{Fault, Injector},
     http::Request,
     images::{curl_image, docker_ok},
     proxy::{Mode, Proxy},
-    scene::{Scene, SceneConfig, ensure_imds_is_simulated},
+    scene::{Scene, ensure_imds_is_simulated},
     sim::HttpTokens,
 };
-
-fn scene() -> Scene {
-    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
-        .http_tokens(HttpTokens::Optional)
-        .with_sts()
-        .start()
-        .expect("the simulated EC2 host starts")
-}
 
 /// The proxy with the injector in front of the scene's STS.
 fn behind_faulty_sts(scene: &Scene, mode: Mode) -> (Injector, Proxy) {
@@ -123,7 +116,7 @@ imds_tests::per_mode! { sts_hangs => sts_hangs_in; }
 /// than one attempt (one attempt does not eat the whole budget). Asserted from the counters and
 /// the injector, not the clock.
 fn sts_hangs_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let (sts, proxy) = behind_faulty_sts(&scene, mode);
     let steady = with_role("Steady");
     let key = cached_role_before(&steady, "Steady");
@@ -165,7 +158,7 @@ imds_tests::per_mode! { sts_is_slow => sts_is_slow_in; }
 /// first request gets a 503, the call goes on, and the next request after it
 /// ended is served from the cache, with no second call.
 fn sts_is_slow_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let (sts, proxy) = behind_faulty_sts(&scene, mode);
     // Roles are asked for when their container starts; start them with the injector passing
     // so that the delays meet the requests, not the prefetch. (The prefetch of the first
@@ -202,7 +195,7 @@ imds_tests::per_mode! { sts_refuses_then_recovers => sts_refuses_then_recovers_i
 /// opens (readyz says so, with the reason), cached roles are still served, and once STS is back a
 /// trial call closes it and new roles are served, with no restart.
 fn sts_refuses_then_recovers_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let (sts, proxy) = behind_faulty_sts(&scene, mode);
     let steady = with_role("Steady");
     let key = cached_role_before(&steady, "Steady");
@@ -247,7 +240,7 @@ imds_tests::per_mode! { sts_answers_errors => sts_answers_errors_in; }
 /// STS answers 500 (InternalFailure): counted as STS's own failure, like a refused connection; a
 /// 403 would be a refusal of the role and is not (unit-tested). Recovery as above.
 fn sts_answers_errors_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let (sts, proxy) = behind_faulty_sts(&scene, mode);
     sts.set(Fault::HttpError(500));
     let first = with_role("Broken");
@@ -268,7 +261,7 @@ imds_tests::per_mode! { the_upstream_imds_hangs => the_upstream_imds_hangs_in; }
 /// assumed (the instance credentials are cached), pass-through paths get a 502 in bounded time,
 /// and readyz says the upstream is not answering, until it answers again.
 fn the_upstream_imds_hangs_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     ensure_imds_is_simulated().unwrap();
     let upstream = Injector::start(scene.imds_v4().unwrap());
     let proxy = Proxy::start_in(&scene, mode, &["--upstream", &upstream.url()]);
@@ -307,7 +300,7 @@ fn the_upstream_imds_hangs_in(mode: Mode) {
 /// place. (Not about the redirect: cgroup mode only.)
 #[test]
 fn pass_through_calls_are_capped_and_credentials_never_wait_behind_them() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     ensure_imds_is_simulated().unwrap();
     let upstream = Injector::start(scene.imds_v4().unwrap());
     let proxy = Proxy::start_in(
@@ -378,9 +371,7 @@ fn pass_through_calls_are_capped_and_credentials_never_wait_behind_them() {
 #[test]
 fn sts_calls_follow_the_instance_credentials_as_they_rotate() {
     let every = Duration::from_secs(2);
-    let scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
-        .http_tokens(HttpTokens::Optional)
-        .with_sts()
+    let scene = sim_host_config(HttpTokens::Optional)
         .rotate_credentials_every(every)
         .start()
         .expect("the simulated EC2 host starts");
@@ -515,7 +506,7 @@ imds_tests::per_mode! { a_pinned_proxy_killed_under_load => a_pinned_proxy_kille
 /// (connection refused, fail closed; none reaches the instance's IMDS), and a restarted proxy
 /// adopts the pins and serves the same container again.
 fn a_pinned_proxy_killed_under_load_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let pins = imds_tests::proxy::Pins::new("/sys/fs/bpf/imds-test-faults");
     let pin = pins.path().to_owned();
     let args = ["--pin", pin.to_str().unwrap()];
@@ -615,7 +606,7 @@ imds_tests::per_mode! { dockerd_restarts_under_load => dockerd_restarts_under_lo
 /// asks in a loop: every request is served, and a container started as soon as the engine
 /// answers again is identified and served.
 fn dockerd_restarts_under_load_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let live = LiveRestore::on();
     let proxy = Proxy::start_in(&scene, mode, &[]);
     let load = Loop::start("Busy");
@@ -743,7 +734,7 @@ imds_tests::per_mode! { containers_come_and_go => containers_come_and_go_in; }
 /// was after a first 100). Then a container dies while the engine is down (live restore): the
 /// engine's return forgets it too.
 fn containers_come_and_go_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let live = LiveRestore::on();
     let proxy = Proxy::start_in(&scene, mode, &[]);
     let load = Loop::start("Steady");

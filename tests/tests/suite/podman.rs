@@ -25,7 +25,11 @@ fn podman_containers_get_their_own_roles_in(mode: Mode) {
         extra.extend(["--container-iface", "cni-podman0"]);
     }
     let proxy = Proxy::start_in(&scene, mode, &extra);
-    proxy.wait_for_log(&["container engine", "Podman", "cgroupfs"]);
+    proxy.wait_for_log(&[
+        "container runtime",
+        "runtime=podman",
+        "cgroup_driver=cgroupfs",
+    ]);
 
     // Two containers: the role from a label, and from the environment.
     let a = Container::start(&curl, &["--label", "iam.amazonaws.com/role=PodmanA"]);

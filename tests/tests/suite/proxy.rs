@@ -3,6 +3,7 @@
 //! the exact status and body a container gets.
 use std::{process::Command, time::Duration};
 
+use crate::{sim_host, sim_host_config};
 use imds_proxy::netdev;
 use imds_tests::{
     containers::{Running, answers, caller_arn, in_container, rand_suffix},
@@ -11,24 +12,9 @@ use imds_tests::{
     images::{bench_image, curl_image, docker, docker_ok},
     kernel::{TestCgroup, place},
     proxy::{Mode, PREFIX, Proxy, TEST_IF, proxy_bin},
-    scene::{ACCOUNT_ID, INSTANCE_ROLE, Scene, SceneConfig, ensure_imds_is_simulated},
+    scene::{ACCOUNT_ID, INSTANCE_ROLE, Scene, ensure_imds_is_simulated},
     sim::HttpTokens,
 };
-
-/// An instance with IMDSv2 optional, so that by default (as on the instance) the proxy answers
-/// plain GETs too: these tests are about roles. The proxy still talks to the upstream with its
-/// own token. Token rules have tests of their own, with the instance requiring them.
-fn scene() -> Scene {
-    scene_config()
-        .start()
-        .expect("the simulated EC2 host starts")
-}
-
-fn scene_config() -> SceneConfig {
-    SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
-        .http_tokens(HttpTokens::Optional)
-        .with_sts()
-}
 
 /// The seed's flow: PUT a token, GET the role name, GET the credentials. Prints each status and
 /// body as `== <status>` lines.
@@ -78,7 +64,7 @@ fn assert_gets_role_with(
 imds_tests::per_mode! { label_env_and_default_roles => label_env_and_default_roles_in; }
 
 fn label_env_and_default_roles_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let proxy = Proxy::start_in(&scene, mode, &["--default-role", "DefaultRole"]);
     assert_gets_role(&scene, &["--label", "iam.amazonaws.com/role=Web"], "Web");
     assert_gets_role(&scene, &["--env", "IAM_ROLE=Worker"], "Worker");
@@ -111,7 +97,7 @@ fn label_env_and_default_roles_in(mode: Mode) {
 /// redirects it like any other; tc mode covers it with the cgroup programs in the host's network
 /// namespace. Either way it gets its own role, never the instance's, in both address forms.
 fn a_host_network_container_gets_its_own_role_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let _proxy = Proxy::start_in(&scene, mode, &[]);
     let host = [
         "--network",
@@ -187,7 +173,7 @@ fn flow_in_image(image: &str, docker_args: &[&str]) -> (String, Vec<(u16, String
 /// is reported (an error and a count) as soon as it starts.
 #[test]
 fn a_container_outside_dockers_parent_cgroup_is_covered() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let elsewhere = [
         "--cgroup-parent",
         "/imds-test-elsewhere",
@@ -221,7 +207,7 @@ fn a_container_outside_dockers_parent_cgroup_is_covered() {
 /// host service share one slice.
 #[test]
 fn a_slice_shared_by_containers_and_host_services_is_filtered() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let slice = TestCgroup::new("imds-test.slice").unwrap();
     let service = slice.child("host-daemon.service").unwrap();
     let attach = slice.path().to_str().unwrap();
@@ -276,7 +262,7 @@ fn a_slice_shared_by_containers_and_host_services_is_filtered() {
 
 #[test]
 fn an_image_does_not_choose_its_own_role() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let image = self_naming_image();
     // The image's own Admin is ignored: the default role applies, and the log says why.
     let proxy = Proxy::start(&scene, &["--default-role", "DefaultRole"]);
@@ -303,7 +289,7 @@ fn an_image_does_not_choose_its_own_role() {
 imds_tests::per_mode! { no_role_means_404_and_never_the_instance_role => no_role_means_404_and_never_the_instance_role_in; }
 
 fn no_role_means_404_and_never_the_instance_role_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let proxy = Proxy::start_in(&scene, mode, &[]);
     let script = r#"
 T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
@@ -347,7 +333,7 @@ curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.25
 
 #[test]
 fn roles_outside_the_prefix_or_the_allow_list_are_refused_without_sts() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let proxy = Proxy::start(
         &scene,
         &[
@@ -398,7 +384,7 @@ fn roles_outside_the_prefix_or_the_allow_list_are_refused_without_sts() {
 imds_tests::per_mode! { the_first_milliseconds_of_a_container_and_ip_reuse => the_first_milliseconds_of_a_container_and_ip_reuse_in; }
 
 fn the_first_milliseconds_of_a_container_and_ip_reuse_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let _proxy = Proxy::start_in(&scene, mode, &[]);
     // The very first thing the container does is ask: no start event has been processed yet.
     let first = r#"curl -s -w '\n== %{http_code}\n' http://169.254.169.254/latest/meta-data/iam/security-credentials/; hostname -i"#;
@@ -427,7 +413,7 @@ imds_tests::per_mode! { a_program_that_asks_before_docker_reports_it_running => 
 /// and before Docker has finished marking the container running (its list still says "created",
 /// with no address). It must get its role, not a refusal.
 fn a_program_that_asks_before_docker_reports_it_running_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let proxy = Proxy::start_in(&scene, mode, &[]);
     let image = bench_image(env!("CARGO_BIN_EXE_imds-bench").as_ref()).unwrap();
     ensure_imds_is_simulated().unwrap();
@@ -513,11 +499,7 @@ fn imdsv2_is_required_as_the_instance_requires_it() {
             "as configured",
         ),
     ] {
-        let scene = SceneConfig::new(env!("CARGO_BIN_EXE_imds-sim"))
-            .http_tokens(tokens)
-            .with_sts()
-            .start()
-            .unwrap();
+        let scene = sim_host_config(tokens).start().unwrap();
         let proxy = Proxy::start(&scene, flags);
         proxy.wait_for_log(&["IMDSv2 tokens", log]);
         let (_, _, out) = in_container(&role, plain_get);
@@ -528,7 +510,7 @@ fn imdsv2_is_required_as_the_instance_requires_it() {
 imds_tests::per_mode! { tokens_are_bound_to_their_container_and_v2_can_be_required => tokens_are_bound_to_their_container_and_v2_can_be_required_in; }
 
 fn tokens_are_bound_to_their_container_and_v2_can_be_required_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let _proxy = Proxy::start_in(&scene, mode, &["--require-imdsv2"]);
     let mint = "curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token";
     let (_, _, token_a) = in_container(&["--label", "iam.amazonaws.com/role=RoleA"], mint);
@@ -569,7 +551,7 @@ curl -s -D - -o /dev/null -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 77' h
 /// call open and proves the single flight itself.)
 #[test]
 fn fifty_concurrent_first_requests_make_one_sts_call() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     // STS answers after 2 s, so the container's requests come while the first call (the
     // prefetch at its start, or the first request's) is still under way: the single flight is
     // what they meet, not a session already cached. The answer budget is longer still, so that
@@ -599,7 +581,7 @@ wait
 
 #[test]
 fn bad_input_gets_clean_4xx_and_never_reaches_upstream_raw() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let proxy = Proxy::start(&scene, &[]);
     let script = r#"
 U=http://169.254.169.254
@@ -652,7 +634,7 @@ curl -s -o /dev/null -w '== %{http_code}\n' "$U/latest/meta-data/ami-id"
 /// exits non-zero (its containers would be read the wrong way: cgroups, events).
 #[test]
 fn a_runtime_that_does_not_match_the_engine_stops_the_proxy() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let mut proxy = Proxy::start_until(
         &scene,
         Mode::Cgroup,
@@ -698,7 +680,7 @@ fn invalid_configuration_exits_before_attaching() {
 /// that container.
 #[test]
 fn a_container_inside_another_ones_cgroup_is_not_that_one() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let _proxy = Proxy::start(&scene, &["--default-role", "DefaultRole"]);
     let victim = Running::start(&["--label", "iam.amazonaws.com/role=Victim"]);
     assert_eq!(
@@ -742,7 +724,7 @@ fn get_credentials(container: &Running, role: &str) -> (u16, String) {
 imds_tests::per_mode! { a_reused_ip_never_carries_the_previous_owners_role => a_reused_ip_never_carries_the_previous_owners_role_in; }
 
 fn a_reused_ip_never_carries_the_previous_owners_role_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let _proxy = Proxy::start_in(&scene, mode, &[]);
     fresh_network("imds-test-reuse", "172.30.99.0/24");
     let net = ["--network", "imds-test-reuse", "--ip", "172.30.99.10"];
@@ -774,7 +756,7 @@ imds_tests::per_mode! { an_address_taken_from_a_running_container_is_not_its_ide
 /// A keeps running but is disconnected from the network; B gets A's address there. B's requests
 /// are B's, although A's first process is alive in A's cgroup: the address left A's namespace.
 fn an_address_taken_from_a_running_container_is_not_its_identity_any_more_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let proxy = Proxy::start_in(&scene, mode, &[]);
     fresh_network("imds-test-moved", "172.30.98.0/24");
     let net = ["--network", "imds-test-moved", "--ip", "172.30.98.10"];
@@ -811,7 +793,7 @@ fn an_address_taken_from_a_running_container_is_not_its_identity_any_more_in(mod
 #[test]
 fn an_sts_outage_serves_cached_credentials_and_recovers() {
     // Its own STS: this test stops it.
-    let mut scene = scene_config()
+    let mut scene = sim_host_config(HttpTokens::Optional)
         .own_sts()
         .start()
         .expect("the simulated EC2 host starts");
@@ -857,7 +839,7 @@ fn an_sts_outage_serves_cached_credentials_and_recovers() {
 
 #[test]
 fn the_docker_index_recovers_from_a_daemon_restart() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let proxy = Proxy::start(&scene, &[]);
     // While the engine is down the proxy is not ready, and says why.
     imds_tests::images::stop_docker().unwrap();
@@ -900,7 +882,7 @@ imds_tests::per_mode! { a_stopped_proxy_leaves_nothing_behind => a_stopped_proxy
 fn a_stopped_proxy_leaves_nothing_behind_in(mode: Mode) {
     use imds_tests::kernel::{KernelObjects, kernel_objects_since, wait_kernel_objects_gone};
     use nix::sys::signal::Signal;
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let before = KernelObjects::now();
     let interface = std::path::Path::new("/sys/class/net").join(TEST_IF);
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
@@ -966,7 +948,7 @@ fn a_stopped_proxy_leaves_nothing_behind_in(mode: Mode) {
 /// test); nothing else about the container changes.
 #[test]
 fn user_data_is_passed_through_only_when_allowed() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let _proxy = Proxy::start(&scene, &["--allow-user-data"]);
     let script = r#"
 T=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token)
@@ -997,7 +979,7 @@ curl -s -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" http://169.25
 /// prefetch): its first request is served from the cache, with no STS call of its own.
 #[test]
 fn a_role_is_fetched_when_its_container_starts() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let proxy = Proxy::start(&scene, &[]);
     let container = Running::start(&["--label", "iam.amazonaws.com/role=Early"]);
     proxy.wait_for_log(&["assumed role", "role/containers/Early"]);
@@ -1027,7 +1009,7 @@ curl -s -o /dev/null -w '== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" ht
 /// `/readyz` is 503 while the upstream IMDS does not answer, and 200 once everything does.
 #[test]
 fn readyz_is_503_while_the_upstream_does_not_answer() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let silent = Proxy::start(
         &scene,
         &["--upstream", "http://127.0.0.1:9", "--require-imdsv2"],
@@ -1073,7 +1055,7 @@ imds_tests::per_mode! { ipv6_credentials_end_to_end => ipv6_credentials_end_to_e
 /// IPv6 through the binary: a container on an IPv6 network gets its role's credentials from
 /// [fd00:ec2::254], and nothing of it reaches the simulated IMDS.
 fn ipv6_credentials_end_to_end_in(mode: Mode) {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let _proxy = Proxy::start_in(&scene, mode, &[]);
     /// A Docker network removed on drop, whatever happens in between.
     struct Network(String);
@@ -1125,7 +1107,7 @@ curl -s -g -w '\n== %{http_code}\n' -H "X-aws-ec2-metadata-token: $T" 'http://[f
 /// first request, the moment it starts, makes no STS call of its own.
 #[test]
 fn a_container_s_credentials_are_fetched_when_it_is_created() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let proxy = Proxy::start(&scene, &[]);
     let calls = proxy.metric("imds_proxy_sts_calls_total");
     let id = docker_ok(&[
@@ -1170,7 +1152,7 @@ fn a_container_s_credentials_are_fetched_when_it_is_created() {
 /// in front of moto notes the key id of every signed request, and counts the attempts.
 #[test]
 fn the_sts_endpoint_can_come_from_the_standard_environment() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let sts = Injector::start(scene.sts_endpoint().unwrap());
     let endpoint = sts.url();
     let dir = std::env::temp_dir().join(format!("imds-test-aws-{}", rand_suffix()));
@@ -1381,7 +1363,7 @@ fn the_systemd_unit_s_capabilities_are_enough_in(mode: Mode) {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     let proxy = Proxy::start_wrapped(
         &scene,
         mode,
@@ -1425,7 +1407,7 @@ fn the_systemd_unit_s_capabilities_are_enough_in(mode: Mode) {
 /// unprotected.
 #[test]
 fn the_proxy_serves_on_a_host_without_ipv6() {
-    let scene = scene();
+    let scene = sim_host(HttpTokens::Optional);
     // Restored when the test ends, panics included (before the scene goes).
     let _all = imds_tests::kernel::Sysctl::set("net.ipv6.conf.all.disable_ipv6", "1").unwrap();
     let _default =

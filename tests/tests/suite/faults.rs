@@ -617,7 +617,7 @@ fn dockerd_restarts_under_load_in(mode: Mode) {
     let vends_after_loss = || {
         let log = proxy.log();
         log.iter()
-            .position(|l| l.contains("docker events stream"))
+            .position(|l| l.contains("the runtime's changes"))
             .map(|lost| {
                 log[lost..]
                     .iter()
@@ -651,7 +651,7 @@ fn dockerd_restarts_under_load_in(mode: Mode) {
     let log = proxy.log();
     let lost = log
         .iter()
-        .position(|l| l.contains("docker events stream"))
+        .position(|l| l.contains("the runtime's changes"))
         .unwrap_or_else(|| panic!("the proxy never lost the engine: {log:#?}"));
     let back = log
         .iter()

@@ -315,7 +315,13 @@ impl Index {
         for (id, _) in known.iter().filter(|(id, _)| !running.contains(id)) {
             let removed = self.write().remove(id);
             if let Some(container) = removed {
-                tracing::debug!(container_id = %id, name = %container.name, "forgotten: not running");
+                if all_again {
+                    // Gone while no one listened (the runtime restarted, the stream broke):
+                    // rare, and worth a line.
+                    tracing::info!(container_id = %id, name = %container.name, "forgotten: not running at resync");
+                } else {
+                    tracing::debug!(container_id = %id, name = %container.name, "forgotten: not running");
+                }
                 self.announce(Event::Destroyed(container));
             }
         }

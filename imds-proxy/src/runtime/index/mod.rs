@@ -238,7 +238,7 @@ impl Index {
             match self.follow().await {
                 Ok(()) => tracing::warn!(%runtime, %endpoint, "the runtime's changes ended"),
                 Err(err) => {
-                    tracing::warn!(%runtime, %endpoint, %err, "following the runtime failed")
+                    tracing::warn!(%runtime, %endpoint, %err, "the runtime's changes failed")
                 }
             }
             self.connected.store(false, Ordering::Relaxed);

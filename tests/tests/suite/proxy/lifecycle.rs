@@ -23,7 +23,7 @@ fn a_runtime_that_does_not_match_the_engine_stops_the_proxy() {
     );
     let status = proxy.wait();
     assert!(!status.success(), "{status}");
-    proxy.wait_for_log(&["--runtime Podman, but unix:///var/run/docker.sock is Docker's API"]);
+    proxy.wait_for_log(&["--runtime podman, but unix:///var/run/docker.sock is docker's API"]);
 }
 
 #[test]

@@ -989,7 +989,7 @@ fn the_proxy_attaches_and_is_ready_before_its_engine_answers() {
         &["--docker-host", &host],
         &[("NOTIFY_SOCKET", notify.to_str().unwrap())],
         &[],
-        "waiting for the container engine",
+        "waiting for the container runtime",
     );
     let mut message = [0; 256];
     let n = socket
@@ -1003,7 +1003,7 @@ fn the_proxy_attaches_and_is_ready_before_its_engine_answers() {
     assert_eq!(answer.0, 0, "no answer while the engine is awaited: {out}");
 
     std::os::unix::fs::symlink("/var/run/docker.sock", &engine).unwrap();
-    proxy.wait_for_log(&["the container engine answers"]);
+    proxy.wait_for_log(&["the container runtime answers"]);
     proxy.wait_for_log(&["index synchronised"]);
     assert_no_role(&container, false, "once the engine answers");
     drop(proxy);

@@ -4,5 +4,6 @@
 pub mod cgroups;
 pub mod limits;
 pub mod paths;
+pub mod quiet;
 pub mod roles;
 pub mod tokens;

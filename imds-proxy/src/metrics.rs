@@ -91,6 +91,10 @@ impl Histogram {
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     vends: AtomicU64,
+    /// Of those, the first serve of a session (written to the audit trail).
+    vends_first: AtomicU64,
+    /// Log lines container input would have caused, kept quiet (summarised with counts).
+    log_lines_suppressed: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     sts_calls: AtomicU64,
@@ -119,8 +123,17 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    pub fn vend(&self) {
+    /// Credentials served; `first`: the first serve of that session (audited).
+    pub fn vend(&self, first: bool) {
         self.vends.fetch_add(1, Ordering::Relaxed);
+        if first {
+            self.vends_first.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A log line container input would have caused was kept quiet.
+    pub fn log_line_suppressed(&self) {
+        self.log_lines_suppressed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn cache(&self, hit: bool) {
@@ -222,6 +235,23 @@ impl Metrics {
             "imds_proxy_credentials_vended_total",
             "Credential documents served.",
             load(&self.vends),
+        );
+        let (vends, first) = (load(&self.vends), load(&self.vends_first));
+        let _ = writeln!(
+            out,
+            "# HELP imds_proxy_credentials_served_total Credential documents served, by whether it \
+             was the session's first serve (one audit line each) or a repeat (counted only).\n\
+             # TYPE imds_proxy_credentials_served_total counter\n\
+             imds_proxy_credentials_served_total{{serve=\"first\"}} {first}\n\
+             imds_proxy_credentials_served_total{{serve=\"repeat\"}} {}",
+            vends.saturating_sub(first)
+        );
+        counter(
+            &mut out,
+            "imds_proxy_log_lines_suppressed_total",
+            "Log lines containers' requests would have caused, kept quiet: one line per caller and \
+             reason a minute, said with the count of the ones kept quiet.",
+            load(&self.log_lines_suppressed),
         );
         counter(
             &mut out,
@@ -446,14 +476,19 @@ pub fn render_tc(
 
 /// How connections were identified: by the kernel's record (cgroup mode, host-network
 /// containers in tc mode), or not at all (every request answered 403).
-pub fn render_attested((by_record, refused): (u64, u64)) -> String {
+pub fn render_attested((by_record, refused): (u64, u64), lines_suppressed: u64) -> String {
     format!(
         "# HELP imds_proxy_connections_attested_total Connections whose caller was identified from the kernel's record of the connection (connect4 rewrite and sock_ops).\n\
          # TYPE imds_proxy_connections_attested_total counter\n\
          imds_proxy_connections_attested_total{{by=\"kernel_record\"}} {by_record}\n\
          # HELP imds_proxy_connections_unattested_total Connections with no evidence of their caller (no kernel record, no container at the source address): every request answered 403.\n\
          # TYPE imds_proxy_connections_unattested_total counter\n\
-         imds_proxy_connections_unattested_total {refused}\n"
+         imds_proxy_connections_unattested_total {refused}\n\
+         # HELP imds_proxy_attestation_log_lines_suppressed_total Log lines about callers' cgroups \
+         (a container unknown to the runtime, a cgroup not where the runtime put the container it \
+         names) kept quiet: one per cgroup and reason a minute.\n\
+         # TYPE imds_proxy_attestation_log_lines_suppressed_total counter\n\
+         imds_proxy_attestation_log_lines_suppressed_total {lines_suppressed}\n"
     )
 }
 

@@ -85,7 +85,10 @@ pub fn router(ops: Ops) -> axum::Router {
                             crate::credentials::breaker::Status::Open { .. }
                         ),
                     ));
-                    body.push_str(&crate::metrics::render_attested(ops.attestor.attested()));
+                    body.push_str(&crate::metrics::render_attested(
+                        ops.attestor.attested(),
+                        ops.attestor.lines_suppressed(),
+                    ));
                     body.push_str(&ops.supervisor.render());
                     body.push_str(&ops.redirect.render_metrics(
                         ops.attestor.address_confirmations(),

@@ -15,7 +15,6 @@
 //!   ([`raise_fd_limit`]), and accept errors back off instead of spinning.
 use std::{
     collections::HashMap,
-    net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -24,10 +23,7 @@ use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tower::ServiceExt as _;
 
-use crate::{
-    identity::{AttestedListener, Peer},
-    metrics::Metrics,
-};
+use crate::{identity::AttestedListener, metrics::Metrics};
 
 /// The largest request head (request line and headers) read: SDK requests carry a few hundred
 /// bytes. hyper's floor is 8 KiB.
@@ -42,33 +38,7 @@ pub struct Limits {
     pub max_connections_per_caller: usize,
 }
 
-/// Who a connection counts against: its container, else its cgroup, else (no caller) its source
-/// address.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum CallerKey {
-    Container(Arc<str>),
-    Cgroup(u64),
-    Address(IpAddr),
-}
-
-impl CallerKey {
-    pub fn of(peer: &Peer) -> Self {
-        match &peer.caller {
-            Ok(caller) => Self::of_caller(caller),
-            Err(_) => CallerKey::Address(peer.addr.ip()),
-        }
-    }
-
-    /// An identified caller: its container, else its cgroup (else its address).
-    pub fn of_caller(caller: &crate::identity::Caller) -> Self {
-        use crate::identity::Evidence;
-        match (caller.container_id(), &caller.evidence) {
-            (Some(id), _) => CallerKey::Container(id.into()),
-            (None, Evidence::Kernel { cgroup_id, .. }) => CallerKey::Cgroup(*cgroup_id),
-            (None, Evidence::Address(ip)) => CallerKey::Address(*ip),
-        }
-    }
-}
+pub use crate::identity::CallerKey;
 
 /// Why a connection was closed without being served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,6 +168,8 @@ pub async fn serve(
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(64)
         .keep_alive(true);
+    // Connections refused for a caller: one line per caller a minute, the rest counted.
+    let quiet = Arc::new(crate::imds::quiet());
     loop {
         let (stream, pending) = match listener.accept_pending().await {
             Ok(accepted) => {
@@ -217,20 +189,26 @@ pub async fn serve(
         let admission = admission.clone();
         let metrics = metrics.clone();
         let http = http.clone();
+        let quiet = quiet.clone();
         tokio::spawn(async move {
             // Who it is, once for the connection (the kernel's record was taken at accept).
-            let peer = pending.attest().await;
-            let key = CallerKey::of(&peer);
+            // Shared by the connection's requests: nothing of it is copied per request.
+            let peer = Arc::new(pending.attest().await);
+            let key = peer.key.clone();
             let ticket = match admission.admit(key.clone()) {
                 Ok(ticket) => ticket,
                 Err(refusal) => {
                     metrics.refused_connection(refusal.name());
-                    tracing::warn!(
-                        peer = %peer.addr,
-                        caller = ?key,
-                        reason = refusal.name(),
-                        "connection closed unserved: too many open"
-                    );
+                    match quiet.admit((key.clone(), refusal.name()), std::time::Instant::now()) {
+                        Some(repeats) => tracing::warn!(
+                            peer = %peer.addr,
+                            caller = ?key,
+                            reason = refusal.name(),
+                            repeats,
+                            "connection closed unserved: too many open"
+                        ),
+                        None => metrics.log_line_suppressed(),
+                    }
                     return;
                 }
             };
@@ -253,7 +231,10 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
+    use crate::identity::Peer;
 
     fn address(last: u8) -> CallerKey {
         CallerKey::Address(IpAddr::from([10, 0, 0, last]))
@@ -293,27 +274,21 @@ mod tests {
     fn callers_are_keyed_by_container_then_cgroup_then_address() {
         use crate::identity::{Caller, Evidence, Refusal};
         let addr: std::net::SocketAddr = "10.0.0.1:5000".parse().unwrap();
-        let unattested = Peer {
-            addr,
-            caller: Err(Refusal::NoRecord),
-        };
-        assert_eq!(CallerKey::of(&unattested), address(1));
+        let unattested = Peer::new(addr, Err(Refusal::NoRecord));
+        assert_eq!(unattested.key, address(1));
         let container = crate::runtime::Container {
             id: "ab".repeat(32),
             ..Default::default()
         };
         let caller = Caller::at_address(Arc::new(container), addr);
-        let in_container = Peer {
-            addr,
-            caller: Ok(caller.clone()),
-        };
+        let in_container = Peer::new(addr, Ok(caller.clone()));
         assert_eq!(
-            CallerKey::of(&in_container),
+            in_container.key,
             CallerKey::Container("ab".repeat(32).into())
         );
-        let host = Peer {
+        let host = Peer::new(
             addr,
-            caller: Ok(Caller {
+            Ok(Caller {
                 container: None,
                 evidence: Evidence::Kernel {
                     cgroup_id: 77,
@@ -322,8 +297,8 @@ mod tests {
                 },
                 ..caller
             }),
-        };
-        assert_eq!(CallerKey::of(&host), CallerKey::Cgroup(77));
+        );
+        assert_eq!(host.key, CallerKey::Cgroup(77));
     }
 
     #[test]

@@ -61,14 +61,44 @@ impl Key {
     }
 }
 
-/// A role session.
-#[derive(Clone, Debug)]
+/// A role session, shared by every request that serves it (the cache hands out `Arc`s: no copy
+/// of its secrets per request).
+#[derive(Debug)]
 pub struct Session {
     pub access_key_id: String,
     pub secret_access_key: String,
     pub session_token: String,
     pub expiration: SystemTime,
     pub last_updated: SystemTime,
+    /// The document served for it, rendered by the first request that serves it
+    /// ([`crate::imds`]'s format) and kept: the same bytes for every request after.
+    pub document: std::sync::OnceLock<bytes::Bytes>,
+    /// Whether its handing out has been written to the audit trail: once per session, and a
+    /// session is one container's (its key names it), so each access key id a container gets is
+    /// recorded once, when it is first served ([`Session::first_served`]).
+    audited: std::sync::atomic::AtomicBool,
+}
+
+impl Session {
+    /// A session as STS gave it, fetched at `last_updated`.
+    pub fn new(assumed: Assumption, last_updated: SystemTime) -> Self {
+        Self {
+            access_key_id: assumed.access_key_id,
+            secret_access_key: assumed.secret_access_key,
+            session_token: assumed.session_token,
+            expiration: assumed.expiration,
+            last_updated,
+            document: std::sync::OnceLock::new(),
+            audited: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// True exactly once: for the first request that serves this session.
+    pub fn first_served(&self) -> bool {
+        !self
+            .audited
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -174,7 +204,7 @@ pub const CALL_LIMIT: Duration = Duration::from_secs(15);
 /// One key's state: its session, whether a call is under way, the last failure.
 #[derive(Default)]
 struct State {
-    session: Option<Session>,
+    session: Option<Arc<Session>>,
     /// An STS call for this key is under way.
     flying: bool,
     /// The last failure in a row, if the last call failed.
@@ -236,7 +266,7 @@ pub const PREFETCH_AT_ONCE: usize = 8;
 
 /// What a request found when it looked.
 enum Look {
-    Ready(Result<Session, Error>),
+    Ready(Result<Arc<Session>, Error>),
     /// Wait for the call under way.
     Wait,
 }
@@ -260,12 +290,12 @@ impl Cache {
     }
 
     fn entry(&self, key: &Key) -> Arc<Entry> {
-        self.entries
-            .lock()
-            .expect("cache poisoned")
-            .entry(key.clone())
-            .or_default()
-            .clone()
+        let mut entries = self.entries.lock().expect("cache poisoned");
+        // Found without copying the key: the key is copied once, when its entry is made.
+        if let Some(entry) = entries.get(key) {
+            return entry.clone();
+        }
+        entries.entry(key.clone()).or_default().clone()
     }
 
     /// How many keys the cache holds (sessions, calls under way, remembered failures).
@@ -304,7 +334,7 @@ impl Cache {
 
     /// A valid session for `key`: cached, or fetched (once, whoever else is asking), or an
     /// error within `answer_within`.
-    pub async fn get(self: &Arc<Self>, key: &Key) -> Result<Session, Error> {
+    pub async fn get(self: &Arc<Self>, key: &Key) -> Result<Arc<Session>, Error> {
         let entry = self.entry(key);
         // Subscribed before looking: a call that ends after the look wakes this request.
         let mut ended = entry.ended.subscribe();
@@ -397,7 +427,7 @@ impl Cache {
                 state.flying = false;
                 match result {
                     Ok(session) => {
-                        state.session = Some(session);
+                        state.session = Some(Arc::new(session));
                         state.failure = (Backoff::default(), None);
                     }
                     Err(err) => {
@@ -513,13 +543,7 @@ impl Cache {
             .sts_call(started.elapsed(), result.as_ref().err().map(Error::reason));
         let assumed = result?;
         tracing::info!(role_arn = %key.role_arn, session = %key.session_name, "assumed role");
-        Ok(Session {
-            access_key_id: assumed.access_key_id,
-            secret_access_key: assumed.secret_access_key,
-            session_token: assumed.session_token,
-            expiration: assumed.expiration,
-            last_updated: self.clock.now(),
-        })
+        Ok(Session::new(assumed, self.clock.now()))
     }
 }
 

@@ -127,9 +127,22 @@ pub struct Attestor {
     /// Connections identified by a kernel record; connections refused for want of any evidence.
     by_record: AtomicU64,
     refused: AtomicU64,
+    /// Lines about a caller's cgroup (what a container controls): one per cgroup a minute.
+    quiet: imds_policy::quiet::Quiet<(u64, &'static str)>,
 }
 
 impl Attestor {
+    /// Whether a line about this cgroup's `reason` is written now (see [`imds_policy::quiet`]).
+    fn quietly(&self, cgroup_id: u64, reason: &'static str) -> Option<u64> {
+        self.quiet
+            .admit((cgroup_id, reason), std::time::Instant::now())
+    }
+
+    /// Lines about callers kept quiet so far.
+    pub fn lines_suppressed(&self) -> u64 {
+        self.quiet.suppressed()
+    }
+
     pub fn new(
         records: Option<Arc<CgroupRedirect>>,
         cgroups: Arc<Cgroups>,
@@ -149,6 +162,13 @@ impl Attestor {
             confirmed_by_runtime: AtomicU64::new(0),
             by_record: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            quiet: imds_policy::quiet::Quiet::new(
+                std::time::Duration::from_secs(60),
+                20.0,
+                50.0,
+                16_384,
+                std::time::Instant::now(),
+            ),
         }
     }
 
@@ -195,7 +215,13 @@ impl Attestor {
             None => None,
             Some(id) => match self.containers.get(&id).await {
                 None => {
-                    tracing::warn!(container_id = id, "container unknown to Docker: no role");
+                    if let Some(repeats) = self.quietly(record.cgroup_id, "unknown_container") {
+                        tracing::warn!(
+                            container_id = id,
+                            repeats,
+                            "container unknown to the runtime: no role"
+                        );
+                    }
                     None
                 }
                 Some(container)
@@ -204,13 +230,16 @@ impl Attestor {
                         &container.cgroup,
                     ) =>
                 {
-                    tracing::warn!(
-                        container_id = id,
-                        caller_cgroup = cgroup.as_deref().unwrap_or_default(),
-                        runtime_cgroup = %container.cgroup,
-                        "refused: the caller's cgroup is not where Docker put the container it \
-                         names; no role"
-                    );
+                    if let Some(repeats) = self.quietly(record.cgroup_id, "cgroup_mismatch") {
+                        tracing::warn!(
+                            container_id = id,
+                            caller_cgroup = cgroup.as_deref().unwrap_or_default(),
+                            runtime_cgroup = %container.cgroup,
+                            repeats,
+                            "refused: the caller's cgroup is not where the runtime put the \
+                             container it names; no role"
+                        );
+                    }
                     None
                 }
                 Some(container) => Some(container),
@@ -287,11 +316,42 @@ impl Attestor {
     }
 }
 
-/// An accepted peer and who it is.
+/// Who a connection counts against: its container, else its cgroup, else (no caller) its source
+/// address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CallerKey {
+    Container(Arc<str>),
+    Cgroup(u64),
+    Address(IpAddr),
+}
+
+impl CallerKey {
+    /// An identified caller: its container, else its cgroup (else its address).
+    pub fn of_caller(caller: &crate::identity::Caller) -> Self {
+        match (caller.container_id(), &caller.evidence) {
+            (Some(id), _) => CallerKey::Container(id.into()),
+            (None, Evidence::Kernel { cgroup_id, .. }) => CallerKey::Cgroup(*cgroup_id),
+            (None, Evidence::Address(ip)) => CallerKey::Address(*ip),
+        }
+    }
+}
+
+/// An accepted peer, who it is, and what it counts against (decided once per connection).
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
     pub caller: Result<Caller, Refusal>,
+    pub key: CallerKey,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr, caller: Result<Caller, Refusal>) -> Self {
+        let key = match &caller {
+            Ok(caller) => CallerKey::of_caller(caller),
+            Err(_) => CallerKey::Address(addr.ip()),
+        };
+        Self { addr, caller, key }
+    }
 }
 
 /// A TCP listener that takes, for every accepted connection, the kernel's record of who opened
@@ -317,10 +377,7 @@ impl Pending {
     /// Who the peer is.
     pub async fn attest(self) -> Peer {
         let caller = self.attestor.identify(self.addr, self.record).await;
-        Peer {
-            addr: self.addr,
-            caller,
-        }
+        Peer::new(self.addr, caller)
     }
 }
 

@@ -59,6 +59,37 @@ pub struct App {
     pub exposure: Exposure,
     /// Requests a second per caller (a container, else a cgroup or source address).
     pub rate: crate::limits::PerKey<crate::serve::CallerKey>,
+    /// What a container's requests make the proxy log, bounded ([`App::quietly`]).
+    pub quiet: Quiet,
+}
+
+/// The log gate of container-caused lines: one line per caller and reason a minute (the next one
+/// says how many were kept quiet), 20 lines a second over all of them (bursts of 50).
+pub type Quiet = imds_policy::quiet::Quiet<(crate::serve::CallerKey, &'static str)>;
+
+/// [`Quiet`] as the daemon sets it.
+pub fn quiet() -> Quiet {
+    Quiet::new(
+        Duration::from_secs(60),
+        20.0,
+        50.0,
+        16_384,
+        std::time::Instant::now(),
+    )
+}
+
+impl App {
+    /// Whether a line about `reason` for this caller is written now: `Some(repeats)` (the lines
+    /// kept quiet since the last one), or `None` (kept quiet, and counted).
+    fn quietly(&self, key: &crate::serve::CallerKey, reason: &'static str) -> Option<u64> {
+        let admitted = self
+            .quiet
+            .admit((key.clone(), reason), std::time::Instant::now());
+        if admitted.is_none() {
+            self.metrics.log_line_suppressed();
+        }
+        admitted
+    }
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -115,7 +146,7 @@ pub fn credentials_document(session: &credentials::Session) -> String {
 
 async fn handle(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    ConnectInfo(peer): ConnectInfo<Arc<Peer>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -123,33 +154,37 @@ async fn handle(
     let caller = match &peer.caller {
         Ok(caller) => caller,
         Err(refusal) => {
-            tracing::warn!(
-                peer = %peer.addr,
-                %method,
-                path = uri.path(),
-                "refused: {refusal}"
-            );
+            if let Some(repeats) = app.quietly(&peer.key, "unattested") {
+                tracing::warn!(
+                    peer = %peer.addr,
+                    %method,
+                    path = uri.path(),
+                    repeats,
+                    "refused: {refusal}"
+                );
+            }
             app.metrics.request("unattested", 403);
             return text(StatusCode::FORBIDDEN, "Forbidden");
         }
     };
     // One caller's burst spends its own budget only (IMDS answers 429 when throttled too). Keyed
     // by container, not address: a container that gets a throttled one's address starts afresh.
-    let key = crate::serve::CallerKey::of_caller(caller);
-    if !app.rate.allow(&key, std::time::Instant::now()) {
+    let key = &peer.key;
+    if !app.rate.allow(key, std::time::Instant::now()) {
         app.metrics.throttled("per_caller");
         app.metrics.request("throttled", 429);
         tracing::debug!(caller = ?key, %method, path = uri.path(), "throttled");
         return text(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
     }
-    let span = tracing::info_span!(
+    // Debug only: at info a request costs no span (the audit line carries what was handed out).
+    let span = tracing::debug_span!(
         "request",
         container_id = caller.container_id().unwrap_or("-"),
         cgroup = caller.cgroup().unwrap_or("?"),
         role = tracing::field::Empty,
     );
     let (route, response) = app
-        .serve(caller, &method, uri.path(), &headers)
+        .serve(caller, key, &method, uri.path(), &headers)
         .instrument(span.clone())
         .await;
     let status = response.status().as_u16();
@@ -168,6 +203,7 @@ impl App {
     async fn serve(
         &self,
         caller: &Caller,
+        key: &crate::serve::CallerKey,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
@@ -177,7 +213,9 @@ impl App {
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum();
         if header_bytes > MAX_HEADER_BYTES {
-            tracing::warn!(header_bytes, "refused: oversized headers");
+            if let Some(repeats) = self.quietly(key, "oversized_headers") {
+                tracing::warn!(header_bytes, repeats, "refused: oversized headers");
+            }
             return (
                 "bad-request",
                 text(
@@ -192,23 +230,27 @@ impl App {
         if headers.contains_key(header::TRANSFER_ENCODING)
             || body_bytes.is_some_and(|n| n.is_none_or(|n| n > MAX_BODY_BYTES))
         {
-            tracing::warn!(?body_bytes, "refused: request body");
+            if let Some(repeats) = self.quietly(key, "request_body") {
+                tracing::warn!(?body_bytes, repeats, "refused: request body");
+            }
             return (
                 "bad-request",
                 text(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"),
             );
         }
         let Some(path) = checked(path) else {
-            tracing::warn!(path, "refused: malformed path");
+            if let Some(repeats) = self.quietly(key, "malformed_path") {
+                tracing::warn!(path, repeats, "refused: malformed path");
+            }
             return ("bad-path", text(StatusCode::BAD_REQUEST, "Bad Request"));
         };
         match *method {
             Method::PUT => ("token", self.token(caller, path, headers)),
             Method::GET | Method::HEAD => {
-                if let Some(refusal) = self.refuse_token(caller, headers) {
+                if let Some(refusal) = self.refuse_token(caller, key, headers) {
                     return ("unauthorized", refusal);
                 }
-                self.get(caller, method, path).await
+                self.get(caller, key, method, path).await
             }
             _ => (
                 "method",
@@ -247,7 +289,12 @@ impl App {
     }
 
     /// The 401 for a request whose token is bad, or missing when v2 is required.
-    fn refuse_token(&self, caller: &Caller, headers: &HeaderMap) -> Option<Response> {
+    fn refuse_token(
+        &self,
+        caller: &Caller,
+        key: &crate::serve::CallerKey,
+        headers: &HeaderMap,
+    ) -> Option<Response> {
         match headers.get(TOKEN_HEADER) {
             Some(token) => {
                 let token = token.to_str().unwrap_or_default();
@@ -255,7 +302,9 @@ impl App {
                     .tokens
                     .verify(token, caller.subject, SystemTime::now())
                     .err()?;
-                tracing::info!(%err, "token refused");
+                if let Some(repeats) = self.quietly(key, "token") {
+                    tracing::info!(%err, repeats, "token refused");
+                }
                 Some(text(StatusCode::UNAUTHORIZED, "Unauthorized"))
             }
             None if self
@@ -269,7 +318,11 @@ impl App {
     }
 
     /// The caller's container and role, if any. A role the rules refuse is logged and is none.
-    async fn role(&self, caller: &Caller) -> Option<(Arc<runtime::Container>, Resolved)> {
+    async fn role(
+        &self,
+        caller: &Caller,
+        key: &crate::serve::CallerKey,
+    ) -> Option<(Arc<runtime::Container>, Resolved)> {
         let container = caller.container.clone()?;
         match self.roles.resolve_for(container.subject()) {
             Ok(Some(role)) => {
@@ -277,39 +330,50 @@ impl App {
                 Some((container, role))
             }
             Ok(None) => {
+                let repeats = self.quietly(key, "no_role")?;
                 if container.pod.is_some() {
                     tracing::info!(
                         pod = %container.name,
+                        repeats,
                         "no role: no pod annotation iam.amazonaws.com/role, no --default-role"
                     );
                 } else {
                     tracing::info!(
                         container = %container.name,
+                        repeats,
                         "no role: no label iam.amazonaws.com/role, no env IAM_ROLE, no --default-role"
                     );
                 }
                 None
             }
             Err(err) => {
-                tracing::warn!(container = %container.name, %err, "role refused; no STS call made");
+                if let Some(repeats) = self.quietly(key, "role_refused") {
+                    tracing::warn!(container = %container.name, %err, repeats, "role refused; no STS call made");
+                }
                 None
             }
         }
     }
 
-    async fn get(&self, caller: &Caller, method: &Method, path: &str) -> (&'static str, Response) {
+    async fn get(
+        &self,
+        caller: &Caller,
+        key: &crate::serve::CallerKey,
+        method: &Method,
+        path: &str,
+    ) -> (&'static str, Response) {
         let not_found = || text(StatusCode::NOT_FOUND, "Not Found");
         match route(path, self.exposure) {
             Route::Denied => ("denied", not_found()),
-            Route::IamListing => match self.role(caller).await {
+            Route::IamListing => match self.role(caller, key).await {
                 Some(_) => ("iam", text(StatusCode::OK, "info\nsecurity-credentials/")),
                 None => ("iam", not_found()),
             },
-            Route::RoleList => match self.role(caller).await {
+            Route::RoleList => match self.role(caller, key).await {
                 Some((_, role)) => ("role-name", text(StatusCode::OK, role.name)),
                 None => ("role-name", not_found()),
             },
-            Route::IamInfo => match self.role(caller).await {
+            Route::IamInfo => match self.role(caller, key).await {
                 Some((container, role)) => {
                     let body = serde_json::json!({
                         "Code": "Success",
@@ -327,12 +391,15 @@ impl App {
                 }
                 None => ("iam-info", not_found()),
             },
-            Route::RoleCredentials(name) => match self.role(caller).await {
-                Some((container, role)) if role.name == name => {
-                    ("credentials", self.credentials(&container, &role).await)
-                }
+            Route::RoleCredentials(name) => match self.role(caller, key).await {
+                Some((container, role)) if role.name == name => (
+                    "credentials",
+                    self.credentials(key, &container, &role).await,
+                ),
                 Some((_, role)) => {
-                    tracing::warn!(asked = name, role = %role.arn, "credentials of another role asked for");
+                    if let Some(repeats) = self.quietly(key, "another_role") {
+                        tracing::warn!(asked = name, role = %role.arn, repeats, "credentials of another role asked for");
+                    }
                     ("credentials", not_found())
                 }
                 None => ("credentials", not_found()),
@@ -356,10 +423,13 @@ impl App {
                 }
                 Err(crate::upstream::Error::Busy) => {
                     self.metrics.throttled("upstream");
-                    tracing::warn!(
-                        path,
-                        "pass-through refused: the upstream's places are all taken"
-                    );
+                    if let Some(repeats) = self.quietly(key, "upstream_busy") {
+                        tracing::warn!(
+                            path,
+                            repeats,
+                            "pass-through refused: the upstream's places are all taken"
+                        );
+                    }
                     (
                         "passthrough",
                         text(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests"),
@@ -370,39 +440,64 @@ impl App {
                         crate::upstream::Error::Timeout(_) => "timeout",
                         _ => "failed",
                     });
-                    tracing::warn!(%err, path, "upstream unavailable");
+                    if let Some(repeats) = self.quietly(key, "upstream_unavailable") {
+                        tracing::warn!(%err, path, repeats, "upstream unavailable");
+                    }
                     ("passthrough", text(StatusCode::BAD_GATEWAY, "Bad Gateway"))
                 }
             },
         }
     }
 
-    async fn credentials(&self, container: &runtime::Container, role: &Resolved) -> Response {
+    /// The role's credentials document for the container. The audit trail records each session
+    /// once, when it is first handed out (every access key id a container receives, with the first
+    /// time); serving it again is counted (`imds_proxy_credentials_served_total`), and its bytes
+    /// are the ones rendered the first time.
+    async fn credentials(
+        &self,
+        caller: &crate::serve::CallerKey,
+        container: &runtime::Container,
+        role: &Resolved,
+    ) -> Response {
         let key = Key::session(container, role);
         match self.credentials.get(&key).await {
             Ok(session) => {
-                self.metrics.vend();
-                tracing::info!(
-                    target: "audit",
-                    container_id = %container.id,
-                    container = %container.name,
-                    role_arn = %role.arn,
-                    session = %key.session_name,
-                    access_key_id = %session.access_key_id,
-                    expiration = %rfc3339(session.expiration),
-                    "credentials vended"
-                );
-                text(StatusCode::OK, credentials_document(&session))
+                let first = session.first_served();
+                self.metrics.vend(first);
+                if first {
+                    tracing::info!(
+                        target: "audit",
+                        container_id = %container.id,
+                        container = %container.name,
+                        role_arn = %role.arn,
+                        session = %key.session_name,
+                        access_key_id = %session.access_key_id,
+                        expiration = %rfc3339(session.expiration),
+                        "credentials vended"
+                    );
+                }
+                let document = session
+                    .document
+                    .get_or_init(|| credentials_document(&session).into())
+                    .clone();
+                let mut response = Response::new(Body::from(document));
+                let headers = response.headers_mut();
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                headers.insert(header::SERVER, HeaderValue::from_static("imds-proxy"));
+                response
             }
             Err(err) => {
-                tracing::error!(
-                    %err,
-                    container_id = %container.id,
-                    container = %container.name,
-                    role_arn = %role.arn,
-                    reason = err.reason(),
-                    "no credentials to serve"
-                );
+                if let Some(repeats) = self.quietly(caller, err.reason()) {
+                    tracing::error!(
+                        %err,
+                        container_id = %container.id,
+                        container = %container.name,
+                        role_arn = %role.arn,
+                        reason = err.reason(),
+                        repeats,
+                        "no credentials to serve"
+                    );
+                }
                 let message = match err {
                     crate::credentials::Error::Pending { .. } => {
                         "role credentials are still being obtained; retry"

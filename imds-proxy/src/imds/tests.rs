@@ -4,13 +4,15 @@ use super::*;
 #[test]
 fn credentials_document_format() {
     let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
-    let doc = credentials_document(&credentials::Session {
-        access_key_id: "ASIAEXAMPLE".into(),
-        secret_access_key: "se\"cret".into(),
-        session_token: "tok".into(),
-        expiration: at + Duration::from_millis(3_600_500),
-        last_updated: at,
-    });
+    let doc = credentials_document(&credentials::Session::new(
+        credentials::Assumption {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: "se\"cret".into(),
+            session_token: "tok".into(),
+            expiration: at + Duration::from_millis(3_600_500),
+        },
+        at,
+    ));
     let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
     assert_eq!(v["Code"], "Success");
     assert_eq!(v["Type"], "AWS-HMAC");
@@ -53,6 +55,7 @@ mod routing {
             require_imdsv2: std::sync::atomic::AtomicBool::new(true),
             exposure: Exposure::default(),
             rate: crate::limits::PerKey::new(1000.0, 1000.0, 16),
+            quiet: super::quiet(),
         })
     }
 
@@ -68,10 +71,7 @@ mod routing {
             ..Default::default()
         };
         let addr = std::net::SocketAddr::from(([172, 17, 0, last], 40000));
-        Peer {
-            addr,
-            caller: Ok(Caller::at_address(Arc::new(container), addr)),
-        }
+        Peer::new(addr, Ok(Caller::at_address(Arc::new(container), addr)))
     }
 
     async fn ask(
@@ -89,13 +89,66 @@ mod routing {
             request = request.header(TOKEN_HEADER, token);
         }
         let mut request = request.body(Body::empty()).unwrap();
-        request.extensions_mut().insert(ConnectInfo(peer.clone()));
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(Arc::new(peer.clone())));
         let response = router(app.clone()).oneshot(request).await.unwrap();
         let status = response.status().as_u16();
         let body = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .unwrap();
         (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// One audit line per session: the first serve is audited, the repeats only counted, and
+    /// every serve gets the same bytes; another container's session is audited on its own.
+    #[tokio::test]
+    async fn a_session_is_audited_once_and_its_repeats_are_counted() {
+        let clock = FakeClock::new();
+        let sts = FakeSts::new(&clock);
+        let app = app(&sts, &clock);
+        let path = "/latest/meta-data/iam/security-credentials/Web";
+        let mut docs = Vec::new();
+        for (id, last) in [(WEB, 2), (WEB, 2), (WEB, 2), (PLAIN, 3)] {
+            let who = caller(id, &[("iam.amazonaws.com/role", "Web")], last);
+            let (_, token) = ask(&app, &who, "PUT", "/latest/api/token", None).await;
+            let (status, doc) = ask(&app, &who, "GET", path, Some(&token)).await;
+            assert_eq!(status, 200, "{doc}");
+            docs.push(doc);
+        }
+        assert_eq!(docs[0], docs[1]);
+        assert_eq!(docs[1], docs[2]);
+        assert_ne!(docs[0], docs[3], "the other container's session is its own");
+        let metrics = app.metrics.render();
+        assert!(
+            metrics.contains("imds_proxy_credentials_served_total{serve=\"first\"} 2\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("imds_proxy_credentials_served_total{serve=\"repeat\"} 2\n"),
+            "{metrics}"
+        );
+    }
+
+    /// A container's refusals make one line per reason a minute; the rest is counted.
+    #[tokio::test]
+    async fn refusals_are_logged_once_per_caller_and_reason_and_counted() {
+        let clock = FakeClock::new();
+        let sts = FakeSts::new(&clock);
+        let app = app(&sts, &clock);
+        let web = caller(WEB, &[("iam.amazonaws.com/role", "Web")], 2);
+        let (_, token) = ask(&app, &web, "PUT", "/latest/api/token", None).await;
+        for _ in 0..10 {
+            let path = "/latest/meta-data/iam/security-credentials/Admin";
+            assert_eq!(ask(&app, &web, "GET", path, Some(&token)).await.0, 404);
+        }
+        assert!(
+            app.metrics
+                .render()
+                .contains("imds_proxy_log_lines_suppressed_total 9\n"),
+            "{}",
+            app.metrics.render()
+        );
     }
 
     #[tokio::test]
@@ -342,10 +395,7 @@ mod routing {
         let clock = FakeClock::new();
         let sts = FakeSts::new(&clock);
         let app = app(&sts, &clock);
-        let nobody = Peer {
-            addr: "10.0.0.9:5000".parse().unwrap(),
-            caller: Err(Refusal::NoRecord),
-        };
+        let nobody = Peer::new("10.0.0.9:5000".parse().unwrap(), Err(Refusal::NoRecord));
         assert_eq!(
             ask(&app, &nobody, "PUT", "/latest/api/token", None).await.0,
             403

@@ -124,12 +124,15 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
 
     // The premise: these callers were pods the proxy found through the CRI (kernel records in
     // cgroup mode, addresses on the CNI bridge in tc mode).
-    let vended = proxy
-        .log()
-        .iter()
-        .filter(|l| l.contains("credentials vended") && l.contains("team-"))
-        .count();
-    assert!(vended >= 5, "{:#?}", proxy.log());
+    // Each pod's session is in the audit trail once (a pod's containers share its session).
+    let log = proxy.log();
+    for session in ["session=team-a.web", "session=team-b.db"] {
+        let audited = log
+            .iter()
+            .filter(|l| l.contains("credentials vended") && l.contains(session))
+            .count();
+        assert_eq!(audited, 1, "{session}: {log:#?}");
+    }
 }
 
 /// A pod the runtime cannot describe to the proxy (its status is larger than a gRPC message may

@@ -602,6 +602,14 @@ impl Drop for LiveRestore {
 
 imds_tests::per_mode! { dockerd_restarts_under_load => dockerd_restarts_under_load_in; }
 
+/// A request for credentials answered 200 (the proxy's debug line per request: the audit trail
+/// has one line per session, not per request).
+fn answered_credentials(line: &str) -> bool {
+    line.contains("answered")
+        && line.contains("status=200")
+        && line.contains("route=\"credentials\"")
+}
+
 /// The Docker engine restarts (with live restore, so containers keep running) while a container
 /// asks in a loop: every request is served, and a container started as soon as the engine
 /// answers again is identified and served.
@@ -621,7 +629,7 @@ fn dockerd_restarts_under_load_in(mode: Mode) {
             .map(|lost| {
                 log[lost..]
                     .iter()
-                    .filter(|l| l.contains("credentials vended"))
+                    .filter(|l| answered_credentials(l))
                     .count()
             })
     };
@@ -661,7 +669,7 @@ fn dockerd_restarts_under_load_in(mode: Mode) {
         .unwrap_or_else(|| panic!("never synchronised again: {log:#?}"));
     let served_meanwhile = log[lost..back]
         .iter()
-        .filter(|l| l.contains("credentials vended"))
+        .filter(|l| answered_credentials(l))
         .count();
     eprintln!("{mode:?}: {served_meanwhile} served while the engine was away");
     assert!(

@@ -19,6 +19,7 @@ use imds_tests::{
 
 mod addresses;
 mod api;
+mod audit;
 mod credentials;
 mod lifecycle;
 mod placement;

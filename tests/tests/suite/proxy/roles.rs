@@ -32,7 +32,12 @@ fn label_env_and_default_roles_in(mode: Mode) {
         .iter()
         .filter(|l| l.contains("credentials vended") && l.contains("access_key_id=ASIA"))
         .count();
-    assert_eq!(vends, 5, "one audit line per vend: {:#?}", proxy.log());
+    assert_eq!(
+        vends,
+        5,
+        "one audit line per container's session (five containers): {:#?}",
+        proxy.log()
+    );
 }
 
 /// An image that names a role for itself: `LABEL iam.amazonaws.com/role=Admin`,

@@ -81,6 +81,8 @@ pub struct Load {
     error_samples: Vec<String>,
     /// Sum over clients of requests / their measured seconds.
     rps: f64,
+    /// Each round's requests per second, before pooling.
+    rounds_rps: Vec<f64>,
     /// The proxy's resident memory at the end, and its CPU over the measured window (1.0 = one
     /// core).
     rss_kib: Option<u64>,
@@ -108,6 +110,7 @@ impl Load {
         }
         let seconds = json["seconds"].as_f64().context("seconds")?;
         self.rps += micros.len() as f64 / seconds;
+        self.rounds_rps = vec![self.rps];
         Ok(())
     }
 
@@ -116,6 +119,7 @@ impl Load {
         let n = f64::from(self.pooled);
         self.rps = (self.rps * n + other.rps) / (n + 1.0);
         self.pooled += 1;
+        self.rounds_rps.extend(other.rounds_rps);
         self.micros.extend(other.micros);
         self.errors += other.errors;
         self.error_samples.extend(other.error_samples);
@@ -195,6 +199,12 @@ fn client_args(
     ]
 }
 
+/// The widest local port range for a load client's container (its own network namespace, so
+/// nothing of the host's changes): over new connections a client opens thousands a second, and
+/// with the default range (32768–60999) it soon reuses a port whose previous connection the
+/// server side still holds in TIME_WAIT, where PAWS turns its SYN away and the connect stalls.
+const WIDE_PORTS: [&str; 2] = ["--sysctl", "net.ipv4.ip_local_port_range=1024 65535"];
+
 /// Where the clients run.
 enum Clients<'a> {
     /// The host, against this address.
@@ -264,7 +274,7 @@ fn drive(
         }
         Clients::Fresh(image, labels) => {
             let mut cmd = Command::new("docker");
-            cmd.args(["run", "--rm"]);
+            cmd.args(["run", "--rm"]).args(WIDE_PORTS);
             for label in labels {
                 cmd.args(["--label", label]);
             }
@@ -346,9 +356,15 @@ pub fn concurrent(
             load.errors,
             load.error_samples.first()
         );
+        // Every round pools into an empty measurement: pooling into the first round's own would
+        // weigh it as nothing (its mean of zero rounds).
         match rows.iter_mut().find(|(p, k, _)| *p == path && *k == kind) {
             Some((_, _, pooled)) => pooled.pool(load),
-            None => rows.push((path, kind, load)),
+            None => {
+                let mut pooled = Load::default();
+                pooled.pool(load);
+                rows.push((path, kind, pooled));
+            }
         }
         Ok(())
     };
@@ -414,7 +430,9 @@ impl Fleet {
                 .iter()
                 .map(|i| {
                     Command::new("docker")
-                        .args(["run", "-d", "--label", FLEET_LABEL, "--label"])
+                        .args(["run", "-d"])
+                        .args(WIDE_PORTS)
+                        .args(["--label", FLEET_LABEL, "--label"])
                         .arg(format!("iam.amazonaws.com/role=Fleet-{i}"))
                         .args([&self.image, "/program", "idle"])
                         .stdout(Stdio::piped())
@@ -573,6 +591,28 @@ pub fn scale(
     Ok(out)
 }
 
+/// Rounds whose requests per second differ by more than this are not reported: the machine was
+/// busy with something else in one of them (or the new-connection path stalled on TIME_WAIT and
+/// PAWS), and their mean would say nothing.
+pub const MAX_SPREAD: f64 = 1.5;
+
+impl Load {
+    /// The largest round's requests per second over the smallest's (1 for one round).
+    pub fn spread(&self) -> f64 {
+        let max = self.rounds_rps.iter().copied().fold(f64::MIN, f64::max);
+        let min = self.rounds_rps.iter().copied().fold(f64::MAX, f64::min);
+        if self.rounds_rps.is_empty() || min <= 0.0 {
+            return 1.0;
+        }
+        max / min
+    }
+
+    /// Whether its rounds agree well enough to be reported.
+    pub fn stable(&self) -> bool {
+        self.spread() <= MAX_SPREAD
+    }
+}
+
 /// The proxy's RSS (MiB), CPU (% of a core) and CPU per request (µs), as table cells.
 fn cost(load: &Load) -> String {
     match (load.rss_kib, load.cpu) {
@@ -612,9 +652,9 @@ pub fn report(s: &Settings, measured: &Measured, steps: &[Step], plot: Option<&s
     for kind in Kind::ALL {
         let _ = writeln!(
             out,
-            "### {}\n\n| path | req/s | × floor | p50 ms | p90 ms | p99 ms | max ms | p99 × floor \
-             | errors | proxy RSS MiB | proxy CPU | proxy CPU µs/request |\n|---|---:|---:|---:|---:\
-             |---:|---:|---:|---:|---:|---:|---:|",
+            "### {}\n\n| path | req/s | rounds' spread | × floor | p50 ms | p90 ms | p99 ms | max ms \
+             | p99 × floor | errors | proxy RSS MiB | proxy CPU | proxy CPU µs/request |\n|---|---:\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             match kind {
                 Kind::New => "New connection per request",
                 Kind::KeepAlive => "Kept-alive connections",
@@ -622,14 +662,30 @@ pub fn report(s: &Settings, measured: &Measured, steps: &[Step], plot: Option<&s
         );
         let floor = floor(kind);
         for (path, _, load) in measured.rows.iter().filter(|(_, k, _)| *k == kind) {
+            if !load.stable() || floor.is_some_and(|f| !f.stable()) {
+                let _ = writeln!(
+                    out,
+                    "| {} | not reported: its rounds ({}) or the floor's differ by more than \
+                     {MAX_SPREAD}× | {:.2}× | | | | | | | | | | |",
+                    path.describe(),
+                    load.rounds_rps
+                        .iter()
+                        .map(|r| format!("{r:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    load.spread(),
+                );
+                continue;
+            }
             let ratio = |f: &dyn Fn(&Load) -> f64| {
                 floor.map_or_else(|| "–".to_owned(), |fl| format!("{:.2}", f(load) / f(fl)))
             };
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+                "| {} | {:.0} | {:.2}× | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
                 path.describe(),
                 load.rps,
+                load.spread(),
                 ratio(&|l| l.rps),
                 load.percentile(50.0),
                 load.percentile(90.0),
@@ -839,5 +895,9 @@ mod tests {
         pooled.pool(b);
         assert_eq!(pooled.rps, (3.5 + 1.0) / 2.0);
         assert_eq!(pooled.micros.len(), 5);
+        // Rounds of 3.5 and 1 request a second: 3.5× apart, not reported.
+        assert_eq!(pooled.rounds_rps, [3.5, 1.0]);
+        assert_eq!(pooled.spread(), 3.5);
+        assert!(!pooled.stable());
     }
 }

@@ -302,6 +302,18 @@ fn metric(name: &str) -> Option<u64> {
     crate::process::metric(OPS.parse().ok()?, name)
 }
 
+/// The proxy measured: this build's, or `IMDS_BENCH_PROXY` (another build's binary, to compare
+/// two builds on the same machine with the same bench).
+fn proxy_binary(target: &Path) -> std::path::PathBuf {
+    match std::env::var_os("IMDS_BENCH_PROXY") {
+        Some(other) => {
+            println!("bench: measuring the proxy at {}", other.to_string_lossy());
+            other.into()
+        }
+        None => target.join("imds-proxy"),
+    }
+}
+
 /// A proxy started for one measurement, behind `redirect` (with the DNAT rule for the baseline);
 /// stopped, and the rule removed, when dropped.
 struct BenchProxy {
@@ -331,7 +343,7 @@ impl BenchProxy {
             // path.
             .flag("requests-per-second", 1_000_000)
             .flag("request-burst", 1_000_000)
-            .command(target.join("imds-proxy"))
+            .command(proxy_binary(target))
             .spawn()
             .context("starting imds-proxy")?;
         let mut proxy = Self {

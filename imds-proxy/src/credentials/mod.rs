@@ -73,10 +73,12 @@ pub struct Session {
     /// The document served for it, rendered by the first request that serves it
     /// ([`crate::imds`]'s format) and kept: the same bytes for every request after.
     pub document: std::sync::OnceLock<bytes::Bytes>,
-    /// Whether its handing out has been written to the audit trail: once per session, and a
-    /// session is one container's (its key names it), so each access key id a container gets is
-    /// recorded once, when it is first served ([`Session::first_served`]).
-    audited: std::sync::atomic::AtomicBool,
+    /// To whom its handing out has been written to the audit trail: the first holder (a pod or a
+    /// container, [`crate::runtime::Container::holder`]) and, rarely, later ones (a container
+    /// recreated under the same name is served the same session by its key). Each access key id a
+    /// holder receives is recorded once, when it is first served ([`Session::first_served`]).
+    audited: std::sync::OnceLock<Box<str>>,
+    audited_later: std::sync::Mutex<Vec<Box<str>>>,
 }
 
 impl Session {
@@ -89,15 +91,31 @@ impl Session {
             expiration: assumed.expiration,
             last_updated,
             document: std::sync::OnceLock::new(),
-            audited: std::sync::atomic::AtomicBool::new(false),
+            audited: std::sync::OnceLock::new(),
+            audited_later: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    /// True exactly once: for the first request that serves this session.
-    pub fn first_served(&self) -> bool {
-        !self
-            .audited
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
+    /// True exactly once per holder: for the first request that serves this session to it. The
+    /// common case (its first holder again) is one comparison, no lock.
+    pub fn first_served(&self, holder: &str) -> bool {
+        let mut first = false;
+        let audited = self.audited.get_or_init(|| {
+            first = true;
+            holder.into()
+        });
+        if first || **audited == *holder {
+            return first;
+        }
+        let mut later = self
+            .audited_later
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if later.iter().any(|h| **h == *holder) {
+            return false;
+        }
+        later.push(holder.into());
+        true
     }
 }
 

@@ -450,8 +450,8 @@ impl App {
     }
 
     /// The role's credentials document for the container. The audit trail records each session
-    /// once, when it is first handed out (every access key id a container receives, with the first
-    /// time); serving it again is counted (`imds_proxy_credentials_served_total`), and its bytes
+    /// once per holder (pod or container), when it is first handed out (every access key id a
+    /// holder receives, with the first time); serving it again is counted (`imds_proxy_credentials_served_total`), and its bytes
     /// are the ones rendered the first time.
     async fn credentials(
         &self,
@@ -462,7 +462,7 @@ impl App {
         let key = Key::session(container, role);
         match self.credentials.get(&key).await {
             Ok(session) => {
-                let first = session.first_served();
+                let first = session.first_served(container.holder());
                 self.metrics.vend(first);
                 if first {
                     tracing::info!(

@@ -36,6 +36,7 @@ mod routing {
 
     const WEB: &str = "aaaaaaaaaaaaaaaa0000000000000000aaaaaaaaaaaaaaaa0000000000000000";
     const PLAIN: &str = "bbbbbbbbbbbbbbbb0000000000000000bbbbbbbbbbbbbbbb0000000000000000";
+    const RECREATED: &str = "cccccccccccccccc0000000000000000cccccccccccccccc0000000000000000";
 
     fn app(sts: &Arc<FakeSts>, clock: &Arc<FakeClock>) -> Arc<App> {
         Arc::new(App {
@@ -119,6 +120,36 @@ mod routing {
         assert_eq!(docs[0], docs[1]);
         assert_eq!(docs[1], docs[2]);
         assert_ne!(docs[0], docs[3], "the other container's session is its own");
+        let metrics = app.metrics.render();
+        assert!(
+            metrics.contains("imds_proxy_credentials_served_total{serve=\"first\"} 2\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("imds_proxy_credentials_served_total{serve=\"repeat\"} 2\n"),
+            "{metrics}"
+        );
+    }
+
+    /// A container recreated under the same name has the same session key, so it may be served
+    /// the session its predecessor had: that handing out is audited too, once (the trail names
+    /// every holder an access key id went to).
+    #[tokio::test]
+    async fn a_session_served_to_a_new_holder_is_audited_for_it() {
+        let clock = FakeClock::new();
+        let sts = FakeSts::new(&clock);
+        let app = app(&sts, &clock);
+        let path = "/latest/meta-data/iam/security-credentials/Web";
+        let mut docs = Vec::new();
+        for id in [WEB, RECREATED, RECREATED, WEB] {
+            let who = caller(id, &[("iam.amazonaws.com/role", "Web")], 2);
+            let (_, token) = ask(&app, &who, "PUT", "/latest/api/token", None).await;
+            let (status, doc) = ask(&app, &who, "GET", path, Some(&token)).await;
+            assert_eq!(status, 200, "{doc}");
+            docs.push(doc);
+        }
+        // The premise: one session, served to both.
+        assert!(docs.iter().all(|d| *d == docs[0]), "{docs:?}");
         let metrics = app.metrics.render();
         assert!(
             metrics.contains("imds_proxy_credentials_served_total{serve=\"first\"} 2\n"),

@@ -35,6 +35,15 @@ pub struct Pod {
 }
 
 impl Container {
+    /// Who holds the sessions it is served: its pod (whose containers share one session) or
+    /// the container itself. The audit trail records each session once per holder.
+    pub fn holder(&self) -> &str {
+        match &self.pod {
+            Some(pod) if !pod.uid.is_empty() => &pod.uid,
+            _ => &self.id,
+        }
+    }
+
     /// Whose role settings these are, for [`crate::roles::Policy::resolve_for`].
     pub fn subject(&self) -> crate::roles::Subject<'_> {
         match &self.pod {

@@ -124,14 +124,18 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
 
     // The premise: these callers were pods the proxy found through the CRI (kernel records in
     // cgroup mode, addresses on the CNI bridge in tc mode).
-    // Each pod's session is in the audit trail once (a pod's containers share its session).
+    // Each pod's handing out is in the audit trail once (a pod's containers share its session;
+    // the pod that came back under the same name is a new holder, audited on its own).
     let log = proxy.log();
-    for session in ["session=team-a.web", "session=team-b.db"] {
-        let audited = log
-            .iter()
-            .filter(|l| l.contains("credentials vended") && l.contains(session))
-            .count();
-        assert_eq!(audited, 1, "{session}: {log:#?}");
+    let audited = |what: &str| {
+        log.iter()
+            .filter(|l| l.contains("credentials vended") && l.contains(what))
+            .count()
+    };
+    assert_eq!(audited("session=team-a.web"), 2, "{log:#?}");
+    assert_eq!(audited("session=team-b.db"), 1, "{log:#?}");
+    for pod in [&web, &again, &db] {
+        assert_eq!(audited(&pod.container), 1, "{}: {log:#?}", pod.session());
     }
 }
 

@@ -221,7 +221,7 @@ async fn build_parts(
             config.limits.request_burst,
             65_536,
         ),
-        quiet: imds::quiet(),
+        quiet: crate::identity::quiet(),
         metrics: metrics.clone(),
         // Until the upstream is asked (when not configured): required.
         require_imdsv2: AtomicBool::new(config.imds.require_imdsv2.unwrap_or(true)),

@@ -169,7 +169,7 @@ pub async fn serve(
         .max_headers(64)
         .keep_alive(true);
     // Connections refused for a caller: one line per caller a minute, the rest counted.
-    let quiet = Arc::new(crate::imds::quiet());
+    let quiet = Arc::new(crate::identity::quiet());
     loop {
         let (stream, pending) = match listener.accept_pending().await {
             Ok(accepted) => {

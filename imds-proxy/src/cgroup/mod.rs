@@ -144,8 +144,9 @@ pub fn v2_path(proc_cgroup: &str) -> Option<&str> {
 /// The deepest such segment counts: a container started with `--cgroup-parent` inside another
 /// container's cgroup (`/docker/<a>/<b>`) is `b`, not `a`, and cgroups nested inside a
 /// container's (`/docker/<id>/init.scope`) belong to it. The id alone is only a claim: the caller
-/// checks it against the cgroup Docker reports for that container ([`crate::runtime::Kind::cgroup_of`]), so a
-/// directory named after another container inside one's own cgroup proves nothing.
+/// checks it against the cgroup its runtime reports for that container (the runtime's layout,
+/// above this module), so a directory named after another container inside one's own cgroup
+/// proves nothing.
 pub fn container_id(cgroup_path: &str) -> Option<String> {
     let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
     cgroup_path

@@ -71,7 +71,7 @@ pub struct Session {
     pub expiration: SystemTime,
     pub last_updated: SystemTime,
     /// The document served for it, rendered by the first request that serves it
-    /// ([`crate::imds`]'s format) and kept: the same bytes for every request after.
+    /// (IMDS's credentials format) and kept: the same bytes for every request after.
     pub document: std::sync::OnceLock<bytes::Bytes>,
     /// To whom its handing out has been written to the audit trail: the first holder (a pod or a
     /// container, [`crate::runtime::Container::holder`]) and, rarely, later ones (a container

@@ -316,6 +316,21 @@ impl Attestor {
     }
 }
 
+/// The log gate of container-caused lines: one line per caller and reason a minute (the next one
+/// says how many were kept quiet), 20 lines a second over all of them (bursts of 50).
+pub type Quiet = imds_policy::quiet::Quiet<(CallerKey, &'static str)>;
+
+/// [`Quiet`] as the daemon sets it.
+pub fn quiet() -> Quiet {
+    Quiet::new(
+        std::time::Duration::from_secs(60),
+        20.0,
+        50.0,
+        16_384,
+        std::time::Instant::now(),
+    )
+}
+
 /// Who a connection counts against: its container, else its cgroup, else (no caller) its source
 /// address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

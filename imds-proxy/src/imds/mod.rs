@@ -58,30 +58,15 @@ pub struct App {
     pub require_imdsv2: std::sync::atomic::AtomicBool,
     pub exposure: Exposure,
     /// Requests a second per caller (a container, else a cgroup or source address).
-    pub rate: crate::limits::PerKey<crate::serve::CallerKey>,
+    pub rate: crate::limits::PerKey<crate::identity::CallerKey>,
     /// What a container's requests make the proxy log, bounded ([`App::quietly`]).
-    pub quiet: Quiet,
-}
-
-/// The log gate of container-caused lines: one line per caller and reason a minute (the next one
-/// says how many were kept quiet), 20 lines a second over all of them (bursts of 50).
-pub type Quiet = imds_policy::quiet::Quiet<(crate::serve::CallerKey, &'static str)>;
-
-/// [`Quiet`] as the daemon sets it.
-pub fn quiet() -> Quiet {
-    Quiet::new(
-        Duration::from_secs(60),
-        20.0,
-        50.0,
-        16_384,
-        std::time::Instant::now(),
-    )
+    pub quiet: crate::identity::Quiet,
 }
 
 impl App {
     /// Whether a line about `reason` for this caller is written now: `Some(repeats)` (the lines
     /// kept quiet since the last one), or `None` (kept quiet, and counted).
-    fn quietly(&self, key: &crate::serve::CallerKey, reason: &'static str) -> Option<u64> {
+    fn quietly(&self, key: &crate::identity::CallerKey, reason: &'static str) -> Option<u64> {
         let admitted = self
             .quiet
             .admit((key.clone(), reason), std::time::Instant::now());
@@ -203,7 +188,7 @@ impl App {
     async fn serve(
         &self,
         caller: &Caller,
-        key: &crate::serve::CallerKey,
+        key: &crate::identity::CallerKey,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
@@ -292,7 +277,7 @@ impl App {
     fn refuse_token(
         &self,
         caller: &Caller,
-        key: &crate::serve::CallerKey,
+        key: &crate::identity::CallerKey,
         headers: &HeaderMap,
     ) -> Option<Response> {
         match headers.get(TOKEN_HEADER) {
@@ -321,7 +306,7 @@ impl App {
     async fn role(
         &self,
         caller: &Caller,
-        key: &crate::serve::CallerKey,
+        key: &crate::identity::CallerKey,
     ) -> Option<(Arc<runtime::Container>, Resolved)> {
         let container = caller.container.clone()?;
         match self.roles.resolve_for(container.subject()) {
@@ -358,7 +343,7 @@ impl App {
     async fn get(
         &self,
         caller: &Caller,
-        key: &crate::serve::CallerKey,
+        key: &crate::identity::CallerKey,
         method: &Method,
         path: &str,
     ) -> (&'static str, Response) {
@@ -455,7 +440,7 @@ impl App {
     /// are the ones rendered the first time.
     async fn credentials(
         &self,
-        caller: &crate::serve::CallerKey,
+        caller: &crate::identity::CallerKey,
         container: &runtime::Container,
         role: &Resolved,
     ) -> Response {

@@ -56,7 +56,7 @@ mod routing {
             require_imdsv2: std::sync::atomic::AtomicBool::new(true),
             exposure: Exposure::default(),
             rate: crate::limits::PerKey::new(1000.0, 1000.0, 16),
-            quiet: super::quiet(),
+            quiet: crate::identity::quiet(),
         })
     }
 

@@ -168,14 +168,18 @@ async fn handle(
         cgroup = caller.cgroup().unwrap_or("?"),
         role = tracing::field::Empty,
     );
-    let (route, response) = app
-        .serve(caller, key, &method, uri.path(), &headers)
-        .instrument(span.clone())
-        .await;
+    let serving = app.serve(caller, key, &method, uri.path(), &headers);
+    let (route, response) = if span.is_disabled() {
+        serving.await
+    } else {
+        serving.instrument(span.clone()).await
+    };
     let status = response.status().as_u16();
-    span.in_scope(|| {
-        tracing::debug!(%method, path = uri.path(), status, route, "answered");
-    });
+    if !span.is_disabled() {
+        span.in_scope(|| {
+            tracing::debug!(%method, path = uri.path(), status, route, "answered");
+        });
+    }
     app.metrics.request(route, status);
     if method == Method::HEAD {
         let (parts, _) = response.into_parts();
@@ -311,7 +315,9 @@ impl App {
         let container = caller.container.clone()?;
         match self.roles.resolve_for(container.subject()) {
             Ok(Some(role)) => {
-                tracing::Span::current().record("role", role.arn.as_str());
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    tracing::Span::current().record("role", role.arn.as_str());
+                }
                 Some((container, role))
             }
             Ok(None) => {

@@ -240,6 +240,18 @@ fn forget_conntrack() -> anyhow::Result<()> {
         "conntrack -D: {}",
         String::from_utf8_lossy(&out.stderr).trim()
     );
+    // Every closed TCP connection's entry too: new connections at 25k a second leave more entries
+    // in TIME_WAIT within two minutes than the table holds (nf_conntrack_max, 262144 here), and a
+    // full table drops new connections' SYNs (the next measurement's requests then time out).
+    let out = Command::new("conntrack")
+        .args(["-D", "-p", "tcp", "--state", "TIME_WAIT"])
+        .output()
+        .context("running conntrack")?;
+    ensure!(
+        out.status.code().is_some_and(|c| c <= 1),
+        "conntrack -D --state TIME_WAIT: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(())
 }
 
@@ -708,7 +720,9 @@ pub fn report(s: &Settings, measured: &Measured, steps: &[Step], plot: Option<&s
          this bench the floor's entries let most of the DNAT row's requests through to the \
          simulator (answered 401, its token being the proxy's). The seed's rule can be bypassed \
          that way; the eBPF redirects decide per socket (connect4) or per packet (tc) and keep \
-         no such state.\n"
+         no such state. It also deletes every TCP entry in TIME_WAIT: at tens of thousands of \
+         new connections a second, two minutes of them fill the table (262144 entries here), and \
+         a full table drops new connections' SYNs.\n"
     );
     let _ = writeln!(
         out,

@@ -16,6 +16,18 @@ use std::fmt;
 pub const ROLE_LABEL: &str = "iam.amazonaws.com/role";
 /// Optional container label with the external id for AssumeRole.
 pub const EXTERNAL_ID_LABEL: &str = "iam.amazonaws.com/external-id";
+/// Pod annotations giving one of its containers a role of its own:
+/// `iam.amazonaws.com/role.<container name>` (cgroup mode only: only a cgroup tells a pod's
+/// containers apart).
+pub const CONTAINER_ROLE_PREFIX: &str = "iam.amazonaws.com/role.";
+/// The value of a per-container annotation that gives its container no role at all (not the
+/// pod's, not the default).
+pub const NO_ROLE: &str = "none";
+
+/// The pod annotation naming `container`'s own role.
+pub fn container_role_key(container: &str) -> String {
+    format!("{CONTAINER_ROLE_PREFIX}{container}")
+}
 /// Container environment variable naming the role.
 pub const ROLE_ENV: &str = "IAM_ROLE";
 
@@ -213,6 +225,12 @@ pub enum RoleError {
     NotAllowed(String),
     #[error("role {arn} is not allowed in namespace {namespace:?} (--namespace-allowed-roles)")]
     NotAllowedInNamespace { arn: String, namespace: String },
+    #[error(
+        "the pod gives its containers roles of their own (pod annotations \
+         iam.amazonaws.com/role.<container>), which only cgroup mode can tell apart (in tc mode \
+         its containers share the pod's address): no role for any of them"
+    )]
+    PerContainerNeedsCgroupMode,
     #[error("{source_name} value is invalid: {reason}")]
     Invalid {
         source_name: &'static str,
@@ -226,6 +244,8 @@ pub enum Source {
     Label,
     /// A pod's annotation (CRI runtimes).
     Annotation,
+    /// A pod's annotation for this one of its containers (cgroup mode).
+    ContainerAnnotation,
     Env,
     Default,
 }
@@ -235,6 +255,7 @@ impl fmt::Display for Source {
         f.write_str(match self {
             Source::Label => "label iam.amazonaws.com/role",
             Source::Annotation => "pod annotation iam.amazonaws.com/role",
+            Source::ContainerAnnotation => "pod annotation iam.amazonaws.com/role.<container>",
             Source::Env => "env IAM_ROLE",
             Source::Default => "--default-role",
         })
@@ -270,11 +291,23 @@ pub enum Subject<'a> {
         labels: &'a std::collections::HashMap<String, String>,
         env: &'a [String],
     },
-    /// A Kubernetes pod's container: the pod's annotations and its namespace.
+    /// A Kubernetes pod's container: the pod's annotations, its namespace, and which of its
+    /// containers asks, when that can be told.
     Pod {
         annotations: &'a std::collections::HashMap<String, String>,
         namespace: &'a str,
+        container: InPod<'a>,
     },
+}
+
+/// Which of a pod's containers is asking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InPod<'a> {
+    /// This one, by its name in the pod (the kernel's record names its cgroup).
+    Named(&'a str),
+    /// Any of them (identified by the pod's address, which they share): a pod that gives its
+    /// containers roles of their own gets none.
+    Unknown,
 }
 
 impl Policy {
@@ -317,32 +350,63 @@ impl Policy {
 
     /// The role of a container or a pod; `Ok(None)` when it has none.
     pub fn resolve_for(&self, subject: Subject<'_>) -> Result<Option<Resolved>, RoleError> {
-        let (labels, env, namespace, named_by) = match subject {
-            Subject::Container { labels, env } => (labels, env, None, Source::Label),
-            // A pod's role is its annotation's; its containers' environment is not read.
+        let (labels, env, namespace, own) = match subject {
+            Subject::Container { labels, env } => (labels, env, None, None),
+            // A pod's role is its annotation's, or its container's own; its containers'
+            // environment is not read.
             Subject::Pod {
                 annotations,
                 namespace,
-            } => (annotations, &[][..], Some(namespace), Source::Annotation),
+                container,
+            } => {
+                let own = match container {
+                    InPod::Named(name) => annotations
+                        .get(&container_role_key(name))
+                        .map(|v| v.trim())
+                        .filter(|v| !v.is_empty()),
+                    InPod::Unknown
+                        if annotations
+                            .keys()
+                            .any(|k| k.starts_with(CONTAINER_ROLE_PREFIX)) =>
+                    {
+                        return Err(RoleError::PerContainerNeedsCgroupMode);
+                    }
+                    InPod::Unknown => None,
+                };
+                if own == Some(NO_ROLE) {
+                    return Ok(None);
+                }
+                (annotations, &[][..], Some(namespace), own)
+            }
         };
         let from_env = env
             .iter()
             .find_map(|e| e.strip_prefix(&format!("{ROLE_ENV}=")))
             .filter(|v| !v.trim().is_empty());
-        let (role, source) = match (
-            labels.get(ROLE_LABEL).filter(|v| !v.trim().is_empty()),
-            from_env,
-        ) {
-            (Some(label), _) => (
-                RoleName::parse(label).map_err(|reason| RoleError::Invalid {
-                    source_name: if named_by == Source::Label {
-                        "label iam.amazonaws.com/role"
-                    } else {
-                        "pod annotation iam.amazonaws.com/role"
+        let named = match (own, namespace) {
+            (Some(own), _) => Some((own, Source::ContainerAnnotation)),
+            (None, Some(_)) => labels
+                .get(ROLE_LABEL)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (v.as_str(), Source::Annotation)),
+            (None, None) => labels
+                .get(ROLE_LABEL)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (v.as_str(), Source::Label)),
+        };
+        let (role, source) = match (named, from_env) {
+            (Some((value, source)), _) => (
+                RoleName::parse(value).map_err(|reason| RoleError::Invalid {
+                    source_name: match source {
+                        Source::Label => "label iam.amazonaws.com/role",
+                        Source::ContainerAnnotation => {
+                            "pod annotation iam.amazonaws.com/role.<container>"
+                        }
+                        _ => "pod annotation iam.amazonaws.com/role",
                     },
                     reason,
                 })?,
-                named_by,
+                source,
             ),
             (None, Some(env)) => (
                 RoleName::parse(env).map_err(|reason| RoleError::Invalid {
@@ -506,6 +570,7 @@ mod tests {
         let pod = |a, ns| Subject::Pod {
             annotations: a,
             namespace: ns,
+            container: InPod::Unknown,
         };
         let mut p = policy(Some("Fallback"), &[]);
         // No namespace listed: no per-namespace restriction.
@@ -541,6 +606,60 @@ mod tests {
         // A Docker container is never restricted by namespaces.
         let env = vec!["IAM_ROLE=Db".to_owned()];
         assert!(p.resolve(&none, &env).unwrap().is_some());
+    }
+
+    /// A pod's container named by its cgroup takes its own annotation (`none`: no role, not the
+    /// pod's, not the default), within the namespace's globs; the others the pod's. A caller that
+    /// may be any of the pod's containers gets nothing from a pod that tells them apart.
+    #[test]
+    fn a_pod_s_containers_take_their_own_annotations_when_they_can_be_told_apart() {
+        let mut p = policy(Some("Fallback"), &[]);
+        p.namespaces.insert(
+            "team-a".into(),
+            vec![Glob::parse(&format!("{PREFIX}Web*")).unwrap()],
+        );
+        let annotations = labels(&[
+            (ROLE_LABEL, "Web"),
+            (&container_role_key("worker"), "WebWorker"),
+            (&container_role_key("sidecar"), "none"),
+            (&container_role_key("rogue"), "Db"),
+        ]);
+        let as_ = |container| {
+            p.resolve_for(Subject::Pod {
+                annotations: &annotations,
+                namespace: "team-a",
+                container,
+            })
+            .map(|r| r.map(|r| (r.name, r.source)))
+        };
+        assert_eq!(
+            as_(InPod::Named("app")),
+            Ok(Some(("Web".into(), Source::Annotation)))
+        );
+        assert_eq!(
+            as_(InPod::Named("worker")),
+            Ok(Some(("WebWorker".into(), Source::ContainerAnnotation)))
+        );
+        assert_eq!(as_(InPod::Named("sidecar")), Ok(None));
+        assert!(matches!(
+            as_(InPod::Named("rogue")),
+            Err(RoleError::NotAllowedInNamespace { .. })
+        ));
+        assert_eq!(
+            as_(InPod::Unknown),
+            Err(RoleError::PerContainerNeedsCgroupMode)
+        );
+        // A pod that does not tell its containers apart is served by its address as before.
+        let plain = labels(&[(ROLE_LABEL, "Web")]);
+        assert!(
+            p.resolve_for(Subject::Pod {
+                annotations: &plain,
+                namespace: "team-a",
+                container: InPod::Unknown,
+            })
+            .unwrap()
+            .is_some()
+        );
     }
 
     fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {

@@ -275,6 +275,7 @@ fn start_background_work(
             config.roles.policy.clone(),
             index.subscribe(),
             own_container.clone(),
+            matches!(config.redirect.mode, crate::config::Mode::Cgroup { .. }),
         ),
     );
     supervisor.spawn(

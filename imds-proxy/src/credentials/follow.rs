@@ -8,12 +8,14 @@ impl Cache {
     /// sessions. Fetching at create gives the STS call a head start over the container's first
     /// request (the time Docker takes to set up its network and start it); at start it is
     /// single-flight with any call already under way. The proxy's
-    /// own container (when it runs as one) is never asked for.
+    /// own container (when it runs as one) is never asked for. `told_apart`: whether callers are
+    /// known by their cgroup (cgroup mode), so that a pod's containers may have roles of their own.
     pub async fn follow_containers(
         self: Arc<Self>,
         policy: crate::roles::Policy,
         mut events: tokio::sync::broadcast::Receiver<crate::runtime::Event>,
         own_container: Option<String>,
+        told_apart: bool,
     ) {
         use crate::runtime::{Event, next_event};
         while let Some(event) = next_event(&mut events, "roles").await {
@@ -21,7 +23,7 @@ impl Cache {
                 Event::Created(container) | Event::Started(container)
                     if Some(&container.id) == own_container.as_ref() => {}
                 Event::Created(container) | Event::Started(container) => {
-                    match policy.resolve_for(container.subject()) {
+                    match policy.resolve_for(container.subject(told_apart)) {
                         Ok(Some(role)) => self.prefetch(Key::session(&container, &role)),
                         Ok(None) => {}
                         Err(err) => tracing::warn!(

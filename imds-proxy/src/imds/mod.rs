@@ -313,7 +313,9 @@ impl App {
         key: &crate::identity::CallerKey,
     ) -> Option<(Arc<runtime::Container>, Resolved)> {
         let container = caller.container.clone()?;
-        match self.roles.resolve_for(container.subject()) {
+        // Only the kernel's record tells a pod's containers apart (they share its address).
+        let told_apart = matches!(caller.evidence, crate::identity::Evidence::Kernel { .. });
+        match self.roles.resolve_for(container.subject(told_apart)) {
             Ok(Some(role)) => {
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     tracing::Span::current().record("role", role.arn.as_str());
@@ -322,7 +324,20 @@ impl App {
             }
             Ok(None) => {
                 let repeats = self.quietly(key, "no_role")?;
-                if container.pod.is_some() {
+                if let Some(pod) = &container.pod
+                    && container
+                        .labels
+                        .get(&roles::container_role_key(&pod.container))
+                        .is_some_and(|v| v.trim() == roles::NO_ROLE)
+                {
+                    tracing::info!(
+                        pod = %container.name,
+                        container = %pod.container,
+                        repeats,
+                        "no role: pod annotation iam.amazonaws.com/role.{} is none",
+                        pod.container
+                    );
+                } else if container.pod.is_some() {
                     tracing::info!(
                         pod = %container.name,
                         repeats,

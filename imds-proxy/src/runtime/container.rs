@@ -32,6 +32,8 @@ pub struct Pod {
     pub name: String,
     pub uid: String,
     pub sandbox_id: String,
+    /// This container's name in the pod (its spec's `name`): the key of its own role annotation.
+    pub container: String,
 }
 
 impl Container {
@@ -44,12 +46,19 @@ impl Container {
         }
     }
 
-    /// Whose role settings these are, for [`crate::roles::Policy::resolve_for`].
-    pub fn subject(&self) -> crate::roles::Subject<'_> {
+    /// Whose role settings these are, for [`crate::roles::Policy::resolve_for`]. `told_apart`:
+    /// whether the caller is known to be this very container (the kernel's record of its
+    /// cgroup), not only one of its pod's (the pod's address, which they share).
+    pub fn subject(&self, told_apart: bool) -> crate::roles::Subject<'_> {
         match &self.pod {
             Some(pod) => crate::roles::Subject::Pod {
                 annotations: &self.labels,
                 namespace: &pod.namespace,
+                container: if told_apart {
+                    crate::roles::InPod::Named(&pod.container)
+                } else {
+                    crate::roles::InPod::Unknown
+                },
             },
             None => crate::roles::Subject::Container {
                 labels: &self.labels,

@@ -264,16 +264,34 @@ fn pod_container(
             .collect(),
         _ => Vec::new(),
     };
-    // Only the role settings, and only from the pod's annotations.
-    let labels = [crate::roles::ROLE_LABEL, crate::roles::EXTERNAL_ID_LABEL]
-        .into_iter()
-        .filter_map(|key| {
-            sandbox
-                .annotations
-                .get(key)
-                .map(|v| (key.to_owned(), v.clone()))
-        })
-        .collect();
+    // Only the role settings, and only from the pod's annotations: the pod's role, its external
+    // id, this container's own role, and one other container's (whether the pod tells its
+    // containers apart at all: a caller known only by the pod's address then gets nothing).
+    let container_name = status
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let own_key = crate::roles::container_role_key(&container_name);
+    let another = sandbox
+        .annotations
+        .keys()
+        .find(|k| k.starts_with(crate::roles::CONTAINER_ROLE_PREFIX) && **k != own_key);
+    let labels = [
+        Some(crate::roles::ROLE_LABEL),
+        Some(crate::roles::EXTERNAL_ID_LABEL),
+        Some(own_key.as_str()),
+        another.map(String::as_str),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(|key| {
+        sandbox
+            .annotations
+            .get(key)
+            .map(|v| (key.to_owned(), v.clone()))
+    })
+    .collect();
     Some(Container {
         id: status.id.clone(),
         name: format!("{}.{}", meta.namespace, meta.name),
@@ -292,6 +310,7 @@ fn pod_container(
             name: meta.name.clone(),
             uid: meta.uid.clone(),
             sandbox_id: sandbox.id.clone(),
+            container: container_name,
         }),
     })
 }
@@ -369,6 +388,52 @@ mod tests {
         assert_eq!(
             RuntimeInfo::parse(&HashMap::from([("info".into(), "{".into())])),
             RuntimeInfo::default()
+        );
+    }
+
+    /// A container of a pod keeps its own role annotation (by its name in the pod) and one
+    /// other container's, so that the policy can tell whether the pod gives its containers roles
+    /// of their own; the rest of the pod's annotations are not kept.
+    #[test]
+    fn a_pod_s_container_keeps_its_own_role_annotation_and_whether_others_have_one() {
+        let mut named = status(&[]);
+        named.metadata = Some(cri::ContainerMetadata {
+            name: "sidecar".into(),
+            attempt: 0,
+        });
+        let many: Vec<(String, String)> = (0..50)
+            .map(|i| (format!("iam.amazonaws.com/role.worker-{i}"), "W".to_owned()))
+            .collect();
+        let mut annotations: Vec<(&str, &str)> =
+            many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        annotations.extend([
+            ("iam.amazonaws.com/role", "Web"),
+            ("iam.amazonaws.com/role.sidecar", "none"),
+        ]);
+        let c = pod_container(
+            &named,
+            &runtime(),
+            &sandbox(&annotations, NamespaceMode::Pod),
+        )
+        .unwrap();
+        assert_eq!(c.pod.as_ref().unwrap().container, "sidecar");
+        assert_eq!(c.labels["iam.amazonaws.com/role.sidecar"], "none");
+        assert_eq!(c.labels.len(), 3, "{:?}", c.labels);
+        assert_eq!(
+            crate::roles::Policy::default().resolve_for(c.subject(true)),
+            Ok(None)
+        );
+        assert_eq!(
+            crate::roles::Policy::default().resolve_for(c.subject(false)),
+            Err(crate::roles::RoleError::PerContainerNeedsCgroupMode)
+        );
+        // Only its own: a pod whose only per-container annotation is this container's still
+        // tells its containers apart.
+        let own_only = [("iam.amazonaws.com/role.sidecar", "none")];
+        let c = pod_container(&named, &runtime(), &sandbox(&own_only, NamespaceMode::Pod)).unwrap();
+        assert_eq!(
+            crate::roles::Policy::default().resolve_for(c.subject(false)),
+            Err(crate::roles::RoleError::PerContainerNeedsCgroupMode)
         );
     }
 

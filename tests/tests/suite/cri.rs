@@ -29,22 +29,7 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
     let whoami =
         containerd.import(whoami_image(env!("CARGO_BIN_EXE_imds-whoami").as_ref()).unwrap());
     let awscli = containerd.import(&awscli_image(&default_venv()).unwrap());
-    let endpoint = cri::endpoint();
-    let allowed = format!("team-a={PREFIX}TeamA*,team-b={PREFIX}TeamB*");
-    let mut extra = vec![
-        "--runtime",
-        "cri",
-        "--cri-endpoint",
-        &endpoint,
-        "--namespace-allowed-roles",
-        &allowed,
-    ];
-    if mode == Mode::Tc {
-        extra.extend(["--container-iface", cri::BRIDGE]);
-    }
-    let proxy = Proxy::start_in(&scene, mode, &extra);
-    proxy.wait_for_log(&["container runtime", "runtime=cri", "name=containerd"]);
-    proxy.wait_for_log(&["container index synchronised", "runtime=containerd"]);
+    let proxy = cri_proxy(&scene, mode);
 
     ensure_imds_is_simulated().unwrap();
     let sleep = ["sleep", "3600"];
@@ -136,6 +121,90 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
     assert_eq!(audited("session=team-b.db"), 1, "{log:#?}");
     for pod in [&web, &again, &db] {
         assert_eq!(audited(&pod.container), 1, "{}: {log:#?}", pod.session());
+    }
+}
+
+/// The proxy on a Kubernetes node: containerd's CRI, team-a's pods allowed `TeamA*` roles and
+/// team-b's `TeamB*`; in tc mode on the CNI bridge. Started and synchronised.
+fn cri_proxy(scene: &imds_tests::scene::Scene, mode: Mode) -> Proxy {
+    let endpoint = cri::endpoint();
+    let allowed = format!("team-a={PREFIX}TeamA*,team-b={PREFIX}TeamB*");
+    let mut extra = vec![
+        "--runtime",
+        "cri",
+        "--cri-endpoint",
+        &endpoint,
+        "--namespace-allowed-roles",
+        &allowed,
+    ];
+    if mode == Mode::Tc {
+        extra.extend(["--container-iface", cri::BRIDGE]);
+    }
+    let proxy = Proxy::start_in(scene, mode, &extra);
+    proxy.wait_for_log(&["container runtime", "runtime=cri", "name=containerd"]);
+    proxy.wait_for_log(&["container index synchronised", "runtime=containerd"]);
+    proxy
+}
+
+imds_tests::per_mode! { a_pods_containers_get_the_roles_their_annotations_name => a_pods_containers_get_their_own_roles_in; }
+
+/// A pod whose annotations give its containers roles of their own
+/// (`iam.amazonaws.com/role.<container>`): in cgroup mode each container gets what its
+/// annotation says (`none`: no role at all), the others the pod's, all within the namespace's
+/// allow-list. In tc mode the pod's containers share its address, so such a pod gets no role at
+/// all (said in the log), while a pod without them is served as before.
+fn a_pods_containers_get_their_own_roles_in(mode: Mode) {
+    let scene = containers_scene(env!("CARGO_BIN_EXE_imds-sim"));
+    let containerd = Containerd::start();
+    let curl = containerd.import(curl_image().unwrap());
+    let proxy = cri_proxy(&scene, mode);
+    ensure_imds_is_simulated().unwrap();
+    let sleep = ["sleep", "3600"];
+    let own = |c: &str| format!("{ROLE}.{c}");
+    let (worker, sidecar, rogue) = (own("worker"), own("sidecar"), own("rogue"));
+    let annotations = [
+        (ROLE, "TeamAWeb"),
+        (worker.as_str(), "TeamAWorker"),
+        (sidecar.as_str(), "none"),
+        (rogue.as_str(), "TeamBDb"),
+    ];
+    let web = containerd.run_pod("team-a", "web", 0, &annotations, &curl, &sleep);
+    let plain = containerd.run_pod("team-a", "plain", 0, &[(ROLE, "TeamAWeb")], &curl, &sleep);
+    let in_pod = |name| containerd.add_container(&web, name, &curl, &sleep, &[]);
+    let (worker, sidecar, rogue) = (in_pod("worker"), in_pod("sidecar"), in_pod("rogue"));
+    if mode == Mode::Tc {
+        proxy.wait_for_log(&["redirect attached to container interface", cri::BRIDGE]);
+    }
+    let check = |container: &str, own: &str, other: &str| {
+        let out = containerd.exec(container, &own_role_flow(other));
+        assert_own_role_only(&scene, &out, own, other, "team-a.web", &|| proxy.log());
+    };
+    let listing = |container: &str| containerd.exec(container, LISTING);
+    // The premise: a pod that does not tell its containers apart is served in both modes.
+    let out = containerd.exec(&plain.container, &own_role_flow("TeamAWorker"));
+    assert_own_role_only(
+        &scene,
+        &out,
+        "TeamAWeb",
+        "TeamAWorker",
+        "team-a.plain",
+        &|| proxy.log(),
+    );
+    match mode {
+        Mode::Cgroup => {
+            check(&web.container, "TeamAWeb", "TeamAWorker");
+            check(&worker, "TeamAWorker", "TeamAWeb");
+            assert_eq!(listing(&sidecar), "404", "{:#?}", proxy.log());
+            proxy.wait_for_log(&["no role: pod annotation iam.amazonaws.com/role.sidecar is none"]);
+            assert_eq!(listing(&rogue), "404", "{:#?}", proxy.log());
+            proxy.wait_for_log(&["not allowed in namespace", "TeamBDb"]);
+        }
+        Mode::Tc => {
+            for container in [&web.container, &worker, &sidecar, &rogue] {
+                assert_eq!(listing(container), "404", "{:#?}", proxy.log());
+            }
+            proxy.wait_for_log(&["role refused", "only cgroup mode can tell apart"]);
+        }
     }
 }
 

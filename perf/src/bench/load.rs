@@ -255,6 +255,43 @@ fn forget_conntrack() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kernel's connection-tracking table, made large enough for one measurement's connections
+/// for as long as this lives, and given back its size when dropped (a panic included): one
+/// measurement over new connections opens 30k connections a second for nine seconds, each kept
+/// two minutes in TIME_WAIT, more than the default 262144 entries, and a full table drops SYNs.
+pub struct ConntrackRoom {
+    before: Option<u64>,
+}
+
+const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+
+impl ConntrackRoom {
+    pub fn make(at_least: u64) -> anyhow::Result<Self> {
+        let now: u64 = std::fs::read_to_string(CONNTRACK_MAX)
+            .with_context(|| format!("reading {CONNTRACK_MAX}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {CONNTRACK_MAX}"))?;
+        if now >= at_least {
+            return Ok(Self { before: None });
+        }
+        std::fs::write(CONNTRACK_MAX, at_least.to_string())
+            .with_context(|| format!("raising {CONNTRACK_MAX} to {at_least}"))?;
+        println!("bench: conntrack table raised from {now} to {at_least} entries for the run");
+        Ok(Self { before: Some(now) })
+    }
+}
+
+impl Drop for ConntrackRoom {
+    fn drop(&mut self) {
+        if let Some(before) = self.before
+            && let Err(err) = std::fs::write(CONNTRACK_MAX, before.to_string())
+        {
+            eprintln!("bench: could not restore {CONNTRACK_MAX} to {before}: {err}");
+        }
+    }
+}
+
 /// Run the clients at once, measuring the same window; CPU and memory of `proxy` over it.
 fn drive(
     clients: &Clients,
@@ -720,9 +757,10 @@ pub fn report(s: &Settings, measured: &Measured, steps: &[Step], plot: Option<&s
          this bench the floor's entries let most of the DNAT row's requests through to the \
          simulator (answered 401, its token being the proxy's). The seed's rule can be bypassed \
          that way; the eBPF redirects decide per socket (connect4) or per packet (tc) and keep \
-         no such state. It also deletes every TCP entry in TIME_WAIT: at tens of thousands of \
-         new connections a second, two minutes of them fill the table (262144 entries here), and \
-         a full table drops new connections' SYNs.\n"
+         no such state. It also deletes every TCP entry in TIME_WAIT, and raises the table's size \
+         (`nf_conntrack_max`) to 1048576 entries for the run: at tens of thousands of new \
+         connections a second, two minutes of them fill the default 262144, and a full table \
+         drops new connections' SYNs.\n"
     );
     let _ = writeln!(
         out,

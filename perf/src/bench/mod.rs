@@ -535,6 +535,7 @@ pub fn run(root: &Path, target: &Path, settings: &Settings) -> anyhow::Result<()
         }
         // Listen addresses after the single-client part's.
         let first = rounds * Redirect::ALL.len() + 1;
+        let _room = load::ConntrackRoom::make(1 << 20)?;
         let concurrent = load::concurrent(&target, &sts, load_image, l, first)?;
         let first = first + l.rounds * 2 * Redirect::ALL.len();
         let steps = if l.containers > 0 {

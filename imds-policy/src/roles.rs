@@ -250,15 +250,22 @@ pub enum Source {
     Default,
 }
 
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Source {
+    /// Where the role was named, in the words logs and errors use.
+    pub fn describe(self) -> &'static str {
+        match self {
             Source::Label => "label iam.amazonaws.com/role",
             Source::Annotation => "pod annotation iam.amazonaws.com/role",
             Source::ContainerAnnotation => "pod annotation iam.amazonaws.com/role.<container>",
             Source::Env => "env IAM_ROLE",
             Source::Default => "--default-role",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
     }
 }
 
@@ -397,13 +404,7 @@ impl Policy {
         let (role, source) = match (named, from_env) {
             (Some((value, source)), _) => (
                 RoleName::parse(value).map_err(|reason| RoleError::Invalid {
-                    source_name: match source {
-                        Source::Label => "label iam.amazonaws.com/role",
-                        Source::ContainerAnnotation => {
-                            "pod annotation iam.amazonaws.com/role.<container>"
-                        }
-                        _ => "pod annotation iam.amazonaws.com/role",
-                    },
+                    source_name: source.describe(),
                     reason,
                 })?,
                 source,

@@ -101,6 +101,34 @@ mod routing {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// Credentials of role `Web` fetched once by each of `callers` (a token, then the document);
+    /// the documents served.
+    async fn fetch_web(app: &Arc<App>, callers: &[(&str, u8)]) -> Vec<String> {
+        let path = "/latest/meta-data/iam/security-credentials/Web";
+        let mut docs = Vec::new();
+        for (id, last) in callers {
+            let who = caller(id, &[("iam.amazonaws.com/role", "Web")], *last);
+            let (_, token) = ask(app, &who, "PUT", "/latest/api/token", None).await;
+            let (status, doc) = ask(app, &who, "GET", path, Some(&token)).await;
+            assert_eq!(status, 200, "{doc}");
+            docs.push(doc);
+        }
+        docs
+    }
+
+    /// `imds_proxy_credentials_served_total` is `first` and `repeat`.
+    fn assert_served(app: &App, first: u64, repeat: u64) {
+        let metrics = app.metrics.render();
+        for (serve, n) in [("first", first), ("repeat", repeat)] {
+            assert!(
+                metrics.contains(&format!(
+                    "imds_proxy_credentials_served_total{{serve=\"{serve}\"}} {n}\n"
+                )),
+                "{metrics}"
+            );
+        }
+    }
+
     /// One audit line per session: the first serve is audited, the repeats only counted, and
     /// every serve gets the same bytes; another container's session is audited on its own.
     #[tokio::test]
@@ -108,27 +136,11 @@ mod routing {
         let clock = FakeClock::new();
         let sts = FakeSts::new(&clock);
         let app = app(&sts, &clock);
-        let path = "/latest/meta-data/iam/security-credentials/Web";
-        let mut docs = Vec::new();
-        for (id, last) in [(WEB, 2), (WEB, 2), (WEB, 2), (PLAIN, 3)] {
-            let who = caller(id, &[("iam.amazonaws.com/role", "Web")], last);
-            let (_, token) = ask(&app, &who, "PUT", "/latest/api/token", None).await;
-            let (status, doc) = ask(&app, &who, "GET", path, Some(&token)).await;
-            assert_eq!(status, 200, "{doc}");
-            docs.push(doc);
-        }
+        let docs = fetch_web(&app, &[(WEB, 2), (WEB, 2), (WEB, 2), (PLAIN, 3)]).await;
         assert_eq!(docs[0], docs[1]);
         assert_eq!(docs[1], docs[2]);
         assert_ne!(docs[0], docs[3], "the other container's session is its own");
-        let metrics = app.metrics.render();
-        assert!(
-            metrics.contains("imds_proxy_credentials_served_total{serve=\"first\"} 2\n"),
-            "{metrics}"
-        );
-        assert!(
-            metrics.contains("imds_proxy_credentials_served_total{serve=\"repeat\"} 2\n"),
-            "{metrics}"
-        );
+        assert_served(&app, 2, 2);
     }
 
     /// A container recreated under the same name has the same session key, so it may be served
@@ -139,26 +151,10 @@ mod routing {
         let clock = FakeClock::new();
         let sts = FakeSts::new(&clock);
         let app = app(&sts, &clock);
-        let path = "/latest/meta-data/iam/security-credentials/Web";
-        let mut docs = Vec::new();
-        for id in [WEB, RECREATED, RECREATED, WEB] {
-            let who = caller(id, &[("iam.amazonaws.com/role", "Web")], 2);
-            let (_, token) = ask(&app, &who, "PUT", "/latest/api/token", None).await;
-            let (status, doc) = ask(&app, &who, "GET", path, Some(&token)).await;
-            assert_eq!(status, 200, "{doc}");
-            docs.push(doc);
-        }
+        let docs = fetch_web(&app, &[(WEB, 2), (RECREATED, 2), (RECREATED, 2), (WEB, 2)]).await;
         // The premise: one session, served to both.
         assert!(docs.iter().all(|d| *d == docs[0]), "{docs:?}");
-        let metrics = app.metrics.render();
-        assert!(
-            metrics.contains("imds_proxy_credentials_served_total{serve=\"first\"} 2\n"),
-            "{metrics}"
-        );
-        assert!(
-            metrics.contains("imds_proxy_credentials_served_total{serve=\"repeat\"} 2\n"),
-            "{metrics}"
-        );
+        assert_served(&app, 2, 2);
     }
 
     /// A container's refusals make one line per reason a minute; the rest is counted.

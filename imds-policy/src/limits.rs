@@ -115,6 +115,13 @@ impl Backoff {
         self.until.is_some_and(|until| now < until)
     }
 
+    /// How long until an attempt may be made (zero if it may be made now).
+    pub fn remaining(&self, now: Instant) -> Duration {
+        self.until
+            .map(|until| until.saturating_duration_since(now))
+            .unwrap_or_default()
+    }
+
     pub fn failures(&self) -> u32 {
         self.failures
     }

@@ -282,6 +282,17 @@ pub struct Cache {
 /// memory. A request never waits for a permit: it joins the call under way or starts its own.
 pub const PREFETCH_AT_ONCE: usize = 8;
 
+/// How many times a prefetch is tried when STS fails for its own reasons (with back-offs of 1,
+/// 2, 4 and 8 s between them: about 15 s of trying before the first request is left to it).
+pub const PREFETCH_ATTEMPTS: usize = 5;
+
+/// What one prefetch attempt leaves to do.
+enum Prefetched {
+    Done,
+    /// STS failed for its own reasons: try again after this long.
+    Retry(Duration),
+}
+
 /// What a request found when it looked.
 enum Look {
     Ready(Result<Arc<Session>, Error>),
@@ -477,47 +488,77 @@ impl Cache {
 
     /// Fetch ahead of the first request (a container with a role was created or started), in
     /// the background, [`PREFETCH_AT_ONCE`] at most at once; a key that has a session or a call
-    /// under way by then makes no call.
+    /// under way by then makes no call. A prefetch that failed for STS's own reasons (unreachable,
+    /// timed out, throttled: not a refusal) is tried again after its back-off,
+    /// [`PREFETCH_ATTEMPTS`] times in all, without holding a permit while it waits: a host
+    /// starting a thousand containers must not leave one to pay the STS call on its first request
+    /// because one call met a busy moment.
     pub fn prefetch(self: &Arc<Self>, key: Key) {
         // The entry is made now, not when a permit comes: a container destroyed meanwhile has
         // its entries forgotten, and the queued prefetch, finding its entry gone, makes none.
         let entry = self.entry(&key);
         let this = self.clone();
         tokio::spawn(async move {
-            let Ok(_permit) = this.prefetching.clone().acquire_owned().await else {
-                return;
-            };
-            let current = this
-                .entries
-                .lock()
-                .expect("cache poisoned")
-                .get(&key)
-                .cloned();
-            if !current.is_some_and(|c| Arc::ptr_eq(&c, &entry)) {
-                return;
-            }
-            {
-                // A session still good, or a call under way (a container announced twice, at
-                // create and at start; a request first): nothing to do, and no cache hit counted
-                // (those are requests').
-                let state = entry.state();
-                let now = this.clock.now();
-                if state.flying
-                    || state
-                        .session
-                        .as_ref()
-                        .is_some_and(|s| s.expiration > now && !this.due(s, now))
-                {
-                    return;
+            for _ in 0..PREFETCH_ATTEMPTS {
+                match this.prefetch_once(&entry, &key).await {
+                    Prefetched::Done => return,
+                    Prefetched::Retry(after) => tokio::time::sleep(after).await,
                 }
             }
-            // Subscribed before looking: the end of the call started here is not missed.
-            let mut ended = entry.ended.subscribe();
-            if matches!(this.look(&entry, &key, true), Look::Wait) {
-                // The permit is held until the call ends (every call is bounded).
-                let _ = ended.changed().await;
-            }
         });
+    }
+
+    /// One prefetch attempt: under a permit, a call if the entry is still current and needs one.
+    async fn prefetch_once(self: &Arc<Self>, entry: &Arc<Entry>, key: &Key) -> Prefetched {
+        let Ok(_permit) = self.prefetching.clone().acquire_owned().await else {
+            return Prefetched::Done;
+        };
+        let current = self
+            .entries
+            .lock()
+            .expect("cache poisoned")
+            .get(key)
+            .cloned();
+        if !current.is_some_and(|c| Arc::ptr_eq(&c, entry)) {
+            return Prefetched::Done;
+        }
+        {
+            // A session still good, or a call under way (a container announced twice, at create
+            // and at start; a request first): nothing to do, and no cache hit counted (those
+            // are requests').
+            let state = entry.state();
+            let now = self.clock.now();
+            if state.flying
+                || state
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.expiration > now && !self.due(s, now))
+            {
+                return Prefetched::Done;
+            }
+        }
+        // Subscribed before looking: the end of the call started here is not missed.
+        let mut ended = entry.ended.subscribe();
+        if matches!(self.look(entry, key, true), Look::Wait) {
+            // The permit is held until the call ends (every call is bounded).
+            let _ = ended.changed().await;
+        }
+        let state = entry.state();
+        match &state.failure.1 {
+            _ if state.session.is_some() => Prefetched::Done,
+            Some(Error::Sts {
+                failure: Failure::Refused,
+                ..
+            })
+            | None => Prefetched::Done,
+            Some(_) => Prefetched::Retry(
+                state
+                    .failure
+                    .0
+                    .remaining(self.clock.instant())
+                    .max(FAILURE_FIRST),
+            ),
+        }
     }
 
     /// Keep only the keys whose session name is in `live` (the indexed containers'): what a

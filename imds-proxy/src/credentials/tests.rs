@@ -3,11 +3,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::*;
 
-/// A clock that moves only when told.
+/// A clock that moves only when told, or (`following_tokio`) with tokio's clock, which a test
+/// started paused moves by exactly the sleeps it waits for.
 pub struct FakeClock {
     wall: SystemTime,
     mono: Instant,
     offset: Mutex<Duration>,
+    tokio_start: Option<tokio::time::Instant>,
 }
 
 impl FakeClock {
@@ -16,19 +18,29 @@ impl FakeClock {
             wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
             mono: Instant::now(),
             offset: Mutex::new(Duration::ZERO),
+            tokio_start: None,
+        })
+    }
+    fn following_tokio() -> Arc<Self> {
+        Arc::new(Self {
+            tokio_start: Some(tokio::time::Instant::now()),
+            ..Arc::into_inner(Self::new()).unwrap()
         })
     }
     fn advance(&self, by: Duration) {
         *self.offset.lock().unwrap() += by;
     }
+    fn elapsed(&self) -> Duration {
+        *self.offset.lock().unwrap() + self.tokio_start.map(|t| t.elapsed()).unwrap_or_default()
+    }
 }
 
 impl Clock for FakeClock {
     fn now(&self) -> SystemTime {
-        self.wall + *self.offset.lock().unwrap()
+        self.wall + self.elapsed()
     }
     fn instant(&self) -> Instant {
-        self.mono + *self.offset.lock().unwrap()
+        self.mono + self.elapsed()
     }
 }
 
@@ -192,6 +204,47 @@ async fn prefetches_run_a_few_at_once_and_requests_do_not_wait_for_them() {
         sts.calls(),
         100,
         "one call a key: the queued prefetch found the session"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prefetch_sts_failed_for_its_own_reasons_is_tried_again_after_its_back_off() {
+    let clock = FakeClock::following_tokio();
+    let sts = FakeSts::new(&clock);
+    let cache = cache(&sts, &clock);
+    sts.unusable.store(true, Ordering::SeqCst);
+    cache.prefetch(key("Busy"));
+    until(|| sts.calls() == 1).await;
+    // Within the first back-off (1 s): no second call.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(sts.calls(), 1, "not before its back-off");
+    sts.unusable.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    until(|| cache.sessions() == 1).await;
+    assert_eq!(sts.calls(), 2, "tried again once, and cached");
+    // Nothing more once it has its session.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(sts.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prefetch_is_tried_a_bounded_number_of_times_and_a_refusal_once() {
+    let clock = FakeClock::following_tokio();
+    let sts = FakeSts::new(&clock);
+    let cache = cache(&sts, &clock);
+    sts.unusable.store(true, Ordering::SeqCst);
+    cache.prefetch(key("Down"));
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(sts.calls(), PREFETCH_ATTEMPTS, "STS down: tried, then left");
+    assert_eq!(cache.sessions(), 0);
+    sts.unusable.store(false, Ordering::SeqCst);
+    sts.failing.store(true, Ordering::SeqCst);
+    cache.prefetch(key("Refused"));
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(
+        sts.calls(),
+        PREFETCH_ATTEMPTS + 1,
+        "a refusal is STS's answer: not asked again"
     );
 }
 

@@ -604,7 +604,12 @@ pub fn scale(
             s.duration,
             None,
         )?;
-        ensure!(floor.errors == 0, "floor at {n}: {:?}", floor.error_samples);
+        ensure!(
+            floor.few_errors(),
+            "floor at {n}: {} failed, e.g. {:?}",
+            floor.errors,
+            floor.error_samples.first()
+        );
         step.rows.push((Path_::Floor, floor));
         for redirect in Redirect::ALL {
             println!("bench: {n} containers: {}", redirect.describe());
@@ -626,7 +631,7 @@ pub fn scale(
             load.evidence = proxy.evidence()?;
             drop(proxy);
             ensure!(
-                load.errors == 0,
+                load.few_errors(),
                 "{} at {n}: {} failed, e.g. {:?}",
                 redirect.describe(),
                 load.errors,
@@ -639,6 +644,12 @@ pub fn scale(
     drop(fleet);
     Ok(out)
 }
+
+/// In the scale part, a measurement may lose one request in this many and still be reported (with
+/// its errors counted in the table): a hundred or a thousand containers opening thirty thousand
+/// connections a second on two cores lose the odd SYN twice over (no answer within 5 s), floor
+/// included. More fails the bench.
+const TOLERATED_ERRORS_PER: u64 = 10_000;
 
 /// Rounds whose requests per second differ by more than this are not reported: the machine was
 /// busy with something else in one of them (or the new-connection path stalled on TIME_WAIT and
@@ -654,6 +665,12 @@ impl Load {
             return 1.0;
         }
         max / min
+    }
+
+    /// Whether its failed requests are few enough to report it (they are, in its errors column).
+    fn few_errors(&self) -> bool {
+        let all = self.micros.len() as u64 + self.errors;
+        self.errors * TOLERATED_ERRORS_PER <= all
     }
 
     /// Whether its rounds agree well enough to be reported.
@@ -780,7 +797,8 @@ pub fn report(s: &Settings, measured: &Measured, steps: &[Step], plot: Option<&s
          proxy is started fresh and first caches every container's credentials (prefetch at \
          start). Then {} of them (fewer when fewer run) call at once for {:.0?}, new connection \
          per request, {} connections in all. Proxy RSS before the load is with every \
-         container's credentials cached.\n",
+         container's credentials cached. A row may have lost at most one request in \
+         {TOLERATED_ERRORS_PER} (its errors column; the floor's too), or the bench fails.\n",
         s.calling, s.duration, s.calling
     );
     if let Some(plot) = plot {
@@ -951,5 +969,17 @@ mod tests {
         assert_eq!(pooled.rounds_rps, [3.5, 1.0]);
         assert_eq!(pooled.spread(), 3.5);
         assert!(!pooled.stable());
+    }
+
+    #[test]
+    fn a_row_may_lose_one_request_in_ten_thousand() {
+        let mut load = Load {
+            micros: vec![100; 9_999],
+            errors: 1,
+            ..Load::default()
+        };
+        assert!(load.few_errors());
+        load.errors = 2;
+        assert!(!load.few_errors());
     }
 }

@@ -32,6 +32,9 @@ pub enum Fault {
     /// Answer every request with this HTTP status and an AWS query-API error body, without
     /// passing it on.
     HttpError(u16),
+    /// Answer an AssumeRole that carries session tags as STS does for a role whose trust policy
+    /// does not allow `sts:TagSession` (403 AccessDenied naming it); pass everything else.
+    RefuseTags,
 }
 
 struct Shared {
@@ -41,6 +44,8 @@ struct Shared {
     stopped: AtomicBool,
     /// The access key id of each SigV4-signed request seen, and when.
     signed_with: Mutex<Vec<(SystemTime, String)>>,
+    /// The form parameters of each AssumeRole seen, in order.
+    assume_role_calls: Mutex<Vec<Vec<(String, String)>>>,
 }
 
 impl Shared {
@@ -68,6 +73,7 @@ impl Injector {
             requests: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             signed_with: Mutex::new(Vec::new()),
+            assume_role_calls: Mutex::new(Vec::new()),
         });
         let accept_shared = shared.clone();
         std::thread::spawn(move || accept_loop(Some(listener), addr, target, accept_shared));
@@ -93,7 +99,8 @@ impl Injector {
         self.shared.accepted.load(Ordering::SeqCst)
     }
 
-    /// Requests (chunks a client sent) seen so far, whatever the fault did with them.
+    /// Requests (whole HTTP requests a client sent) seen so far, whatever the fault did with
+    /// them.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
     }
@@ -102,6 +109,58 @@ impl Injector {
     /// was seen.
     pub fn signed_with(&self) -> Vec<(SystemTime, String)> {
         self.shared.signed_with.lock().unwrap().clone()
+    }
+
+    /// Every AssumeRole seen so far, whatever the fault did with it.
+    pub fn assume_role_calls(&self) -> Vec<AssumeRoleCall> {
+        self.shared
+            .assume_role_calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|params| AssumeRoleCall(params.clone()))
+            .collect()
+    }
+}
+
+/// One AssumeRole's form parameters, decoded, in the order sent.
+#[derive(Clone, Debug)]
+pub struct AssumeRoleCall(pub Vec<(String, String)>);
+
+impl AssumeRoleCall {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Its session tags (`Tags.member.N.Key`/`.Value`), by key.
+    pub fn tags(&self) -> std::collections::BTreeMap<String, String> {
+        (1..)
+            .map_while(|n| {
+                let key = self.param(&format!("Tags.member.{n}.Key"))?;
+                let value = self.param(&format!("Tags.member.{n}.Value")).unwrap_or("");
+                Some((key.to_owned(), value.to_owned()))
+            })
+            .collect()
+    }
+
+    /// Its transitive tag keys (`TransitiveTagKeys.member.N`), sorted.
+    pub fn transitive(&self) -> Vec<String> {
+        let mut keys: Vec<String> = (1..)
+            .map_while(|n| self.param(&format!("TransitiveTagKeys.member.{n}")))
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// Whether it carries anything beyond the role, session name, duration and external id.
+    pub fn carries_tags_or_identity(&self) -> bool {
+        self.0.iter().any(|(k, _)| {
+            k.starts_with("Tags.") || k.starts_with("TransitiveTagKeys.") || k == "SourceIdentity"
+        })
     }
 }
 
@@ -195,6 +254,7 @@ fn hold(shared: &Shared) -> bool {
 
 fn pump_up(mut client: TcpStream, mut server: TcpStream, shared: &Shared, asked: &AtomicBool) {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut pending = Vec::new();
     loop {
         let n = match client.read(&mut buf) {
             Ok(0) | Err(_) => {
@@ -203,22 +263,117 @@ fn pump_up(mut client: TcpStream, mut server: TcpStream, shared: &Shared, asked:
             }
             Ok(n) => n,
         };
-        shared.requests.fetch_add(1, Ordering::SeqCst);
-        record_signature(&buf[..n], shared);
-        if !hold(shared) {
-            reset(&client);
-            reset(&server);
-            return;
-        }
-        if let Fault::HttpError(status) = shared.fault() {
-            reset(&server);
-            return answer_errors(client, status, buf[..n].to_vec(), shared);
-        }
-        asked.store(true, Ordering::SeqCst);
-        if server.write_all(&buf[..n]).is_err() {
-            return reset(&client);
+        pending.extend_from_slice(&buf[..n]);
+        // Whole requests only: what a fault decides on is a request, however it was cut.
+        while let Some(length) = whole_request(&pending) {
+            let request: Vec<u8> = pending.drain(..length).collect();
+            shared.requests.fetch_add(1, Ordering::SeqCst);
+            record(&request, shared);
+            if !hold(shared) {
+                reset(&client);
+                reset(&server);
+                return;
+            }
+            match shared.fault() {
+                Fault::HttpError(status) => {
+                    reset(&server);
+                    let mut rest = request;
+                    rest.extend_from_slice(&pending);
+                    return answer_errors(client, status, rest, shared);
+                }
+                Fault::RefuseTags if tagged_assume_role(&request) => {
+                    if refuse_tags(&mut client, &request).is_err() {
+                        return reset(&server);
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            asked.store(true, Ordering::SeqCst);
+            if server.write_all(&request).is_err() {
+                return reset(&client);
+            }
         }
     }
+}
+
+/// The length of the first whole request in `pending` (its head and `Content-Length` bytes of
+/// body), if it is all there.
+fn whole_request(pending: &[u8]) -> Option<usize> {
+    let end = find(pending, b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    (pending.len() >= end + 4 + length).then_some(end + 4 + length)
+}
+
+/// A request's form body's parameters, decoded, when it is an AssumeRole.
+fn assume_role_params(request: &[u8]) -> Option<Vec<(String, String)>> {
+    let end = find(request, b"\r\n\r\n")?;
+    let body = String::from_utf8_lossy(&request[end + 4..]);
+    let params: Vec<(String, String)> = body
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (form_decode(k), form_decode(v)))
+        .collect();
+    params
+        .iter()
+        .any(|(k, v)| k == "Action" && v == "AssumeRole")
+        .then_some(params)
+}
+
+fn tagged_assume_role(request: &[u8]) -> bool {
+    assume_role_params(request).is_some_and(|p| p.iter().any(|(k, _)| k.starts_with("Tags.")))
+}
+
+/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte.
+fn form_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// STS's answer to a tagged AssumeRole of a role whose trust policy does not allow
+/// `sts:TagSession`.
+fn refuse_tags(client: &mut TcpStream, request: &[u8]) -> std::io::Result<()> {
+    let role = assume_role_params(request)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|(k, _)| k == "RoleArn")
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    let body = format!(
+        "<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code>\
+         <Message>User: arn:aws:sts::123456789012:assumed-role/instance/i-0 is not authorized \
+         to perform: sts:TagSession on resource: {role}</Message></Error>\
+         <RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
+    );
+    let answer = format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: text/xml\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(answer.as_bytes())
 }
 
 fn pump_down(mut server: TcpStream, mut client: TcpStream, shared: &Shared, asked: &AtomicBool) {
@@ -293,9 +448,10 @@ fn answer_errors(mut client: TcpStream, status: u16, mut pending: Vec<u8>, share
     }
 }
 
-/// Note the access key id of a SigV4 `Authorization` header in `chunk`, if it carries one.
-fn record_signature(chunk: &[u8], shared: &Shared) {
-    let text = String::from_utf8_lossy(chunk);
+/// Note the access key id of a SigV4 `Authorization` header in `request`, if it carries one,
+/// and an AssumeRole's parameters.
+fn record(request: &[u8], shared: &Shared) {
+    let text = String::from_utf8_lossy(request);
     if let Some(rest) = text.split("Credential=").nth(1)
         && let Some(key) = rest.split('/').next()
     {
@@ -304,6 +460,9 @@ fn record_signature(chunk: &[u8], shared: &Shared) {
             .lock()
             .unwrap()
             .push((SystemTime::now(), key.to_owned()));
+    }
+    if let Some(params) = assume_role_params(request) {
+        shared.assume_role_calls.lock().unwrap().push(params);
     }
 }
 

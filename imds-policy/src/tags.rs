@@ -116,6 +116,39 @@ pub fn clean_value(value: &str) -> String {
         .collect()
 }
 
+/// The source identity of `caller`'s sessions (it survives the workload's own role chaining, and
+/// CloudTrail shows it on every call): a pod's `<namespace>.<name>`, a container's name, when
+/// that is 2–64 characters STS allows; else the pod's uid or the container's id, which are (a
+/// name is never cut: two cut names could be one).
+pub fn source_identity(caller: Caller<'_>) -> String {
+    let (name, fallback) = match caller {
+        Caller::Pod {
+            namespace,
+            name,
+            uid,
+        } => (format!("{namespace}.{name}"), uid),
+        Caller::Container { name, id } => (name.to_owned(), id),
+    };
+    let fits = |s: &str| {
+        SOURCE_IDENTITY_CHARS.contains(&s.chars().count())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+    };
+    if fits(&name) {
+        name
+    } else if fits(fallback) {
+        fallback.to_owned()
+    } else {
+        // Neither fits (an id from no runtime the proxy knows): its allowed characters, cut.
+        let cleaned: String = fallback
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(*c))
+            .take(*SOURCE_IDENTITY_CHARS.end())
+            .collect();
+        format!("{cleaned:_<2}")
+    }
+}
+
 /// Who asks, as the proxy knows it.
 #[derive(Clone, Copy, Debug)]
 pub enum Caller<'a> {
@@ -130,11 +163,27 @@ pub enum Caller<'a> {
     },
 }
 
+/// STS: a source identity is 2–64 of letters, digits and `_+=,.@-`.
+pub const SOURCE_IDENTITY_CHARS: std::ops::RangeInclusive<usize> = 2..=64;
+
+/// What one AssumeRole carries besides the role and session name: part of what a session is
+/// cached under, so callers with different tags never share a session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SessionTags {
+    /// Sorted by key.
+    pub tags: Vec<Tag>,
+    /// The keys among `tags` that follow the session into the roles it assumes in turn.
+    pub transitive: Vec<String>,
+    pub source_identity: Option<String>,
+}
+
 /// The operator's tag settings, checked.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tags {
     /// Off: no tags at all (roles whose trust policy does not allow `sts:TagSession`).
     pub enabled: bool,
+    /// Set the session's source identity (needs `sts:SetSourceIdentity` in the trust policy).
+    pub source_identity: bool,
     static_tags: Vec<Tag>,
     transitive: Vec<String>,
 }
@@ -170,9 +219,26 @@ impl Tags {
         }
         Ok(Self {
             enabled: true,
+            source_identity: false,
             static_tags,
             transitive,
         })
+    }
+
+    /// Everything `caller`'s AssumeRole carries: [`Tags::for_caller`], the transitive keys
+    /// among them, and the source identity when it is on.
+    pub fn session(
+        &self,
+        caller: Caller<'_>,
+        image: Option<&str>,
+        instance_id: Option<&str>,
+    ) -> SessionTags {
+        let tags = self.for_caller(caller, image, instance_id);
+        SessionTags {
+            transitive: self.transitive_of(&tags),
+            tags,
+            source_identity: self.source_identity.then(|| source_identity(caller)),
+        }
     }
 
     /// The tags of `caller`'s sessions, sorted by key (so equal callers give equal lists): what
@@ -304,6 +370,44 @@ mod tests {
         );
         let many = (0..44).map(|i| tag(&format!("k{i}=v"))).collect();
         assert_eq!(Tags::new(many, vec![]), Err(TagError::TooMany(44)));
+    }
+
+    #[test]
+    fn the_source_identity_is_the_name_or_when_it_does_not_fit_the_id() {
+        let long = "w".repeat(60);
+        let pod = |name| Caller::Pod {
+            namespace: "team-a",
+            name,
+            uid: "0b5e6c1a-1111-2222-3333-444455556666",
+        };
+        assert_eq!(source_identity(pod("web-0")), "team-a.web-0");
+        assert_eq!(
+            source_identity(pod(&long)),
+            "0b5e6c1a-1111-2222-3333-444455556666",
+            "never a cut name"
+        );
+        let container = |name| Caller::Container {
+            name,
+            id: "c0ffee00c0ffee00",
+        };
+        assert_eq!(source_identity(container("web_1.x")), "web_1.x");
+        assert_eq!(source_identity(container("w")), "c0ffee00c0ffee00");
+        assert_eq!(source_identity(container("a b")), "c0ffee00c0ffee00");
+        assert_eq!(
+            source_identity(Caller::Container { name: "", id: "é" }),
+            "__"
+        );
+        let mut tags = Tags::new(vec![], vec![POD_NAME.into()]).unwrap();
+        let session = tags.session(pod("web-0"), None, None);
+        assert_eq!(session.source_identity, None, "off unless asked for");
+        assert_eq!(session.transitive, [POD_NAME]);
+        tags.source_identity = true;
+        assert_eq!(
+            tags.session(pod("web-0"), None, None)
+                .source_identity
+                .as_deref(),
+            Some("team-a.web-0")
+        );
     }
 
     #[test]

@@ -188,6 +188,11 @@ async fn build_parts(
         config.sts.endpoint.as_deref(),
     )
     .await?;
+    let upstream = Upstream::new(
+        &config.imds.upstream,
+        config.imds.upstream_concurrency,
+        config.imds.metadata_cache_ttl,
+    );
     let cache = credentials::Cache::new(
         Arc::new(credentials::Sts(sts)),
         Arc::new(credentials::SystemClock),
@@ -195,6 +200,7 @@ async fn build_parts(
             duration: config.sts.session_duration,
             refresh_before: config.sts.refresh_before,
             answer_within: config.sts.answer_within,
+            tagging: tagging(&config.sts.tags, &upstream).await,
         },
         metrics.clone(),
     );
@@ -211,11 +217,7 @@ async fn build_parts(
         tokens: Tokens::new(),
         roles: config.roles.policy.clone(),
         credentials: cache.clone(),
-        upstream: Upstream::new(
-            &config.imds.upstream,
-            config.imds.upstream_concurrency,
-            config.imds.metadata_cache_ttl,
-        ),
+        upstream,
         rate: crate::limits::PerKey::new(
             config.limits.requests_per_second,
             config.limits.request_burst,
@@ -252,6 +254,36 @@ async fn build_parts(
         attestor,
         app,
     })
+}
+
+/// How sessions are tagged: the settings, and the instance's id from the upstream (asked once;
+/// without it sessions carry no `ec2-instance-id` tag, which a policy that conditions on it then
+/// refuses, and the log says so).
+async fn tagging(tags: &imds_policy::tags::Tags, upstream: &Upstream) -> credentials::Tagging {
+    let instance_id = if tags.enabled {
+        match upstream.instance_id().await {
+            Ok(id) => Some(id),
+            Err(err) => {
+                tracing::warn!(
+                    %err,
+                    "session tags: the upstream IMDS did not say the instance id; sessions carry no ec2-instance-id tag"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    tracing::info!(
+        session_tags = tags.enabled,
+        source_identity = tags.source_identity,
+        instance_id = instance_id.as_deref().unwrap_or("-"),
+        "session tagging"
+    );
+    credentials::Tagging {
+        tags: tags.clone(),
+        instance_id,
+    }
 }
 
 /// The background work that follows the engine: the cache's prefetch and the coverage watch on
@@ -366,6 +398,20 @@ fn serve(
         ));
     }
     let attached = Arc::new(AtomicBool::new(true));
+    let explain_token = ops_listener
+        .local_addr()
+        .map(|a| crate::explain::token_path(a.port()))
+        .and_then(|path| crate::explain::Token::write(&path).map(|t| (t, path)));
+    let explain_token = match explain_token {
+        Ok((token, path)) => {
+            tracing::info!(token_file = %path.display(), "imds-proxy explain: token written");
+            Some(token)
+        }
+        Err(err) => {
+            tracing::warn!(%err, "imds-proxy explain is off: its token cannot be written under /run/imds-proxy");
+            None
+        }
+    };
     let ops = crate::ops::router(crate::ops::Ops {
         app,
         index,
@@ -373,6 +419,8 @@ fn serve(
         attestor,
         attached: attached.clone(),
         supervisor,
+        explain_token,
+        told_apart: matches!(config.redirect.mode, crate::config::Mode::Cgroup { .. }),
     });
     servers.spawn(async move { axum::serve(ops_listener, ops).await });
 

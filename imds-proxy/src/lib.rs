@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod config;
 pub(crate) mod credentials;
 pub mod daemon;
+pub mod explain;
 pub mod gate;
 pub mod identity;
 pub(crate) mod imds;

@@ -39,6 +39,19 @@ enum Command {
     },
     /// Load the embedded eBPF programs and report them, without attaching anything.
     Check,
+    /// Say, in plain words, what the running proxy does with a workload's credentials requests
+    /// and why: its container and cgroup, the rule naming its role, the allow-lists, the session
+    /// name and tags, the cache, STS. Run as root on the host (it reads the proxy's token).
+    /// Exits 0 when the workload is served, 1 when it is not, 2 when the proxy cannot be asked
+    /// or knows no such container.
+    Explain {
+        /// A container id (or at least 4 characters of it), a container name, or
+        /// <namespace>/<pod>.
+        who: String,
+        /// The running proxy's --ops-listen.
+        #[arg(long, default_value = "127.0.0.1:9181")]
+        ops: std::net::SocketAddr,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -75,6 +88,7 @@ fn main() -> std::process::ExitCode {
             init_logging(LogFormat::Text);
             check()
         }
+        Command::Explain { who, ops } => return explain(&who, ops),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -84,6 +98,69 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `imds-proxy explain`: one request to the ops listener, its answer printed.
+fn explain(who: &str, ops: std::net::SocketAddr) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    match ask_explain(who, ops) {
+        Ok((verdict, body)) => {
+            print!("{body}");
+            match verdict.as_str() {
+                "served" => ExitCode::SUCCESS,
+                "no-role" | "failing" => ExitCode::from(1),
+                _ => ExitCode::from(2),
+            }
+        }
+        Err(err) => {
+            eprintln!("imds-proxy explain: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// (the verdict header, the body) of `/explain` for `who`.
+fn ask_explain(who: &str, ops: std::net::SocketAddr) -> anyhow::Result<(String, String)> {
+    use anyhow::Context as _;
+    use imds_proxy::explain::{TOKEN_HEADER, VERDICT_HEADER, WHO_HEADER, token_path};
+    use std::io::{Read as _, Write as _};
+    anyhow::ensure!(
+        !who.is_empty() && who.len() <= 300 && who.chars().all(|c| c.is_ascii_graphic()),
+        "{who:?}: a container id, a name or <namespace>/<pod>, in printable ASCII"
+    );
+    let path = token_path(ops.port());
+    let token = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (run as root, on the proxy's host)",
+            path.display()
+        )
+    })?;
+    let mut stream = std::net::TcpStream::connect_timeout(&ops, std::time::Duration::from_secs(5))
+        .with_context(|| format!("connecting to the proxy's ops listener {ops}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET /explain HTTP/1.1\r\nhost: {ops}\r\n{TOKEN_HEADER}: {}\r\n{WHO_HEADER}: {who}\r\nconnection: close\r\n\r\n",
+        token.trim(),
+    )?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .context("the ops listener's answer has no head")?;
+    let verdict = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case(VERDICT_HEADER)
+                .then(|| value.trim().to_owned())
+        })
+        .context("the ops listener did not answer a verdict (an older proxy?)")?;
+    if verdict == "forbidden" {
+        anyhow::bail!("{}", body.trim());
+    }
+    Ok((verdict, body.to_owned()))
 }
 
 fn init_logging(format: LogFormat) {

@@ -217,6 +217,27 @@ impl Upstream {
         }
     }
 
+    /// The instance's id (`i-…`), as the upstream says it.
+    pub async fn instance_id(&self) -> Result<String, Error> {
+        const PATH: &str = "/latest/meta-data/instance-id";
+        let answer = self.fetch_now(&Method::GET, PATH).await?;
+        let id = String::from_utf8_lossy(&answer.body).trim().to_owned();
+        let well_formed = id.strip_prefix("i-").is_some_and(|hex| {
+            (8..=17).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        });
+        if answer.status != StatusCode::OK || !well_formed {
+            return Err(Error::Failed {
+                url: format!("{}{PATH}", self.base),
+                message: format!(
+                    "answered {} {:?}",
+                    answer.status,
+                    id.chars().take(40).collect::<String>()
+                ),
+            });
+        }
+        Ok(id)
+    }
+
     /// Whether the upstream requires IMDSv2 tokens (`HttpTokens=required`): a token-less GET is
     /// answered 401 there, 200 where tokens are optional.
     pub async fn requires_tokens(&self) -> Result<bool, Error> {
@@ -238,8 +259,16 @@ impl Upstream {
     }
 
     /// Whether the upstream answers a token request now (for /readyz).
+    /// Asked of the upstream each time, not answered from the cached token: a token fetched
+    /// before (at start, for the instance id) says nothing of the upstream now.
     pub async fn ready(&self) -> bool {
-        self.token(false).await.is_ok()
+        let request = Request::builder()
+            .method(Method::PUT)
+            .uri(format!("{}/latest/api/token", self.base))
+            .header("x-aws-ec2-metadata-token-ttl-seconds", "60")
+            .body(Empty::new())
+            .expect("a valid request");
+        matches!(self.send(request).await, Ok(answer) if answer.status == StatusCode::OK)
     }
 }
 

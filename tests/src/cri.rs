@@ -52,6 +52,11 @@ impl Pod {
     pub fn session(&self) -> String {
         format!("{}.{}", self.namespace, self.name)
     }
+
+    /// Its uid (the kubelet's; random here).
+    pub fn uid(&self) -> &str {
+        self.config.metadata.as_ref().map_or("", |m| m.uid.as_str())
+    }
 }
 
 impl Containerd {

@@ -209,6 +209,31 @@ pub struct StsArgs {
     /// SDKs' 1 s IMDS budget.
     #[arg(long, env = "IMDS_PROXY_ANSWER_WITHIN", default_value = "900ms", value_parser = humantime::parse_duration)]
     pub answer_within: Duration,
+    /// Tag every session with what the proxy knows of its caller (a pod's namespace, name and uid
+    /// under EKS Pod Identity's keys; a container's name and id; its image; the instance id) and
+    /// the --session-tag tags. Roles must allow sts:TagSession in their trust policy; `off` for
+    /// roles that do not.
+    #[arg(long, env = "IMDS_PROXY_SESSION_TAGS", value_enum, default_value_t = OnOff::On)]
+    pub session_tags: OnOff,
+    /// A static session tag KEY=VALUE on every session (repeated or comma-separated).
+    #[arg(long, env = "IMDS_PROXY_SESSION_TAG", value_delimiter = ',')]
+    pub session_tag: Vec<String>,
+    /// Session tag keys that are transitive: they follow the session into roles it assumes in
+    /// turn (repeated or comma-separated; a --session-tag key or one the proxy sets).
+    #[arg(long, env = "IMDS_PROXY_TRANSITIVE_TAG_KEY", value_delimiter = ',')]
+    pub transitive_tag_key: Vec<String>,
+    /// Set each session's SourceIdentity to its pod (`<namespace>.<name>`) or container (its
+    /// name): it survives the workload's own role chaining. Roles must allow
+    /// sts:SetSourceIdentity.
+    #[arg(long, env = "IMDS_PROXY_SOURCE_IDENTITY", value_enum, default_value_t = OnOff::Off)]
+    pub source_identity: OnOff,
+}
+
+/// A switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 /// The upstream IMDS and what of it containers see.

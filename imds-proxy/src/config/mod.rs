@@ -170,6 +170,8 @@ pub struct Sts {
     pub refresh_before: Duration,
     /// 1 ms – 10 s.
     pub answer_within: Duration,
+    /// Session tags and source identity, checked.
+    pub tags: imds_policy::tags::Tags,
 }
 
 /// The IMDS API served.

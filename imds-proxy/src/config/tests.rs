@@ -296,3 +296,32 @@ fn flags_override_environment_override_file() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn session_tags_are_on_by_default_and_checked_at_start() {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let tags = parse(&[]).unwrap().sts.tags;
+    assert!(tags.enabled && !tags.source_identity);
+    let c = parse(&[
+        "--session-tag",
+        "team=payments,env=prod",
+        "--transitive-tag-key",
+        "team",
+        "--source-identity",
+        "on",
+    ])
+    .unwrap();
+    assert!(c.sts.tags.source_identity);
+    let err = |args: &[&str]| parse(args).unwrap_err();
+    let e = err(&["--session-tag", "kubernetes-namespace=x"]);
+    assert_eq!(e.key, "session-tag");
+    assert!(e.reason.contains("one the proxy sets"), "{}", e.reason);
+    assert_eq!(err(&["--session-tag", "novalue"]).key, "session-tag");
+    assert_eq!(err(&["--transitive-tag-key", "nope"]).key, "session-tag");
+    assert_eq!(
+        err(&["--session-tags", "off", "--session-tag", "team=a"]).key,
+        "session-tag"
+    );
+    let off = parse(&["--session-tags", "off", "--source-identity", "on"]).unwrap();
+    assert!(!off.sts.tags.enabled && off.sts.tags.source_identity);
+}

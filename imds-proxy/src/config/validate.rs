@@ -267,13 +267,43 @@ impl StsArgs {
                 ),
             ));
         }
+        let tags = self.tags()?;
         Ok(Sts {
             endpoint: self.sts_endpoint,
             region: self.region,
             session_duration,
             refresh_before: self.refresh_before,
             answer_within: self.answer_within,
+            tags,
         })
+    }
+
+    /// The session tag settings: static tags and transitive keys are checked here, once.
+    fn tags(&self) -> Result<imds_policy::tags::Tags, ConfigError> {
+        use imds_policy::tags::{Tags, parse_static};
+        let on = self.session_tags == OnOff::On;
+        let any_tag_set = !self.session_tag.is_empty() || !self.transitive_tag_key.is_empty();
+        if !on && any_tag_set {
+            return Err(invalid(
+                "session-tag",
+                "session tags are off (--session-tags off): no --session-tag or \
+                 --transitive-tag-key",
+            ));
+        }
+        let mut tags = if on {
+            let statics = self
+                .session_tag
+                .iter()
+                .map(|arg| parse_static(arg))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid("session-tag", e.to_string()))?;
+            Tags::new(statics, self.transitive_tag_key.clone())
+                .map_err(|e| invalid("session-tag", e.to_string()))?
+        } else {
+            Tags::off()
+        };
+        tags.source_identity = self.source_identity == OnOff::On;
+        Ok(tags)
     }
 }
 

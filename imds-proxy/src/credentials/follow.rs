@@ -24,7 +24,7 @@ impl Cache {
                     if Some(&container.id) == own_container.as_ref() => {}
                 Event::Created(container) | Event::Started(container) => {
                     match policy.resolve_for(container.subject(told_apart)) {
-                        Ok(Some(role)) => self.prefetch(Key::session(&container, &role)),
+                        Ok(Some(role)) => self.prefetch(self.key(&container, &role)),
                         Ok(None) => {}
                         Err(err) => tracing::warn!(
                             container_id = %container.id,

@@ -40,24 +40,57 @@ use tokio::sync::watch;
 
 use crate::{limits::Backoff, metrics::Metrics};
 use breaker::Breaker;
+use imds_policy::tags::{SessionTags, Tags};
 
-/// What a session is cached under.
+/// What a session is cached under: the role, the session name, and everything else the
+/// AssumeRole carries (external id, tags, source identity), so that two callers whose calls
+/// would differ never share a session.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Key {
     pub role_arn: String,
     pub session_name: String,
     pub external_id: Option<String>,
+    /// Shared by every key of one container (computed once for it).
+    pub tags: Arc<SessionTags>,
 }
 
 impl Key {
     /// The one key a container's credentials for `role` are cached under: the handler and the
-    /// prefetch at container start both use it, so they cannot drift apart.
-    pub fn session(container: &crate::runtime::Container, role: &crate::roles::Resolved) -> Self {
+    /// prefetch at container start both use it (through [`Cache::key`]), so they cannot drift
+    /// apart.
+    pub fn session(
+        container: &crate::runtime::Container,
+        role: &crate::roles::Resolved,
+        tagging: &Tagging,
+    ) -> Self {
         Key {
             role_arn: role.arn.clone(),
             session_name: crate::roles::session_name(Some(&container.name), &container.id),
             external_id: role.external_id.clone(),
+            tags: container
+                .session_tags
+                .get_or_init(|| Arc::new(tagging.of(container)))
+                .clone(),
         }
+    }
+}
+
+/// How sessions are tagged: the operator's settings and the instance's id.
+#[derive(Clone, Debug, Default)]
+pub struct Tagging {
+    pub tags: Tags,
+    /// `ec2-instance-id`, when the upstream said it.
+    pub instance_id: Option<String>,
+}
+
+impl Tagging {
+    /// What `container`'s AssumeRoles carry.
+    pub fn of(&self, container: &crate::runtime::Container) -> SessionTags {
+        self.tags.session(
+            container.caller(),
+            Some(container.image.as_str()).filter(|i| !i.is_empty()),
+            self.instance_id.as_deref(),
+        )
     }
 }
 
@@ -263,6 +296,8 @@ pub struct Settings {
     pub refresh_before: Duration,
     /// How long a request waits for a call under way before it is answered 503.
     pub answer_within: Duration,
+    /// What sessions are tagged with.
+    pub tagging: Tagging,
 }
 
 pub struct Cache {
@@ -274,6 +309,34 @@ pub struct Cache {
     metrics: Arc<Metrics>,
     /// Permits for calls made ahead of requests ([`PREFETCH_AT_ONCE`]).
     prefetching: Arc<tokio::sync::Semaphore>,
+}
+
+/// One key's state, as [`Cache::status`] reports it.
+#[derive(Clone, Debug)]
+pub struct KeyStatus {
+    pub session: Option<SessionStatus>,
+    /// An STS call for it is under way.
+    pub calling: bool,
+    /// The last call failed.
+    pub failure: Option<FailureStatus>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionStatus {
+    pub access_key_id: String,
+    pub expiration: SystemTime,
+    pub expired: bool,
+    /// Less than `refresh_before` left: a refresh is due.
+    pub due: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct FailureStatus {
+    pub error: Error,
+    /// Failed calls in a row.
+    pub in_a_row: u32,
+    /// Until another call may be made (zero: the next request makes one).
+    pub retry_in: Duration,
 }
 
 /// Calls made ahead of requests, at most at once. A proxy that starts (or resynchronises with
@@ -318,6 +381,11 @@ impl Cache {
         })
     }
 
+    /// The key `container`'s credentials for `role` are cached under ([`Key::session`]).
+    pub fn key(&self, container: &crate::runtime::Container, role: &crate::roles::Resolved) -> Key {
+        Key::session(container, role, &self.settings.tagging)
+    }
+
     fn entry(&self, key: &Key) -> Arc<Entry> {
         let mut entries = self.entries.lock().expect("cache poisoned");
         // Found without copying the key: the key is copied once, when its entry is made.
@@ -330,6 +398,32 @@ impl Cache {
     /// How many keys the cache holds (sessions, calls under way, remembered failures).
     pub fn len(&self) -> usize {
         self.entries.lock().expect("cache poisoned").len()
+    }
+
+    /// What the cache holds for `key` now, without making an entry (for `imds-proxy explain`).
+    pub fn status(&self, key: &Key) -> Option<KeyStatus> {
+        let entry = self
+            .entries
+            .lock()
+            .expect("cache poisoned")
+            .get(key)
+            .cloned()?;
+        let state = entry.state();
+        let now = self.clock.now();
+        Some(KeyStatus {
+            session: state.session.as_ref().map(|s| SessionStatus {
+                access_key_id: s.access_key_id.clone(),
+                expiration: s.expiration,
+                expired: s.expiration <= now,
+                due: self.due(s, now),
+            }),
+            calling: state.flying,
+            failure: state.failure.1.clone().map(|error| FailureStatus {
+                error,
+                in_a_row: state.failure.0.failures(),
+                retry_in: state.failure.0.remaining(self.clock.instant()),
+            }),
+        })
     }
 
     /// Keys that hold a session (fetched, expired or not).

@@ -24,6 +24,18 @@ impl AssumeRole for Sts {
                 message,
                 failure,
             };
+            let tags = key
+                .tags
+                .tags
+                .iter()
+                .map(|t| {
+                    aws_sdk_sts::types::Tag::builder()
+                        .key(&t.key)
+                        .value(&t.value)
+                        .build()
+                        .expect("key and value are set")
+                })
+                .collect::<Vec<_>>();
             let output = self
                 .0
                 .assume_role()
@@ -31,6 +43,11 @@ impl AssumeRole for Sts {
                 .role_session_name(&key.session_name)
                 .duration_seconds(duration.as_secs() as i32)
                 .set_external_id(key.external_id.clone())
+                .set_tags((!tags.is_empty()).then_some(tags))
+                .set_transitive_tag_keys(
+                    (!key.tags.transitive.is_empty()).then(|| key.tags.transitive.clone()),
+                )
+                .set_source_identity(key.tags.source_identity.clone())
                 .send()
                 .await
                 .map_err(|e| {
@@ -48,12 +65,15 @@ impl AssumeRole for Sts {
                         // credentials to sign with: nothing to do with the role.
                         _ => Failure::Unavailable,
                     };
-                    let message = match (e.code(), e.message()) {
+                    let mut message = match (e.code(), e.message()) {
                         // STS's own answer: its code and message say it all.
                         (Some(code), Some(message)) => format!("{code}: {message}"),
                         (Some(code), None) => code.to_owned(),
                         _ => one_line(&e),
                     };
+                    if let Some(why) = refused_what_the_proxy_adds(&message) {
+                        message = format!("{why} ({message})");
+                    }
                     sts_error(message, failure)
                 })?;
             let creds = output.credentials().ok_or_else(|| {
@@ -68,6 +88,26 @@ impl AssumeRole for Sts {
                 expiration,
             })
         })
+    }
+}
+
+/// When STS refused a call for what the proxy adds to it (session tags, a source identity) rather
+/// than for the role itself, the operator's way out, in words: the role's trust policy lacks the
+/// permission. Never a silent retry without them: a role's policy may depend on its tags.
+fn refused_what_the_proxy_adds(message: &str) -> Option<&'static str> {
+    if message.contains("sts:TagSession") {
+        Some(
+            "the role refused session tags: its trust policy does not allow sts:TagSession for \
+             the instance's role (allow it, or run the proxy with --session-tags off)",
+        )
+    } else if message.contains("sts:SetSourceIdentity") {
+        Some(
+            "the role refused a source identity: its trust policy does not allow \
+             sts:SetSourceIdentity for the instance's role (allow it, or run the proxy with \
+             --source-identity off)",
+        )
+    } else {
+        None
     }
 }
 

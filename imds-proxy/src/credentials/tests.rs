@@ -121,6 +121,7 @@ pub fn cache(sts: &Arc<FakeSts>, clock: &Arc<FakeClock>) -> Arc<Cache> {
             duration: HOUR,
             refresh_before: REFRESH_BEFORE,
             answer_within: ANSWER_WITHIN,
+            tagging: Tagging::default(),
         },
         Arc::new(Metrics::default()),
     )
@@ -131,6 +132,7 @@ fn key(role: &str) -> Key {
         role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
         session_name: "web-1".into(),
         external_id: None,
+        tags: Default::default(),
     }
 }
 
@@ -246,6 +248,30 @@ async fn a_prefetch_is_tried_a_bounded_number_of_times_and_a_refusal_once() {
         PREFETCH_ATTEMPTS + 1,
         "a refusal is STS's answer: not asked again"
     );
+}
+
+#[tokio::test]
+async fn the_tags_are_part_of_the_key() {
+    let clock = FakeClock::new();
+    let sts = FakeSts::new(&clock);
+    let cache = cache(&sts, &clock);
+    let tagged = |value: &str| Key {
+        tags: Arc::new(imds_policy::tags::SessionTags {
+            tags: vec![imds_policy::tags::Tag {
+                key: "team".into(),
+                value: value.into(),
+            }],
+            ..Default::default()
+        }),
+        ..key("Shared")
+    };
+    let a = cache.get(&tagged("a")).await.unwrap();
+    let b = cache.get(&tagged("b")).await.unwrap();
+    assert_ne!(a.access_key_id, b.access_key_id, "a session per tag set");
+    assert_eq!(sts.calls(), 2);
+    let again = cache.get(&tagged("a")).await.unwrap();
+    assert_eq!(again.access_key_id, a.access_key_id);
+    assert_eq!(sts.asked.lock().unwrap()[1].tags.tags[0].value, "b");
 }
 
 #[tokio::test]
@@ -387,6 +413,7 @@ async fn the_external_id_reaches_sts_and_is_part_of_the_key() {
     let cache = cache(&sts, &clock);
     let with = Key {
         external_id: Some("tenant-7".into()),
+        tags: Default::default(),
         ..key("Web")
     };
     assert_eq!(cache.get(&with).await.unwrap().access_key_id, "AKID1");

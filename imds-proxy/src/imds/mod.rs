@@ -28,7 +28,7 @@ pub use imds_policy::paths::Exposure;
 use imds_policy::paths::{Route, checked, route};
 
 use crate::{
-    credentials::{self, Key},
+    credentials,
     identity::{Caller, Peer},
     metrics::Metrics,
     roles::{self, Resolved},
@@ -465,7 +465,7 @@ impl App {
         container: &runtime::Container,
         role: &Resolved,
     ) -> Response {
-        let key = Key::session(container, role);
+        let key = self.credentials.key(container, role);
         match self.credentials.get(&key).await {
             Ok(session) => {
                 let first = session.first_served(container.holder());

@@ -23,6 +23,44 @@ pub struct Container {
     /// The pod it belongs to (CRI runtimes); its name is then `<namespace>.<pod>` and its labels
     /// are the pod's role annotations.
     pub pod: Option<Pod>,
+    /// The image it runs, as its runtime names it: Docker's and Podman's image id
+    /// (`sha256:…`), a CRI runtime's image reference (its digest). Empty when not told.
+    pub image: String,
+    /// Its session tags, computed by the first request that needs them (they depend only on
+    /// the fields above and the proxy's settings): no work per request after.
+    pub session_tags: Memo<std::sync::Arc<imds_policy::tags::SessionTags>>,
+}
+
+/// A value derived from the rest of a struct, computed once: not part of its identity (equal
+/// whatever it holds, and a clone starts empty), so that two reports of one container compare
+/// by what the runtime said.
+#[derive(Default)]
+pub struct Memo<T>(std::sync::OnceLock<T>);
+
+impl<T> Memo<T> {
+    pub fn get_or_init(&self, f: impl FnOnce() -> T) -> &T {
+        self.0.get_or_init(f)
+    }
+}
+
+impl<T> Clone for Memo<T> {
+    fn clone(&self) -> Self {
+        Self(std::sync::OnceLock::new())
+    }
+}
+
+impl<T> PartialEq for Memo<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl<T> Eq for Memo<T> {}
+
+impl<T> std::fmt::Debug for Memo<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Memo")
+    }
 }
 
 /// A Kubernetes pod, as its sandbox tells it.
@@ -37,6 +75,21 @@ pub struct Pod {
 }
 
 impl Container {
+    /// Who it is, for its session tags and source identity: its pod, or itself.
+    pub fn caller(&self) -> imds_policy::tags::Caller<'_> {
+        match &self.pod {
+            Some(pod) => imds_policy::tags::Caller::Pod {
+                namespace: &pod.namespace,
+                name: &pod.name,
+                uid: &pod.uid,
+            },
+            None => imds_policy::tags::Caller::Container {
+                name: &self.name,
+                id: &self.id,
+            },
+        }
+    }
+
     /// Who holds the sessions it is served: its pod (whose containers share one session) or
     /// the container itself. The audit trail records each session once per holder.
     pub fn holder(&self) -> &str {

@@ -312,6 +312,17 @@ fn pod_container(
             sandbox_id: sandbox.id.clone(),
             container: container_name,
         }),
+        // The digest the runtime resolved the image to, when it says one; else its name.
+        image: if status.image_ref.is_empty() {
+            status
+                .image
+                .as_ref()
+                .map(|i| i.image.clone())
+                .unwrap_or_default()
+        } else {
+            status.image_ref.clone()
+        },
+        session_tags: Default::default(),
     })
 }
 

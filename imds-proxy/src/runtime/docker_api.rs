@@ -150,6 +150,8 @@ impl DockerApi {
             env,
             cgroup,
             pod: None,
+            image: info.image.unwrap_or_default(),
+            session_tags: Default::default(),
         }))
     }
 

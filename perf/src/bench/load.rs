@@ -646,10 +646,11 @@ pub fn scale(
 }
 
 /// In the scale part, a measurement may lose one request in this many and still be reported (with
-/// its errors counted in the table): a hundred or a thousand containers opening thirty thousand
-/// connections a second on two cores lose the odd SYN twice over (no answer within 5 s), floor
-/// included. More fails the bench.
-const TOLERATED_ERRORS_PER: u64 = 10_000;
+/// its errors counted in the table): a hundred or a thousand containers opening thousands of
+/// connections a second on two cores lose the odd connection (no answer within 5 s), the floor
+/// with no proxy as well (1 of ~180k at 100 containers, 1 in a few thousand at 1000). More fails
+/// the bench.
+const TOLERATED_ERRORS_PER: u64 = 1_000;
 
 /// Rounds whose requests per second differ by more than this are not reported: the machine was
 /// busy with something else in one of them (or the new-connection path stalled on TIME_WAIT and
@@ -972,9 +973,9 @@ mod tests {
     }
 
     #[test]
-    fn a_row_may_lose_one_request_in_ten_thousand() {
+    fn a_row_may_lose_one_request_in_a_thousand() {
         let mut load = Load {
-            micros: vec![100; 9_999],
+            micros: vec![100; 999],
             errors: 1,
             ..Load::default()
         };

@@ -7,9 +7,10 @@
 use imds_tests::{
     containers::{assert_own_role_only, assumed_role, containers_scene, own_role_flow},
     cri::{self, Containerd},
+    faults::Injector,
     images::{awscli_image, curl_image, whoami_image},
     proxy::{Mode, PREFIX, Proxy},
-    scene::{default_venv, ensure_imds_is_simulated},
+    scene::{INSTANCE_ID, default_venv, ensure_imds_is_simulated},
 };
 
 const ROLE: &str = "iam.amazonaws.com/role";
@@ -127,6 +128,11 @@ fn pods_get_their_annotated_roles_in(mode: Mode) {
 /// The proxy on a Kubernetes node: containerd's CRI, team-a's pods allowed `TeamA*` roles and
 /// team-b's `TeamB*`; in tc mode on the CNI bridge. Started and synchronised.
 fn cri_proxy(scene: &imds_tests::scene::Scene, mode: Mode) -> Proxy {
+    cri_proxy_with(scene, mode, &[])
+}
+
+/// [`cri_proxy`] with more arguments.
+fn cri_proxy_with(scene: &imds_tests::scene::Scene, mode: Mode, more: &[&str]) -> Proxy {
     let endpoint = cri::endpoint();
     let allowed = format!("team-a={PREFIX}TeamA*,team-b={PREFIX}TeamB*");
     let mut extra = vec![
@@ -140,6 +146,7 @@ fn cri_proxy(scene: &imds_tests::scene::Scene, mode: Mode) -> Proxy {
     if mode == Mode::Tc {
         extra.extend(["--container-iface", cri::BRIDGE]);
     }
+    extra.extend_from_slice(more);
     let proxy = Proxy::start_in(scene, mode, &extra);
     proxy.wait_for_log(&["container runtime", "runtime=cri", "name=containerd"]);
     proxy.wait_for_log(&["container index synchronised", "runtime=containerd"]);
@@ -198,6 +205,27 @@ fn a_pods_containers_get_their_own_roles_in(mode: Mode) {
             proxy.wait_for_log(&["no role: pod annotation iam.amazonaws.com/role.sidecar is none"]);
             assert_eq!(listing(&rogue), "404", "{:#?}", proxy.log());
             proxy.wait_for_log(&["not allowed in namespace", "TeamBDb"]);
+            // `imds-proxy explain <namespace>/<pod>` says it of each of the pod's containers.
+            let out = std::process::Command::new(imds_tests::proxy::proxy_bin())
+                .args(["explain", "team-a/web", "--ops", &proxy.ops.to_string()])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "one of them is not served: {text}"
+            );
+            for words in [
+                "container \"worker\" in it",
+                &format!(
+                    "role: {PREFIX}TeamAWorker (from pod annotation iam.amazonaws.com/role.<container>)"
+                ),
+                "role: none: pod annotation iam.amazonaws.com/role.sidecar is none",
+                "is not among the roles namespace \"team-a\" may assume",
+            ] {
+                assert!(text.contains(words), "{words:?} not in:\n{text}");
+            }
         }
         Mode::Tc => {
             for container in [&web.container, &worker, &sidecar, &rogue] {
@@ -206,6 +234,62 @@ fn a_pods_containers_get_their_own_roles_in(mode: Mode) {
             proxy.wait_for_log(&["role refused", "only cgroup mode can tell apart"]);
         }
     }
+}
+
+imds_tests::per_mode! { a_pods_sessions_carry_eks_pod_identity_s_tags => a_pods_sessions_carry_eks_pod_identity_s_tags_in; }
+
+/// A pod's session is tagged as EKS Pod Identity tags it (`kubernetes-namespace`,
+/// `kubernetes-pod-name`, `kubernetes-pod-uid`), plus its image's digest and the instance id, and
+/// its source identity is `<namespace>.<pod>`: exactly that, as STS received it.
+fn a_pods_sessions_carry_eks_pod_identity_s_tags_in(mode: Mode) {
+    let scene = containers_scene(env!("CARGO_BIN_EXE_imds-sim"));
+    let sts = Injector::start(scene.sts_endpoint().unwrap());
+    let containerd = Containerd::start();
+    let curl = containerd.import(curl_image().unwrap());
+    let url = sts.url();
+    let proxy = cri_proxy_with(
+        &scene,
+        mode,
+        &["--sts-endpoint", &url, "--source-identity", "on"],
+    );
+    ensure_imds_is_simulated().unwrap();
+    let sleep = ["sleep", "3600"];
+    let web = containerd.run_pod("team-a", "web", 0, &[(ROLE, "TeamAWeb")], &curl, &sleep);
+    if mode == Mode::Tc {
+        proxy.wait_for_log(&["redirect attached to container interface", cri::BRIDGE]);
+    }
+    assert_eq!(containerd.exec(&web.container, LISTING), "200");
+    let out = containerd.exec(&web.container, &own_role_flow("TeamBDb"));
+    assert_own_role_only(&scene, &out, "TeamAWeb", "TeamBDb", "team-a.web", &|| {
+        proxy.log()
+    });
+    let calls: Vec<_> = sts
+        .assume_role_calls()
+        .into_iter()
+        .filter(|c| c.param("RoleArn").is_some_and(|a| a.ends_with("/TeamAWeb")))
+        .collect();
+    assert_eq!(
+        calls.len(),
+        1,
+        "the premise: one call, through the injector: {calls:#?}"
+    );
+    let tags = calls[0].tags();
+    let image = tags.get("container-image").cloned().unwrap_or_default();
+    assert!(image.contains("sha256:"), "the image's digest: {tags:?}");
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("container-image", image.as_str()),
+        ("ec2-instance-id", INSTANCE_ID),
+        ("kubernetes-namespace", "team-a"),
+        ("kubernetes-pod-name", "web"),
+        ("kubernetes-pod-uid", web.uid()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(tags, expected);
+    assert!(calls[0].transitive().is_empty());
+    assert_eq!(calls[0].param("SourceIdentity"), Some("team-a.web"));
+    containerd.remove_pod(&web);
 }
 
 /// A pod the runtime cannot describe to the proxy (its status is larger than a gRPC message may

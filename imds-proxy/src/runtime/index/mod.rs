@@ -150,6 +150,27 @@ impl Index {
         }
     }
 
+    /// Indexed containers an operator named (`imds-proxy explain`): by id or a prefix of at
+    /// least four characters of it, by name, or every container of a pod (`<namespace>/<pod>`).
+    pub fn find(&self, who: &str) -> Vec<Arc<Container>> {
+        let who = who.trim();
+        let mut found: Vec<Arc<Container>> = self
+            .read()
+            .values()
+            .filter(|c| {
+                c.id == who
+                    || (who.len() >= 4 && c.id.starts_with(who))
+                    || c.name == who
+                    || c.pod.as_ref().is_some_and(|p| {
+                        who.split_once('/') == Some((p.namespace.as_str(), p.name.as_str()))
+                    })
+            })
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+        found
+    }
+
     /// The indexed container that has this address, unconfirmed: an address is reused as soon
     /// as its container is gone, and a stale entry must never hand one container's role to
     /// another (the identity module confirms it).

@@ -21,10 +21,12 @@ mod addresses;
 mod api;
 mod audit;
 mod credentials;
+mod explain;
 mod lifecycle;
 mod placement;
 mod roles;
 mod systemd;
+mod tags;
 mod tokens;
 
 /// The seed's flow: PUT a token, GET the role name, GET the credentials. Prints each status and

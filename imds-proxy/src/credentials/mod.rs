@@ -45,13 +45,24 @@ use imds_policy::tags::{SessionTags, Tags};
 /// What a session is cached under: the role, the session name, and everything else the
 /// AssumeRole carries (external id, tags, source identity), so that two callers whose calls
 /// would differ never share a session.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Key {
     pub role_arn: String,
     pub session_name: String,
     pub external_id: Option<String>,
     /// Shared by every key of one container (computed once for it).
     pub tags: Arc<SessionTags>,
+}
+
+/// Hashed without its tags (a few hundred bytes every request would hash again): keys that
+/// differ only in their tags share a bucket and are told apart by equality, which compares the
+/// tags (at once when they are the same `Arc`, as a container's keys are).
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.role_arn.hash(state);
+        self.session_name.hash(state);
+        self.external_id.hash(state);
+    }
 }
 
 impl Key {

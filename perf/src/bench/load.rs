@@ -252,30 +252,51 @@ fn forget_conntrack() -> anyhow::Result<()> {
         "conntrack -D --state TIME_WAIT: {}",
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    // And the simulator's own sockets in TIME_WAIT (it closes first): the floor is the one path
-    // whose server address stays the same from one measurement to the next, so the next step's
-    // containers, with the same addresses and ports, met the last one's TIME_WAIT sockets and their
-    // SYNs failed the PAWS check (retried after 1 s, 3 s): the floor at 10, 100 and 1000
-    // containers fell to a few hundred requests a second, with p99 at 1-2 s.
+    Ok(())
+}
+
+/// No TIME_WAIT sockets in the simulated host's namespace while the scale part runs (restored
+/// after, panics included). Its containers reach the simulator through Docker's masquerade, so
+/// the simulator sees all of them at one address, each with its own TCP timestamp clock: a SYN
+/// whose translated ports meet another container's connection in TIME_WAIT fails the PAWS check
+/// (`TcpExtPAWSTimewait` in the simulator's namespace rose by 2,100 in one 10-container floor)
+/// and is retried after 1 and 3 s; the floor at 10, 100 and 1000 containers fell to 600–4,600
+/// requests a second with a p99 of 1–2 s. The real IMDS is no Linux TCP stack with TIME_WAIT.
+pub struct NoTimeWaitInSimulator {
+    before: String,
+}
+
+const TW_BUCKETS: &str = "net.ipv4.tcp_max_tw_buckets";
+
+fn sim_sysctl(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ec2sim::scene::NETNS,
-            "ss",
-            "-K",
-            "-t",
-            "state",
-            "time-wait",
-        ])
+        .args(["netns", "exec", ec2sim::scene::NETNS, "sysctl", "-n"])
+        .args(args)
         .output()
-        .context("running ss in the simulator's namespace")?;
+        .context("running sysctl in the simulator's namespace")?;
     ensure!(
         out.status.success(),
-        "ss -K state time-wait: {}",
+        "sysctl {args:?} in {}: {}",
+        ec2sim::scene::NETNS,
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+impl NoTimeWaitInSimulator {
+    pub fn make() -> anyhow::Result<Self> {
+        let before = sim_sysctl(&[TW_BUCKETS])?;
+        sim_sysctl(&["-w", &format!("{TW_BUCKETS}=0")])?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for NoTimeWaitInSimulator {
+    fn drop(&mut self) {
+        if let Err(err) = sim_sysctl(&["-w", &format!("{TW_BUCKETS}={}", self.before)]) {
+            eprintln!("bench: could not restore {TW_BUCKETS} in the simulator: {err:#}");
+        }
+    }
 }
 
 /// The kernel's connection-tracking table, made large enough for one measurement's connections
@@ -606,6 +627,7 @@ pub fn scale(
     };
     let mut listen = first_listen;
     let mut out = Vec::new();
+    let _no_time_wait = NoTimeWaitInSimulator::make()?;
     for n in steps(s.containers) {
         fleet.grow_to(n)?;
         let calling = s.calling.min(n);

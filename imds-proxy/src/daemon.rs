@@ -200,7 +200,12 @@ async fn build_parts(
             duration: config.sts.session_duration,
             refresh_before: config.sts.refresh_before,
             answer_within: config.sts.answer_within,
-            tagging: tagging(&config.sts.tags, &upstream).await,
+            tagging: tagging(
+                &config.sts.tags,
+                &upstream,
+                matches!(config.redirect.mode, crate::config::Mode::Cgroup { .. }),
+            )
+            .await,
         },
         metrics.clone(),
     );
@@ -259,7 +264,11 @@ async fn build_parts(
 /// How sessions are tagged: the settings, and the instance's id from the upstream (asked once;
 /// without it sessions carry no `ec2-instance-id` tag, which a policy that conditions on it then
 /// refuses, and the log says so).
-async fn tagging(tags: &imds_policy::tags::Tags, upstream: &Upstream) -> credentials::Tagging {
+async fn tagging(
+    tags: &imds_policy::tags::Tags,
+    upstream: &Upstream,
+    told_apart: bool,
+) -> credentials::Tagging {
     let instance_id = if tags.enabled {
         match upstream.instance_id().await {
             Ok(id) => Some(id),
@@ -283,6 +292,7 @@ async fn tagging(tags: &imds_policy::tags::Tags, upstream: &Upstream) -> credent
     credentials::Tagging {
         tags: tags.clone(),
         instance_id,
+        told_apart,
     }
 }
 

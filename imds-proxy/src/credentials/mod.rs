@@ -92,14 +92,20 @@ pub struct Tagging {
     pub tags: Tags,
     /// `ec2-instance-id`, when the upstream said it.
     pub instance_id: Option<String>,
+    /// Whether a caller is known to be the very container it is taken for (cgroup mode: the
+    /// kernel's record names its cgroup). In tc mode a pod's containers share its address, so the
+    /// one the index names may not be the caller, and its image is not put in a tag.
+    pub told_apart: bool,
 }
 
 impl Tagging {
-    /// What `container`'s AssumeRoles carry.
+    /// What `container`'s AssumeRoles carry: its image only when it is known to be the caller
+    /// (a pod's container in tc mode is not).
     pub fn of(&self, container: &crate::runtime::Container) -> SessionTags {
+        let attested = self.told_apart || container.pod.is_none();
         self.tags.session(
             container.caller(),
-            Some(container.image.as_str()).filter(|i| !i.is_empty()),
+            Some(container.image.as_str()).filter(|i| attested && !i.is_empty()),
             self.instance_id.as_deref(),
         )
     }

@@ -250,6 +250,43 @@ async fn a_prefetch_is_tried_a_bounded_number_of_times_and_a_refusal_once() {
     );
 }
 
+#[test]
+fn a_pod_s_image_is_tagged_only_where_its_container_is_told_apart() {
+    let tags = |told_apart: bool, pod: bool| {
+        let container = crate::runtime::Container {
+            id: "c0ffee".into(),
+            name: "web".into(),
+            image: "sha256:abcd".into(),
+            pod: pod.then(|| crate::runtime::Pod {
+                namespace: "team-a".into(),
+                name: "web".into(),
+                uid: "u-1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let tagging = Tagging {
+            tags: Tags::new(vec![], vec![]).unwrap(),
+            instance_id: None,
+            told_apart,
+        };
+        tagging
+            .of(&container)
+            .tags
+            .iter()
+            .any(|t| t.key == imds_policy::tags::IMAGE && t.value == "sha256:abcd")
+    };
+    assert!(tags(true, true), "a pod's container in cgroup mode");
+    assert!(
+        !tags(false, true),
+        "a pod's container in tc mode: could be another's"
+    );
+    assert!(
+        tags(false, false) && tags(true, false),
+        "a Docker container, its own address"
+    );
+}
+
 #[tokio::test]
 async fn the_tags_are_part_of_the_key() {
     let clock = FakeClock::new();

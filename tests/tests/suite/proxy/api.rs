@@ -29,12 +29,13 @@ curl -s -o /dev/null -w '== %{http_code}\n' "$U/latest/meta-data/ami-id"
     assert_eq!(statuses[5], 405);
     assert_eq!(statuses[6], 403);
     assert_eq!(statuses[8], 200, "still serving after all that");
-    // The only path that reached the simulator (besides the proxy's own token, region, and its
-    // token-less probe of whether the instance requires IMDSv2) is the valid one.
+    // The only path that reached the simulator (besides the proxy's own token, region, instance
+    // id, and its token-less probe of whether the instance requires IMDSv2) is the valid one.
     let upstream: Vec<String> = scene
         .sim_requests()
         .into_iter()
         .filter(|l| !l.contains("/latest/api/token") && !l.contains("placement/region"))
+        .filter(|l| !l.contains("path=\"/latest/meta-data/instance-id\""))
         .filter(|l| !(l.contains("path=\"/latest/meta-data/\"") && l.contains("token=\"none\"")))
         .collect();
     assert_eq!(upstream.len(), 1, "{upstream:#?}");

@@ -408,17 +408,8 @@ fn answer_errors(mut client: TcpStream, status: u16, mut pending: Vec<u8>, share
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // A whole request: the head, then Content-Length bytes of body.
-        while let Some(end) = find(&pending, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if pending.len() < end + 4 + length {
-                break;
-            }
-            pending.drain(..end + 4 + length);
+        while let Some(length) = whole_request(&pending) {
+            pending.drain(..length);
             // STS's own words: a 403 refuses the caller (AccessDenied, the sender's fault),
             // anything else is STS failing (InternalFailure).
             let (kind, code) = match status {

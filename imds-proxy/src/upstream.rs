@@ -151,6 +151,16 @@ impl Upstream {
             .map_err(|_| Error::Timeout(url.clone()))?
     }
 
+    /// A request for a session token of the proxy's own.
+    fn token_request(&self) -> Request<Empty<Bytes>> {
+        Request::builder()
+            .method(Method::PUT)
+            .uri(format!("{}/latest/api/token", self.base))
+            .header("x-aws-ec2-metadata-token-ttl-seconds", TOKEN_TTL)
+            .body(Empty::new())
+            .expect("a valid request")
+    }
+
     /// The proxy's own session token, fetched again when close to expiry or when `stale`.
     async fn token(&self, stale: bool) -> Result<String, Error> {
         let mut cached = self.token.lock().await;
@@ -160,13 +170,7 @@ impl Upstream {
         {
             return Ok(token.clone());
         }
-        let request = Request::builder()
-            .method(Method::PUT)
-            .uri(format!("{}/latest/api/token", self.base))
-            .header("x-aws-ec2-metadata-token-ttl-seconds", TOKEN_TTL)
-            .body(Empty::new())
-            .expect("a valid request");
-        let answer = self.send(request).await?;
+        let answer = self.send(self.token_request()).await?;
         if answer.status != StatusCode::OK {
             return Err(Error::Failed {
                 url: format!("{}/latest/api/token", self.base),
@@ -262,13 +266,7 @@ impl Upstream {
     /// Asked of the upstream each time, not answered from the cached token: a token fetched
     /// before (at start, for the instance id) says nothing of the upstream now.
     pub async fn ready(&self) -> bool {
-        let request = Request::builder()
-            .method(Method::PUT)
-            .uri(format!("{}/latest/api/token", self.base))
-            .header("x-aws-ec2-metadata-token-ttl-seconds", "60")
-            .body(Empty::new())
-            .expect("a valid request");
-        matches!(self.send(request).await, Ok(answer) if answer.status == StatusCode::OK)
+        matches!(self.send(self.token_request()).await, Ok(answer) if answer.status == StatusCode::OK)
     }
 }
 

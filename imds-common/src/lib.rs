@@ -38,6 +38,8 @@ pub const PROG_TC_EGRESS: &str = "imds_tc_egress";
 pub const PROG_TC_SOURCE_GUARD: &str = "imds_tc_source_guard";
 pub const PROG_TC_FORWARD_GUARD: &str = "imds_tc_forward_guard";
 pub const PROG_TC_REPLY_GUARD: &str = "imds_tc_reply_guard";
+pub const PROG_TC_ROUTED_INGRESS: &str = "imds_tc_routed_ingress";
+pub const PROG_TC_ROUTED_EGRESS: &str = "imds_tc_routed_egress";
 
 /// Names of the maps, which are also their pin names under `--pin DIR`.
 pub const MAP_CONFIG: &str = "IMDS_CONFIG";
@@ -285,7 +287,7 @@ pub enum TcStat {
     DroppedNoListener,
     /// Packets to IMDS (or the listen address) arriving on a container's host-side interface
     /// with a source address that container does not own (spoofed with a raw socket): dropped
-    /// by `imds_tc_source_guard`.
+    /// by `imds_tc_source_guard` (bridge ports) or `imds_tc_routed_ingress` (routed veths).
     DroppedSpoofed,
     /// Packets to IMDS reaching a container interface (the bridge) without having passed a
     /// guarded container port (its guard not attached yet, or not a bridge port at all):
@@ -300,7 +302,7 @@ pub enum TcStat {
     DroppedForwardedUnreadable,
     /// The proxy's answers leaving by a container's port for an address that port's container
     /// does not own (a neighbour claimed the address or the MAC of the container they are for):
-    /// dropped by `imds_tc_reply_guard`.
+    /// dropped by `imds_tc_reply_guard` (bridge ports) or `imds_tc_routed_egress` (routed veths).
     DroppedMisdelivered,
 }
 

@@ -18,6 +18,10 @@
 //!   address and be served the neighbour's role. One that passes gets
 //!   [`SOURCE_VALIDATED_MARK`]; `imds_tc_ingress` redirects only packets that carry it, so a port
 //!   the guard is not attached to yet fails closed.
+//! - On a routed container veth (a pod's own veth with host routes and no bridge: EKS's VPC CNI,
+//!   Calico, CNI `ptp`) there is no port apart from the interface: `imds_tc_routed_ingress` checks
+//!   the source against the veth's own book entries and redirects in one program, and
+//!   `imds_tc_routed_egress` applies the reply guard and the reverse rewrite.
 //!
 //! Checksums are updated incrementally by the kernel's helpers, which handle both a full checksum
 //! and CHECKSUM_PARTIAL (where only the pseudo-header part is in the field). IPv4 headers of any
@@ -110,10 +114,22 @@ fn count(stat: TcStat) {
 /// Which way a packet crosses the container interface.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Way {
-    /// From a container: maybe a request to IMDS.
-    Ingress,
+    /// From a container: maybe a request to IMDS, whose source was checked as [`Vouch`] says.
+    Ingress(Vouch),
     /// To a container: maybe the proxy's answer.
     Egress,
+}
+
+/// Where a request's source address is checked against the container's own addresses
+/// (`IMDS_TC_SOURCES`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Vouch {
+    /// On a bridge: by the guard on the container's own port, which marked the packet
+    /// ([`SOURCE_VALIDATED_MARK`]); what is not marked is dropped.
+    ByPortMark,
+    /// On a routed veth (the container's own interface, no bridge): by this program, against the
+    /// interface it runs on.
+    Here,
 }
 
 /// What a packet is to the programs.
@@ -142,11 +158,32 @@ struct Segment {
 
 #[classifier]
 pub fn imds_tc_ingress(ctx: TcContext) -> i32 {
-    handle(&ctx, Way::Ingress)
+    handle(&ctx, Way::Ingress(Vouch::ByPortMark))
 }
 
 #[classifier]
 pub fn imds_tc_egress(ctx: TcContext) -> i32 {
+    handle(&ctx, Way::Egress)
+}
+
+/// On a routed container veth (the host side of a pod's own veth, no bridge: EKS's VPC CNI,
+/// Calico, CNI `ptp`), ingress: the source guard and the redirect in one program, so no order of
+/// links and no moment between two attachments decides anything. A request to the redirect
+/// addresses is redirected only when its source is an address of the container behind this
+/// veth; anything else to them is dropped and counted.
+#[classifier]
+pub fn imds_tc_routed_ingress(ctx: TcContext) -> i32 {
+    handle(&ctx, Way::Ingress(Vouch::Here))
+}
+
+/// On a routed container veth, egress: the reply guard, then the reverse rewrite. An answer of
+/// the proxy (from its listen address, or IMDS's) goes only to an address of the container
+/// behind this veth.
+#[classifier]
+pub fn imds_tc_routed_egress(ctx: TcContext) -> i32 {
+    if reply_guard(&ctx) == DROP {
+        return DROP;
+    }
     handle(&ctx, Way::Egress)
 }
 
@@ -199,7 +236,7 @@ pub fn imds_tc_source_guard(ctx: TcContext) -> i32 {
     let Some((family, src, dst)) = port_addresses(&ctx) else {
         return PASS;
     };
-    if !ours(config, Way::Ingress, family, &src, &dst) {
+    if !ours(config, Way::Ingress(Vouch::ByPortMark), family, &src, &dst) {
         // Not to the redirect addresses: not this program's business.
         return PASS;
     }
@@ -223,14 +260,20 @@ pub fn imds_tc_source_guard(ctx: TcContext) -> i32 {
 /// answers on its own port: they are dropped here, never delivered.
 #[classifier]
 pub fn imds_tc_reply_guard(ctx: TcContext) -> i32 {
+    reply_guard(&ctx)
+}
+
+/// [`imds_tc_reply_guard`]'s decision: `PASS` or `DROP`.
+#[inline(always)]
+fn reply_guard(ctx: &TcContext) -> i32 {
     let config = config();
-    let Some((family, src, dst)) = port_addresses(&ctx) else {
+    let Some((family, src, dst)) = port_addresses(ctx) else {
         return PASS;
     };
     if !is_imds(family, &src) && !is_proxy(config, family, &src) {
         return PASS;
     }
-    if !owned_here(&ctx, family, dst) {
+    if !owned_here(ctx, family, dst) {
         count(TcStat::DroppedMisdelivered);
         return DROP;
     }
@@ -344,10 +387,10 @@ fn try_handle(ctx: &TcContext, way: Way) -> Result<i32, ()> {
     let Some(config) = config else {
         // Attached but not configured (the proxy is starting or was never configured): a client's
         // IMDS packet must not reach the real IMDS. Fail closed. (Egress has nothing to do yet.)
-        return Ok(if way == Way::Ingress { DROP } else { PASS });
+        return Ok(if way == Way::Egress { PASS } else { DROP });
     };
     match way {
-        Way::Ingress => redirect(ctx, config, &segment),
+        Way::Ingress(vouch) => redirect(ctx, config, &segment, vouch),
         Way::Egress => reverse(ctx, config, &segment),
     }
 }
@@ -374,7 +417,7 @@ fn ours(
     dst: &RawAddr,
 ) -> bool {
     match way {
-        Way::Ingress => is_imds(family, dst) || is_proxy(config, family, dst),
+        Way::Ingress(_) => is_imds(family, dst) || is_proxy(config, family, dst),
         Way::Egress => is_proxy(config, family, src),
     }
 }
@@ -447,14 +490,32 @@ fn segment(
 
 /// Ingress: a client's segment to IMDS goes to the proxy.
 #[inline(always)]
-fn redirect(ctx: &TcContext, config: &RedirectConfig, s: &Segment) -> Result<i32, ()> {
-    // Only what a container's port vouched for: its source is that container's own address.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    if mark & SOURCE_VALIDATED_MARK == 0 {
-        count(TcStat::DroppedUnvalidated);
-        return Ok(DROP);
+fn redirect(
+    ctx: &TcContext,
+    config: &RedirectConfig,
+    s: &Segment,
+    vouch: Vouch,
+) -> Result<i32, ()> {
+    // Only what comes from the container's own address: vouched for by its port, or checked here
+    // on its own veth.
+    match vouch {
+        Vouch::ByPortMark => {
+            let mark = unsafe { (*ctx.skb.skb).mark };
+            if mark & SOURCE_VALIDATED_MARK == 0 {
+                count(TcStat::DroppedUnvalidated);
+                return Ok(DROP);
+            }
+            ctx.set_mark(mark & !SOURCE_VALIDATED_MARK);
+        }
+        Vouch::Here => {
+            if !owned_here(ctx, s.family, s.src) {
+                // Not an address of this veth's container (spoofed), or the container is not
+                // known yet: dropped (a SYN is retried).
+                count(TcStat::DroppedSpoofed);
+                return Ok(DROP);
+            }
+        }
     }
-    ctx.set_mark(mark & !SOURCE_VALIDATED_MARK);
     if is_proxy(Some(config), s.family, &s.dst) {
         // Addressed to the listen address directly. It is reserved for redirected traffic: a
         // direct connection could collide with a redirected one from the same client port.

@@ -51,7 +51,8 @@ pub mod uplinks;
 
 pub use links::matches;
 use links::{
-    detach_gone, detach_interface, has_ports, is_bridge_named, master, present_interfaces,
+    Shape, detach_gone, detach_interface, has_ports, is_bridge_named, master, present_interfaces,
+    shape,
 };
 pub use nat::{monotonic_ns, reap_idle};
 pub use netns::container_ports;
@@ -70,6 +71,8 @@ pub const EGRESS_PROGRAM: &str = imds_common::PROG_TC_EGRESS;
 pub const GUARD_PROGRAM: &str = imds_common::PROG_TC_SOURCE_GUARD;
 pub const FORWARD_PROGRAM: &str = imds_common::PROG_TC_FORWARD_GUARD;
 pub const REPLY_PROGRAM: &str = imds_common::PROG_TC_REPLY_GUARD;
+pub const ROUTED_INGRESS_PROGRAM: &str = imds_common::PROG_TC_ROUTED_INGRESS;
+pub const ROUTED_EGRESS_PROGRAM: &str = imds_common::PROG_TC_ROUTED_EGRESS;
 pub use crate::config::{TcAttach, parse_static_source, valid_pattern};
 
 /// Maps pinned with `--pin` in tc mode.
@@ -86,6 +89,12 @@ const BRIDGE_PROGRAMS: [(&str, TcAttachType); 2] = [
 const PORT_PROGRAMS: [(&str, TcAttachType); 2] = [
     (GUARD_PROGRAM, TcAttachType::Ingress),
     (REPLY_PROGRAM, TcAttachType::Egress),
+];
+/// The programs on a routed container veth (no bridge: the pod's own veth is its port), egress
+/// first for the same reason as on a bridge. Each holds its guard: one link per direction.
+const ROUTED_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (ROUTED_EGRESS_PROGRAM, TcAttachType::Egress),
+    (ROUTED_INGRESS_PROGRAM, TcAttachType::Ingress),
 ];
 /// cgroup mode's programs on each port of every bridge: the socket hooks attest the callers, so
 /// only the answers' destination is checked.
@@ -149,6 +158,8 @@ struct Inner {
     attached: BTreeMap<u32, Interface>,
     /// Their ports (containers' veths), by interface index.
     ports: BTreeMap<u32, Interface>,
+    /// Routed container veths (matching, neither a bridge nor a bridge's port), by index.
+    routed: BTreeMap<u32, Interface>,
     /// The interfaces routes to IMDS leave by, with the forward guard, by interface index.
     uplinks: BTreeMap<u32, Interface>,
     /// Bridges with ports that no pattern names, said once each.
@@ -227,6 +238,8 @@ impl TcRedirect {
             GUARD_PROGRAM,
             FORWARD_PROGRAM,
             REPLY_PROGRAM,
+            ROUTED_EGRESS_PROGRAM,
+            ROUTED_INGRESS_PROGRAM,
         ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
@@ -240,6 +253,7 @@ impl TcRedirect {
                 ebpf,
                 attached: BTreeMap::new(),
                 ports: BTreeMap::new(),
+                routed: BTreeMap::new(),
                 uplinks: BTreeMap::new(),
                 unlisted: Default::default(),
                 stopped: false,
@@ -268,42 +282,66 @@ impl TcRedirect {
         self.adopted.load(Ordering::Relaxed)
     }
 
-    /// Names of the interfaces the programs are attached to now.
+    /// Names of the container interfaces the programs are attached to now: bridges, then routed
+    /// veths.
     pub fn interfaces(&self) -> Vec<String> {
         let inner = self.inner.lock().expect("tc lock poisoned");
-        inner.attached.values().map(|i| i.name.clone()).collect()
+        inner
+            .attached
+            .values()
+            .chain(inner.routed.values())
+            .map(|i| i.name.clone())
+            .collect()
     }
 
     /// Attach to matching interfaces not attached yet; forget those that are gone. Returns
     /// whether anything changed. Failures are logged per interface (and retried at the next
     /// reconcile): one bad interface does not stop the others.
+    ///
+    /// A matching interface is handled by what it is ([`Shape`]): a bridge gets the redirect and
+    /// each of its ports the guards; a routed veth (neither a bridge nor a bridge's port) gets
+    /// the guards and the redirect itself; a bridge's port is its bridge's business (named or
+    /// not: a port never gets the redirect of its own, so two programs never rewrite one packet).
     pub fn reconcile(&self) -> bool {
         let present = present_interfaces();
-        let mut inner = self.inner.lock().expect("tc lock poisoned");
+        let mut guard = self.inner.lock().expect("tc lock poisoned");
+        let inner = &mut *guard;
+        if inner.stopped {
+            return false;
+        }
+        for (_, name) in detach_gone(&mut inner.ebpf, &mut inner.uplinks, &present) {
+            tracing::info!(interface = %name, "uplink gone; forward guard detached");
+        }
+        let mut changed = self.reconcile_bridges(inner, &present);
+        changed |= self.reconcile_ports(inner, &present);
+        changed |= self.reconcile_routed(inner, &present);
+        changed
+    }
+
+    /// Whether a pattern names interface `name`.
+    fn named(&self, name: &str) -> bool {
+        self.spec.interfaces.iter().any(|p| matches(p, name))
+    }
+
+    /// The matching bridges: attach the redirect to new ones, detach it from gone ones; say once
+    /// about each bridge with ports that no pattern names.
+    fn reconcile_bridges(&self, inner: &mut Inner, present: &BTreeMap<u32, String>) -> bool {
         let Inner {
             ebpf,
             attached,
-            ports,
-            uplinks,
             unlisted,
-            stopped,
-        } = &mut *inner;
-        if *stopped {
-            return false;
-        }
-        let gone = detach_gone(ebpf, attached, &present);
+            ..
+        } = inner;
+        let gone = detach_gone(ebpf, attached, present);
         for (_, name) in &gone {
             tracing::info!(interface = %name, "container interface gone; programs detached");
         }
-        for (_, name) in detach_gone(ebpf, uplinks, &present) {
-            tracing::info!(interface = %name, "uplink gone; forward guard detached");
-        }
         let mut changed = !gone.is_empty();
-        for (&index, name) in &present {
-            if attached.contains_key(&index) {
+        for (&index, name) in present {
+            if attached.contains_key(&index) || !is_bridge_named(name) {
                 continue;
             }
-            if !self.spec.interfaces.iter().any(|p| matches(p, name)) {
+            if !self.named(name) {
                 // (cgroup mode names no interface: its socket hooks cover every bridge.)
                 if !self.spec.interfaces.is_empty()
                     && has_ports(name)
@@ -330,26 +368,34 @@ impl TcRedirect {
                 }
             }
         }
-        // The ports of those bridges: each container's own interface.
+        changed
+    }
+
+    /// The ports of the matching bridges (cgroup mode: of every bridge), each container's own
+    /// interface: the guards onto new ones, gone ones' sources forgotten.
+    fn reconcile_ports(&self, inner: &mut Inner, present: &BTreeMap<u32, String>) -> bool {
+        let Inner {
+            ebpf,
+            attached,
+            ports,
+            ..
+        } = inner;
         let bridges: Vec<&String> = attached.values().map(|i| &i.name).collect();
         let every_bridge = self.spec.every_bridge;
         let present_ports: BTreeMap<u32, String> = present
-            .into_iter()
+            .iter()
             .filter(|(_, name)| {
                 master(name)
                     .is_some_and(|m| bridges.contains(&&m) || (every_bridge && is_bridge_named(&m)))
             })
+            .map(|(index, name)| (*index, name.clone()))
             .collect();
         let gone = detach_gone(ebpf, ports, &present_ports);
         for (index, name) in &gone {
             tracing::debug!(interface = %name, "container port gone");
-            let mut state = self.sources.lock().expect("sources poisoned");
-            let touched = state.book.port_gone(*index);
-            if let Err(err) = state.apply(touched) {
-                tracing::error!(interface = %name, %err, "forgetting a gone port's source addresses failed");
-            }
+            self.port_gone(*index, name);
         }
-        changed |= !gone.is_empty();
+        let mut changed = !gone.is_empty();
         for (index, name) in present_ports {
             if ports.contains_key(&index) {
                 continue;
@@ -364,23 +410,7 @@ impl TcRedirect {
                     tracing::debug!(interface = %name, "source guard attached to container port");
                     ports.insert(index, port);
                     changed = true;
-                    let statics: Vec<std::net::IpAddr> = self
-                        .spec
-                        .static_sources
-                        .iter()
-                        .filter(|(iface, _)| *iface == name)
-                        .map(|(_, addr)| *addr)
-                        .collect();
-                    if !statics.is_empty() {
-                        match self.set_sources(&format!("static:{name}"), &[index], &statics) {
-                            Ok(()) => {
-                                tracing::info!(interface = %name, addresses = ?statics, "static source addresses vouched for")
-                            }
-                            Err(err) => {
-                                tracing::error!(interface = %name, %err, "recording static source addresses failed")
-                            }
-                        }
-                    }
+                    self.vouch_static_sources(index, &name);
                 }
                 Err(err) => tracing::error!(
                     interface = %name,
@@ -391,6 +421,77 @@ impl TcRedirect {
             }
         }
         changed
+    }
+
+    /// The matching routed veths (tc mode; [`Shape::Routed`]): the routed programs onto new ones,
+    /// gone ones' sources forgotten. One line each as they come and go: a pod's start and end.
+    fn reconcile_routed(&self, inner: &mut Inner, present: &BTreeMap<u32, String>) -> bool {
+        let Inner { ebpf, routed, .. } = inner;
+        let present_routed: BTreeMap<u32, String> = present
+            .iter()
+            .filter(|(index, name)| {
+                routed.contains_key(index) || (self.named(name) && shape(name) == Shape::Routed)
+            })
+            .map(|(index, name)| (*index, name.clone()))
+            .collect();
+        let gone = detach_gone(ebpf, routed, &present_routed);
+        for (index, name) in &gone {
+            tracing::info!(interface = %name, "routed container veth gone; programs detached");
+            self.port_gone(*index, name);
+        }
+        let mut changed = !gone.is_empty();
+        for (index, name) in present_routed {
+            if routed.contains_key(&index) {
+                continue;
+            }
+            match self.attach_interface(ebpf, &name, index, &ROUTED_PROGRAMS) {
+                Ok(veth) => {
+                    tracing::info!(interface = %name, mode = ?self.attach, "redirect and guards attached to routed container veth");
+                    routed.insert(index, veth);
+                    changed = true;
+                    self.vouch_static_sources(index, &name);
+                }
+                Err(err) => tracing::error!(
+                    interface = %name,
+                    %err,
+                    "attaching to a routed container veth failed; its container's IMDS traffic \
+                     is not redirected (the forward guard drops it where it leaves the host)"
+                ),
+            }
+        }
+        changed
+    }
+
+    /// A container's own interface (a bridge port or a routed veth) is gone: the addresses
+    /// vouched for on it are nobody's there any more.
+    fn port_gone(&self, index: u32, name: &str) {
+        let mut state = self.sources.lock().expect("sources poisoned");
+        let touched = state.book.port_gone(index);
+        if let Err(err) = state.apply(touched) {
+            tracing::error!(interface = %name, %err, "forgetting a gone port's source addresses failed");
+        }
+    }
+
+    /// `--static-source` addresses of a container interface that was just guarded.
+    fn vouch_static_sources(&self, index: u32, name: &str) {
+        let statics: Vec<std::net::IpAddr> = self
+            .spec
+            .static_sources
+            .iter()
+            .filter(|(iface, _)| iface == name)
+            .map(|(_, addr)| *addr)
+            .collect();
+        if statics.is_empty() {
+            return;
+        }
+        match self.set_sources(&format!("static:{name}"), &[index], &statics) {
+            Ok(()) => {
+                tracing::info!(interface = %name, addresses = ?statics, "static source addresses vouched for")
+            }
+            Err(err) => {
+                tracing::error!(interface = %name, %err, "recording static source addresses failed")
+            }
+        }
     }
 
     /// The addresses container `id` may send to IMDS from, on each of its ports (host-side
@@ -448,9 +549,21 @@ impl TcRedirect {
         state.book.provisional()
     }
 
-    /// Whether `index` is a port of a bridge the programs are attached to (by the interface's
-    /// master's index).
-    pub fn is_bridge(&self, index: u32) -> bool {
+    /// Whether host-side interface `port` (a port of bridge `master`, or no bridge's) is a
+    /// container interface the guards are on: a port of a bridge the programs are attached to,
+    /// or a routed veth.
+    pub fn guards(&self, port: u32, master: Option<u32>) -> bool {
+        match master {
+            Some(master) => self.is_bridge(master),
+            None => {
+                let inner = self.inner.lock().expect("tc lock poisoned");
+                inner.routed.contains_key(&port)
+            }
+        }
+    }
+
+    /// Whether `index` is a bridge the programs are attached to (cgroup mode: any bridge).
+    fn is_bridge(&self, index: u32) -> bool {
         let inner = self.inner.lock().expect("tc lock poisoned");
         inner.attached.contains_key(&index)
             || (self.spec.every_bridge
@@ -627,8 +740,14 @@ impl TcRedirect {
         inner.stopped = true;
         let attached = std::mem::take(&mut inner.attached);
         let ports = std::mem::take(&mut inner.ports);
+        let routed = std::mem::take(&mut inner.routed);
         let uplinks = std::mem::take(&mut inner.uplinks);
-        for (_, interface) in attached.into_iter().chain(ports).chain(uplinks) {
+        for (_, interface) in attached
+            .into_iter()
+            .chain(ports)
+            .chain(routed)
+            .chain(uplinks)
+        {
             detach_interface(&mut inner.ebpf, interface, false);
         }
     }

@@ -29,6 +29,8 @@ fn embedded_programs_load_into_the_kernel() {
         "imds_tc_source_guard",
         "imds_tc_forward_guard",
         "imds_tc_reply_guard",
+        "imds_tc_routed_ingress",
+        "imds_tc_routed_egress",
     ]);
     expected.sort();
     assert_eq!(loaded, expected);

@@ -124,7 +124,14 @@ impl Programs {
                 )
                 .unwrap();
         }
-        for name in ["imds_tc_ingress", "imds_tc_egress", "imds_tc_source_guard"] {
+        for name in [
+            "imds_tc_ingress",
+            "imds_tc_egress",
+            "imds_tc_source_guard",
+            "imds_tc_reply_guard",
+            "imds_tc_routed_ingress",
+            "imds_tc_routed_egress",
+        ] {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             prog.load()
                 .unwrap_or_else(|e| panic!("{name} loads: {e:?}"));
@@ -749,4 +756,88 @@ fn a_container_port_vouches_only_for_its_own_addresses() {
     assert_eq!(verdict, PASS);
     assert_eq!(read_v4(&out), (CLIENT_V4, 40001, PROXY_V4, PROXY_PORT));
     assert_eq!(mark, 0x7, "the vouching bit removed, other bits kept");
+}
+
+/// A routed container veth (no bridge: the pod's own veth is its port) carries one program each
+/// way. Ingress: a request from an address of the veth's own container is redirected with no mark
+/// needed (the check is the program's own) and the mark left alone; from any other address (a
+/// neighbour's, spoofed) it is dropped and counted, never redirected. Egress: the proxy's answer
+/// to its own container is rewritten back; an answer for any other address leaving by this veth is
+/// dropped and counted (the reply guard's half). Unrelated traffic passes as it is both ways.
+#[test]
+fn a_routed_veth_redirects_only_its_own_container_and_answers_only_it() {
+    let mut p = Programs::load(true);
+    const LO: u32 = 1;
+    p.own(LO, CLIENT_V4.into());
+    p.own(LO, CLIENT_V6.into());
+    let neighbour_v4 = Ipv4Addr::new(172, 17, 0, 3);
+    let neighbour_v6 = Ipv6Addr::new(0xfd00, 0xd0c, 0, 0, 0, 0, 0, 3);
+
+    let syn = v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN);
+    let (verdict, out, mark) = p.run_marked("imds_tc_routed_ingress", &syn, 0x7);
+    assert_eq!(verdict, PASS);
+    assert_eq!(read_v4(&out), (CLIENT_V4, 40000, PROXY_V4, PROXY_PORT));
+    assert_eq!(mark, 0x7, "no mark needed, none set");
+    let syn6 = v6_tcp((CLIENT_V6, 40000), (IMDS_V6, 80), SYN);
+    let (verdict, out, _) = p.run_marked("imds_tc_routed_ingress", &syn6, 0);
+    assert_eq!(verdict, PASS);
+    assert_eq!(read_v6(&out), (CLIENT_V6, 40000, PROXY_V6, PROXY_PORT));
+    assert_eq!(p.stat(TcStat::Redirected), 2);
+
+    for spoofed in [
+        v4_tcp((neighbour_v4, 40001), (IMDS_V4, 80), SYN),
+        v6_tcp((neighbour_v6, 40001), (IMDS_V6, 80), SYN),
+        v4_tcp((neighbour_v4, 40001), (PROXY_V4, PROXY_PORT), SYN),
+    ] {
+        // Even carrying the bridge guard's mark: a routed veth trusts no mark.
+        let (verdict, _, _) =
+            p.run_marked("imds_tc_routed_ingress", &spoofed, SOURCE_VALIDATED_MARK);
+        assert_eq!(verdict, DROP);
+    }
+    assert_eq!(p.stat(TcStat::DroppedSpoofed), 3);
+    assert_eq!(p.stat(TcStat::Redirected), 2, "nothing spoofed redirected");
+
+    // The answer to the redirected SYN: back from IMDS, to its own container.
+    let answer = v4_tcp((PROXY_V4, PROXY_PORT), (CLIENT_V4, 40000), SYN | ACK);
+    let (verdict, out, _) = p.run_marked("imds_tc_routed_egress", &answer, 0);
+    assert_eq!(verdict, PASS);
+    assert_eq!(read_v4(&out), (IMDS_V4, 80, CLIENT_V4, 40000));
+    assert_eq!(p.stat(TcStat::Reversed), 1);
+    // An answer for a neighbour's address leaving by this veth (misrouted): dropped, not rewritten.
+    for misdelivered in [
+        v4_tcp((PROXY_V4, PROXY_PORT), (neighbour_v4, 40000), SYN | ACK),
+        v4_tcp((IMDS_V4, 80), (neighbour_v4, 40000), ACK),
+        v6_tcp((PROXY_V6, PROXY_PORT), (neighbour_v6, 40000), SYN | ACK),
+    ] {
+        let (verdict, _, _) = p.run_marked("imds_tc_routed_egress", &misdelivered, 0);
+        assert_eq!(verdict, DROP);
+    }
+    assert_eq!(p.stat(TcStat::DroppedMisdelivered), 3);
+    assert_eq!(p.stat(TcStat::Reversed), 1);
+
+    // Unrelated traffic, both ways, from any address: passed byte for byte.
+    for (program, frame) in [
+        (
+            "imds_tc_routed_ingress",
+            v4_tcp(
+                (neighbour_v4, 40000),
+                (Ipv4Addr::new(10, 1, 2, 3), 443),
+                SYN,
+            ),
+        ),
+        (
+            "imds_tc_routed_egress",
+            v4_tcp(
+                (Ipv4Addr::new(10, 1, 2, 3), 443),
+                (neighbour_v4, 40000),
+                ACK,
+            ),
+        ),
+    ] {
+        assert_eq!(
+            p.run_marked(program, &frame, 0),
+            (PASS, frame.clone(), 0),
+            "{program}"
+        );
+    }
 }

@@ -106,8 +106,8 @@ impl TcRedirect {
                 }
             };
             let port = match host_side(&handle, address.nsid, address.ifindex).await {
-                Ok(Some((port, Some(master)))) if self.is_bridge(master) => port,
-                Ok(_) => continue, // not behind a port of a bridge we guard
+                Ok(Some((port, master))) if self.guards(port, master) => port,
+                Ok(_) => continue, // not behind a container interface we guard
                 Err(err) => {
                     tracing::warn!(%err, ?address, "cannot find the host side of an announced address");
                     continue;

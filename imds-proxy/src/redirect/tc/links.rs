@@ -1,4 +1,4 @@
-//! Interfaces and their links: what is present, which are bridges and their ports, detaching
+//! Interfaces and their links: what is present, which are bridges, their ports and routed veths, detaching
 //! what went away (and the clsact qdisc netlink attach left), name patterns.
 use super::*;
 
@@ -73,6 +73,40 @@ pub(super) fn remove_clsact(name: &str) -> std::io::Result<()> {
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("qdisc removal panicked")))
     })
+}
+
+/// What an interface that a `--container-iface` pattern names is to tc mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Shape {
+    /// A bridge: the redirect on it, the guards on its ports.
+    Bridge,
+    /// A port of a bridge: its bridge decides (guarded when the bridge is named).
+    BridgePort,
+    /// The loopback: no container sends from behind it; never attached.
+    Loopback,
+    /// Anything else: a container's own routed veth (EKS's VPC CNI `eni*`, Calico `cali*`, CNI
+    /// `ptp`'s `veth*`), with host routes and no bridge. Guards and redirect on it.
+    Routed,
+}
+
+/// [`Shape`] of interface `name`, from sysfs.
+pub(super) fn shape(name: &str) -> Shape {
+    /// `IFF_LOOPBACK` in `/sys/class/net/<name>/flags`.
+    const IFF_LOOPBACK: u32 = 0x8;
+    if is_bridge_named(name) {
+        return Shape::Bridge;
+    }
+    if master(name).is_some_and(|m| is_bridge_named(&m)) {
+        return Shape::BridgePort;
+    }
+    let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/flags"))
+        .ok()
+        .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0);
+    if flags & IFF_LOOPBACK != 0 {
+        return Shape::Loopback;
+    }
+    Shape::Routed
 }
 
 /// Whether interface `name` is a bridge (`/sys/class/net/<name>/bridge/`).

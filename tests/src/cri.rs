@@ -1,7 +1,7 @@
 //! A Kubernetes node without the kubelet: a real containerd with its CRI plugin (a config, socket
-//! and state directories of the test's own), CNI's bridge and host-local plugins, and the test
-//! driving it over the CRI API as the kubelet does (RunPodSandbox with the pod's annotations,
-//! CreateContainer, StartContainer, ExecSync).
+//! and state directories of the test's own), CNI's bridge (or ptp) and host-local plugins, and the
+//! test driving it over the CRI API as the kubelet does (RunPodSandbox with the pod's annotations,
+//! CreateContainer, StartContainer, ExecSync, PodSandboxStatus).
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -23,6 +23,50 @@ const ROOT: &str = "/var/lib/imds-test-cri";
 pub const BRIDGE: &str = "imds-cni0";
 /// The pods' subnet.
 pub const SUBNET: &str = "10.77.0.0/24";
+/// The pods' subnet on the routed network ([`Network::Routed`]).
+pub const ROUTED_SUBNET: &str = "10.78.0.0/24";
+/// What CNI's `ptp` plugin names the host side of a pod's veth: `veth` and eight hex digits
+/// (the pattern for `--container-iface`).
+pub const ROUTED_VETHS: &str = "veth????????";
+
+/// How pods are connected to the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// CNI `bridge`: each pod's veth is a port of [`BRIDGE`] (kubenet, flannel, Docker's way).
+    Bridge,
+    /// CNI `ptp`: each pod has its own veth with a host route to its address and no bridge, the
+    /// topology of EKS's VPC CNI and Calico.
+    Routed,
+}
+
+impl Network {
+    /// The CNI network configuration list.
+    fn conflist(self) -> serde_json::Value {
+        let ipam = |subnet: &str| {
+            serde_json::json!({
+                "type": "host-local",
+                "ranges": [[{"subnet": subnet}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": format!("{DIR}/ipam"),
+            })
+        };
+        let plugin = match self {
+            Network::Bridge => serde_json::json!({
+                "type": "bridge",
+                "bridge": BRIDGE,
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": ipam(SUBNET),
+            }),
+            Network::Routed => serde_json::json!({
+                "type": "ptp",
+                "ipMasq": false,
+                "ipam": ipam(ROUTED_SUBNET),
+            }),
+        };
+        serde_json::json!({"cniVersion": "0.4.0", "name": "imds-test", "plugins": [plugin]})
+    }
+}
 
 /// `--cri-endpoint` for the proxy.
 pub fn endpoint() -> String {
@@ -60,7 +104,12 @@ impl Pod {
 }
 
 impl Containerd {
+    /// On the bridge network ([`Network::Bridge`]).
     pub fn start() -> Self {
+        Self::start_with(Network::Bridge)
+    }
+
+    pub fn start_with(network: Network) -> Self {
         // A containerd an interrupted run left holds the database: it goes first, with what it
         // ran (its shims, their pods' processes, their mounts), so no pod of that run lives on
         // holding an address a new pod is given.
@@ -96,23 +145,7 @@ state = "{DIR}/state"
         .unwrap();
         std::fs::write(
             format!("{DIR}/cni/10-imds-test.conflist"),
-            serde_json::json!({
-                "cniVersion": "0.4.0",
-                "name": "imds-test",
-                "plugins": [{
-                    "type": "bridge",
-                    "bridge": BRIDGE,
-                    "isGateway": true,
-                    "ipMasq": false,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": SUBNET}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
-                        "dataDir": format!("{DIR}/ipam"),
-                    },
-                }],
-            })
-            .to_string(),
+            network.conflist().to_string(),
         )
         .unwrap();
         let log = std::fs::File::create(format!("{DIR}/containerd.log")).unwrap();
@@ -417,6 +450,26 @@ state = "{DIR}/state"
                 .collect::<Vec<_>>()
         };
         (code, stream("stdout"), stream("stderr"))
+    }
+
+    /// The pod's address, as its sandbox's status reports it (what the CNI plugin gave it).
+    pub fn pod_ip(&self, pod: &Pod) -> std::net::IpAddr {
+        let status = self
+            .call(|mut c| {
+                let sandbox = pod.sandbox.clone();
+                async move {
+                    c.pod_sandbox_status(cri::PodSandboxStatusRequest {
+                        pod_sandbox_id: sandbox,
+                        verbose: false,
+                    })
+                    .await
+                }
+            })
+            .status
+            .expect("a sandbox status");
+        let ip = status.network.map(|n| n.ip).unwrap_or_default();
+        ip.parse()
+            .unwrap_or_else(|_| panic!("pod {} has no address: {ip:?}", pod.session()))
     }
 
     /// Stop and remove a pod (sandbox and containers), as the kubelet does when it goes.

@@ -8,7 +8,7 @@ use imds_tests::{
     containers::{assert_own_role_only, assumed_role, containers_scene, own_role_flow},
     cri::{self, Containerd},
     faults::Injector,
-    images::{awscli_image, curl_image, whoami_image},
+    images::{attack_image, awscli_image, curl_image, whoami_image},
     proxy::{Mode, PREFIX, Proxy},
     scene::{INSTANCE_ID, default_venv, ensure_imds_is_simulated},
 };
@@ -137,6 +137,11 @@ fn cri_proxy(scene: &imds_tests::scene::Scene, mode: Mode) -> Proxy {
 
 /// [`cri_proxy`] with more arguments.
 fn cri_proxy_with(scene: &imds_tests::scene::Scene, mode: Mode, more: &[&str]) -> Proxy {
+    cri_proxy_on(scene, mode, cri::BRIDGE, more)
+}
+
+/// [`cri_proxy_with`], in tc mode on the container interfaces `iface` names.
+fn cri_proxy_on(scene: &imds_tests::scene::Scene, mode: Mode, iface: &str, more: &[&str]) -> Proxy {
     let endpoint = cri::endpoint();
     let allowed = format!("team-a={PREFIX}TeamA*,team-b={PREFIX}TeamB*");
     let mut extra = vec![
@@ -148,7 +153,7 @@ fn cri_proxy_with(scene: &imds_tests::scene::Scene, mode: Mode, more: &[&str]) -
         &allowed,
     ];
     if mode == Mode::Tc {
-        extra.extend(["--container-iface", cri::BRIDGE]);
+        extra.extend(["--container-iface", iface]);
     }
     extra.extend_from_slice(more);
     let proxy = Proxy::start_in(scene, mode, &extra);
@@ -401,5 +406,100 @@ fn pods_not_listed_yet_are_found_by_asking_and_get_the_default_role() {
     );
     for pod in [&bare, &web, &elsewhere] {
         containerd.remove_pod(pod);
+    }
+}
+
+imds_tests::per_mode! { pods_on_routed_veths_get_their_annotated_roles => pods_on_routed_veths_in; }
+
+/// EKS's VPC CNI and Calico give each pod a veth of its own with a host route and no bridge; CNI's
+/// `ptp` plugin does the same here. Each pod gets the role its annotation names, in both modes (in
+/// tc mode `--container-iface` names the pods' veths: the programs and guards sit on each veth
+/// itself). In tc mode a neighbour pod sending SYNs to IMDS with the victim's address (NET_RAW,
+/// which containerd gives by default) has them dropped at its own veth, counted, none redirected.
+fn pods_on_routed_veths_in(mode: Mode) {
+    let scene = containers_scene(env!("CARGO_BIN_EXE_imds-sim"));
+    let containerd = Containerd::start_with(cri::Network::Routed);
+    let curl = containerd.import(curl_image().unwrap());
+    let attack =
+        containerd.import(attack_image(env!("CARGO_BIN_EXE_imds-attack").as_ref()).unwrap());
+    let proxy = cri_proxy_on(&scene, mode, cri::ROUTED_VETHS, &[]);
+
+    ensure_imds_is_simulated().unwrap();
+    let sleep = ["sleep", "3600"];
+    let web = containerd.run_pod("team-a", "web", 0, &[(ROLE, "TeamAWeb")], &curl, &sleep);
+    let db = containerd.run_pod("team-b", "db", 0, &[(ROLE, "TeamBDb")], &curl, &sleep);
+    // The premise: each pod's address is routed to a veth of its own, a port of no bridge.
+    let veth = |pod: &cri::Pod| {
+        let ip = containerd.pod_ip(pod).to_string();
+        let out = std::process::Command::new("ip")
+            .args(["-o", "route", "get", &ip])
+            .output()
+            .unwrap();
+        let route = String::from_utf8_lossy(&out.stdout).into_owned();
+        let dev = route
+            .split_whitespace()
+            .skip_while(|w| *w != "dev")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no route to {ip}: {route}"))
+            .to_owned();
+        assert!(
+            imds_proxy::redirect::tc::matches(cri::ROUTED_VETHS, &dev),
+            "{ip} routed to {dev}"
+        );
+        assert!(
+            !std::path::Path::new(&format!("/sys/class/net/{dev}/master")).exists(),
+            "{dev} is a bridge port"
+        );
+        (ip, dev)
+    };
+    let (web_ip, web_veth) = veth(&web);
+    let (_, db_veth) = veth(&db);
+    assert_ne!(web_veth, db_veth);
+    if mode == Mode::Tc {
+        for dev in [&web_veth, &db_veth] {
+            proxy.wait_for_log(&["redirect and guards attached to routed container veth", dev]);
+        }
+    }
+
+    let check = |pod: &cri::Pod, own: &str, other: &str| {
+        let out = containerd.exec(&pod.container, &own_role_flow(other));
+        assert_own_role_only(&scene, &out, own, other, &pod.session(), &|| proxy.log());
+    };
+    check(&web, "TeamAWeb", "TeamBDb");
+    check(&db, "TeamBDb", "TeamAWeb");
+
+    if mode == Mode::Tc {
+        let spoofed = || proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_spoofed\"}");
+        let redirected = || proxy.metric("imds_proxy_tc_packets_total{event=\"redirected\"}");
+        let (spoofed_before, redirected_before) = (spoofed(), redirected());
+        let mallory = containerd.run_pod(
+            "team-b",
+            "mallory",
+            0,
+            &[],
+            &attack,
+            &["/program", "spoof", "169.254.169.254:80", &web_ip, "3"],
+        );
+        let (code, out, err) = containerd.wait_exited(&mallory, "main", &mallory.container);
+        assert_eq!(code, 0, "{err:?}");
+        assert!(out.iter().any(|l| l == "sent=3"), "{out:?} {err:?}");
+        assert_eq!(
+            spoofed() - spoofed_before,
+            3,
+            "each spoofed SYN dropped at the attacker's own veth"
+        );
+        assert_eq!(redirected(), redirected_before, "none of them redirected");
+        // The victim is served as ever from its own veth.
+        check(&web, "TeamAWeb", "TeamBDb");
+        containerd.remove_pod(&mallory);
+    }
+    // Pods go: their veths go, and in tc mode the programs on them with them.
+    for pod in [&web, &db] {
+        containerd.remove_pod(pod);
+    }
+    if mode == Mode::Tc {
+        for dev in [&web_veth, &db_veth] {
+            proxy.wait_for_log(&["routed container veth gone", dev]);
+        }
     }
 }

@@ -50,53 +50,86 @@ impl Bridge {
         ])
         .unwrap();
         ip(&["link", "set", &name, "up"]).unwrap();
-        for (i, ns) in this.clients.iter().enumerate() {
-            let host_end = format!("{ns}h");
-            ip(&["netns", "add", ns]).unwrap();
-            ip(&[
-                "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ])
-            .unwrap();
-            ip(&["link", "set", &host_end, "master", &name, "up"]).unwrap();
-            let n = |args: &[&str]| {
-                let mut full = vec!["-n", ns.as_str()];
-                full.extend_from_slice(args);
-                ip(&full).unwrap();
-            };
-            n(&["link", "set", "lo", "up"]);
-            n(&[
-                "addr",
-                "add",
-                &format!("10.214.{k}.{}/24", i + 2),
-                "dev",
-                "eth0",
-            ]);
-            n(&[
-                "addr",
-                "add",
-                &format!("fd00:ec2:214:{k}::{}/64", i + 2),
-                "dev",
-                "eth0",
-                "nodad",
-            ]);
-            n(&["link", "set", "eth0", "up"]);
-            n(&["route", "add", "default", "via", &format!("10.214.{k}.1")]);
-            n(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:ec2:214:{k}::1"),
-            ]);
+        for i in 0..this.clients.len() {
+            this.veth(i);
+            this.enslave(i);
+            this.configure(i);
         }
         this
+    }
+
+    /// The number of this bridge (`imds-tcbr<k>`).
+    fn k(&self) -> &str {
+        &self.name["imds-tcbr".len()..]
+    }
+
+    /// Client `i`'s namespace and a veth into it (`<ns>h` on the host, `eth0` inside), not a
+    /// port of anything yet.
+    fn veth(&self, i: usize) {
+        let ns = &self.clients[i];
+        ip(&["netns", "add", ns]).unwrap();
+        ip(&[
+            "link",
+            "add",
+            &format!("{ns}h"),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        ])
+        .unwrap();
+    }
+
+    /// Client `i`'s veth made a port of the bridge, up.
+    fn enslave(&self, i: usize) {
+        let host_end = format!("{}h", self.clients[i]);
+        ip(&["link", "set", &host_end, "master", &self.name, "up"]).unwrap();
+    }
+
+    /// Client `i`'s addresses (10.214.<k>.<i+2>, fd00:ec2:214:<k>::<i+2>) and default routes via
+    /// the bridge.
+    fn configure(&self, i: usize) {
+        let (ns, k) = (self.clients[i].as_str(), self.k());
+        let n = |args: &[&str]| {
+            let mut full = vec!["-n", ns];
+            full.extend_from_slice(args);
+            ip(&full).unwrap();
+        };
+        n(&["link", "set", "lo", "up"]);
+        n(&[
+            "addr",
+            "add",
+            &format!("10.214.{k}.{}/24", i + 2),
+            "dev",
+            "eth0",
+        ]);
+        n(&[
+            "addr",
+            "add",
+            &format!("fd00:ec2:214:{k}::{}/64", i + 2),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        n(&["link", "set", "eth0", "up"]);
+        n(&["route", "add", "default", "via", &format!("10.214.{k}.1")]);
+        n(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:ec2:214:{k}::1"),
+        ]);
     }
 
     /// The proxy's flags vouching for the clients' addresses on their ports: they are not Docker
     /// containers, whose ports and addresses the proxy finds by itself.
     fn static_sources(&self) -> Vec<String> {
-        let k = &self.name["imds-tcbr".len()..];
+        let k = self.k();
         let mut flags = Vec::new();
         for (i, ns) in self.clients.iter().enumerate() {
             for addr in [
@@ -259,6 +292,49 @@ fn interfaces_that_come_later_are_attached_and_forgotten_when_gone() {
     drop(bridge);
     proxy.wait_for_log(&["container interface gone", "imds-tcbr1"]);
     assert_eq!(proxy.metric("imds_proxy_tc_interfaces"), 0);
+}
+
+/// A runtime creates a container's veth and makes it a port of its bridge a moment later (Docker,
+/// CNI's `bridge`): a pattern naming the veths as well as the bridge sees a routed veth first, and
+/// the routed programs go on it. Once it is a port they leave it for its bridge's (a packet is
+/// rewritten once, at the bridge, with the port's guard vouching for it): the client is served,
+/// nothing dropped as unvouched at the bridge.
+#[test]
+fn a_veth_made_a_bridge_port_after_it_appeared_is_left_to_its_bridge() {
+    let scene = scene();
+    let proxy = tc_proxy(
+        &scene,
+        &[
+            "--container-iface",
+            "imds-tcbr2",
+            "--container-iface",
+            "imds-tc2c*",
+            "--tc-static-source",
+            "imds-tc2c1h=10.214.2.2",
+        ],
+    );
+    let mut bridge = Bridge::new(2, 0);
+    proxy.wait_for_log(&["redirect attached to container interface", "imds-tcbr2"]);
+    bridge.clients.push("imds-tc2c1".into());
+    bridge.veth(0);
+    proxy.wait_for_log(&[
+        "redirect and guards attached to routed container veth",
+        "imds-tc2c1h",
+    ]);
+    bridge.enslave(0);
+    bridge.configure(0);
+    proxy.wait_for_log(&["no longer a routed veth", "imds-tc2c1h"]);
+    proxy.wait_for_log(&["static source addresses vouched for", "imds-tc2c1h"]);
+    assert_redirected(&probe(&bridge.clients[0], IMDS_V4, 2), IMDS_V4);
+    assert_eq!(
+        proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_unvalidated\"}"),
+        0
+    );
+    assert_eq!(
+        proxy.metric("imds_proxy_tc_interfaces"),
+        1,
+        "the bridge alone"
+    );
 }
 
 #[test]

@@ -14,7 +14,10 @@
 //! every port of a matching bridge (the host side of each container's veth) and checks packets to
 //! IMDS against the addresses of the container behind that port ([`TcRedirect::set_sources`], fed
 //! from Docker and the container's network namespace); the bridge's program redirects only what a
-//! port vouched for. cgroup mode is still the stronger of the two.
+//! port vouched for. A matching interface that is neither a bridge nor a bridge's port is a
+//! routed container veth (a pod's own, with a host route: EKS's VPC CNI, Calico, CNI `ptp`): it
+//! gets the routed programs, which check the source against that veth's own entries and redirect
+//! in one program each way. cgroup mode is still the stronger of the two.
 use std::{
     collections::BTreeMap,
     net::{SocketAddrV4, SocketAddrV6},

@@ -71,6 +71,31 @@ pub(crate) fn link_pin_name(program: &str, target: &str) -> String {
     format!("link_{program}_{target}")
 }
 
+/// Pinned interface links (`link_<program>_if<index>`) whose interface is gone (`present` says
+/// no for its index): removed. An interface that went while no proxy ran (a pod deleted during a
+/// restart) took its links with it; their pins would stay on bpffs for good, and one would be
+/// "adopted" by whatever interface is given that index later. The names removed.
+pub(crate) fn remove_gone_interface_links(
+    dir: &Path,
+    present: impl Fn(u32) -> bool,
+) -> std::io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let index = name
+            .strip_prefix("link_")
+            .and_then(|rest| rest.rsplit_once("_if"))
+            .and_then(|(_, index)| index.parse::<u32>().ok());
+        if let Some(index) = index
+            && !present(index)
+        {
+            std::fs::remove_file(entry.path())?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
 pub(crate) fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
     let err = |reason: String| Error::PinDir {
         path: dir.to_owned(),

@@ -66,7 +66,7 @@ use super::{
     object::{
         Error, listen_config, load_configured, per_cpu_totals, program, program_fd, take_map,
     },
-    pin::{Fresh, attach_or_adopt, link_pin_name},
+    pin::{Fresh, attach_or_adopt, link_pin_name, remove_gone_interface_links},
 };
 
 pub const INGRESS_PROGRAM: &str = imds_common::PROG_TC_INGRESS;
@@ -248,6 +248,13 @@ impl TcRedirect {
             prog.load()
                 .map_err(|source| Error::Program { name, source })?;
         }
+        if let Some(dir) = &spec.pin {
+            let present = present_interfaces();
+            let removed = remove_gone_interface_links(dir, |index| present.contains_key(&index))?;
+            if !removed.is_empty() {
+                tracing::info!(pins = ?removed, "removed the pinned links of interfaces gone while no proxy ran");
+            }
+        }
         let nat = take_map(&mut ebpf, MAP_NAT)?;
         let sources = take_map(&mut ebpf, MAP_TC_SOURCES)?;
         let stats = take_map(&mut ebpf, MAP_TC_STATS)?;
@@ -315,9 +322,11 @@ impl TcRedirect {
         for (_, name) in detach_gone(&mut inner.ebpf, &mut inner.uplinks, &present) {
             tracing::info!(interface = %name, "uplink gone; forward guard detached");
         }
+        // Routed veths before ports: a veth made a bridge's port since the last look leaves the
+        // routed programs before it gets a port's.
         let mut changed = self.reconcile_bridges(inner, &present);
-        changed |= self.reconcile_ports(inner, &present);
         changed |= self.reconcile_routed(inner, &present);
+        changed |= self.reconcile_ports(inner, &present);
         changed
     }
 
@@ -432,15 +441,19 @@ impl TcRedirect {
         let Inner { ebpf, routed, .. } = inner;
         let present_routed: BTreeMap<u32, String> = present
             .iter()
-            .filter(|(index, name)| {
-                routed.contains_key(index) || (self.named(name) && shape(name) == Shape::Routed)
-            })
+            .filter(|(_, name)| self.named(name) && shape(name) == Shape::Routed)
             .map(|(index, name)| (*index, name.clone()))
             .collect();
         let gone = detach_gone(ebpf, routed, &present_routed);
         for (index, name) in &gone {
-            tracing::info!(interface = %name, "routed container veth gone; programs detached");
-            self.port_gone(*index, name);
+            if present.contains_key(index) {
+                // Made a bridge's port after it appeared (a runtime creates the veth, then
+                // enslaves it): its bridge decides now. Its container's addresses stay its own.
+                tracing::info!(interface = %name, "no longer a routed veth (a bridge's port now); its programs detached");
+            } else {
+                tracing::info!(interface = %name, "routed container veth gone; programs detached");
+                self.port_gone(*index, name);
+            }
         }
         let mut changed = !gone.is_empty();
         for (index, name) in present_routed {

@@ -306,25 +306,25 @@ fn a_veth_made_a_bridge_port_after_it_appeared_is_left_to_its_bridge() {
         &scene,
         &[
             "--container-iface",
-            "imds-tcbr2",
+            "imds-tcbr4",
             "--container-iface",
-            "imds-tc2c*",
+            "imds-tc4c*",
             "--tc-static-source",
-            "imds-tc2c1h=10.214.2.2",
+            "imds-tc4c1h=10.214.4.2",
         ],
     );
-    let mut bridge = Bridge::new(2, 0);
-    proxy.wait_for_log(&["redirect attached to container interface", "imds-tcbr2"]);
-    bridge.clients.push("imds-tc2c1".into());
+    let mut bridge = Bridge::new(4, 0);
+    proxy.wait_for_log(&["redirect attached to container interface", "imds-tcbr4"]);
+    bridge.clients.push("imds-tc4c1".into());
     bridge.veth(0);
     proxy.wait_for_log(&[
         "redirect and guards attached to routed container veth",
-        "imds-tc2c1h",
+        "imds-tc4c1h",
     ]);
     bridge.enslave(0);
     bridge.configure(0);
-    proxy.wait_for_log(&["no longer a routed veth", "imds-tc2c1h"]);
-    proxy.wait_for_log(&["static source addresses vouched for", "imds-tc2c1h"]);
+    proxy.wait_for_log(&["no longer a routed veth", "imds-tc4c1h"]);
+    proxy.wait_for_log(&["static source addresses vouched for", "imds-tc4c1h"]);
     assert_redirected(&probe(&bridge.clients[0], IMDS_V4, 2), IMDS_V4);
     assert_eq!(
         proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_unvalidated\"}"),
@@ -343,7 +343,7 @@ fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     let loaded_before = KernelObjects::now();
     let pins = imds_tests::proxy::Pins::new("/sys/fs/bpf/imds-test-tc");
     let pin = pins.path().to_owned();
-    let bridge = Bridge::new(2, 1);
+    let bridge = Bridge::new(2, 2);
     let ns = &bridge.clients[0];
     let sources = bridge.static_sources();
     let mut args = vec![
@@ -356,6 +356,22 @@ fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     let mut first = tc_proxy(&scene, &args);
     assert_redirected(&probe(ns, IMDS_V4, 1), IMDS_V4);
     first.kill(); // SIGKILL: no cleanup of any kind
+    // While it is down, a container goes with its port: its links' pins outlive it.
+    let gone_port = format!("{}h", bridge.clients[1]);
+    let gone_index = std::fs::read_to_string(format!("/sys/class/net/{gone_port}/ifindex"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let pins_of_gone = || -> Vec<String> {
+        std::fs::read_dir(&pin)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(&format!("_if{gone_index}")))
+            .collect()
+    };
+    ip(&["link", "del", &gone_port]).unwrap();
+    assert_eq!(pins_of_gone().len(), 2, "its source and reply guards' pins");
     let before = scene.sim_requests().len();
     let answers = probe(ns, IMDS_V4, 3);
     for answer in answers {
@@ -368,8 +384,10 @@ fn a_killed_pinned_proxy_fails_closed_and_a_restart_adopts_its_links() {
     );
 
     let mut second = tc_proxy(&scene, &args);
-    // The bridge's two links and its port's source and reply guards.
+    // The bridge's two links and its remaining port's source and reply guards; the gone port's
+    // pins removed (their links went with it).
     second.wait_for_log(&["tc programs attached", "adopted_links=4"]);
+    assert_eq!(pins_of_gone(), Vec::<String>::new());
     assert_redirected(&probe(ns, IMDS_V4, 2), IMDS_V4);
     second.stop(); // graceful, pinned: stays attached
     for answer in probe(ns, IMDS_V4, 1) {

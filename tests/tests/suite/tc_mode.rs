@@ -39,6 +39,16 @@ impl Bridge {
         };
         this.remove();
         ip(&["link", "add", &name, "type", "bridge"]).unwrap();
+        // A MAC of its own: a bridge otherwise takes its lowest port's, and changes it when that
+        // port goes (its clients' neighbour entries would then point nowhere for a while).
+        ip(&[
+            "link",
+            "set",
+            &name,
+            "address",
+            &format!("02:00:0a:d6:{k:02x}:01"),
+        ])
+        .unwrap();
         ip(&["addr", "add", &format!("10.214.{k}.1/24"), "dev", &name]).unwrap();
         ip(&[
             "addr",

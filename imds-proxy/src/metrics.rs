@@ -461,7 +461,7 @@ pub fn render_tc(
     write_tc_sources(&mut out, source_entries);
     let _ = writeln!(
         out,
-        "# HELP imds_proxy_tc_interfaces Container interfaces the programs are attached to.\n# TYPE imds_proxy_tc_interfaces gauge\nimds_proxy_tc_interfaces {interfaces}"
+        "# HELP imds_proxy_tc_interfaces Container interfaces the programs are attached to (bridges and routed veths).\n# TYPE imds_proxy_tc_interfaces gauge\nimds_proxy_tc_interfaces {interfaces}"
     );
     let _ = writeln!(
         out,

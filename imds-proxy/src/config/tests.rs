@@ -76,6 +76,10 @@ fn errors_name_the_key() {
         err(&["--container-iface", "docker0"]).key,
         "container-iface"
     );
+    // kube2iam's `--host-interface eni+`, carried over: said in words, with the pattern meant.
+    let iptables = err(&["--mode", "tc", "--container-iface", "eni+"]);
+    assert_eq!(iptables.key, "container-iface");
+    assert!(iptables.reason.contains(r#""eni*""#), "{iptables}");
     let outside = err(&[
         "--role-arn-prefix",
         "arn:aws:iam::123456789012:role/containers/",

@@ -112,6 +112,16 @@ impl RedirectArgs {
             };
             return Err(invalid(key, "applies to --mode cgroup only"));
         }
+        if let Some(bad) = self.container_ifaces.iter().find(|p| p.ends_with('+')) {
+            // kube2iam's and kiam's `--host-interface eni+` is iptables' wildcard.
+            return Err(invalid(
+                "container-iface",
+                format!(
+                    "{bad:?}: '+' is iptables' wildcard; here it is '*' ({:?})",
+                    format!("{}*", bad.trim_end_matches('+'))
+                ),
+            ));
+        }
         if let Some(bad) = self.container_ifaces.iter().find(|p| !valid_pattern(p)) {
             return Err(invalid(
                 "container-iface",

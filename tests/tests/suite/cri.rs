@@ -414,8 +414,9 @@ imds_tests::per_mode! { pods_on_routed_veths_get_their_annotated_roles => pods_o
 /// EKS's VPC CNI and Calico give each pod a veth of its own with a host route and no bridge; CNI's
 /// `ptp` plugin does the same here. Each pod gets the role its annotation names, in both modes (in
 /// tc mode `--container-iface` names the pods' veths: the programs and guards sit on each veth
-/// itself). In tc mode a neighbour pod sending SYNs to IMDS with the victim's address (NET_RAW,
-/// which containerd gives by default) has them dropped at its own veth, counted, none redirected.
+/// itself). A neighbour pod sending SYNs to IMDS with the victim's address (NET_RAW, which
+/// containerd gives by default) has them dropped and counted, none redirected: at its own veth in
+/// tc mode, at its socket by the egress guard in cgroup mode.
 fn pods_on_routed_veths_in(mode: Mode) {
     let scene = containers_scene(env!("CARGO_BIN_EXE_imds-sim"));
     let containerd = Containerd::start_with(cri::Network::Routed);
@@ -468,31 +469,44 @@ fn pods_on_routed_veths_in(mode: Mode) {
     check(&web, "TeamAWeb", "TeamBDb");
     check(&db, "TeamBDb", "TeamAWeb");
 
-    if mode == Mode::Tc {
-        let spoofed = || proxy.metric("imds_proxy_tc_packets_total{event=\"dropped_spoofed\"}");
-        let redirected = || proxy.metric("imds_proxy_tc_packets_total{event=\"redirected\"}");
-        let (spoofed_before, redirected_before) = (spoofed(), redirected());
-        let mallory = containerd.run_pod(
-            "team-b",
-            "mallory",
-            0,
-            &[],
-            &attack,
-            &["/program", "spoof", "169.254.169.254:80", &web_ip, "3"],
-        );
-        let (code, out, err) = containerd.wait_exited(&mallory, "main", &mallory.container);
-        assert_eq!(code, 0, "{err:?}");
-        assert!(out.iter().any(|l| l == "sent=3"), "{out:?} {err:?}");
-        assert_eq!(
-            spoofed() - spoofed_before,
-            3,
-            "each spoofed SYN dropped at the attacker's own veth"
-        );
-        assert_eq!(redirected(), redirected_before, "none of them redirected");
-        // The victim is served as ever from its own veth.
-        check(&web, "TeamAWeb", "TeamBDb");
-        containerd.remove_pod(&mallory);
-    }
+    // A neighbour pod sends SYNs to IMDS with the victim's address (NET_RAW). tc mode drops them
+    // at the neighbour's own veth, before anything is redirected (the raw socket's sends succeed:
+    // the packets leave the pod). cgroup mode's egress guard refuses them at the pod's socket
+    // already (each send fails): a packet from a container's cgroup to IMDS that no connect hook
+    // redirected never leaves it.
+    let (metric, sent) = match mode {
+        Mode::Tc => (
+            "imds_proxy_tc_packets_total{event=\"dropped_spoofed\"}",
+            "sent=3",
+        ),
+        Mode::Cgroup => (
+            "imds_proxy_guard_packets_total{event=\"dropped\"}",
+            "sent=0",
+        ),
+    };
+    let dropped = || proxy.metric(metric);
+    let redirected = || proxy.counted("imds_proxy_tc_packets_total{event=\"redirected\"}");
+    let (dropped_before, redirected_before) = (dropped(), redirected());
+    let mallory = containerd.run_pod(
+        "team-b",
+        "mallory",
+        0,
+        &[],
+        &attack,
+        &["/program", "spoof", "169.254.169.254:80", &web_ip, "3"],
+    );
+    let (code, out, err) = containerd.wait_exited(&mallory, "main", &mallory.container);
+    assert_eq!(code, 0, "{err:?}");
+    assert!(out.iter().any(|l| l == sent), "{out:?} {err:?}");
+    assert_eq!(
+        dropped() - dropped_before,
+        3,
+        "each spoofed SYN dropped: {metric}"
+    );
+    assert_eq!(redirected(), redirected_before, "none of them redirected");
+    // The victim is served as ever from its own veth.
+    check(&web, "TeamAWeb", "TeamBDb");
+    containerd.remove_pod(&mallory);
     // Pods go: their veths go, and in tc mode the programs on them with them.
     for pod in [&web, &db] {
         containerd.remove_pod(pod);

@@ -19,7 +19,7 @@ use std::{
 };
 
 use crate::{
-    credentials::{self, Cache, Failure, KeyStatus, breaker},
+    credentials::{self, Cache, Failure, KeyStatus, Refusal, breaker},
     roles::{self, Policy, Resolved, RoleError},
     runtime::Container,
 };
@@ -295,14 +295,19 @@ fn whole_seconds(d: Duration) -> Duration {
 pub fn sts_error_in_words(err: &credentials::Error) -> String {
     match err {
         credentials::Error::Sts {
-            failure: Failure::Refused,
+            failure: Failure::Refused(Refusal::SessionTags | Refusal::SourceIdentity),
             message,
             ..
         } => {
-            if message.starts_with("the role refused") {
-                // Session tags or a source identity, already in words (`credentials::sts`).
-                message.clone()
-            } else if message.contains("not authorized to perform: sts:AssumeRole")
+            // Already in words, with the way out (`Refusal::way_out`).
+            message.clone()
+        }
+        credentials::Error::Sts {
+            failure: Failure::Refused(Refusal::Role),
+            message,
+            ..
+        } => {
+            if message.contains("not authorized to perform: sts:AssumeRole")
                 || message.starts_with("AccessDenied")
             {
                 format!(

@@ -191,8 +191,9 @@ pub enum Error {
 /// How an STS call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// STS refused this role (AccessDenied, a malformed ARN): nothing wrong with STS.
-    Refused,
+    /// STS refused the call (AccessDenied, a malformed ARN): nothing wrong with STS. What it
+    /// refused, as far as its answer tells.
+    Refused(Refusal),
     /// STS's own failure: a connection that failed, a 5xx, throttling, an unreadable answer, no
     /// instance credentials to sign with. Counts toward the breaker.
     Unavailable,
@@ -204,7 +205,51 @@ pub enum Failure {
 impl Failure {
     /// Whether STS itself is at fault (the breaker counts these).
     pub fn unusable(self) -> bool {
-        self != Failure::Refused
+        !matches!(self, Failure::Refused(_))
+    }
+}
+
+/// What STS refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The role or the request: the role does not exist, its trust policy does not allow the
+    /// instance's role, its ARN or the session name is invalid (STS does not always say which).
+    Role,
+    /// The session tags the proxy adds: the trust policy does not allow `sts:TagSession`.
+    SessionTags,
+    /// The source identity the proxy sets: the trust policy does not allow
+    /// `sts:SetSourceIdentity`.
+    SourceIdentity,
+}
+
+impl Refusal {
+    /// What STS's refusal (`code: message`) was about: it names the action it did not allow.
+    pub fn of(message: &str) -> Self {
+        if message.contains("sts:TagSession") {
+            Refusal::SessionTags
+        } else if message.contains("sts:SetSourceIdentity") {
+            Refusal::SourceIdentity
+        } else {
+            Refusal::Role
+        }
+    }
+
+    /// When STS refused what the proxy adds to a call (session tags, a source identity) rather
+    /// than the role itself, the operator's way out, in words: the role's trust policy lacks the
+    /// permission. Never a silent retry without them: a role's policy may depend on its tags.
+    pub fn way_out(self) -> Option<&'static str> {
+        match self {
+            Refusal::Role => None,
+            Refusal::SessionTags => Some(
+                "the role refused session tags: its trust policy does not allow sts:TagSession \
+                 for the instance's role (allow it, or run the proxy with --session-tags off)",
+            ),
+            Refusal::SourceIdentity => Some(
+                "the role refused a source identity: its trust policy does not allow \
+                 sts:SetSourceIdentity for the instance's role (allow it, or run the proxy with \
+                 --source-identity off)",
+            ),
+        }
     }
 }
 
@@ -213,7 +258,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Sts {
-                failure: Failure::Refused,
+                failure: Failure::Refused(_),
                 ..
             } => "sts_refused",
             Error::Sts {
@@ -658,7 +703,7 @@ impl Cache {
         match &state.failure.1 {
             _ if state.session.is_some() => Prefetched::Done,
             Some(Error::Sts {
-                failure: Failure::Refused,
+                failure: Failure::Refused(_),
                 ..
             })
             | None => Prefetched::Done,

@@ -52,6 +52,12 @@ impl AssumeRole for Sts {
                 .await
                 .map_err(|e| {
                     use aws_sdk_sts::error::{ProvideErrorMetadata as _, SdkError};
+                    let mut message = match (e.code(), e.message()) {
+                        // STS's own answer: its code and message say it all.
+                        (Some(code), Some(message)) => format!("{code}: {message}"),
+                        (Some(code), None) => code.to_owned(),
+                        _ => one_line(&e),
+                    };
                     let failure = match &e {
                         SdkError::ServiceError(service)
                             if service.raw().status().as_u16() >= 500
@@ -59,19 +65,15 @@ impl AssumeRole for Sts {
                         {
                             Failure::Unavailable
                         }
-                        SdkError::ServiceError(_) => Failure::Refused,
+                        SdkError::ServiceError(_) => Failure::Refused(Refusal::of(&message)),
                         SdkError::TimeoutError(_) => Failure::TimedOut,
                         // A failed connection, an unreadable answer, or no instance
                         // credentials to sign with: nothing to do with the role.
                         _ => Failure::Unavailable,
                     };
-                    let mut message = match (e.code(), e.message()) {
-                        // STS's own answer: its code and message say it all.
-                        (Some(code), Some(message)) => format!("{code}: {message}"),
-                        (Some(code), None) => code.to_owned(),
-                        _ => one_line(&e),
-                    };
-                    if let Some(why) = refused_what_the_proxy_adds(&message) {
+                    if let Failure::Refused(refusal) = failure
+                        && let Some(why) = refusal.way_out()
+                    {
                         message = format!("{why} ({message})");
                     }
                     sts_error(message, failure)
@@ -88,26 +90,6 @@ impl AssumeRole for Sts {
                 expiration,
             })
         })
-    }
-}
-
-/// When STS refused a call for what the proxy adds to it (session tags, a source identity) rather
-/// than for the role itself, the operator's way out, in words: the role's trust policy lacks the
-/// permission. Never a silent retry without them: a role's policy may depend on its tags.
-fn refused_what_the_proxy_adds(message: &str) -> Option<&'static str> {
-    if message.contains("sts:TagSession") {
-        Some(
-            "the role refused session tags: its trust policy does not allow sts:TagSession for \
-             the instance's role (allow it, or run the proxy with --session-tags off)",
-        )
-    } else if message.contains("sts:SetSourceIdentity") {
-        Some(
-            "the role refused a source identity: its trust policy does not allow \
-             sts:SetSourceIdentity for the instance's role (allow it, or run the proxy with \
-             --source-identity off)",
-        )
-    } else {
-        None
     }
 }
 

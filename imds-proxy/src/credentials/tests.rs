@@ -89,7 +89,7 @@ impl AssumeRole for FakeSts {
                 return Err(Error::Sts {
                     role_arn: key.role_arn.clone(),
                     message: "AccessDenied".into(),
-                    failure: Failure::Refused,
+                    failure: Failure::Refused(Refusal::Role),
                 });
             }
             if self.unusable.load(Ordering::SeqCst) {
@@ -548,4 +548,45 @@ async fn refusals_do_not_open_the_breaker() {
     }
     assert_eq!(cache.breaker(), breaker::Status::Closed);
     assert_eq!(sts.calls() as u32, 3 * breaker::THRESHOLD);
+}
+
+#[test]
+fn a_refusal_of_what_the_proxy_adds_is_told_from_a_refusal_of_the_role() {
+    let of = Refusal::of;
+    assert_eq!(
+        of(
+            "AccessDenied: User: arn:aws:sts::1:assumed-role/node/i-0 is not authorized to \
+            perform: sts:TagSession on resource: arn:aws:iam::1:role/app"
+        ),
+        Refusal::SessionTags
+    );
+    assert_eq!(
+        of("AccessDenied: ... not authorized to perform: sts:SetSourceIdentity on resource: x"),
+        Refusal::SourceIdentity
+    );
+    assert_eq!(
+        of("AccessDenied: ... not authorized to perform: sts:AssumeRole on resource: x"),
+        Refusal::Role
+    );
+    assert_eq!(of("ValidationError: bad ARN"), Refusal::Role);
+    // Only the proxy's additions have a way out of their own; every refusal is a refusal.
+    assert!(
+        Refusal::SessionTags
+            .way_out()
+            .unwrap()
+            .contains("--session-tags off")
+    );
+    assert!(
+        Refusal::SourceIdentity
+            .way_out()
+            .unwrap()
+            .contains("--source-identity off")
+    );
+    assert_eq!(Refusal::Role.way_out(), None);
+    for refusal in [Refusal::Role, Refusal::SessionTags, Refusal::SourceIdentity] {
+        assert!(
+            !Failure::Refused(refusal).unusable(),
+            "{refusal:?} is no fault of STS"
+        );
+    }
 }

@@ -169,14 +169,21 @@ fn a_role_the_rules_refuse_names_the_rule() {
 fn sts_failures_are_told_apart_in_words() {
     let cases = [
         (
-            Failure::Refused,
+            Failure::Refused(Refusal::Role),
             "AccessDenied: User: x is not authorized to perform: sts:AssumeRole on resource: y",
             "the role does not exist, or its trust policy does not allow the instance's role",
         ),
         (
-            Failure::Refused,
+            Failure::Refused(Refusal::Role),
             "ValidationError: 1 validation error",
             "STS found the request invalid",
+        ),
+        (
+            Failure::Refused(Refusal::SessionTags),
+            "the role refused session tags: its trust policy does not allow sts:TagSession for \
+             the instance's role (allow it, or run the proxy with --session-tags off) \
+             (AccessDenied: not authorized to perform: sts:TagSession)",
+            "the role refused session tags",
         ),
         (
             Failure::Unavailable,
@@ -206,6 +213,23 @@ fn sts_failures_are_told_apart_in_words() {
             ],
         );
     }
+}
+
+/// A refusal of the tags or the source identity is said as such, with its way out: never
+/// dressed up as a refusal of the role.
+#[test]
+fn a_refusal_of_session_tags_is_not_said_to_be_the_role_s() {
+    let message = format!(
+        "{} (AccessDenied: not authorized to perform: sts:TagSession)",
+        Refusal::SessionTags.way_out().unwrap()
+    );
+    let (_, text) = render(&facts(
+        Ok(Some(resolved())),
+        failed(Failure::Refused(Refusal::SessionTags), &message),
+    ));
+    assert!(text.contains("--session-tags off"), "{text}");
+    assert!(!text.contains("STS refused the role"), "{text}");
+    assert!(!text.contains("the role does not exist"), "{text}");
 }
 
 #[test]

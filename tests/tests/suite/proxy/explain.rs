@@ -6,7 +6,7 @@
 use super::*;
 
 /// `imds-proxy explain <who>` against `proxy`: (exit code, stdout, stderr).
-fn explain(proxy: &Proxy, who: &str) -> (i32, String, String) {
+pub(super) fn explain(proxy: &Proxy, who: &str) -> (i32, String, String) {
     let out = Command::new(proxy_bin())
         .args(["explain", who, "--ops", &proxy.ops.to_string()])
         .output()
@@ -18,7 +18,7 @@ fn explain(proxy: &Proxy, who: &str) -> (i32, String, String) {
     )
 }
 
-fn says(got: &(i32, String, String), code: i32, words: &[&str]) {
+pub(super) fn says(got: &(i32, String, String), code: i32, words: &[&str]) {
     let (status, out, err) = got;
     assert_eq!(*status, code, "{out}{err}");
     for w in words {

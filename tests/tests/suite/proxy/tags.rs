@@ -90,6 +90,14 @@ fn a_role_that_refuses_tags_is_named_and_tags_can_be_turned_off() {
             "the role refused session tags",
             "--session-tags off",
         ]);
+        // `explain` says the same, not that the role does not exist or refuses the instance.
+        let told = super::explain::explain(&proxy, &c.0);
+        super::explain::says(
+            &told,
+            1,
+            &["the role refused session tags", "--session-tags off"],
+        );
+        assert!(!told.1.contains("the role does not exist"), "{}", told.1);
         let calls = calls_for(&sts, "Untaggable");
         assert!(!calls.is_empty(), "the premise: STS was asked");
         assert!(

@@ -350,11 +350,12 @@ impl TcRedirect {
         }
         let mut changed = !gone.is_empty();
         for (&index, name) in present {
-            if attached.contains_key(&index) || !is_bridge_named(name) {
+            if attached.contains_key(&index) {
                 continue;
             }
             if !self.named(name) {
-                // (cgroup mode names no interface: its socket hooks cover every bridge.)
+                // (cgroup mode names no interface: its socket hooks cover every bridge.) Only a
+                // bridge has ports: no other interface is looked at further.
                 if !self.spec.interfaces.is_empty()
                     && has_ports(name)
                     && unlisted.insert(name.clone())
@@ -367,6 +368,10 @@ impl TcRedirect {
                          the host); add it to --container-iface"
                     );
                 }
+                continue;
+            }
+            if !is_bridge_named(name) {
+                // Named but not a bridge: a routed veth or a bridge's port (`reconcile_routed`).
                 continue;
             }
             match self.attach_interface(ebpf, name, index, &BRIDGE_PROGRAMS) {

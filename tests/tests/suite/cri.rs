@@ -432,11 +432,7 @@ fn pods_on_routed_veths_in(mode: Mode) {
     // The premise: each pod's address is routed to a veth of its own, a port of no bridge.
     let veth = |pod: &cri::Pod| {
         let ip = containerd.pod_ip(pod).to_string();
-        let out = std::process::Command::new("ip")
-            .args(["-o", "route", "get", &ip])
-            .output()
-            .unwrap();
-        let route = String::from_utf8_lossy(&out.stdout).into_owned();
+        let route = imds_tests::scene::ip(&["-o", "route", "get", &ip]).unwrap();
         let dev = route
             .split_whitespace()
             .skip_while(|w| *w != "dev")

@@ -32,6 +32,9 @@ const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 2);
 const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xd0c, 0, 0, 0, 0, 0, 2);
+/// Another container's addresses: a neighbour of the client's, whose source the client may spoof.
+const NEIGHBOUR_V4: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 3);
+const NEIGHBOUR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xd0c, 0, 0, 0, 0, 0, 3);
 
 /// `struct __sk_buff` (uapi/linux/bpf.h): its size and where `mark` is.
 const SK_BUFF_SIZE: usize = 192;
@@ -196,6 +199,16 @@ impl Programs {
     /// The source guard of a container port (here `lo`, index 1), on what the container sends.
     fn guard(&self, frame: &[u8]) -> (u32, Vec<u8>, u32) {
         self.run_marked("imds_tc_source_guard", frame, 0)
+    }
+
+    /// Configured, the client ([`CLIENT_V4`], [`CLIENT_V6`]) vouched for behind `lo` (index 1,
+    /// where the test runs put packets): a container port, or a routed veth, with its container.
+    fn with_client_behind_lo() -> Self {
+        const LO: u32 = 1;
+        let mut p = Self::load(true);
+        p.own(LO, CLIENT_V4.into());
+        p.own(LO, CLIENT_V6.into());
+        p
     }
 
     /// The container behind port `ifindex` owns `addr`.
@@ -713,12 +726,7 @@ fn nothing_rewritten_leaves_the_host_when_the_listen_address_is_gone() {
 /// addresses passes as it is. The bridge's program redirects only what carries the mark.
 #[test]
 fn a_container_port_vouches_only_for_its_own_addresses() {
-    let mut p = Programs::load(true);
-    const LO: u32 = 1;
-    p.own(LO, CLIENT_V4.into());
-    p.own(LO, CLIENT_V6.into());
-    let neighbour_v4 = Ipv4Addr::new(172, 17, 0, 3);
-    let neighbour_v6 = Ipv6Addr::new(0xfd00, 0xd0c, 0, 0, 0, 0, 0, 3);
+    let p = Programs::with_client_behind_lo();
 
     for own in [
         v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN),
@@ -729,10 +737,10 @@ fn a_container_port_vouches_only_for_its_own_addresses() {
         assert_eq!(out, own, "not rewritten here");
     }
     for spoofed in [
-        v4_tcp((neighbour_v4, 40000), (IMDS_V4, 80), SYN),
-        v6_tcp((neighbour_v6, 40000), (IMDS_V6, 80), SYN),
+        v4_tcp((NEIGHBOUR_V4, 40000), (IMDS_V4, 80), SYN),
+        v6_tcp((NEIGHBOUR_V6, 40000), (IMDS_V6, 80), SYN),
         // Straight to the listen address with a neighbour's source: dropped too.
-        v4_tcp((neighbour_v4, 40000), (PROXY_V4, PROXY_PORT), SYN),
+        v4_tcp((NEIGHBOUR_V4, 40000), (PROXY_V4, PROXY_PORT), SYN),
     ] {
         let (verdict, _, _) = p.guard(&spoofed);
         assert_eq!(verdict, DROP);
@@ -740,7 +748,7 @@ fn a_container_port_vouches_only_for_its_own_addresses() {
     assert_eq!(p.stat(TcStat::DroppedSpoofed), 3);
     // Elsewhere, from any address: not the guard's business.
     let elsewhere = v4_tcp(
-        (neighbour_v4, 40000),
+        (NEIGHBOUR_V4, 40000),
         (Ipv4Addr::new(10, 1, 2, 3), 443),
         SYN,
     );
@@ -766,12 +774,7 @@ fn a_container_port_vouches_only_for_its_own_addresses() {
 /// dropped and counted (the reply guard's half). Unrelated traffic passes as it is both ways.
 #[test]
 fn a_routed_veth_redirects_only_its_own_container_and_answers_only_it() {
-    let mut p = Programs::load(true);
-    const LO: u32 = 1;
-    p.own(LO, CLIENT_V4.into());
-    p.own(LO, CLIENT_V6.into());
-    let neighbour_v4 = Ipv4Addr::new(172, 17, 0, 3);
-    let neighbour_v6 = Ipv6Addr::new(0xfd00, 0xd0c, 0, 0, 0, 0, 0, 3);
+    let p = Programs::with_client_behind_lo();
 
     let syn = v4_tcp((CLIENT_V4, 40000), (IMDS_V4, 80), SYN);
     let (verdict, out, mark) = p.run_marked("imds_tc_routed_ingress", &syn, 0x7);
@@ -785,9 +788,9 @@ fn a_routed_veth_redirects_only_its_own_container_and_answers_only_it() {
     assert_eq!(p.stat(TcStat::Redirected), 2);
 
     for spoofed in [
-        v4_tcp((neighbour_v4, 40001), (IMDS_V4, 80), SYN),
-        v6_tcp((neighbour_v6, 40001), (IMDS_V6, 80), SYN),
-        v4_tcp((neighbour_v4, 40001), (PROXY_V4, PROXY_PORT), SYN),
+        v4_tcp((NEIGHBOUR_V4, 40001), (IMDS_V4, 80), SYN),
+        v6_tcp((NEIGHBOUR_V6, 40001), (IMDS_V6, 80), SYN),
+        v4_tcp((NEIGHBOUR_V4, 40001), (PROXY_V4, PROXY_PORT), SYN),
     ] {
         // Even carrying the bridge guard's mark: a routed veth trusts no mark.
         let (verdict, _, _) =
@@ -805,9 +808,9 @@ fn a_routed_veth_redirects_only_its_own_container_and_answers_only_it() {
     assert_eq!(p.stat(TcStat::Reversed), 1);
     // An answer for a neighbour's address leaving by this veth (misrouted): dropped, not rewritten.
     for misdelivered in [
-        v4_tcp((PROXY_V4, PROXY_PORT), (neighbour_v4, 40000), SYN | ACK),
-        v4_tcp((IMDS_V4, 80), (neighbour_v4, 40000), ACK),
-        v6_tcp((PROXY_V6, PROXY_PORT), (neighbour_v6, 40000), SYN | ACK),
+        v4_tcp((PROXY_V4, PROXY_PORT), (NEIGHBOUR_V4, 40000), SYN | ACK),
+        v4_tcp((IMDS_V4, 80), (NEIGHBOUR_V4, 40000), ACK),
+        v6_tcp((PROXY_V6, PROXY_PORT), (NEIGHBOUR_V6, 40000), SYN | ACK),
     ] {
         let (verdict, _, _) = p.run_marked("imds_tc_routed_egress", &misdelivered, 0);
         assert_eq!(verdict, DROP);
@@ -820,7 +823,7 @@ fn a_routed_veth_redirects_only_its_own_container_and_answers_only_it() {
         (
             "imds_tc_routed_ingress",
             v4_tcp(
-                (neighbour_v4, 40000),
+                (NEIGHBOUR_V4, 40000),
                 (Ipv4Addr::new(10, 1, 2, 3), 443),
                 SYN,
             ),
@@ -829,7 +832,7 @@ fn a_routed_veth_redirects_only_its_own_container_and_answers_only_it() {
             "imds_tc_routed_egress",
             v4_tcp(
                 (Ipv4Addr::new(10, 1, 2, 3), 443),
-                (neighbour_v4, 40000),
+                (NEIGHBOUR_V4, 40000),
                 ACK,
             ),
         ),
